@@ -1,0 +1,1 @@
+"""Pure computational core: no files, no terminal. Everything works on an :class:`Objective`."""

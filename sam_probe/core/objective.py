@@ -1,0 +1,318 @@
+"""The training objective of a checkpoint as a pure function of its parameters.
+
+``L(w) = (1/N) Σ_i ℓ(f(x_i; w), y_i)`` over the whole data selection, evaluated
+exactly in chunks of ``chunk_size`` samples (each chunk contributes its *sum* of
+per-sample losses, the total is divided by ``N``), so gradients and
+Hessian-vector products do not depend on the chunk size.  The one exception is
+BatchNorm in ``train`` mode, whose batch statistics are those of each chunk.
+
+The model is only ever called through :func:`torch.func.functional_call` with an
+explicit parameter dict: the caller's weights, ``.grad`` and BatchNorm running
+statistics are never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from .params import ParamSpace
+
+LOSSES = ("ce", "mse", "bce")
+BN_MODES = ("eval", "train")
+HVP_METHODS = ("rev-rev", "fwd-rev")
+
+Params = dict[str, Tensor]
+
+
+def default_loss(targets: Tensor) -> str:
+    """``ce`` for integer class labels, ``mse`` for floating targets."""
+    return "ce" if not torch.is_floating_point(targets) else "mse"
+
+
+def per_sample_loss_sum(loss: str, output: Tensor, targets: Tensor) -> Tensor:
+    """Σ_i ℓ(f_i, y_i) over the samples of one chunk.
+
+    ``ce``: cross-entropy on logits; ``mse``: mean over output entries of
+    (f - y)² per sample; ``bce``: binary cross-entropy on logits.
+    """
+    if loss == "ce":
+        return F.cross_entropy(output, targets.long(), reduction="sum")
+    if loss == "mse":
+        t = targets.to(output.dtype).reshape(output.shape)
+        per = (output - t).pow(2).reshape(output.shape[0], -1).mean(dim=1)
+        return per.sum()
+    if loss == "bce":
+        t = targets.to(output.dtype).reshape(output.shape)
+        per = F.binary_cross_entropy_with_logits(output, t, reduction="none")
+        return per.reshape(output.shape[0], -1).mean(dim=1).sum()
+    raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def correct_count(loss: str, output: Tensor, targets: Tensor) -> Tensor | None:
+    """Number of correct predictions in a chunk, or ``None`` for regression."""
+    if loss == "ce":
+        return (output.argmax(dim=1) == targets.long()).sum()
+    if loss == "bce":
+        return ((output.reshape(targets.shape) > 0).long() == targets.long()).sum()
+    return None
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Put ``model`` in evaluation mode (dropout off); with ``bn_mode='train'``
+    BatchNorm layers use batch statistics *without* updating running stats.
+
+    Every module's ``training`` flag and BN's ``track_running_stats`` are
+    restored on exit.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        model.eval()
+        if bn_mode == "train":
+            for m in model.modules():
+                if _is_batchnorm(m):
+                    m.train()
+                    # running stats are then neither used nor updated
+                    m.track_running_stats = False
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+class Objective:
+    """Mean loss of ``model`` over ``(inputs, targets)`` as a function of a parameter dict.
+
+    Parameters are copied (``detach().clone()``) at construction into
+    :attr:`params`; ``space`` maps them to flat vectors of ``P`` entries.
+    Counters :attr:`n_grad` and :attr:`n_hvp` record the passes made.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        loss: str | None = None,
+        *,
+        params: Mapping[str, Tensor] | None = None,
+        buffers: Mapping[str, Tensor] | None = None,
+        bn_mode: str = "eval",
+        chunk_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        hvp_method: str = "rev-rev",
+    ):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        if len(inputs) == 0:
+            raise ValueError("the data selection is empty")
+        self.model = model
+        self.loss_name = loss or default_loss(targets)
+        if self.loss_name not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss_name!r}; choose one of {', '.join(LOSSES)}")
+        self.bn_mode = bn_mode
+        self.hvp_method = hvp_method
+        src_params = dict(model.named_parameters()) if params is None else dict(params)
+        src_buffers = dict(model.named_buffers()) if buffers is None else dict(buffers)
+        if device is None:
+            device = next(iter(src_params.values())).device if src_params else torch.device("cpu")
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = next(iter(src_params.values())).dtype if src_params else torch.float32
+        self.dtype = dtype
+
+        def _cast(t: Tensor) -> Tensor:
+            t = t.detach()
+            t = t.to(device=self.device, dtype=dtype) if t.is_floating_point() else t.to(self.device)
+            return t.clone()
+
+        self.params: Params = {k: _cast(v) for k, v in src_params.items()}
+        self.buffers: Params = {k: _cast(v) for k, v in src_buffers.items()}
+        self.space = ParamSpace(self.params)
+        self.inputs = _cast(inputs)
+        self.targets = targets.detach().to(self.device)
+        if self.targets.is_floating_point():
+            self.targets = self.targets.to(dtype)
+        self.n_samples = len(self.inputs)
+        self.chunk_size = int(chunk_size) if chunk_size else self.n_samples
+        if self.chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.n_grad = 0
+        self.n_hvp = 0
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_params(self) -> int:
+        return self.space.size
+
+    def flat_params(self) -> Tensor:
+        """The parameters ``w`` as one flat vector (a copy)."""
+        return self.space.flatten(self.params)
+
+    def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(0, self.n_samples, self.chunk_size):
+            yield self.inputs[s:s + self.chunk_size], self.targets[s:s + self.chunk_size]
+
+    def subset(self, index: Tensor) -> "Objective":
+        """The same objective on the samples ``index`` (e.g. a seeded minibatch)."""
+        index = torch.as_tensor(index, device=self.device)
+        return Objective(
+            self.model, self.inputs[index], self.targets[index], self.loss_name,
+            params=self.params, buffers=self.buffers, bn_mode=self.bn_mode,
+            chunk_size=self.chunk_size, dtype=self.dtype, device=self.device,
+            hvp_method=self.hvp_method,
+        )
+
+    def with_params(self, params: Mapping[str, Tensor] | Tensor) -> "Objective":
+        """The same data and model at other parameters (dict or flat vector)."""
+        if isinstance(params, Tensor):
+            params = self.space.unflatten(params)
+        return Objective(
+            self.model, self.inputs, self.targets, self.loss_name,
+            params=params, buffers=self.buffers, bn_mode=self.bn_mode,
+            chunk_size=self.chunk_size, dtype=self.dtype, device=self.device,
+            hvp_method=self.hvp_method,
+        )
+
+    def _as_dict(self, params: Mapping[str, Tensor] | Tensor | None) -> Params:
+        if params is None:
+            return self.params
+        if isinstance(params, Tensor):
+            return self.space.unflatten(params)
+        return dict(params)
+
+    def _loss_sum(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(self.model, (params, self.buffers), (x,), strict=False)
+        return per_sample_loss_sum(self.loss_name, out, y)
+
+    def forward(self, x: Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
+        """Model outputs ``f(x; w)`` (no gradient tracking)."""
+        with analysis_mode(self.model, self.bn_mode), torch.no_grad():
+            return functional_call(self.model, (self._as_dict(params), self.buffers), (x.to(self.device, self.dtype),), strict=False)
+
+    # ---------------------------------------------------------------- values
+    def loss(self, params: Mapping[str, Tensor] | Tensor | None = None) -> float:
+        """``L(w)`` as a Python float."""
+        return self.evaluate(params)[0]
+
+    def evaluate(self, params: Mapping[str, Tensor] | Tensor | None = None) -> tuple[float, float | None]:
+        """``(L(w), accuracy)``; accuracy is ``None`` for regression losses."""
+        p = self._as_dict(params)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = 0
+        has_acc = True
+        with analysis_mode(self.model, self.bn_mode), torch.no_grad():
+            for x, y in self.chunks():
+                out = functional_call(self.model, (p, self.buffers), (x,), strict=False)
+                total += per_sample_loss_sum(self.loss_name, out, y).double()
+                c = correct_count(self.loss_name, out, y)
+                if c is None:
+                    has_acc = False
+                else:
+                    correct += int(c)
+        acc = correct / self.n_samples if has_acc else None
+        return float(total) / self.n_samples, acc
+
+    def grad(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Params:
+        """``∇L(w)`` as a dict, exact mean over all chunks."""
+        p = self._as_dict(params)
+        g_fn = grad(self._loss_sum)
+        acc: Params | None = None
+        with analysis_mode(self.model, self.bn_mode):
+            for x, y in self.chunks():
+                g = g_fn(p, x, y)
+                acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
+        self.n_grad += 1
+        assert acc is not None
+        return {k: v / self.n_samples for k, v in acc.items()}
+
+    def grad_flat(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
+        """``∇L(w)`` as a flat ``[P]`` vector."""
+        return self.space.flatten(self.grad(params))
+
+    # ----------------------------------------------------------- curvature
+    def _hvp_chunk_revrev(self, p: Params, vs: list[Params], x: Tensor, y: Tensor) -> list[Params]:
+        names = list(p)
+        with torch.enable_grad():
+            leaves = {k: t.detach().requires_grad_(True) for k, t in p.items()}
+            loss = self._loss_sum(leaves, x, y)
+            g = torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=True, allow_unused=True)
+            g = [torch.zeros_like(leaves[k]) if gi is None else gi for gi, k in zip(g, names)]
+            outs = []
+            for i, v in enumerate(vs):
+                dot = sum((gi * v[k]).sum() for gi, k in zip(g, names) if gi.requires_grad)
+                if not isinstance(dot, Tensor) or not dot.requires_grad:
+                    outs.append({k: torch.zeros_like(p[k]) for k in names})
+                    continue
+                hv = torch.autograd.grad(dot, [leaves[k] for k in names], retain_graph=i < len(vs) - 1, allow_unused=True)
+                outs.append({k: torch.zeros_like(p[k]) if h is None else h.detach() for h, k in zip(hv, names)})
+        return outs
+
+    def _hvp_chunk_fwdrev(self, p: Params, V: Params, x: Tensor, y: Tensor) -> Params:
+        g_fn = grad(self._loss_sum)
+
+        def one(v: Params) -> Params:
+            return jvp(lambda q: g_fn(q, x, y), (p,), (v,))[1]
+
+        return vmap(one)(V)
+
+    def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
+        """``H v`` for one vector (dict in, dict out; flat in, flat out)."""
+        if isinstance(v, Tensor):
+            return self.hvp_block(v.reshape(-1, 1), params)[:, 0]
+        flat = self.space.flatten(v).reshape(-1, 1)
+        return self.space.unflatten(self.hvp_block(flat, params)[:, 0])
+
+    def hvp_block(self, V: Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
+        """``H V`` for a block ``V`` of shape ``[P, b]`` (``b`` HVPs, counted).
+
+        ``rev-rev``: one double-backward graph per chunk, reused for all ``b``
+        vectors; ``fwd-rev``: ``vmap`` of ``jvp(grad)`` over the block.
+        """
+        p = self._as_dict(params)
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.dim() != 2 or V.shape[0] != self.space.size:
+            raise ValueError(f"V must be [P={self.space.size}, b], got {tuple(V.shape)}")
+        b = V.shape[1]
+        out = torch.zeros_like(V)
+        with analysis_mode(self.model, self.bn_mode):
+            if self.hvp_method == "fwd-rev":
+                Vd = self.space.unflatten(V.T.contiguous())
+                for x, y in self.chunks():
+                    out += self.space.flatten_batched(self._hvp_chunk_fwdrev(p, Vd, x, y)).T
+            else:
+                vs = [self.space.unflatten(V[:, j]) for j in range(b)]
+                for x, y in self.chunks():
+                    for j, hv in enumerate(self._hvp_chunk_revrev(p, vs, x, y)):
+                        out[:, j] += self.space.flatten(hv)
+        self.n_hvp += b
+        return out / self.n_samples
+
+    def hvp_operator(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """``V ↦ H V`` on flat blocks ``[P, b]`` (or ``[P]``) for the eigensolvers."""
+
+        def matmat(V: Tensor) -> Tensor:
+            if V.dim() == 1:
+                return self.hvp_block(V.reshape(-1, 1), params)[:, 0]
+            return self.hvp_block(V, params)
+
+        return matmat

@@ -1,0 +1,108 @@
+"""SAM perturbations, the perturbed gradient and SAM sharpness.
+
+With ``g = ∇L(w)`` on a batch (REFERENCE.md, "SAM perturbations"):
+
+- ``l2``   (Foret et al. 2021): ``e = ρ g / ||g||`` (global norm)
+- ``linf``: ``e = ρ sign(g)``
+- ``usam`` (unnormalised): ``e = ρ g``
+- ``asam`` (Kwon et al. 2021): ``e = ρ T² g / ||T g||`` with ``T = |w| + η`` on
+  weights and ``T = 1`` on biases (``η = 0`` gives the davda54 variant)
+
+The perturbed gradient is ``g~ = ∇L(w + e)`` on the SAME batch.  With
+m-sharpness the selection is cut into consecutive sub-batches of ``m`` samples,
+each perturbed with its own gradient; ``g``, ``g~`` and the sharpness are the
+sample-weighted means over sub-batches.  Weight decay is in neither gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .objective import Objective
+
+VARIANTS = ("l2", "linf", "usam", "asam")
+NORM_FLOOR = 1e-12
+
+
+def _is_bias(name: str) -> bool:
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
+def asam_scale(obj: Objective, w: Tensor, eta: float) -> Tensor:
+    """Flat ``T``: ``|w| + η`` on weights, 1 on biases."""
+    parts = []
+    for name, sl in obj.space.slices().items():
+        seg = w[sl]
+        parts.append(torch.ones_like(seg) if _is_bias(name) else seg.abs() + eta)
+    return torch.cat(parts) if parts else w.clone()
+
+
+def perturbation(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.05, eta: float = 0.01,
+                 w: Tensor | None = None) -> Tensor:
+    """Flat SAM perturbation ``e`` for flat gradient ``g`` (see module docstring)."""
+    if variant == "l2":
+        return rho * g / g.norm().clamp_min(NORM_FLOOR)
+    if variant == "linf":
+        return rho * torch.sign(g)
+    if variant == "usam":
+        return rho * g
+    if variant == "asam":
+        w = obj.flat_params() if w is None else w
+        t = asam_scale(obj, w, eta)
+        return rho * t * t * g / (t * g).norm().clamp_min(NORM_FLOOR)
+    raise ValueError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def sub_batches(obj: Objective, m: int | None) -> list[tuple[Objective, float]]:
+    """``[(objective on sub-batch, weight n_b / N)]``; the whole selection when ``m`` is None."""
+    if not m or m >= obj.n_samples:
+        return [(obj, 1.0)]
+    out = []
+    for s in range(0, obj.n_samples, m):
+        idx = torch.arange(s, min(s + m, obj.n_samples), device=obj.device)
+        out.append((obj.subset(idx), len(idx) / obj.n_samples))
+    return out
+
+
+@dataclass
+class PerturbedGradient:
+    """``g`` and ``g~ = ∇L(w + e)`` as flat vectors (sample-weighted over sub-batches)."""
+
+    grad: Tensor
+    perturbed_grad: Tensor
+    loss: float
+    perturbed_loss: float
+
+
+def perturbed_gradient(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int | None = None,
+                       eta: float = 0.01) -> PerturbedGradient:
+    """Current and perturbed gradient on the same data (m-sharpness when ``m`` is set)."""
+    w = obj.flat_params()
+    g = torch.zeros_like(w)
+    gt = torch.zeros_like(w)
+    loss = 0.0
+    ploss = 0.0
+    for sub, weight in sub_batches(obj, m):
+        gb = sub.grad_flat()
+        e = perturbation(sub, gb, variant, rho, eta, w)
+        gtb = sub.grad_flat(w + e)
+        g += weight * gb
+        gt += weight * gtb
+        loss += weight * sub.loss()
+        ploss += weight * sub.loss(w + e)
+        obj.n_grad += 2
+    return PerturbedGradient(g, gt, loss, ploss)
+
+
+def sam_sharpness(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int | None = None,
+                  eta: float = 0.01) -> float:
+    """``L(w + e) - L(w)`` (sample-weighted mean over sub-batches of size ``m``)."""
+    w = obj.flat_params()
+    total = 0.0
+    for sub, weight in sub_batches(obj, m):
+        e = perturbation(sub, sub.grad_flat(), variant, rho, eta, w)
+        total += weight * (sub.loss(w + e) - sub.loss())
+        obj.n_grad += 1
+    return total
