@@ -1,0 +1,21 @@
+"""``sam-probe merge DIR -o all.h5``: combine stored units into one HDF5 file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .. import store
+from ..errors import SamProbeError
+from ..report import console
+
+
+def merge(
+    results: Path = typer.Argument(..., help="Results directory written by the analysis commands."),
+    output: Path = typer.Option(..., "-o", "--output", help="Merged HDF5 file to write."),
+) -> None:
+    """Combine every stored unit under RESULTS into one HDF5 file (each unit a group)."""
+    if not results.is_dir():
+        raise SamProbeError(f"{results}: not a results directory")
+    n = store.merge(results, output)
+    console.err.print(f"merged {n} units into {output}", highlight=False)

@@ -1,0 +1,104 @@
+"""Options shared by the analysis commands, declared once.
+
+``@analysis_options`` adds the model, data, numerics and output options to a
+typer command's signature and hands the command a :class:`Common` with a ready
+:class:`~sam_probe.pipeline.Settings`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from ..pipeline import Settings
+
+
+@dataclass
+class Output:
+    """How results are shown: ``json`` (only JSON on stdout), ``quiet``, ``debug``."""
+
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+    plot: bool = True
+
+
+@dataclass
+class Common:
+    settings: Settings
+    output: Output
+
+
+def _opt(default: Any, *flags: str, help: str, **kw: Any) -> Any:
+    return typer.Option(default, *flags, help=help, rich_help_panel=kw.pop("panel", "Model, data and numerics"), **kw)
+
+
+def _out_opt(default: Any, *flags: str, help: str) -> Any:
+    return typer.Option(default, *flags, help=help, rich_help_panel="Output")
+
+
+# name -> (annotation, typer.Option)
+ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (Optional[str], _opt(None, "--model", "-m", help="Zoo model (mlp, cnn, resnet18, wrn-D-W, linear, diag-linear) or pkg.module:factory / file.py:factory. Default: the model named in the checkpoint.")),
+    "model_arg": (list[str], _opt([], "--model-arg", help="Model keyword argument key=value (repeatable).")),
+    "data": (Optional[str], _opt(None, "--data", "-d", help="digits, synthetic-minor-major, FILE.pt/.npz/.h5, cifar10:ROOT, or pkg.module:factory / file.py:factory.")),
+    "data_arg": (list[str], _opt([], "--data-arg", help="Data option key=value (repeatable), e.g. d=10.")),
+    "split": (str, _opt("train", "--split", help="Data split: train or test.")),
+    "max_samples": (Optional[int], _opt(None, "--max-samples", help="Use a seeded random selection of N samples.")),
+    "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size (memory only: losses and gradients are exact means over the whole selection).")),
+    "loss": (Optional[str], _opt(None, "--loss", help="ce, mse or bce (default: ce for integer targets, mse otherwise).")),
+    "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
+    "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
+    "bn_mode": (str, _opt("eval", "--bn-mode", help="BatchNorm: eval (running stats) or train (batch stats, running stats never updated).")),
+    "seed": (int, _opt(0, "--seed", help="Seed for data selection and random probes.")),
+    "key": (Optional[str], _opt(None, "--key", help="Dotted key of the state dict inside the checkpoint (e.g. ema.model).", panel="Checkpoints")),
+    "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
+    "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),
+    "allow_nonfinite": (bool, _opt(False, "--allow-nonfinite", help="Continue when weights hold NaN/Inf.", panel="Checkpoints")),
+    "out": (Path, _out_opt(Path("sam_probe_results"), "--out", "-o", help="Results directory (one HDF5 file per unit).")),
+    "force": (bool, _out_opt(False, "--force", help="Recompute units that are already stored.")),
+    "no_store": (bool, _out_opt(False, "--no-store", help="Do not write results to the store.")),
+    "json": (bool, _out_opt(False, "--json", help="Print only the JSON result on stdout.")),
+    "quiet": (bool, _out_opt(False, "--quiet", "-q", help="No progress or tables.")),
+    "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
+    "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
+}
+
+
+def parse_kv(items: list[str]) -> dict[str, Any]:
+    from ..loading.models import parse_kv as _parse
+
+    return _parse(items)
+
+
+def build_common(values: dict[str, Any]) -> Common:
+    settings = Settings(
+        model=values["model"], model_args=parse_kv(values["model_arg"]), data=values["data"],
+        data_args=parse_kv(values["data_arg"]), split=values["split"], max_samples=values["max_samples"],
+        batch_size=values["batch_size"], loss=values["loss"], device=values["device"], dtype=values["dtype"],
+        bn_mode=values["bn_mode"], seed=values["seed"], out=values["out"], force=values["force"],
+        glob=values["glob"], key=values["key"], trust_checkpoint=values["trust_checkpoint"],
+        allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
+    )
+    output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
+    return Common(settings, output)
+
+
+def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add :data:`ANALYSIS_OPTIONS` to ``fn``'s signature; ``fn`` receives ``common=Common``."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "common"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, (ann, opt) in ANALYSIS_OPTIONS.items() if name not in sig.parameters]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in ANALYSIS_OPTIONS if name in kwargs}
+        return fn(**kwargs, common=build_common(values))
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return wrapper

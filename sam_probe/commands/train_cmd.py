@@ -1,0 +1,91 @@
+"""``sam-probe train``: a small honest trainer that writes checkpoints sam-probe can analyse."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+
+from ..errors import SpecError
+from ..loading.data import load_data
+from ..loading.models import build_model, parse_kv
+from ..report import console
+
+OPTIMIZERS = ("sgd", "sam", "asam", "usam", "linf-sam", "late-sam")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary name, fsync, then rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train(
+    out: Path = typer.Argument(..., help="Run directory to write checkpoints into."),
+    model: str = typer.Option("mlp", "--model", "-m", help="Zoo model or pkg.module:factory / file.py:factory."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="Model keyword argument key=value (repeatable)."),
+    data: str = typer.Option("digits", "--data", "-d", help="Data spec (see `sam-probe sharpness --help`)."),
+    data_arg: list[str] = typer.Option([], "--data-arg", help="Data option key=value (repeatable)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help=f"One of {', '.join(OPTIMIZERS)}."),
+    lr: float = typer.Option(0.1, "--lr"),
+    steps: int = typer.Option(200, "--steps"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Minibatch size (0 = full batch)."),
+    momentum: float = typer.Option(0.0, "--momentum"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    rho: float = typer.Option(0.05, "--rho", help="SAM radius."),
+    eta: float = typer.Option(0.01, "--eta", help="ASAM's eta."),
+    switch_step: Optional[int] = typer.Option(None, "--switch-step", help="late-sam: step at which SGD switches to SAM."),
+    samckpt: Optional[str] = typer.Option(None, "--samckpt", help="Ratio-masked SAM: categories to scale, e.g. 1, 12, 34."),
+    condition: float = typer.Option(1.0, "--condition", help="Scale c for the masked categories (update = g~*mask*c + g~*(1-mask))."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="ce, mse or bce."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples"),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Write a checkpoint every N steps (and at 0 and the end)."),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Train a zoo model with SGD/SAM variants and write checkpoints every N steps."""
+    from ..training import train as run_training
+
+    if optimizer not in OPTIMIZERS:
+        from ..errors import suggest
+        raise SpecError(f"--optimizer {optimizer}: unknown{suggest(optimizer, OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
+    margs = parse_kv(model_arg)
+    dargs = parse_kv(data_arg)
+    selection = load_data(data, split="train", max_samples=max_samples, seed=seed, options=dargs)
+    torch.manual_seed(seed)
+    net = build_model(model, margs)
+    hparams = {"optimizer": optimizer, "lr": lr, "steps": steps, "batch_size": batch_size, "momentum": momentum,
+               "weight_decay": weight_decay, "rho": rho, "eta": eta, "switch_step": switch_step, "samckpt": samckpt,
+               "condition": condition, "loss": loss, "seed": seed, "data": data, "data_args": dargs,
+               "max_samples": max_samples}
+    written: list[Path] = []
+
+    def on_checkpoint(step: int, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+        path = out / f"step_{step:06d}.pt"
+        save_checkpoint(path, {"model": state_dict, "step": step, "optimizer": optimizer, "hparams": hparams,
+                               "model_spec": {"name": model, "args": margs}, "metrics": metrics})
+        written.append(path)
+        if not quiet:
+            loss_v = metrics.get("loss")
+            console.err.print(f"step {step:6d}  loss {loss_v:.4f}  -> {path}" if loss_v is not None else f"step {step}",
+                              highlight=False)
+
+    run_training(net, selection, optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, momentum=momentum,
+                 weight_decay=weight_decay, rho=rho, eta=eta, switch_step=switch_step, samckpt=samckpt,
+                 condition=condition, loss=loss, seed=seed, checkpoint_every=checkpoint_every,
+                 on_checkpoint=on_checkpoint)
+    if not quiet:
+        console.err.print(f"wrote {len(written)} checkpoints to {out}", highlight=False)

@@ -1,0 +1,48 @@
+"""A CHECKPOINT argument: one file, or a run directory of checkpoint files sorted by step."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .checkpoints import step_from_name
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".tar")
+
+
+def discover(target: str | Path, glob: str | None = None) -> list[Path]:
+    """Checkpoint files named by ``target`` (a file or a directory), in name order.
+
+    In a directory every file with a checkpoint suffix is taken (not recursing),
+    or those matching ``glob``; the caller orders them by step once loaded.
+    """
+    p = Path(target)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_file():
+        return [p]
+    files = [f for f in sorted(p.iterdir()) if f.is_file()]
+    if glob:
+        files = [f for f in files if fnmatch.fnmatch(f.name, glob)]
+    else:
+        files = [f for f in files if f.suffix.lower() in CHECKPOINT_SUFFIXES]
+    if not files:
+        what = f"matching {glob!r} " if glob else ""
+        raise CheckpointError(f"{p}: no checkpoint files {what}in this directory (use --glob PATTERN to choose them)")
+    named = [(step_from_name(f), f.name, f) for f in files]
+    named.sort(key=lambda t: (t[0] is None, t[0] if t[0] is not None else 0, t[1]))
+    return [f for _, _, f in named]
+
+
+@dataclass
+class RunInfo:
+    """Where a set of checkpoints came from: the label results are stored under."""
+
+    target: Path
+    label: str
+
+
+def run_label(target: str | Path) -> str:
+    p = Path(target).resolve()
+    return p.name if p.is_dir() else p.parent.name or "run"

@@ -1,0 +1,1 @@
+"""Presentation: rich tables and progress (console.py, tables.py) and seaborn figures (plots.py)."""

@@ -1,0 +1,239 @@
+"""HDF5 result store: one file per unit of work, written atomically.
+
+A unit is (checkpoint or run) x analysis x configuration; its file is
+``OUT/<analysis>/<run>/<name>-<key>.h5`` where ``key`` hashes the analysis
+config, model/data specs and the checkpoints' sha256.  A unit is written to a
+temporary name in the same folder, flushed, fsync'd, closed and renamed, so a
+killed run never leaves a half-written result under a real name, and two
+writers of the same unit only race to an atomic rename.
+
+Results are nested dicts of JSON-like values and arrays:
+dict -> group, list of dicts -> group of numbered groups, numbers/strings ->
+attributes, arrays and numeric lists -> datasets.  h5py is used only here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+KIND = "__kind__"
+META = "__meta__"
+RESULT = "result"
+
+
+def config_key(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (12 hex digits)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def unit_path(out: str | Path, analysis: str, run: str, name: str, key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+    return Path(out) / analysis / run / f"{safe}-{key}.h5"
+
+
+# ----------------------------------------------------------------- writing
+def _to_array(value: Any) -> np.ndarray | None:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        import torch
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value) and value:
+            return np.array(value, dtype=h5py.string_dtype())
+        try:
+            arr = np.array([np.nan if v is None else v for v in value] if value and not isinstance(value[0], (list, tuple)) else value, dtype=float)
+        except (TypeError, ValueError):
+            return None
+        if value and all(isinstance(v, bool) for v in value):
+            return arr.astype(bool)
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return arr.astype(np.int64)
+        return arr
+    return None
+
+
+def _write(group: h5py.Group, data: dict[str, Any]) -> None:
+    group.attrs[KIND] = "dict"
+    for k, v in data.items():
+        k = str(k)
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            _write(group.create_group(k), v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            g = group.create_group(k)
+            g.attrs[KIND] = "list"
+            g.attrs["length"] = len(v)
+            for i, item in enumerate(v):
+                _write(g.create_group(f"{i:06d}"), item)
+        elif isinstance(v, (bool, int, float, str, np.generic)):
+            group.attrs[k] = v
+        elif isinstance(v, (list, tuple)) and not v:
+            group.create_dataset(k, data=np.zeros(0))
+        else:
+            arr = _to_array(v)
+            if arr is None:
+                group.attrs[k] = json.dumps(v, default=str)
+                continue
+            big = arr.size > 4096 and arr.dtype.kind in "biuf"
+            group.create_dataset(k, data=arr, compression="gzip" if big else None, shuffle=big)
+
+
+def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Atomically write ``result`` with ``meta`` attributes to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in meta.items():
+                if v is not None:
+                    f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
+            _write(f.create_group(RESULT), result)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+            pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ----------------------------------------------------------------- reading
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _read(group: h5py.Group) -> Any:
+    if group.attrs.get(KIND) == "list":
+        return [_read(group[k]) for k in sorted(group.keys())]
+    out: dict[str, Any] = {}
+    for k, v in group.attrs.items():
+        if k != KIND:
+            out[k] = _attr(v)
+    for k, item in group.items():
+        if isinstance(item, h5py.Group):
+            out[k] = _read(item)
+        else:
+            arr = item[()]
+            if item.dtype.kind in "OS":
+                arr = np.array([a.decode() if isinstance(a, bytes) else a for a in np.atleast_1d(arr)], dtype=object)
+            out[k] = arr
+    return out
+
+
+def read_meta(f: h5py.File | h5py.Group) -> dict[str, Any]:
+    meta = {}
+    for k, v in f.attrs.items():
+        v = _attr(v)
+        if k in ("config", "model_spec", "data_spec", "command") and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        meta[k] = v
+    return meta
+
+
+def read_unit(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(result, meta)`` of one unit file; arrays come back as numpy arrays."""
+    with h5py.File(path, "r") as f:
+        return _read(f[RESULT]), read_meta(f)
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a complete unit is stored at ``path`` (a corrupt file does not count)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with h5py.File(p, "r") as f:
+            return RESULT in f
+    except OSError:
+        return False
+
+
+def iter_units(source: str | Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(name, result, meta)`` of every unit in a results folder or a merged file."""
+    src = Path(source)
+    if src.is_dir():
+        for p in sorted(src.rglob("*.h5")):
+            if p.name.startswith("."):
+                continue
+            try:
+                res, meta = read_unit(p)
+            except (OSError, KeyError):
+                continue
+            yield str(p.relative_to(src)), res, meta
+        return
+    with h5py.File(src, "r") as f:
+        def visit(g: h5py.Group, prefix: str) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+            for k, item in g.items():
+                if not isinstance(item, h5py.Group):
+                    continue
+                if RESULT in item:
+                    yield f"{prefix}{k}", _read(item[RESULT]), read_meta(item)
+                else:
+                    yield from visit(item, f"{prefix}{k}/")
+        yield from list(visit(f, ""))
+
+
+def merge(source: str | Path, target: str | Path) -> int:
+    """Copy every unit under ``source`` into one HDF5 file ``target`` (atomically); returns the count."""
+    src = Path(source)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    n = 0
+    try:
+        with h5py.File(tmp, "w") as out:
+            for p in sorted(src.rglob("*.h5")):
+                if p.name.startswith(".") or p.resolve() == target.resolve():
+                    continue
+                try:
+                    with h5py.File(p, "r") as f:
+                        if RESULT not in f:
+                            continue
+                        name = str(p.relative_to(src).with_suffix(""))
+                        g = out.require_group(name)
+                        for k, v in f.attrs.items():
+                            g.attrs[k] = v
+                        f.copy(f[RESULT], g, name=RESULT)
+                        n += 1
+                except OSError:
+                    continue
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n
