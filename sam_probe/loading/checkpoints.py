@@ -120,8 +120,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _short(exc: BaseException) -> str:
+    """First sentence of an exception's message (library messages can run long)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return msg[:160]
+    return msg.split(". ")[0][:160]
 
 
 def read_object(path: str | Path, *, trust: bool = False) -> tuple[str, Any, list[str], dict[str, str]]:
@@ -329,8 +330,14 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
             spec = json.loads(meta["model_spec"])
         except ValueError:
             spec = None
+    hparams = find_hparams(obj)
+    if meta.get("hparams"):
+        try:
+            hparams.update(json.loads(meta["hparams"]))
+        except ValueError:
+            pass
     return Checkpoint(
         path=str(path), format=fmt, layout=layout, state=state, step=step, step_source=source,
-        extra_keys=extra, hparams=find_hparams(obj), model_spec=spec if isinstance(spec, dict) else None,
+        extra_keys=extra, hparams=hparams, model_spec=spec if isinstance(spec, dict) else None,
         placeholders=placeholders, stripped_prefixes=stripped, trusted=trust,
     )

@@ -13,6 +13,7 @@ Full unpickling (``trust=True``) is the caller's explicit, loud opt-in.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickletools
 import re
@@ -37,9 +38,15 @@ _DANGEROUS_BUILTINS = {
 }
 
 
+def python3_name(full_name: str) -> str:
+    """Protocol-2 pickles name py2 modules (``__builtin__``, ``commands``); give the py3 name."""
+    module, _, name = full_name.rpartition(".")
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module) or 'builtins'}.{name}"
+
+
 def is_dangerous(full_name: str) -> bool:
     """Whether a pickled global can run code or touch the system when called."""
-    module, _, name = full_name.rpartition(".")
+    module, _, name = python3_name(full_name).rpartition(".")
     root = module.split(".", 1)[0]
     if module in ("", "builtins", "__builtin__"):
         return name in _DANGEROUS_BUILTINS
@@ -58,7 +65,7 @@ class UnsafePickleError(Exception):
 
     def __init__(self, global_name: str):
         super().__init__(global_name)
-        self.global_name = global_name
+        self.global_name = python3_name(global_name)
 
 
 class Placeholder:
