@@ -10,8 +10,6 @@ import torch
 import typer
 
 from ..errors import SpecError
-from ..loading.data import load_data
-from ..loading.models import build_model, parse_kv
 from ..report import console
 
 OPTIMIZERS = ("sgd", "sam", "asam", "usam", "linf-sam", "late-sam")
@@ -57,6 +55,8 @@ def train(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Train a zoo model with SGD/SAM variants and write checkpoints every N steps."""
+    from ..loading.data import load_data
+    from ..loading.models import build_model, parse_kv
     from ..training import train as run_training
 
     if optimizer not in OPTIMIZERS:
