@@ -250,22 +250,31 @@ class Objective:
         return self.space.flatten(self.grad(params))
 
     # ----------------------------------------------------------- curvature
-    def _hvp_chunk_revrev(self, p: Params, vs: list[Params], x: Tensor, y: Tensor) -> list[Params]:
-        names = list(p)
+    def _grad_graph(self, p: Params, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """Leaves ``w``, the differentiable chunk gradient ``∇Σℓ`` (``create_graph``) and
+        the indices of the gradient entries that depend on ``w`` (others are 0 in ``H``)."""
+        leaves = [p[k].detach().requires_grad_(True) for k in self.space.names]
         with torch.enable_grad():
-            leaves = {k: t.detach().requires_grad_(True) for k, t in p.items()}
-            loss = self._loss_sum(leaves, x, y)
-            g = torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=True, allow_unused=True)
-            g = [torch.zeros_like(leaves[k]) if gi is None else gi for gi, k in zip(g, names)]
-            outs = []
-            for i, v in enumerate(vs):
-                dot = sum((gi * v[k]).sum() for gi, k in zip(g, names) if gi.requires_grad)
-                if not isinstance(dot, Tensor) or not dot.requires_grad:
-                    outs.append({k: torch.zeros_like(p[k]) for k in names})
-                    continue
-                hv = torch.autograd.grad(dot, [leaves[k] for k in names], retain_graph=i < len(vs) - 1, allow_unused=True)
-                outs.append({k: torch.zeros_like(p[k]) if h is None else h.detach() for h, k in zip(hv, names)})
-        return outs
+            loss = self._loss_sum(dict(zip(self.space.names, leaves)), x, y)
+            g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        return leaves, [g[i] for i in live], live
+
+    def _hvp_from_graph(self, graph: tuple[list[Tensor], list[Tensor], list[int]], Vt: Tensor, retain: bool) -> Tensor:
+        """``[b, P]`` rows ``(H_chunk v)ᵀ`` by one double-backward pass per row of ``Vt``."""
+        leaves, g, live = graph
+        out = torch.zeros_like(Vt)
+        if not g:
+            return out
+        sl = list(self.space.slices().values())
+        for j in range(Vt.shape[0]):
+            vj = self.space.unflatten(Vt[j])
+            hv = torch.autograd.grad(g, leaves, grad_outputs=[vj[self.space.names[i]] for i in live],
+                                     retain_graph=retain or j < Vt.shape[0] - 1, allow_unused=True)
+            for s, h in zip(sl, hv):
+                if h is not None:
+                    out[j, s] = h.reshape(-1)
+        return out
 
     def _hvp_chunk_fwdrev(self, p: Params, V: Params, x: Tensor, y: Tensor) -> Params:
         g_fn = grad(self._loss_sum)
@@ -274,6 +283,32 @@ class Objective:
             return jvp(lambda q: g_fn(q, x, y), (p,), (v,))[1]
 
         return vmap(one)(V)
+
+    @contextlib.contextmanager
+    def reuse_graph(self) -> Iterator[None]:
+        """Within this block, ``rev-rev`` HVPs at :attr:`params` of a single-chunk
+        objective keep the first-order graph ``∇L(w)`` alive between calls, so each
+        further HVP is one double-backward pass (no forward, no first backward).
+
+        Memory: that chunk's activations and gradient graph, held until exit.
+        Objectives with several chunks, ``fwd-rev`` or explicit ``params`` are unaffected.
+        """
+        prev = getattr(self, "_reuse", False)
+        self._reuse = True
+        try:
+            yield
+        finally:
+            self._reuse = prev
+            if not prev:
+                self._graph_cache = None
+
+    def _cached_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]] | None:
+        if not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.chunk_size < self.n_samples:
+            return None
+        if getattr(self, "_graph_cache", None) is None:
+            with analysis_mode(self.model, self.bn_mode):
+                self._graph_cache = self._grad_graph(self.params, self.inputs, self.targets)
+        return self._graph_cache
 
     def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
         """``H v`` for one vector (dict in, dict out; flat in, flat out)."""
@@ -285,27 +320,31 @@ class Objective:
     def hvp_block(self, V: Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
         """``H V`` for a block ``V`` of shape ``[P, b]`` (``b`` HVPs, counted).
 
-        ``rev-rev``: one double-backward graph per chunk, reused for all ``b``
-        vectors; ``fwd-rev``: ``vmap`` of ``jvp(grad)`` over the block.
+        ``rev-rev``: per chunk, one graph of ``∇Σℓ`` (``create_graph``) and one
+        double-backward pass per vector (inside :meth:`reuse_graph` the graph is
+        kept between calls); ``fwd-rev``: ``vmap`` of ``jvp(grad)`` over the block.
         """
         p = self._as_dict(params)
         V = V.to(device=self.device, dtype=self.dtype)
         if V.dim() != 2 or V.shape[0] != self.space.size:
             raise ValueError(f"V must be [P={self.space.size}, b], got {tuple(V.shape)}")
         b = V.shape[1]
-        out = torch.zeros_like(V)
-        with analysis_mode(self.model, self.bn_mode):
-            if self.hvp_method == "fwd-rev":
-                Vd = self.space.unflatten(V.T.contiguous())
-                for x, y in self.chunks():
-                    out += self.space.flatten_batched(self._hvp_chunk_fwdrev(p, Vd, x, y)).T
-            else:
-                vs = [self.space.unflatten(V[:, j]) for j in range(b)]
-                for x, y in self.chunks():
-                    for j, hv in enumerate(self._hvp_chunk_revrev(p, vs, x, y)):
-                        out[:, j] += self.space.flatten(hv)
+        Vt = V.T.contiguous()
+        cached = self._cached_graph() if params is None else None
+        if cached is not None:
+            out = self._hvp_from_graph(cached, Vt, retain=True)
+        else:
+            out = torch.zeros_like(Vt)
+            with analysis_mode(self.model, self.bn_mode):
+                if self.hvp_method == "fwd-rev":
+                    Vd = self.space.unflatten(Vt)
+                    for x, y in self.chunks():
+                        out += self.space.flatten_batched(self._hvp_chunk_fwdrev(p, Vd, x, y))
+                else:
+                    for x, y in self.chunks():
+                        out += self._hvp_from_graph(self._grad_graph(p, x, y), Vt, retain=False)
         self.n_hvp += b
-        return out / self.n_samples
+        return (out / self.n_samples).T.contiguous()
 
     def hvp_operator(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``V ↦ H V`` on flat blocks ``[P, b]`` (or ``[P]``) for the eigensolvers."""
