@@ -14,6 +14,7 @@ everywhere (no undefined bucket) with the same strict inequalities.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,21 +27,38 @@ def ratio(g: Tensor, g_tilde: Tensor, eps: float = 1e-12, faithful: bool = False
     """``r = g~ / g`` (NaN where undefined), or the notebook's ``g~ / (g + 1e-8)``."""
     if faithful:
         return g_tilde / (g + FAITHFUL_OFFSET)
-    r = torch.full_like(g, float("nan"))
-    ok = g.abs() > eps
-    r[ok] = g_tilde[ok] / g[ok]
-    return r
+    return torch.where(g.abs() > eps, g_tilde / g, torch.full_like(g, float("nan")))
 
 
 def categorize(g: Tensor, g_tilde: Tensor, eps: float = 1e-12, faithful: bool = False) -> Tensor:
     """Category code (``uint8``, see module docstring) of every entry of flat ``g``."""
-    r = ratio(g, g_tilde, eps, faithful)
-    codes = torch.full(g.shape, CODE["boundary"], dtype=torch.uint8, device=g.device)
-    codes[r > 1] = CODE["C1"]
-    codes[(r > 0) & (r < 1)] = CODE["C2"]
-    codes[r < -1] = CODE["C3"]
-    codes[(r > -1) & (r < 0)] = CODE["C4"]
-    codes[torch.isnan(r)] = CODE["undefined"]
+    return codes_from_ratio(ratio(g, g_tilde, eps, faithful))
+
+
+def codes_from_ratio(r: Tensor) -> Tensor:
+    """Category codes of ratios ``r`` (NaN = undefined).
+
+    Away from the boundary the code is ``2·[r < 0] + [|r| < 1]``
+    (C1=0, C2=1, C3=2, C4=3); ``r ∈ {-1, 0, 1}`` is boundary, NaN undefined.
+    CPU float tensors take the (faster) numpy path, :func:`codes_from_ratio_numpy`.
+    """
+    if r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(codes_from_ratio_numpy(r.detach().numpy()))
+    a = r.abs()
+    codes = (r < 0).to(torch.uint8) * 2 + (a < 1).to(torch.uint8)
+    nan = torch.isnan(r)
+    special = nan | (r == 0) | (a == 1)
+    exc = torch.where(nan, CODE["undefined"], CODE["boundary"]).to(torch.uint8)
+    return torch.where(special, exc, codes)
+
+
+def codes_from_ratio_numpy(r: np.ndarray) -> np.ndarray:
+    """:func:`codes_from_ratio` on a numpy array (uint8 codes, same shape)."""
+    a = np.abs(r)
+    codes = np.left_shift((r < 0).view(np.uint8), 1)
+    codes |= (a < 1).view(np.uint8)
+    special = np.flatnonzero(~((a != 1) & (r != 0) & (r == r)))  # ±1, 0 or NaN (rare)
+    codes.reshape(-1)[special] = CODE["boundary"] + np.isnan(r.reshape(-1)[special])
     return codes
 
 

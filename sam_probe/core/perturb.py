@@ -77,22 +77,34 @@ class PerturbedGradient:
 
 
 def perturbed_gradient(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int | None = None,
-                       eta: float = 0.01) -> PerturbedGradient:
-    """Current and perturbed gradient on the same data (m-sharpness when ``m`` is set)."""
+                       eta: float = 0.01, with_loss: bool = True) -> PerturbedGradient:
+    """Current and perturbed gradient on the same data (m-sharpness when ``m`` is set).
+
+    ``with_loss=False`` skips the two extra forward passes for the losses (then NaN).
+    """
     w = obj.flat_params()
-    g = torch.zeros_like(w)
-    gt = torch.zeros_like(w)
-    loss = 0.0
-    ploss = 0.0
-    for sub, weight in sub_batches(obj, m):
+    subs = sub_batches(obj, m)
+    if len(subs) == 1:  # the whole selection: no accumulation buffers
+        g = gt = None
+    else:
+        g = torch.zeros_like(w)
+        gt = torch.zeros_like(w)
+    loss = 0.0 if with_loss else float("nan")
+    ploss = 0.0 if with_loss else float("nan")
+    for sub, weight in subs:
         gb = sub.grad_flat()
         e = perturbation(sub, gb, variant, rho, eta, w)
         gtb = sub.grad_flat(w + e)
-        g += weight * gb
-        gt += weight * gtb
-        loss += weight * sub.loss()
-        ploss += weight * sub.loss(w + e)
-        obj.n_grad += 2
+        if g is None:
+            g, gt = gb, gtb
+        else:
+            g.add_(gb, alpha=weight)
+            gt.add_(gtb, alpha=weight)
+        if with_loss:
+            loss += weight * sub.loss()
+            ploss += weight * sub.loss(w + e)
+        if sub is not obj:  # sub-batch passes; obj counts its own
+            obj.n_grad += 2
     return PerturbedGradient(g, gt, loss, ploss)
 
 
@@ -104,5 +116,6 @@ def sam_sharpness(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int
     for sub, weight in sub_batches(obj, m):
         e = perturbation(sub, sub.grad_flat(), variant, rho, eta, w)
         total += weight * (sub.loss(w + e) - sub.loss())
-        obj.n_grad += 1
+        if sub is not obj:
+            obj.n_grad += 1
     return total

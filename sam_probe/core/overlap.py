@@ -1,0 +1,373 @@
+"""Persistence of a category's parameter set across checkpoints (REFERENCE.md, "Overlap across steps").
+
+Input: one packed mask per stored step (``np.packbits`` of a length-``P`` bool
+vector, see :mod:`.bitpack`), the set ``S_t`` of parameters in category c.
+With ``p_s = |S_s| / P`` (independence baseline):
+
+- anchor overlap  ``O(t0, t) = |S_t0 ∩ S_t|``,      ``E[O] = P p_t0 p_t``;
+- pairwise        ``|S_a ∩ S_b|`` and Jaccard ``|S_a ∩ S_b| / |S_a ∪ S_b|`` (NaN if both empty),
+  Jaccard baseline ``E / (|S_a| + |S_b| - E)`` with ``E = P p_a p_b``;
+- persistent core ``K(t0, t) = |∩_{s between t0 and t} S_s|`` over the consecutive
+  stored steps from the anchor to ``t`` (forwards for t >= t0, backwards before),
+  ``E[K] = P Π_s p_s``;
+- IRE link (Wang et al. 2024): flat mask ``F_t`` = coordinates whose ``g_i²`` (or
+  its running average over checkpoints) is NOT among the top ``rank`` fraction;
+  ``|S_t ∩ F_t|`` with ``E = P p_t q_t``, ``q_t = |F_t| / P``.
+
+``lift = observed / expected`` (NaN when expected is 0).  Everything works on
+packed bytes viewed as 64-bit words with ``np.bitwise_count`` (lookup table on
+numpy < 2): memory is the masks (1 bit per parameter per step) plus one
+scratch mask; nothing is unpacked.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import bitpack
+
+_HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")
+
+
+# ------------------------------------------------------------ mask access
+class MaskSet:
+    """Packed masks of ``n`` bits as 64-bit word views (no copies) plus tiny tails.
+
+    ``heads[t]``: the first ``n // 64`` words of mask t (a view);
+    ``tails[t]``: the remaining bytes with pad bits cleared (a small copy).
+    """
+
+    def __init__(self, masks: Sequence[np.ndarray], n: int):
+        self.n = int(n)
+        self.n_head = (self.n // 64) * 8  # bytes in whole 64-bit words
+        self.heads: list[np.ndarray] = []
+        tails = []
+        for m in masks:
+            head, tail = self.split(m)
+            self.heads.append(head)
+            tails.append(tail)
+        self.tails = np.array(tails, dtype=np.uint8).reshape(len(tails), bitpack.n_bytes(self.n) - self.n_head)
+        self._buf = np.empty(self.n_head // 8, dtype=np.uint64)
+        self._cnt = np.empty(self.n_head // 8, dtype=np.uint8)
+
+    def split(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A packed mask of ``n`` bits -> (64-bit word view, tail bytes with pad bits cleared)."""
+        m = np.asarray(m)
+        nb = bitpack.n_bytes(self.n)
+        if m.dtype != np.uint8 or m.ndim != 1 or m.size != nb:
+            raise ValueError(f"expected a packed mask uint8[{nb}] for P={self.n}, got {m.dtype}{list(m.shape)}")
+        m = np.ascontiguousarray(m)
+        return m[:self.n_head].view(np.uint64), bitpack.clear_tail(m[self.n_head:].copy(), self.n)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def _count_words(self, words: np.ndarray) -> int:
+        if not words.size:
+            return 0
+        if _HAS_BITWISE_COUNT:
+            np.bitwise_count(words, out=self._cnt[:words.size])
+            return int(self._cnt[:words.size].sum(dtype=np.int64))
+        return bitpack.popcount(words.view(np.uint8))
+
+    def size(self, t: int) -> int:
+        return self.count(self.heads[t], self.tails[t])
+
+    def count(self, head: np.ndarray, tail: np.ndarray) -> int:
+        """Set bits of a mask given as (words, tail bytes)."""
+        return self._count_words(head) + bitpack.popcount(tail)
+
+    def inter(self, a: int, b: int) -> int:
+        """``|S_a ∩ S_b|``."""
+        np.bitwise_and(self.heads[a], self.heads[b], out=self._buf)
+        return self._count_words(self._buf) + bitpack.popcount(self.tails[a] & self.tails[b])
+
+    def inter_with(self, t: int, head: np.ndarray, tail: np.ndarray) -> int:
+        """``|S_t ∩ M|`` for another mask given as (words, tail bytes)."""
+        np.bitwise_and(self.heads[t], head, out=self._buf)
+        return self._count_words(self._buf) + bitpack.popcount(self.tails[t] & tail)
+
+    def running_core(self, order: Sequence[int]) -> list[int]:
+        """``|S_o0 ∩ ... ∩ S_ok|`` for every prefix of ``order`` (one scratch mask)."""
+        if not order:
+            return []
+        run = self.heads[order[0]].copy()
+        tail = self.tails[order[0]].copy()
+        out = []
+        for t in order:
+            np.bitwise_and(run, self.heads[t], out=run)
+            tail &= self.tails[t]
+            out.append(self._count_words(run) + bitpack.popcount(tail))
+        return out
+
+
+# ------------------------------------------------------------- statistics
+def _lift(obs: np.ndarray, exp: np.ndarray) -> np.ndarray:
+    obs = np.asarray(obs, dtype=float)
+    exp = np.asarray(exp, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(exp > 0, obs / np.where(exp > 0, exp, 1.0), np.nan)
+
+
+def sizes(ms: MaskSet) -> np.ndarray:
+    """``|S_t|`` for every step (int64)."""
+    return np.array([ms.size(t) for t in range(len(ms))], dtype=np.int64)
+
+
+def intersection_matrix(ms: MaskSet) -> np.ndarray:
+    """Symmetric ``[T, T]`` int64 matrix of ``|S_a ∩ S_b|`` (diagonal = sizes)."""
+    T = len(ms)
+    out = np.zeros((T, T), dtype=np.int64)
+    for a in range(T):
+        out[a, a] = ms.size(a)
+        for b in range(a + 1, T):
+            out[a, b] = out[b, a] = ms.inter(a, b)
+    return out
+
+
+def jaccard_from(inter: np.ndarray, sz: np.ndarray) -> np.ndarray:
+    """``inter / (|S_a| + |S_b| - inter)``, NaN where the union is empty."""
+    s = np.asarray(sz, dtype=float)
+    union = s[:, None] + s[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), np.nan)
+
+
+def jaccard(inter: np.ndarray) -> np.ndarray:
+    """Jaccard matrix from an intersection matrix (NaN where both sets are empty)."""
+    return jaccard_from(inter, np.diag(inter))
+
+
+def expected_pairwise(sz: np.ndarray, n: int) -> np.ndarray:
+    """``E|S_a ∩ S_b| = P p_a p_b = |S_a| |S_b| / P`` for all pairs."""
+    s = np.asarray(sz, dtype=float)
+    return np.outer(s, s) / n if n else np.zeros((s.size, s.size))
+
+
+def jaccard_expected(sz: np.ndarray, n: int) -> np.ndarray:
+    """Plug-in Jaccard baseline ``E / (|S_a| + |S_b| - E)`` with ``E = P p_a p_b``."""
+    return jaccard_from(expected_pairwise(sz, n), sz)
+
+
+def anchor_overlap(ms: MaskSet, i0: int, sz: np.ndarray, inter: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``O(t0, t)``, ``E = |S_t0| |S_t| / P`` and lift for every step (row ``i0`` of ``inter`` if given)."""
+    T = len(ms)
+    obs = inter[i0].copy() if inter is not None else np.array(
+        [sz[i0] if t == i0 else ms.inter(i0, t) for t in range(T)], dtype=np.int64)
+    exp = sz[i0] * np.asarray(sz, dtype=float) / ms.n if ms.n else np.zeros(T)
+    return {"overlap": obs, "expected": exp, "lift": _lift(obs, exp)}
+
+
+def persistent_core(ms: MaskSet, i0: int, sz: np.ndarray) -> dict[str, np.ndarray]:
+    """``K(t0, t)`` over the consecutive steps between ``i0`` and ``t``; ``E = P Π p_s``."""
+    T = len(ms)
+    size = np.zeros(T, dtype=np.int64)
+    fwd = ms.running_core(list(range(i0, T)))
+    bwd = ms.running_core(list(range(i0, -1, -1)))
+    size[i0:] = fwd
+    size[:i0 + 1] = bwd[::-1]
+    exp = np.zeros(T)
+    if ms.n:
+        logp = np.log(np.maximum(np.asarray(sz, dtype=float), 0.0) / ms.n, where=np.asarray(sz) > 0,
+                      out=np.full(T, -np.inf))
+        for t in range(T):
+            lo, hi = min(i0, t), max(i0, t)
+            exp[t] = ms.n * math.exp(float(logp[lo:hi + 1].sum()))
+    return {"size": size, "expected": exp, "lift": _lift(size, exp)}
+
+
+# ---------------------------------------------------------------------- IRE
+def _numpy_1d(x: Any) -> np.ndarray:
+    """Flat numpy view/copy of a torch tensor or array (low-precision floats -> float64)."""
+    if hasattr(x, "detach"):
+        import torch
+
+        x = x.detach().cpu()
+        x = (x if x.dtype in (torch.float32, torch.float64) else x.double()).numpy()
+    return np.asarray(x).reshape(-1)
+
+
+def flat_mask(score: Any, rank: float) -> np.ndarray:
+    """Packed mask of the coordinates NOT among the top ``rank`` fraction of ``score``.
+
+    ``k = round(rank · P)`` coordinates with the largest score are "sharp"; ties at
+    the threshold go to the lowest indices, so ``|F| = P - k`` exactly.
+    """
+    s = _numpy_1d(score)
+    n = s.size
+    if not 0.0 <= rank <= 1.0:
+        raise ValueError(f"rank must be in [0, 1], got {rank}")
+    k = int(round(rank * n))
+    if k == 0:
+        return bitpack.clear_tail(np.packbits(np.ones(n, dtype=bool)), n)
+    if k == n:
+        return np.zeros(bitpack.n_bytes(n), dtype=np.uint8)
+    thr = np.partition(s, n - k)[n - k]  # k-th largest
+    sharp = s > thr
+    need = k - int(sharp.sum())
+    if need > 0:
+        ties = np.flatnonzero(s == thr)[:need]
+        sharp[ties] = True
+    np.logical_not(sharp, out=sharp)
+    return np.packbits(sharp)
+
+
+class RunningSquare:
+    """Running average of ``g²`` across checkpoints, in float64.
+
+    ``beta=None``: cumulative mean ``v_t = (1/t) Σ_{s<=t} g_s²``;
+    else EMA ``v_1 = g_1²``, ``v_t = β v_{t-1} + (1-β) g_t²``.
+    """
+
+    def __init__(self, beta: float | None = None):
+        if beta is not None and not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = beta
+        self.count = 0
+        self.value: np.ndarray | None = None
+
+    def update(self, g: Any) -> np.ndarray:
+        sq = np.square(_numpy_1d(g).astype(np.float64))
+        self.count += 1
+        if self.value is None:
+            self.value = sq
+        elif self.beta is None:
+            self.value += (sq - self.value) / self.count
+        else:
+            self.value *= self.beta
+            self.value += (1.0 - self.beta) * sq
+        return self.value
+
+
+def ire_flat_masks(grads: Iterable[Any], rank: float, average: str = "none",
+                   beta: float | None = None) -> list[np.ndarray]:
+    """Flat masks, one per gradient (streamed): score ``g²`` (``average='none'``) or its
+    running average (``'running'``: cumulative mean, or EMA when ``beta`` is set)."""
+    if average not in ("none", "running"):
+        raise ValueError("average must be 'none' or 'running'")
+    run = RunningSquare(beta)
+    out = []
+    for g in grads:
+        score = run.update(g) if average == "running" else np.square(_numpy_1d(g))
+        out.append(flat_mask(score, rank))
+    return out
+
+
+def ire_overlap(ms: MaskSet, flat: Iterable[np.ndarray], sz: np.ndarray) -> dict[str, np.ndarray]:
+    """``|S_t ∩ F_t|``, ``E = |S_t| |F_t| / P``, lift, ``|F_t|``.
+
+    ``flat``: one mask for all steps, or one per step, consumed one at a time (a
+    generator reading them from disk keeps only one flat mask in memory).
+    """
+    T = len(ms)
+    items = [flat[0]] * T if isinstance(flat, Sequence) and len(flat) == 1 else flat
+    obs = np.zeros(T, dtype=np.int64)
+    fsz = np.zeros(T, dtype=np.int64)
+    t = -1
+    for t, f in enumerate(items):
+        if t >= T:
+            raise ValueError(f"more flat masks than the {T} steps")
+        head, tail = ms.split(f)
+        obs[t] = ms.inter_with(t, head, tail)
+        fsz[t] = ms.count(head, tail)
+    if t != T - 1:
+        raise ValueError(f"need 1 or {T} flat masks, got {t + 1}")
+    exp = np.asarray(sz, dtype=float) * fsz / ms.n if ms.n else np.zeros(T)
+    return {"overlap": obs, "expected": exp, "lift": _lift(obs, exp), "flat_size": fsz}
+
+
+# ------------------------------------------------------------------ result
+def _clean(x: Any) -> Any:
+    """numpy -> lists, NaN/inf -> None."""
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+@dataclass
+class OverlapResult:
+    """Overlap statistics of one category over the stored steps."""
+
+    category: str
+    steps: list[int]
+    n_params: int
+    sizes: np.ndarray
+    anchor_step: int
+    anchor: dict[str, np.ndarray]
+    intersections: np.ndarray | None
+    jaccard: np.ndarray | None
+    jaccard_expected: np.ndarray | None
+    persistent: dict[str, np.ndarray]
+    ire: dict[str, np.ndarray] | None = None
+    ire_rank: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The issue's JSON (NaN -> null), plus lifts, fractions and pairwise baselines."""
+        d: dict[str, Any] = {
+            "category": self.category,
+            "steps": _clean(list(self.steps)),
+            "n_params": self.n_params,
+            "sizes": _clean(self.sizes),
+            "fractions": _clean(self.sizes / self.n_params if self.n_params else self.sizes * 0.0),
+            "anchor": {"step": self.anchor_step, **{k: _clean(v) for k, v in self.anchor.items()}},
+            "jaccard": _clean(self.jaccard) if self.jaccard is not None else None,
+            "persistent": {k: _clean(v) for k, v in self.persistent.items()},
+            "ire": None,
+        }
+        if self.jaccard is not None:
+            d["jaccard_expected"] = _clean(self.jaccard_expected)
+            d["pairwise"] = {"overlap": _clean(self.intersections),
+                             "expected": _clean(expected_pairwise(self.sizes, self.n_params))}
+        if self.ire is not None:
+            d["ire"] = {"rank": self.ire_rank, **{k: _clean(v) for k, v in self.ire.items()}}
+        return d
+
+
+def overlap_analysis(masks: Sequence[np.ndarray], n: int, steps: Sequence[int] | None = None,
+                     category: str = "C1", anchor: int | None = None,
+                     flat_masks: Iterable[np.ndarray] | None = None, ire_rank: float | None = None,
+                     pairwise: bool = True) -> OverlapResult:
+    """All overlap statistics of the sets given as packed masks (``n`` = P bits each).
+
+    ``steps`` label the masks (default 0..T-1, must be increasing); ``anchor`` is a
+    step label (default the first); ``flat_masks`` (1 or T, e.g. from
+    :func:`ire_flat_masks`, or a generator) adds the IRE link; ``pairwise=False`` skips the
+    ``T²/2`` pairwise intersections (Jaccard).
+    """
+    if not masks:
+        raise ValueError("no masks given")
+    steps = list(range(len(masks))) if steps is None else [int(s) for s in steps]
+    if len(steps) != len(masks):
+        raise ValueError(f"{len(steps)} steps for {len(masks)} masks")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError("steps must be strictly increasing")
+    a_step = steps[0] if anchor is None else int(anchor)
+    if a_step not in steps:
+        raise ValueError(f"anchor step {a_step} is not among the steps {steps}")
+    i0 = steps.index(a_step)
+    ms = MaskSet(masks, n)
+    sz = sizes(ms)
+    inter = intersection_matrix(ms) if pairwise else None
+    jac = jaccard(inter) if inter is not None else None
+    jexp = jaccard_expected(sz, ms.n) if inter is not None else None
+    ire = ire_overlap(ms, flat_masks, sz) if flat_masks is not None else None
+    return OverlapResult(
+        category=category, steps=steps, n_params=ms.n, sizes=sz, anchor_step=a_step,
+        anchor=anchor_overlap(ms, i0, sz, inter), intersections=inter, jaccard=jac,
+        jaccard_expected=jexp, persistent=persistent_core(ms, i0, sz), ire=ire, ire_rank=ire_rank,
+    )
+
+
+def category_masks(packed_codes: Iterable[bitpack.Packed], category: str | int = "C1") -> list[np.ndarray]:
+    """Membership masks of ``category`` from packed codes (streamed: one step at a time)."""
+    return [bitpack.membership_mask(p, category) for p in packed_codes]

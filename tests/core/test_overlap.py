@@ -1,0 +1,196 @@
+"""Overlap across steps against brute-force Python set arithmetic."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sam_probe.core import bitpack, overlap
+
+
+def random_sets(n: int, T: int, seed: int) -> list[set[int]]:
+    """Correlated random sets: each step keeps most of the previous set."""
+    rng = np.random.default_rng(seed)
+    cur = rng.random(n) < 0.4
+    out = []
+    for _ in range(T):
+        flip = rng.random(n) < 0.2
+        cur = np.where(flip, rng.random(n) < 0.4, cur)
+        out.append(set(np.flatnonzero(cur).tolist()))
+    return out
+
+
+def pack(s: set[int], n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[list(s)] = True
+    return np.packbits(m)
+
+
+def close(a, b) -> bool:
+    a, b = float(a), float(b)
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 13, 64, 200, 1027])
+@pytest.mark.parametrize("anchor_index", [0, 2])
+def test_against_sets(n, anchor_index):
+    T = 5
+    sets = random_sets(n, T, seed=n)
+    steps = [10 * t + 3 for t in range(T)]
+    res = overlap.overlap_analysis([pack(s, n) for s in sets], n, steps=steps, anchor=steps[anchor_index])
+    sz = [len(s) for s in sets]
+    assert res.sizes.tolist() == sz
+    a = anchor_index
+    for t in range(T):
+        obs = len(sets[a] & sets[t])
+        exp = n * (sz[a] / n) * (sz[t] / n)
+        assert res.anchor["overlap"][t] == obs
+        assert close(res.anchor["expected"][t], exp)
+        assert close(res.anchor["lift"][t], obs / exp if exp > 0 else float("nan"))
+        lo, hi = min(a, t), max(a, t)
+        core = set.intersection(*sets[lo:hi + 1])
+        exp_k = n * math.prod(sz[s] / n for s in range(lo, hi + 1))
+        assert res.persistent["size"][t] == len(core)
+        assert close(res.persistent["expected"][t], exp_k)
+        for u in range(T):
+            inter = len(sets[t] & sets[u])
+            union = len(sets[t] | sets[u])
+            assert res.intersections[t, u] == inter
+            assert close(res.jaccard[t, u], inter / union if union else float("nan"))
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["anchor"]["step"] == steps[a]
+    assert set(d) >= {"category", "steps", "sizes", "anchor", "jaccard", "persistent", "ire"}
+    assert set(d["anchor"]) >= {"step", "overlap", "expected", "lift"}
+    assert set(d["persistent"]) >= {"size", "expected"}
+
+
+def test_empty_and_full_sets():
+    n = 70
+    masks = [pack(set(), n), pack(set(range(n)), n), pack(set(), n)]
+    res = overlap.overlap_analysis(masks, n)
+    assert res.sizes.tolist() == [0, n, 0]
+    assert math.isnan(res.jaccard[0, 2]) and res.jaccard[1, 1] == 1.0 and res.jaccard[0, 1] == 0.0
+    assert math.isnan(res.anchor["lift"][0])
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["jaccard"][0][2] is None
+
+
+def test_dirty_pad_bits_are_ignored():
+    n = 10
+    m = pack({0, 9}, n)
+    m[-1] |= 0x3F  # garbage beyond bit 10
+    res = overlap.overlap_analysis([m, m], n)
+    assert res.sizes.tolist() == [2, 2] and res.intersections[0, 1] == 2
+
+
+def test_without_pairwise_matches():
+    n = 300
+    masks = [pack(s, n) for s in random_sets(n, 4, 7)]
+    full = overlap.overlap_analysis(masks, n, anchor=1)
+    lite = overlap.overlap_analysis(masks, n, anchor=1, pairwise=False)
+    np.testing.assert_array_equal(full.anchor["overlap"], lite.anchor["overlap"])
+    assert lite.jaccard is None and lite.to_dict()["jaccard"] is None
+
+
+def test_flat_mask_brute_force():
+    rng = np.random.default_rng(0)
+    n = 101
+    score = rng.random(n)
+    score[10:20] = 0.5  # ties
+    for rank in (0.0, 0.1, 0.5, 0.9, 1.0):
+        k = round(rank * n)
+        order = sorted(range(n), key=lambda i: (-score[i], i))  # largest first, ties by index
+        sharp = set(order[:k])
+        want = set(range(n)) - sharp
+        got = set(np.flatnonzero(bitpack.unpack_mask(overlap.flat_mask(score, rank), n)).tolist())
+        assert got == want
+    # torch input, exact count with heavy ties
+    m = overlap.flat_mask(torch.zeros(50), 0.3)
+    assert bitpack.popcount(m) == 35
+    with pytest.raises(ValueError):
+        overlap.flat_mask(score, 1.5)
+
+
+def test_running_square():
+    gs = [np.array([1.0, 2.0]), np.array([3.0, 0.0]), np.array([0.0, 1.0])]
+    r = overlap.RunningSquare()
+    for g in gs:
+        v = r.update(g)
+    np.testing.assert_allclose(v, np.mean([g ** 2 for g in gs], axis=0))
+    e = overlap.RunningSquare(beta=0.5)
+    for g in gs:
+        v = e.update(torch.tensor(g))
+    want = gs[0] ** 2
+    for g in gs[1:]:
+        want = 0.5 * want + 0.5 * g ** 2
+    np.testing.assert_allclose(v, want)
+
+
+def test_ire_overlap():
+    rng = np.random.default_rng(1)
+    n, T, rank = 500, 3, 0.8
+    sets = random_sets(n, T, 2)
+    grads = [rng.normal(size=n) for _ in range(T)]
+    for average in ("none", "running"):
+        flats = overlap.ire_flat_masks(grads, rank, average=average)
+        res = overlap.overlap_analysis([pack(s, n) for s in sets], n, flat_masks=flats, ire_rank=rank)
+        acc = np.zeros(n)
+        for t in range(T):
+            acc += grads[t] ** 2
+            score = acc / (t + 1) if average == "running" else grads[t] ** 2
+            top = set(np.argsort(-score, kind="stable")[:round(rank * n)].tolist())
+            flat = set(range(n)) - top
+            obs = len(sets[t] & flat)
+            assert res.ire["overlap"][t] == obs
+            assert close(res.ire["expected"][t], len(sets[t]) * len(flat) / n)
+            assert res.ire["flat_size"][t] == n - round(rank * n)
+        json.dumps(res.to_dict(), allow_nan=False)
+    single = overlap.overlap_analysis([pack(s, n) for s in sets], n, flat_masks=flats[:1])
+    assert single.ire["overlap"][0] == res.ire["overlap"][0]
+
+
+def test_category_masks_from_codes():
+    rng = np.random.default_rng(5)
+    codes = [rng.integers(0, 6, 77).astype(np.uint8) for _ in range(3)]
+    masks = overlap.category_masks((bitpack.pack_codes(c) for c in codes), "C1")
+    res = overlap.overlap_analysis(masks, 77)
+    assert res.sizes.tolist() == [int((c == 0).sum()) for c in codes]
+
+
+def test_bad_inputs():
+    m = pack({1}, 16)
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis([m], 17)
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis([m, m], 16, steps=[2, 1])
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis([m], 16, anchor=5)
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis([], 16)
+
+
+def test_streamed_flat_masks_and_counts():
+    n, T = 90, 3
+    sets = random_sets(n, T, 9)
+    masks = [pack(s, n) for s in sets]
+    flats = [pack(set(range(0, n, k + 2)), n) for k in range(T)]
+    res = overlap.overlap_analysis(masks, n, flat_masks=(f for f in flats))
+    assert res.ire["overlap"].tolist() == [len(sets[t] & set(range(0, n, t + 2))) for t in range(T)]
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis(masks, n, flat_masks=flats[:2])
+    with pytest.raises(ValueError):
+        overlap.overlap_analysis(masks, n, flat_masks=flats + flats)
+
+
+def test_lookup_table_fallback_matches(monkeypatch):
+    n = 1000
+    masks = [pack(s, n) for s in random_sets(n, 4, 11)]
+    fast = overlap.overlap_analysis(masks, n, anchor=2)
+    monkeypatch.setattr(overlap, "_HAS_BITWISE_COUNT", False)
+    monkeypatch.setattr(bitpack, "_HAS_BITWISE_COUNT", False)
+    slow = overlap.overlap_analysis(masks, n, anchor=2)
+    np.testing.assert_array_equal(fast.intersections, slow.intersections)
+    np.testing.assert_array_equal(fast.persistent["size"], slow.persistent["size"])
