@@ -1,0 +1,187 @@
+"""Paths between checkpoints (REFERENCE.md, "Paths between checkpoints").
+
+Distance to a reference ``w_ref`` (parameters only, float64):
+
+- ``d_t = ||w_t - w_ref||`` globally and per tensor (``Σ_tensors d_t,n² = d_t²``),
+  ``relative_t = d_t / ||w_ref||``;
+- escape rate = least-squares slope of ``log d_t`` against the training *step*
+  (against the checkpoint index when no steps are given) over the first ``K``
+  checkpoints after the reference with ``d_t > 0``; per step, so
+  ``d_t = c q^t`` gives ``log q``.
+
+Linear interpolation ``w(a) = (1-a) w_A + a w_B`` (default 41 points on
+``[-0.2, 1.2]``): floating buffers (BatchNorm running stats) are interpolated
+the same way (running variances clamped at 0 when extrapolating), integer
+buffers (``num_batches_tracked``) are taken from ``A``; loss and accuracy at every
+point, and the barrier ``max_{a ∈ [0,1]} L(w(a)) - ((1-a) L(w_A) + a L(w_B))``
+over ``a = 0, 1`` and the grid points inside ``(0, 1)`` (``L(w_A), L(w_B)`` evaluated
+at ``a = 0, 1``, also when the grid misses them), so the barrier is ``>= 0``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .objective import Objective
+
+State = Mapping[str, Tensor]
+
+
+# ------------------------------------------------------------------ distance
+def escape_rate(x: Sequence[float], d: Sequence[float]) -> float | None:
+    """Least-squares slope of ``log d`` against ``x`` (points with ``d > 0``; None if < 2 distinct x)."""
+    x = np.asarray(x, dtype=np.float64)
+    d = np.asarray(d, dtype=np.float64)
+    keep = np.isfinite(d) & (d > 0)
+    x, y = x[keep], np.log(d[keep])
+    if len(x) < 2 or np.ptp(x) == 0:
+        return None
+    xc = x - x.mean()
+    return float((xc @ (y - y.mean())) / (xc @ xc))
+
+
+def _float_names(ref: State) -> list[str]:
+    return [n for n, t in ref.items() if torch.is_floating_point(t)]
+
+
+@dataclass
+class DistanceResult:
+    """Distances of a sequence of checkpoints to a reference (see module docstring)."""
+
+    steps: list[float]
+    distance: list[float]
+    relative: list[float]
+    per_tensor: dict[str, list[float]]
+    escape_rate: float | None
+    escape_steps: list[float] = field(default_factory=list)  # the points of the fit
+    ref_step: float | None = None
+    ref_norm: float = 0.0
+    escape_by: str = "step"  # "step" or "index"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distance(states: Sequence[State], ref: int | State = 0, *, steps: Sequence[float] | None = None,
+             ref_step: float | None = None, k: int = 5) -> DistanceResult:
+    """Distances of ``states`` (parameter dicts, in training order) to a reference.
+
+    ``ref``: an index into ``states`` or an external parameter dict (then ``ref_step``,
+    if given, says where it lies; without it every checkpoint counts as "after" it).
+    Tensors: every floating tensor of the reference (pass parameter dicts; buffers in them
+    would count too); every state must hold them.
+    ``k``: the number of checkpoints after the reference used for the escape rate
+    (slope of ``log d`` per step, or per index when ``steps`` is None).
+    """
+    if not states:
+        raise ValueError("no checkpoints")
+    x = [float(s) for s in steps] if steps is not None else [float(i) for i in range(len(states))]
+    if len(x) != len(states):
+        raise ValueError(f"{len(x)} steps for {len(states)} checkpoints")
+    if isinstance(ref, int):
+        ref_state, ref_x = states[ref], x[ref]
+    else:
+        ref_state, ref_x = ref, (None if ref_step is None else float(ref_step))
+    names = _float_names(ref_state)
+    w_ref = {n: ref_state[n].detach().double().cpu() for n in names}
+    ref_norm = float(torch.sqrt(sum((w.pow(2).sum() for w in w_ref.values()), torch.zeros((), dtype=torch.float64))))
+    per = {n: [] for n in names}
+    for i, s in enumerate(states):
+        missing = [n for n in names if n not in s]
+        if missing:
+            raise KeyError(f"checkpoint {i} lacks tensors {missing[:5]}")
+        for n in names:
+            per[n].append(float((s[n].detach().double().cpu() - w_ref[n]).norm()))
+    dist = [float(np.sqrt(sum(per[n][i] ** 2 for n in names))) for i in range(len(states))]
+    rel = [d / ref_norm if ref_norm > 0 else float("nan") for d in dist]
+    after = [i for i in range(len(states)) if (ref_x is None or x[i] > ref_x) and dist[i] > 0][:k]
+    rate = escape_rate([x[i] for i in after], [dist[i] for i in after])
+    return DistanceResult(
+        steps=x, distance=dist, relative=rel, per_tensor=per, escape_rate=rate,
+        escape_steps=[x[i] for i in after], ref_step=ref_x, ref_norm=ref_norm,
+        escape_by="step" if steps is not None else "index",
+    )
+
+
+# ------------------------------------------------------------- interpolation
+def interpolate_state(a: State, b: State, alpha: float) -> dict[str, Tensor]:
+    """``(1-α) a + α b`` on floating tensors, ``a``'s value on the others (integer buffers);
+    names ending in ``running_var`` are clamped at 0."""
+    out = {}
+    for n, ta in a.items():
+        if torch.is_floating_point(ta) and n in b:
+            t = torch.lerp(ta, b[n].to(ta), alpha)
+            if n.endswith("running_var"):
+                t = t.clamp_min(0)
+            out[n] = t
+        else:
+            out[n] = ta.clone()
+    return out
+
+
+@dataclass
+class InterpolationResult:
+    """Loss / accuracy along the segment from ``A`` to ``B`` (see module docstring)."""
+
+    alphas: list[float]
+    loss: list[float]
+    accuracy: list[float | None]
+    barrier: float
+    barrier_alpha: float
+    loss_a: float
+    loss_b: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_alphas(points: int = 41, lo: float = -0.2, hi: float = 1.2) -> np.ndarray:
+    """``points`` equally spaced values on ``[lo, hi]``."""
+    return np.linspace(lo, hi, points)
+
+
+def interpolate(obj: Objective, a: State, b: State, alphas: Sequence[float] | None = None, *,
+                points: int = 41, lo: float = -0.2, hi: float = 1.2) -> InterpolationResult:
+    """Evaluate ``obj`` (model, data, loss, BN mode) at ``w(α)`` for every ``α``.
+
+    ``a``, ``b``: state dicts holding at least ``obj``'s parameter names; buffers missing
+    from them are taken from ``obj.buffers``.  Each point is a fresh :class:`Objective`
+    with the interpolated parameters *and* buffers.
+    """
+    al = [float(x) for x in (default_alphas(points, lo, hi) if alphas is None else alphas)]
+    pnames, bnames = obj.space.names, list(obj.buffers)
+    missing = [n for n in pnames if n not in a or n not in b]
+    if missing:
+        raise KeyError(f"endpoint states lack parameters {missing[:5]}")
+    sa = {**{n: obj.buffers[n] for n in bnames}, **{n: a[n] for n in pnames + bnames if n in a}}
+    sb = {**{n: obj.buffers[n] for n in bnames}, **{n: b[n] for n in pnames + bnames if n in b}}
+
+    def at(alpha: float) -> tuple[float, float | None]:
+        s = interpolate_state(sa, sb, alpha)
+        o = Objective(obj.model, obj.inputs, obj.targets, obj.loss_name,
+                      params={n: s[n] for n in pnames}, buffers={n: s[n] for n in bnames},
+                      bn_mode=obj.bn_mode, chunk_size=obj.chunk_size, dtype=obj.dtype, device=obj.device)
+        return o.evaluate()
+
+    vals = [at(x) for x in al]
+    loss = [v[0] for v in vals]
+    acc = [v[1] for v in vals]
+
+    def endpoint(target: float) -> float:
+        for x, l in zip(al, loss):
+            if abs(x - target) <= 1e-12:
+                return l
+        return at(target)[0]
+
+    la, lb = endpoint(0.0), endpoint(1.0)
+    # the endpoints belong to [0, 1] with gap 0, so the barrier is >= 0
+    gaps = [(0.0, 0.0), (1.0, 0.0)]
+    gaps += [(x, l - ((1 - x) * la + x * lb)) for x, l in zip(al, loss) if 0.0 < x < 1.0]
+    bx, bv = max(gaps, key=lambda t: t[1])
+    return InterpolationResult(alphas=al, loss=loss, accuracy=acc, barrier=float(bv), barrier_alpha=float(bx),
+                               loss_a=la, loss_b=lb)
