@@ -55,37 +55,57 @@ def train(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Train a zoo model with SGD/SAM variants and write checkpoints every N steps."""
-    from ..loading.data import load_data
-    from ..loading.models import build_model, parse_kv
-    from ..training import train as run_training
+    from ..loading.models import parse_kv
 
     if optimizer not in OPTIMIZERS:
         from ..errors import suggest
         raise SpecError(f"--optimizer {optimizer}: unknown{suggest(optimizer, OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
-    margs = parse_kv(model_arg)
-    dargs = parse_kv(data_arg)
-    selection = load_data(data, split="train", max_samples=max_samples, seed=seed, options=dargs)
+    written = write_run(out, model=model, model_args=parse_kv(model_arg), data=data, data_args=parse_kv(data_arg),
+                        optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, momentum=momentum,
+                        weight_decay=weight_decay, rho=rho, eta=eta, switch_step=switch_step, samckpt=samckpt,
+                        condition=condition, loss=loss, max_samples=max_samples, checkpoint_every=checkpoint_every,
+                        seed=seed, log=None if quiet else console.err.print)
+    if not quiet:
+        console.err.print(f"wrote {len(written)} checkpoints to {out}", highlight=False)
+
+
+def write_run(out: Path, *, model: str, model_args: dict[str, Any], data: str, data_args: dict[str, Any] | None = None,
+              optimizer: str = "sgd", lr: float = 0.1, steps: int = 200, batch_size: int = 64, momentum: float = 0.0,
+              weight_decay: float = 0.0, rho: float = 0.05, eta: float = 0.01, switch_step: int | None = None,
+              samckpt: str | None = None, condition: float = 1.0, loss: str | None = None,
+              max_samples: int | None = None, checkpoint_every: int = 20, seed: int = 0,
+              log: Any = None) -> list[Path]:
+    """Train and write ``OUT/step_NNNNNN.pt`` checkpoints; returns their paths.
+
+    Each checkpoint holds ``model`` (state dict), ``step``, ``optimizer``,
+    ``hparams`` (plain types only, incl. the data spec) and ``model_spec``.
+    """
+    from ..loading.data import load_data
+    from ..loading.models import build_model
+    from ..training import train as run_training
+
+    data_args = dict(data_args or {})
+    selection = load_data(data, split="train", max_samples=max_samples, seed=seed, options=data_args)
     torch.manual_seed(seed)
-    net = build_model(model, margs)
+    net = build_model(model, model_args)
     hparams = {"optimizer": optimizer, "lr": lr, "steps": steps, "batch_size": batch_size, "momentum": momentum,
                "weight_decay": weight_decay, "rho": rho, "eta": eta, "switch_step": switch_step, "samckpt": samckpt,
-               "condition": condition, "loss": loss, "seed": seed, "data": data, "data_args": dargs,
+               "condition": condition, "loss": loss, "seed": seed, "data": data, "data_args": data_args,
                "max_samples": max_samples}
     written: list[Path] = []
 
     def on_checkpoint(step: int, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
-        path = out / f"step_{step:06d}.pt"
+        path = Path(out) / f"step_{step:06d}.pt"
         save_checkpoint(path, {"model": state_dict, "step": step, "optimizer": optimizer, "hparams": hparams,
-                               "model_spec": {"name": model, "args": margs}, "metrics": metrics})
+                               "model_spec": {"name": model, "args": model_args}, "metrics": metrics})
         written.append(path)
-        if not quiet:
+        if log is not None:
             loss_v = metrics.get("loss")
-            console.err.print(f"step {step:6d}  loss {loss_v:.4f}  -> {path}" if loss_v is not None else f"step {step}",
-                              highlight=False)
+            log(f"step {step:6d}  loss {loss_v:.4f}  -> {path}" if loss_v is not None else f"step {step} -> {path}",
+                highlight=False)
 
     run_training(net, selection, optimizer=optimizer, lr=lr, steps=steps, batch_size=batch_size, momentum=momentum,
                  weight_decay=weight_decay, rho=rho, eta=eta, switch_step=switch_step, samckpt=samckpt,
                  condition=condition, loss=loss, seed=seed, checkpoint_every=checkpoint_every,
                  on_checkpoint=on_checkpoint)
-    if not quiet:
-        console.err.print(f"wrote {len(written)} checkpoints to {out}", highlight=False)
+    return written

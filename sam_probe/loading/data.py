@@ -1,0 +1,360 @@
+"""Data specs: the samples every analysis averages over.
+
+``--data`` accepts
+
+- ``digits``: scikit-learn's 8x8 digits (bundled, no download); stratified 80/20
+  train/test split seeded by option ``data_seed`` (default 0); pixels standardised
+  with the *train* split's mean/std (zero-std pixels stay 0); flat ``[N, 64]``
+  float32 inputs (option ``flatten=false``: ``[N, 1, 8, 8]``), int64 labels.
+  ``pixel_means`` holds the mean raw intensity (0..16) per pixel of the selection.
+- ``synthetic-minor-major``: ``x_ij = s_ij · decay^j``, so feature ``j`` has strength
+  ``mean|x_j| = decay^j`` (``decay=0.5``: ``2^-j``; feature 0 major, the last minor).
+  Option ``features``: ``rademacher`` (default; independent ``s_ij = ±1``),
+  ``gaussian`` (``s_ij ~ N(0, 1)``) or ``aligned`` (``s_ij = ±1`` shared by all
+  features of a sample: ``x_i = ±(1, decay, decay², ...)``, the single-example
+  separable setting of Moon, Si & Yun 2026, which implies ``labels=sign``).
+  Linear teacher ``β* = 1`` (option ``teacher=`` d numbers): ``labels="regression"``
+  gives float targets ``y = <β*, x>`` (mse), ``labels="sign"`` float ``1[<β*, x> > 0]``
+  (bce). Options ``n=256`` (train samples), ``n_test=n//4``, ``d=10``,
+  ``decay=0.5``, ``data_seed=0``; the test split is drawn after the train split
+  from the same stream.
+- a ``.pt``/``.pth`` file with ``{'inputs', 'targets'}`` (or ``x``/``y``) or a pair
+  ``(inputs, targets)``, read with ``torch.load(weights_only=True)``;
+- ``.npz`` with ``inputs``/``targets`` (or ``x``/``y``), ``allow_pickle=False``;
+- ``.h5``/``.hdf5`` with datasets ``inputs``/``targets`` (or ``x``/``y``);
+- ``cifar10:ROOT`` with torchvision installed and the data already in ROOT (never downloads);
+- ``pkg.module:factory`` / ``file.py:factory`` called with the options (plus
+  ``split`` when it takes one), returning a Dataset of ``(x, y)`` pairs, a pair of
+  tensors or a dict with ``inputs``/``targets``.
+
+``max_samples``: a seeded random subset without replacement (indices sorted).
+Problems raise :class:`~sam_probe.errors.SpecError` with a one-line fix.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import SpecError, suggest
+from .models import import_factory, is_factory_spec
+
+BUILTIN = ("digits", "synthetic-minor-major", "cifar10:ROOT")
+SPLITS = ("train", "test")
+KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("X", "y"), ("X", "Y"))
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class DataSelection:
+    """Inputs and targets of one data selection, with what analyses need to know about them."""
+
+    inputs: Tensor
+    targets: Tensor
+    name: str
+    n_classes: int | None = None
+    image_shape: tuple[int, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    pixel_means: Tensor | None = None  # [d] mean raw intensity per input feature (images), for background mass
+    raw_affine: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # raw = flat inputs * a + b
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+# ------------------------------------------------------------------ public
+def load_data(spec: str, split: str = "train", max_samples: int | None = None, seed: int = 0,
+              options: dict[str, Any] | None = None) -> DataSelection:
+    """The data selection of ``spec`` (see module docstring)."""
+    options = dict(options or {})
+    if split not in SPLITS:
+        raise SpecError(f"--split {split}: unknown{suggest(split, SPLITS)}; choose train or test")
+    if max_samples is not None and int(max_samples) <= 0:
+        raise SpecError(f"--max-samples must be positive, got {max_samples}")
+    sel = _load(str(spec), split, options)
+    _check(sel)
+    return select(sel, max_samples, seed)
+
+
+def select(sel: DataSelection, max_samples: int | None, seed: int = 0) -> DataSelection:
+    """A seeded random subset of ``max_samples`` samples (sorted indices), or ``sel`` itself."""
+    n = len(sel)
+    if max_samples is None or int(max_samples) >= n:
+        return sel
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n, generator=g)[: int(max_samples)].sort().values
+    meta = {**sel.meta, "n_before_selection": n, "max_samples": int(max_samples), "selection_seed": int(seed)}
+    inputs = sel.inputs[idx]
+    return DataSelection(inputs, sel.targets[idx], sel.name, sel.n_classes, sel.image_shape, meta,
+                         raw_means(inputs, sel.raw_affine) if sel.raw_affine else sel.pixel_means, sel.raw_affine)
+
+
+def raw_means(inputs: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+    """Mean raw intensity per feature, ``mean_i (x_i · a + b)`` over flat inputs."""
+    a, b = affine
+    return (inputs.reshape(len(inputs), -1).double() * a.double() + b.double()).mean(0).float()
+
+
+def raw_image_means(spec: str, split: str = "train", max_samples: int | None = None, seed: int = 0,
+                    options: dict[str, Any] | None = None) -> Tensor | None:
+    """Mean raw intensity per pixel of the selection (``None`` when the data has none)."""
+    return load_data(spec, split, max_samples, seed, options).pixel_means
+
+
+# ---------------------------------------------------------------- dispatch
+def _load(spec: str, split: str, options: dict[str, Any]) -> DataSelection:
+    if spec == "digits":
+        return digits(split, **_opts(digits, options, spec))
+    if spec == "synthetic-minor-major":
+        return synthetic_minor_major(split, **_opts(synthetic_minor_major, options, spec))
+    if spec.startswith("cifar10:") or spec == "cifar10":
+        return cifar10(spec.partition(":")[2], split, **_opts(cifar10, options, spec))
+    suffix = Path(spec).suffix.lower()
+    if suffix in (".pt", ".pth", ".npz", ".h5", ".hdf5"):
+        return _from_file(spec, suffix, options)
+    if is_factory_spec(spec):
+        return _from_factory(spec, split, options)
+    if Path(spec).exists():
+        raise SpecError(f"--data {spec}: unsupported file type {suffix or '(none)'}; use .pt, .npz or .h5 "
+                        "with inputs/targets, or a file.py:factory")
+    raise SpecError(f"--data {spec}: unknown data{suggest(spec, BUILTIN)}; use digits, synthetic-minor-major, "
+                    "cifar10:ROOT, a .pt/.npz/.h5 file, or pkg.module:factory / file.py:factory")
+
+
+def _opts(fn: Any, options: dict[str, Any], spec: str) -> dict[str, Any]:
+    accepted = [n for n in inspect.signature(fn).parameters if n not in ("split", "root")]
+    for k in options:
+        if k not in accepted:
+            raise SpecError(f"--data {spec}: unknown option {k!r}{suggest(k, accepted)}; accepted: {', '.join(accepted)}")
+    return options
+
+
+def _check(sel: DataSelection) -> None:
+    if len(sel.inputs) != len(sel.targets):
+        raise SpecError(f"--data {sel.name}: {len(sel.inputs)} inputs but {len(sel.targets)} targets; "
+                        "give one target per input")
+    if len(sel.inputs) == 0:
+        raise SpecError(f"--data {sel.name}: no samples; check the file or the split")
+
+
+# ------------------------------------------------------------------ digits
+@functools.lru_cache(maxsize=4)
+def _digits_split(data_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(X, y, train indices, test indices)``: stratified 80/20, sorted indices (cached, read-only)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=data_seed)
+    for a in (X, y):
+        a.setflags(write=False)
+    return X, y, np.sort(idx_train), np.sort(idx_test)
+
+
+def digits(split: str = "train", data_seed: int = 0, flatten: bool = True) -> DataSelection:
+    """scikit-learn digits, standardised with train statistics (module docstring)."""
+    X, y, idx_train, idx_test = _digits_split(int(data_seed))
+    mean = X[idx_train].mean(0)
+    std = X[idx_train].std(0)
+    std = np.where(std > 0, std, 1.0)
+    idx = idx_train if split == "train" else idx_test
+    inputs = torch.from_numpy((X[idx] - mean) / std).float()
+    if not flatten:
+        inputs = inputs.reshape(-1, 1, 8, 8)
+    meta = {"split": split, "data_seed": int(data_seed), "n_train": len(idx_train), "n_test": len(idx_test),
+            "standardised": "train mean/std", "loss": "ce"}
+    affine = (torch.from_numpy(std).float(), torch.from_numpy(mean).float())
+    return DataSelection(inputs, torch.from_numpy(y[idx]).long(), "digits", 10, (1, 8, 8), meta,
+                         raw_means(inputs, affine), affine)
+
+
+# -------------------------------------------------------- minor / major
+FEATURE_KINDS = ("rademacher", "gaussian", "aligned")
+
+
+def synthetic_minor_major(split: str = "train", n: int = 256, n_test: int | None = None, d: int = 10,
+                          decay: float = 0.5, labels: str | None = None, teacher: Any = None,
+                          features: str = "rademacher", data_seed: int = 0) -> DataSelection:
+    """Features of geometrically decaying scale with a linear teacher (module docstring)."""
+    n, d = int(n), int(d)
+    n_test = n // 4 if n_test is None else int(n_test)
+    if n <= 0 or d <= 0 or n_test < 0:
+        raise SpecError("synthetic-minor-major: n and d must be positive (e.g. n=256 d=10)")
+    if features not in FEATURE_KINDS:
+        raise SpecError(f"synthetic-minor-major: features={features!r}{suggest(str(features), FEATURE_KINDS)}; "
+                        f"choose one of {', '.join(FEATURE_KINDS)}")
+    labels = labels or ("sign" if features == "aligned" else "regression")
+    if labels not in ("regression", "sign"):
+        raise SpecError(f"synthetic-minor-major: labels={labels!r}; choose regression or sign")
+    beta = torch.ones(d, dtype=torch.float64) if teacher is None else torch.as_tensor(
+        teacher if isinstance(teacher, list) else [teacher] * d, dtype=torch.float64)
+    if beta.shape != (d,):
+        raise SpecError(f"synthetic-minor-major: teacher has {beta.numel()} entries for d={d}; give d numbers")
+    g = torch.Generator().manual_seed(int(data_seed))
+    total = n + n_test
+    if features == "gaussian":
+        s = torch.randn(total, d, generator=g, dtype=torch.float64)
+    else:
+        s = torch.randint(0, 2, (total, 1 if features == "aligned" else d), generator=g, dtype=torch.float64) * 2 - 1
+        s = s.expand(total, d)
+    scale = float(decay) ** torch.arange(d, dtype=torch.float64)
+    X = s * scale
+    z = X @ beta
+    part = slice(0, n) if split == "train" else slice(n, total)
+    y = z if labels == "regression" else (z > 0).double()
+    meta = {"split": split, "n": n, "n_test": n_test, "d": d, "decay": float(decay), "labels": labels,
+            "features": features, "data_seed": int(data_seed), "teacher": [float(b) for b in beta],
+            "loss": "mse" if labels == "regression" else "bce"}
+    return DataSelection(X[part].float(), y[part].float(), "synthetic-minor-major",
+                         None if labels == "regression" else 2, None, meta)
+
+
+# ------------------------------------------------------------------ cifar10
+def cifar10(root: str, split: str = "train", normalize: bool = True) -> DataSelection:
+    """CIFAR-10 from ``root`` through torchvision (``download=False``), ``[N, 3, 32, 32]``."""
+    if not root:
+        raise SpecError("--data cifar10 needs a directory: cifar10:ROOT (the folder holding cifar-10-batches-py)")
+    try:
+        from torchvision.datasets import CIFAR10
+    except ImportError:
+        raise SpecError("--data cifar10:ROOT needs torchvision: pip install torchvision "
+                        "(or pass a .pt/.npz/.h5 file with inputs/targets)") from None
+    try:
+        ds = CIFAR10(root, train=split == "train", download=False)
+    except (RuntimeError, OSError):
+        raise SpecError(f"--data cifar10:{root}: no CIFAR-10 found there; sam-probe never downloads — fetch it once "
+                        f"with torchvision.datasets.CIFAR10({root!r}, download=True)") from None
+    x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0
+    std = torch.tensor(CIFAR_STD if normalize else (1.0, 1.0, 1.0))
+    mean = torch.tensor(CIFAR_MEAN if normalize else (0.0, 0.0, 0.0))
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    affine = (std.repeat_interleave(32 * 32), mean.repeat_interleave(32 * 32))
+    return DataSelection(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), "cifar10", 10, (3, 32, 32),
+                         {"split": split, "root": str(root), "normalized": bool(normalize), "loss": "ce"},
+                         raw_means(x, affine), affine)
+
+
+# ------------------------------------------------------------------- files
+def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise SpecError(f"--data {spec}: file not found; check the path")
+    if options:
+        raise SpecError(f"--data {spec}: files take no --data-arg options (got {', '.join(options)})")
+    try:
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                obj = {k: z[k] for k in z.files}
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                obj = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(f"--data {spec}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                        "save plain tensors/arrays named inputs and targets") from None
+    x, y = _pair(obj, spec)
+    return from_tensors(x, y, path.name, {"path": str(path)})
+
+
+def _pair(obj: Any, spec: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a dict (inputs/targets or x/y) or a 2-sequence."""
+    if isinstance(obj, dict):
+        for a, b in KEY_PAIRS:
+            if a in obj and b in obj:
+                return obj[a], obj[b]
+        raise SpecError(f"--data {spec}: expected keys inputs/targets (or x/y), found {', '.join(map(str, obj)) or 'none'}")
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return obj[0], obj[1]
+    raise SpecError(f"--data {spec}: expected {{'inputs', 'targets'}} or (inputs, targets), got {type(obj).__name__}")
+
+
+def _as_tensor(a: Any, what: str, spec: str) -> Tensor:
+    try:
+        t = torch.as_tensor(np.asarray(a)) if not isinstance(a, Tensor) else a
+    except Exception:
+        raise SpecError(f"--data {spec}: {what} is not numeric ({type(a).__name__}); store arrays or tensors") from None
+    if t.dtype == torch.bool:
+        t = t.to(torch.float32)
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise SpecError(f"--data {spec}: {what} has dtype {t.dtype}; store real numbers")
+    return t.detach().cpu()
+
+
+def from_tensors(x: Any, y: Any, name: str, meta: dict[str, Any] | None = None) -> DataSelection:
+    """A selection from raw inputs/targets: integer inputs -> float32, integer targets -> int64
+    class labels (``n_classes = max + 1``); image shape from 3-D/4-D inputs."""
+    xi = _as_tensor(x, "inputs", name)
+    yi = _as_tensor(y, "targets", name)
+    if not xi.is_floating_point():
+        xi = xi.float()
+    n_classes = None
+    if not yi.is_floating_point():
+        yi = yi.long().reshape(len(yi), *yi.shape[1:])
+        if yi.dim() == 2 and yi.shape[1] == 1:
+            yi = yi[:, 0]
+        n_classes = int(yi.max()) + 1 if yi.numel() else None
+        if yi.numel() and int(yi.min()) < 0:
+            raise SpecError(f"--data {name}: integer targets must be class indices >= 0; store float targets for regression")
+    if xi.dim() == 0 or yi.dim() == 0:
+        raise SpecError(f"--data {name}: inputs and targets need a leading sample dimension")
+    image_shape = tuple(xi.shape[1:]) if xi.dim() == 4 else ((1, *xi.shape[1:]) if xi.dim() == 3 else None)
+    meta = {**(meta or {}), "loss": "ce" if n_classes is not None else "mse"}
+    sel = DataSelection(xi, yi, name, n_classes, image_shape, meta)
+    _check(sel)
+    return sel
+
+
+# ---------------------------------------------------------------- factories
+def _from_factory(spec: str, split: str, options: dict[str, Any]) -> DataSelection:
+    fn = import_factory(spec, "data")
+    kwargs = dict(options)
+    try:
+        params = inspect.signature(fn).parameters
+        if "split" in params and "split" not in kwargs:
+            kwargs["split"] = split
+    except (TypeError, ValueError):
+        pass
+    try:
+        obj = fn(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"--data {spec}: calling it with {kwargs} failed: {exc}") from exc
+    if isinstance(obj, DataSelection):
+        return obj
+    if isinstance(obj, dict) or _is_tensor_pair(obj):
+        x, y = _pair(obj, spec)
+        return from_tensors(x, y, spec, {"factory": spec})
+    return _materialise(obj, spec)
+
+
+def _is_tensor_pair(obj: Any) -> bool:
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2
+            and all(isinstance(o, (Tensor, np.ndarray)) for o in obj))
+
+
+def _materialise(ds: Any, spec: str) -> DataSelection:
+    """Stack the ``(x, y)`` items of a map-style or iterable Dataset."""
+    try:
+        items = [ds[i] for i in range(len(ds))] if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") else list(ds)
+    except TypeError:
+        raise SpecError(f"--data {spec}: the factory returned {type(ds).__name__}; return a Dataset of (x, y), "
+                        "a pair of tensors or {'inputs','targets'}") from None
+    if not items:
+        raise SpecError(f"--data {spec}: the dataset is empty")
+    try:
+        xs = torch.stack([torch.as_tensor(np.asarray(it[0])) if not isinstance(it[0], Tensor) else it[0] for it in items])
+        ys = torch.stack([torch.as_tensor(it[1]) for it in items])
+    except Exception as exc:
+        raise SpecError(f"--data {spec}: dataset items must be (x, y) pairs of equal shapes ({exc})") from None
+    return from_tensors(xs, ys, spec, {"factory": spec})
