@@ -1,0 +1,373 @@
+"""The never-run-a-pickle guarantee and inert placeholders for unknown globals.
+
+Every malicious checkpoint here would create a marker file if it were unpickled
+normally; loading it must refuse (CheckpointError naming the refusal) or turn
+the callable into an inert placeholder -- and in both cases the file must not
+exist afterwards.  Both torch zip and legacy formats are exercised.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import hashlib
+import importlib
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from sam_probe.errors import CheckpointError
+from sam_probe.loading.checkpoints import detect_format, load_checkpoint
+from sam_probe.loading.safe_pickle import (
+    Placeholder,
+    UnsafePickleError,
+    globals_in_pickle,
+    is_dangerous,
+    make_placeholder,
+    python3_name,
+    safe_load,
+)
+
+FORMATS = {"zip": True, "legacy": False}  # value: _use_new_zipfile_serialization
+
+
+def _save(obj, path, fmt: str) -> None:
+    torch.save(obj, path, _use_new_zipfile_serialization=FORMATS[fmt])
+    assert detect_format(path) == {"zip": "torch-zip", "legacy": "torch-legacy"}[fmt]
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    return {"fc.weight": torch.arange(6.0).reshape(2, 3), "fc.bias": torch.ones(2)}
+
+
+# --------------------------------------------------------------- attack vectors
+def _write_marker(path: str) -> str:
+    """A plain module-level function that writes a file (what a pickle could call)."""
+    with open(path, "w") as fh:
+        fh.write("pwned")
+    return path
+
+
+class ViaOsSystem:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+class ViaSubprocessCall:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (subprocess.call, (["touch", self.marker],))
+
+
+class ViaSubprocessPopen:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (subprocess.Popen, (["touch", self.marker],))
+
+
+class ViaEval:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (builtins.eval, (f"open({self.marker!r}, 'w').close()",))
+
+
+class ViaExec:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (builtins.exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+class ViaIoOpen:
+    # builtins.open is io.open: pickle writes it as the global ``io.open``
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (builtins.open, (self.marker, "w"))
+
+
+class ViaLocalFunction:
+    """A local class whose __reduce__ calls a (non-blocked) function that writes a file."""
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (_write_marker, (self.marker,))
+
+
+class ViaNumpySave:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (np.save, (self.marker, np.zeros(3)))
+
+
+class ViaTorchSave:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (torch.save, ({"x": 1}, self.marker))
+
+
+REFUSED = {  # vector -> fragment of the global named in the refusal
+    ViaOsSystem: "system",
+    ViaSubprocessCall: "subprocess.call",
+    ViaSubprocessPopen: "subprocess.Popen",
+    ViaEval: "eval",
+    ViaExec: "exec",
+    ViaIoOpen: "open",
+}
+INERT = (ViaLocalFunction, ViaNumpySave, ViaTorchSave)
+
+
+@pytest.mark.parametrize("vector", [*REFUSED, *INERT], ids=lambda c: c.__name__)
+def test_control_payloads_are_live_when_fully_unpickled(tmp_path, vector):
+    """Control: each payload really does create its file under an ordinary unpickle."""
+    marker = str(tmp_path / "marker.npy")
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _weights(), "evil": vector(marker)}, path)
+    obj = torch.load(path, weights_only=False)
+    if isinstance(obj["evil"], subprocess.Popen):
+        obj["evil"].wait()
+    elif hasattr(obj["evil"], "close"):
+        obj["evil"].close()
+    assert os.path.exists(marker)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("vector", list(REFUSED), ids=lambda c: c.__name__)
+def test_code_running_globals_are_refused(tmp_path, fmt, vector):
+    marker = str(tmp_path / "marker")
+    path = tmp_path / f"evil_{fmt}.pt"
+    _save({"model": _weights(), "step": 3, "evil": vector(marker)}, path, fmt)
+    assert not os.path.exists(marker)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path)
+    msg = str(ei.value)
+    assert "refused" in msg and REFUSED[vector] in msg and "\n" not in msg
+    assert "--trust-checkpoint" in msg
+    assert not os.path.exists(marker)
+    # the low-level loader raises its own error, never returns the payload
+    with pytest.raises(UnsafePickleError):
+        safe_load(str(path))
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("vector", INERT, ids=lambda c: c.__name__)
+def test_other_file_writing_callables_become_inert_placeholders(tmp_path, fmt, vector):
+    marker = str(tmp_path / "marker.npy")
+    path = tmp_path / f"evil_{fmt}.pt"
+    _save({"model": _weights(), "evil": vector(marker)}, path, fmt)
+    ck = load_checkpoint(path)
+    assert not os.path.exists(marker)
+    assert ck.placeholders and "evil" in ck.extra_keys
+    obj, names = safe_load(str(path))
+    assert not os.path.exists(marker)
+    ph = obj["evil"]
+    assert isinstance(ph, Placeholder)
+    assert marker in ph.args  # the arguments were recorded, not used
+    assert names == ck.placeholders
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_builtins_open_global_is_refused(tmp_path, fmt, monkeypatch):
+    """A pickle naming ``builtins.open`` (``__builtin__.open`` at protocol 2) itself."""
+    marker = str(tmp_path / "marker")
+    real_open = builtins.open
+
+    def fake_open(*args, **kwargs):
+        return real_open(*args, **kwargs)
+
+    fake_open.__module__ = "builtins"
+    fake_open.__qualname__ = fake_open.__name__ = "open"
+
+    class ViaBuiltinsOpen:
+        def __reduce__(self):
+            return (fake_open, (marker, "w"))
+
+    path = tmp_path / f"open_{fmt}.pt"
+    with monkeypatch.context() as mp:
+        mp.setattr(builtins, "open", fake_open)
+        torch.save({"model": _weights(), "evil": ViaBuiltinsOpen()}, path,
+                   _use_new_zipfile_serialization=FORMATS[fmt])
+    assert builtins.open is real_open
+    raw = path.read_bytes()
+    assert b"open" in raw and (b"builtin" in raw)
+    with pytest.raises(CheckpointError, match="refused.*builtins.open"):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_attack_nested_deep_in_optimizer_state_still_refused(tmp_path, fmt):
+    marker = str(tmp_path / "marker")
+    path = tmp_path / "deep.pt"
+    _save({"model": _weights(),
+           "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(2)}},
+                         "param_groups": [{"lr": 0.1, "hook": [ViaOsSystem(marker)]}]}}, path, fmt)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+def test_plain_pickle_module_attack_is_not_executed(tmp_path):
+    """A raw ``pickle.dumps`` payload (not torch framing) is not executed either."""
+    marker = str(tmp_path / "marker")
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"w": ViaOsSystem(marker)}, protocol=2))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+# --------------------------------------------------------------- benign extras
+CONFIG_MODULE = textwrap.dedent('''
+    import os
+    _IMPORT_MARKER = os.environ.get("SAM_PROBE_TEST_IMPORT_MARKER")
+    if _IMPORT_MARKER:
+        open(_IMPORT_MARKER, "a").close()   # importing this module leaves a trace
+
+    class TrainConfig:
+        def __init__(self, lr, width, depth=2):
+            self.lr = lr
+            self.width = width
+            self.depth = depth
+
+    class Slotted:
+        __slots__ = ("a",)
+        def __init__(self):
+            self.a = 1
+
+    def writer(path):
+        open(path, "w").close()
+
+    class Evil:
+        def __init__(self, path):
+            self.path = path
+        def __reduce__(self):
+            return (writer, (self.path,))
+''')
+
+
+@pytest.fixture
+def config_module(tmp_path, monkeypatch):
+    """A user module ``samprobe_tmpcfg_<n>`` in tmp that the test can hide after pickling."""
+    name = "samprobe_tmpcfg_" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / f"{name}.py").write_text(CONFIG_MODULE)
+    import_marker = tmp_path / "imported"
+    monkeypatch.setenv("SAM_PROBE_TEST_IMPORT_MARKER", str(import_marker))
+    monkeypatch.syspath_prepend(str(src))
+    mod = importlib.import_module(name)
+    assert import_marker.exists()
+    import_marker.unlink()
+    yield mod, src / f"{name}.py", import_marker
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("hide", ["delete-file", "keep-file-on-path"])
+def test_custom_config_classes_become_placeholders_never_imported(tmp_path, fmt, hide, config_module):
+    mod, mod_file, import_marker = config_module
+    marker = tmp_path / "marker"
+    path = tmp_path / f"cfg_{fmt}.pt"
+    _save({"model": _weights(), "step": 12, "config": mod.TrainConfig(0.05, 16),
+           "slot": mod.Slotted(), "evil": mod.Evil(str(marker))}, path, fmt)
+    sys.modules.pop(mod.__name__)
+    if hide == "delete-file":
+        mod_file.unlink()
+    # with the file still importable, loading must still not import it
+    ck = load_checkpoint(path)
+    assert mod.__name__ not in sys.modules
+    assert not import_marker.exists()
+    assert not marker.exists()
+    assert set(ck.state) == {"fc.weight", "fc.bias"}
+    assert torch.equal(ck.state["fc.bias"], torch.ones(2))
+    assert ck.step == 12 and ck.step_source == "content:step"
+    assert ck.hparams == {"lr": 0.05, "width": 16, "depth": 2}
+    assert set(ck.placeholders) == {f"{mod.__name__}.{n}" for n in ("TrainConfig", "Slotted", "writer")}
+    obj, _ = safe_load(str(path))
+    cfg = obj["config"]
+    assert isinstance(cfg, Placeholder) and type(cfg).__module__ == mod.__name__
+    assert type(cfg).__qualname__ == "TrainConfig" and repr(cfg) == f"<unloaded {mod.__name__}.TrainConfig>"
+    assert cfg.plain() == {"lr": 0.05, "width": 16, "depth": 2}
+    assert isinstance(obj["evil"], Placeholder) and obj["evil"].args == (str(marker),)
+    assert not marker.exists() and mod.__name__ not in sys.modules and not import_marker.exists()
+
+
+def test_trust_loads_real_objects_of_benign_file(tmp_path, config_module):
+    mod, _, _ = config_module
+    path = tmp_path / "cfg.pt"
+    torch.save({"model": _weights(), "config": mod.TrainConfig(0.1, 8)}, path)
+    ck = load_checkpoint(path, trust=True)
+    assert ck.trusted and ck.placeholders == []
+    obj, names = safe_load(str(path), trust=True)
+    assert isinstance(obj["config"], mod.TrainConfig) and names == []
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_namespace_and_numpy_hparams(tmp_path, fmt):
+    path = tmp_path / "ns.pt"
+    _save({"model": _weights(), "step": np.int64(40),
+           "args": argparse.Namespace(lr=0.1, width=np.int64(7), wd=np.float32(0.5), name="sam", nest=[1, 2]),
+           "stats": np.arange(4, dtype=np.float32), "flag": np.bool_(True)}, path, fmt)
+    ck = load_checkpoint(path)
+    assert ck.step == 40 and ck.step_source == "content:step"
+    assert ck.placeholders == ["argparse.Namespace"]  # numpy is data-only and allowed, not a placeholder
+    assert ck.hparams == {"lr": 0.1, "width": 7, "wd": 0.5, "name": "sam", "nest": [1, 2]}
+    assert type(ck.hparams["width"]) is int
+    obj, _ = safe_load(str(path))
+    assert isinstance(obj["stats"], np.ndarray) and obj["stats"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert obj["flag"] == True  # noqa: E712 - numpy bool
+
+
+def test_placeholders_do_not_leak_into_torch_safe_globals(tmp_path):
+    before = list(torch.serialization.get_safe_globals())
+    path = tmp_path / "ns.pt"
+    torch.save({"model": _weights(), "args": argparse.Namespace(a=1)}, path)
+    load_checkpoint(path)
+    assert list(torch.serialization.get_safe_globals()) == before
+    # and a later plain weights_only torch.load still rejects the class
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(path, weights_only=True)
+
+
+# --------------------------------------------------------------- helpers
+@pytest.mark.parametrize("name,dangerous", [
+    ("posix.system", True), ("os.system", True), ("nt.system", True), ("subprocess.Popen", True),
+    ("builtins.eval", True), ("builtins.exec", True), ("builtins.open", True), ("__builtin__.open", True),
+    ("__builtin__.getattr", True), ("eval", True), ("io.open", True), ("shutil.rmtree", True),
+    ("importlib.import_module", True), ("runpy.run_path", True), ("pickle.loads", True),
+    ("builtins.set", False), ("collections.OrderedDict", False), ("argparse.Namespace", False),
+    ("numpy.core.multiarray.scalar", False), ("mypkg.config.TrainConfig", False), ("print", False),
+])
+def test_is_dangerous(name, dangerous):
+    assert is_dangerous(name) is dangerous
+
+
+def test_python3_name():
+    assert python3_name("__builtin__.open") == "builtins.open"
+    assert python3_name("copy_reg._reconstructor") == "copyreg._reconstructor"
+    assert python3_name("eval") == "builtins.eval"
+    assert python3_name("argparse.Namespace") == "argparse.Namespace"
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_globals_in_pickle_reads_without_running(tmp_path, protocol):
+    marker = tmp_path / "marker"
+    data = pickle.dumps({"a": argparse.Namespace(x=1), "b": ViaOsSystem(str(marker)),
+                         "c": [ViaSubprocessCall(str(marker))]}, protocol=protocol)
+    names = {python3_name(n) for n in globals_in_pickle(data)}
+    assert {"argparse.Namespace", "subprocess.call"} <= names
+    assert any(n.endswith(".system") for n in names)
+    assert isinstance(globals_in_pickle(b"\x80\x04garbage"), set)  # partial scan, never raises
+    assert not marker.exists()
+
+
+def test_make_placeholder_is_inert():
+    cls = make_placeholder("some.pkg.Thing")
+    assert cls.__module__ == "some.pkg" and cls.__qualname__ == "Thing" and issubclass(cls, Placeholder)
+    obj = cls(1, 2, k=3)
+    assert obj.args == (1, 2) and obj.state == {"k": 3}
+    obj.__setstate__(({"a": 1}, None))
+    assert obj.plain() == {"a": 1}
+    assert cls().plain() is None and cls(5).plain() == [5]
+    assert "some.pkg" not in sys.modules
+    # a placeholder for a function name is a class: "calling" it only records arguments
+    fn = make_placeholder("os.system")
+    assert fn("rm -rf /").args == ("rm -rf /",)
+

@@ -1,0 +1,358 @@
+"""HDF5 result store: nested dict round trips, metadata, atomic unit files, iteration and merge."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from sam_probe import store
+
+
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+
+def _no_temp_files(d) -> bool:
+    return not [p for p in d.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+RESULT = {
+    "int": 3,
+    "float": 2.5,
+    "neg": -1e-30,
+    "str": "sharpness",
+    "unicode": "σ_max ≈ λ",
+    "true": True,
+    "false": False,
+    "none": None,
+    "npf": np.float32(1.5),
+    "npi": np.int64(7),
+    "ints": [1, 2, 3],
+    "floats": [0.5, 1.5],
+    "with_none": [1.0, None, 3.0],
+    "ints_with_none": [1, None],
+    "grid": [[1.0, 2.0], [3.0, 4.0]],
+    "int_grid": [[1, 2], [3, 4]],
+    "tuple": (4.0, 5.0),
+    "bools": [True, False, True],
+    "strs": ["a", "bc"],
+    "empty": [],
+    "array": np.arange(6, dtype=np.int32).reshape(2, 3),
+    "f64": np.linspace(0, 1, 5),
+    "tensor": torch.arange(4, dtype=torch.float32).reshape(2, 2),
+    "big": np.random.RandomState(0).randn(5000),
+    "nested": {"deep": {"v": 3, "gone": None, "arr": np.ones(2)}, "k": "x"},
+    "rows": [{"step": i, "value": float(i) / 2, "eig": [float(i), 1.0]} for i in range(12)],
+    1: "int key",
+}
+
+
+@pytest.fixture
+def unit(tmp_path):
+    path = store.unit_path(tmp_path / "out", "sharpness", "run", "step_000172.pt", "abc123")
+    meta = {"sam_probe_version": "0.1.0", "torch_version": str(torch.__version__), "step": 172, "seed": 0,
+            "wall_time": 1.25, "checkpoint": "/runs/a/step_000172.pt", "sha256": "f" * 64,
+            "command": ["sam-probe", "sharpness", "run"], "config": {"rho": 0.05, "n": [1, 2]},
+            "model_spec": {"name": "mlp", "args": {"width": 4}}, "data_spec": {"name": "digits"},
+            "device": "cpu", "other": {"a": 1}, "skip": None, "trusted": False}
+    return store.write_unit(path, RESULT, meta), meta
+
+
+def test_round_trip(unit):
+    path, _ = unit
+    r, _ = store.read_unit(path)
+    for k in ("int", "str", "unicode", "true", "false"):
+        assert r[k] == RESULT[k] and type(r[k]) is type(RESULT[k])
+    assert r["float"] == 2.5 and r["neg"] == -1e-30
+    assert "none" not in r
+    assert r["npf"] == 1.5 and r["npi"] == 7
+    assert r["ints"].dtype == np.int64 and r["ints"].tolist() == [1, 2, 3]
+    assert r["floats"].dtype == np.float64 and r["floats"].tolist() == [0.5, 1.5]
+    np.testing.assert_array_equal(r["with_none"], [1.0, np.nan, 3.0])
+    np.testing.assert_array_equal(r["ints_with_none"], [1.0, np.nan])
+    np.testing.assert_array_equal(r["grid"], [[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(r["int_grid"], [[1, 2], [3, 4]])
+    assert r["grid"].shape == (2, 2)
+    assert r["tuple"].tolist() == [4.0, 5.0]
+    assert r["bools"].dtype == bool and r["bools"].tolist() == [True, False, True]
+    assert list(r["strs"]) == ["a", "bc"]
+    assert r["empty"].shape == (0,)
+    assert r["array"].dtype == np.int32 and r["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    np.testing.assert_array_equal(r["f64"], np.linspace(0, 1, 5))
+    assert r["tensor"].dtype == np.float32 and r["tensor"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    np.testing.assert_array_equal(r["big"], RESULT["big"])
+    assert r["nested"]["k"] == "x" and r["nested"]["deep"]["v"] == 3 and "gone" not in r["nested"]["deep"]
+    assert r["nested"]["deep"]["arr"].tolist() == [1.0, 1.0]
+    assert isinstance(r["rows"], list) and len(r["rows"]) == 12
+    assert [row["step"] for row in r["rows"]] == list(range(12))
+    assert r["rows"][5]["value"] == 2.5 and r["rows"][5]["eig"].tolist() == [5.0, 1.0]
+    assert r["1"] == "int key"
+
+
+def test_big_arrays_compressed(unit):
+    path, _ = unit
+    with h5py.File(path, "r") as f:
+        assert f["result/big"].compression == "gzip"
+        assert f["result/ints"].compression is None
+
+
+def test_unstorable_lists_kept_as_json(tmp_path):
+    p = store.write_unit(tmp_path / "u.h5", {"ragged": [[1, 2], [3]], "mixed": [1, "a"]}, {})
+    r, _ = store.read_unit(p)
+    assert json.loads(r["ragged"]) == [[1, 2], [3]] and json.loads(r["mixed"]) == [1, "a"]
+
+
+def test_list_of_dicts_at_top_and_empty_dicts(tmp_path):
+    p = store.write_unit(tmp_path / "u.h5", {"a": [{"x": 1}, {}], "b": {}}, {})
+    r, _ = store.read_unit(p)
+    assert r == {"a": [{"x": 1}, {}], "b": {}}
+
+
+def test_meta_attrs(unit):
+    path, meta = unit
+    _, m = store.read_unit(path)
+    assert "skip" not in m
+    for k in ("sam_probe_version", "torch_version", "step", "seed", "wall_time", "checkpoint", "sha256", "device"):
+        assert m[k] == meta[k]
+    assert m["trusted"] is False or m["trusted"] == False  # noqa: E712 - numpy bool from HDF5
+    # JSON-encoded structures come back parsed for the known keys ...
+    for k in ("command", "config", "model_spec", "data_spec"):
+        assert m[k] == meta[k]
+    # ... and as JSON text otherwise
+    assert json.loads(m["other"]) == {"a": 1}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["step"] == 172 and f.attrs["sha256"] == "f" * 64
+
+
+@pytest.mark.xfail(strict=True, reason="store.write_unit passes str subclasses (torch.__version__ is a "
+                   "TorchVersion) straight to h5py attrs -> TypeError: No conversion path for dtype('<U10')")
+def test_meta_torch_version_object(tmp_path):
+    """pipeline.unit_meta records ``torch.__version__`` itself, which is a ``str`` subclass."""
+    p = store.write_unit(tmp_path / "u.h5", {"v": 1}, {"torch_version": torch.__version__})
+    assert store.read_unit(p)[1]["torch_version"] == str(torch.__version__)
+
+
+@pytest.mark.xfail(strict=True, reason="store._write stores str subclasses as attrs unchanged -> h5py TypeError")
+def test_result_str_subclass(tmp_path):
+    class Name(str):
+        pass
+
+    p = store.write_unit(tmp_path / "u.h5", {"name": Name("sam"), "version": torch.__version__}, {})
+    assert store.read_unit(p)[0] == {"name": "sam", "version": str(torch.__version__)}
+
+
+def test_unit_path_and_config_key(tmp_path):
+    p = store.unit_path(tmp_path, "trace", "my run", "a/b c?.pt", "k1")
+    assert p == tmp_path / "trace" / "my run" / "a_b_c_.pt-k1.h5"
+    k = store.config_key({"a": 1, "b": 2}, "x")
+    assert k == store.config_key({"b": 2, "a": 1}, "x") and len(k) == 12 and int(k, 16) >= 0
+    assert k != store.config_key({"a": 1, "b": 3}, "x")
+
+
+# ------------------------------------------------------------------ exists
+def test_exists(unit, tmp_path):
+    path, _ = unit
+    assert store.exists(path)
+    assert not store.exists(tmp_path / "missing.h5")
+    assert not store.exists(tmp_path)  # a directory
+    data = path.read_bytes()
+    for frac in (0.5, 0.05):
+        cut = tmp_path / f"cut{frac}.h5"
+        cut.write_bytes(data[: int(len(data) * frac)])
+        assert not store.exists(cut)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all" * 10)
+    assert not store.exists(junk)
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    assert not store.exists(empty)
+    noresult = tmp_path / "noresult.h5"
+    with h5py.File(noresult, "w") as f:
+        f.attrs["step"] = 1
+    assert not store.exists(noresult)
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_write_leaves_no_temp_files(tmp_path):
+    d = tmp_path / "out" / "a" / "run"
+    for i in range(3):
+        store.write_unit(d / f"u{i}.h5", {"v": i}, {"step": i})
+    store.write_unit(d / "u0.h5", {"v": 10}, {"step": 10})  # overwrite
+    assert _files(d) == ["u0.h5", "u1.h5", "u2.h5"]
+    assert _no_temp_files(tmp_path)
+    assert store.read_unit(d / "u0.h5")[0] == {"v": 10}
+
+
+def _crash_on_second_dataset(monkeypatch):
+    real = h5py.Group.create_dataset
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("simulated crash while writing")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", flaky)
+    return calls
+
+
+def test_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "u.h5"
+    calls = _crash_on_second_dataset(monkeypatch)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.write_unit(path, {"a": [1.0, 2.0], "b": [3.0, 4.0], "c": [5.0]}, {"step": 1})
+    assert calls["n"] == 2
+    assert not path.exists() and not store.exists(path)
+    assert list(tmp_path.iterdir()) == []  # the temporary file was removed too
+
+
+def test_crash_mid_overwrite_keeps_previous_content(tmp_path, monkeypatch):
+    path = tmp_path / "u.h5"
+    store.write_unit(path, {"a": [1.0], "note": "old"}, {"step": 1})
+    before = path.read_bytes()
+    _crash_on_second_dataset(monkeypatch)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.write_unit(path, {"a": [9.0], "b": [9.0], "note": "new"}, {"step": 2})
+    assert path.read_bytes() == before
+    res, meta = store.read_unit(path)
+    assert res["note"] == "old" and res["a"].tolist() == [1.0] and meta["step"] == 1
+    assert _files(tmp_path) == ["u.h5"]
+
+
+def test_crash_at_fsync_keeps_previous_content(tmp_path, monkeypatch):
+    path = tmp_path / "u.h5"
+    store.write_unit(path, {"v": 1}, {})
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_unit(path, {"v": 2}, {})
+    monkeypatch.undo()
+    assert store.read_unit(path)[0] == {"v": 1}
+    assert _files(tmp_path) == ["u.h5"]
+
+
+def test_final_name_appears_only_by_rename(tmp_path, monkeypatch):
+    """While the file is being written, nothing exists under the final name."""
+    path = tmp_path / "u.h5"
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append((os.path.exists(dst), os.path.basename(str(src)).startswith("."), store.exists(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", spy)
+    store.write_unit(path, {"v": 1}, {})
+    assert seen == [(False, True, True)]
+    assert store.exists(path)
+
+
+# ------------------------------------------------------------------ iterate and merge
+def _populate(out):
+    paths = []
+    for run in ("run_a", "run_b"):
+        for i in range(3):
+            key = store.config_key(run, i)
+            p = store.unit_path(out, "sharpness", run, f"step_{i}.pt", key)
+            paths.append(store.write_unit(p, {"value": float(i), "curve": [1.0, float(i)], "rows": [{"i": i}]},
+                                          {"step": i, "run": run, "config": {"rho": 0.05}}))
+    p = store.unit_path(out, "trace", "run_a", "step_0.pt", "t0")
+    paths.append(store.write_unit(p, {"trace": 12.5}, {"step": 0}))
+    # things that are not units
+    (out / "sharpness" / "run_a" / ".step_9.pt-x.h5.abc.tmp").write_bytes(b"partial")
+    (out / "sharpness" / "run_a" / "corrupt.h5").write_bytes(b"junk")
+    with h5py.File(out / "trace" / "noresult.h5", "w") as f:
+        f.attrs["x"] = 1
+    (out / "notes.txt").write_text("hi")
+    return paths
+
+
+def test_iter_units_on_dir(tmp_path):
+    out = tmp_path / "out"
+    paths = _populate(out)
+    units = list(store.iter_units(out))
+    assert [n for n, _, _ in units] == sorted(str(p.relative_to(out)) for p in paths)
+    by_name = {n: (r, m) for n, r, m in units}
+    r, m = by_name[str(paths[1].relative_to(out))]
+    assert r["value"] == 1.0 and r["curve"].tolist() == [1.0, 1.0] and r["rows"] == [{"i": 1}]
+    assert m["step"] == 1 and m["run"] == "run_a" and m["config"] == {"rho": 0.05}
+
+
+def test_merge_and_iter_merged_file(tmp_path):
+    out = tmp_path / "out"
+    paths = _populate(out)
+    target = tmp_path / "merged" / "all.h5"
+    assert store.merge(out, target) == len(paths) == 7
+    assert _no_temp_files(tmp_path / "merged")
+    from_dir = {n[: -len(".h5")]: (r, m) for n, r, m in store.iter_units(out)}
+    from_file = {n: (r, m) for n, r, m in store.iter_units(target)}
+    assert set(from_file) == set(from_dir)
+    for name, (r, m) in from_file.items():
+        r0, m0 = from_dir[name]
+        assert m == m0
+        assert set(r) == set(r0)
+        for k in r:
+            if isinstance(r[k], np.ndarray):
+                np.testing.assert_array_equal(r[k], r0[k])
+            else:
+                assert r[k] == r0[k]
+    assert not store.exists(target)  # a merged file is not a unit itself
+
+
+def test_merge_into_own_folder_and_remerge(tmp_path):
+    out = tmp_path / "out"
+    paths = _populate(out)
+    target = out / "all.h5"
+    assert store.merge(out, target) == len(paths)
+    assert store.merge(out, target) == len(paths)  # the target itself is skipped
+    assert len(list(store.iter_units(target))) == len(paths)
+    assert len(list(store.iter_units(out))) == len(paths)  # all.h5 is not mistaken for a unit
+
+
+def test_merge_empty_and_crash(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    target = tmp_path / "all.h5"
+    assert store.merge(empty, target) == 0
+    assert list(store.iter_units(target)) == []
+    out = tmp_path / "out"
+    _populate(out)
+    assert store.merge(out, target) == 7
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(h5py.Group, "copy", boom)
+    with pytest.raises(RuntimeError):
+        store.merge(out, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["all.h5"]  # temp file removed
+
+
+@pytest.mark.xfail(strict=True, reason="store.merge's `except OSError: continue` also wraps writing into the "
+                   "target, so a write failure (disk full) silently drops units and replaces the target")
+def test_merge_write_failure_is_not_swallowed(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _populate(out)
+    target = tmp_path / "all.h5"
+    assert store.merge(out, target) == 7
+    before = target.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h5py.Group, "copy", full)
+    with pytest.raises(OSError):
+        store.merge(out, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
