@@ -65,6 +65,16 @@ def _to_array(value: Any) -> np.ndarray | None:
     return None
 
 
+def _plain(v: Any) -> Any:
+    """Builtin scalar for subclasses h5py rejects (e.g. ``torch.__version__``)."""
+    if isinstance(v, np.generic):
+        return v
+    for t in (bool, int, float, str):
+        if isinstance(v, t):
+            return t(v)
+    return v
+
+
 def _write(group: h5py.Group, data: dict[str, Any]) -> None:
     group.attrs[KIND] = "dict"
     for k, v in data.items():
@@ -80,7 +90,7 @@ def _write(group: h5py.Group, data: dict[str, Any]) -> None:
             for i, item in enumerate(v):
                 _write(g.create_group(f"{i:06d}"), item)
         elif isinstance(v, (bool, int, float, str, np.generic)):
-            group.attrs[k] = v
+            group.attrs[k] = _plain(v)
         elif isinstance(v, (list, tuple)) and not v:
             group.create_dataset(k, data=np.zeros(0))
         else:
@@ -102,7 +112,7 @@ def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -
         with h5py.File(tmp, "w") as f:
             for k, v in meta.items():
                 if v is not None:
-                    f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
+                    f.attrs[k] = _plain(v) if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
             _write(f.create_group(RESULT), result)
             f.flush()
         with open(tmp, "rb+") as fh:
@@ -221,17 +231,18 @@ def merge(source: str | Path, target: str | Path) -> int:
                 if p.name.startswith(".") or p.resolve() == target.resolve():
                     continue
                 try:
-                    with h5py.File(p, "r") as f:
-                        if RESULT not in f:
-                            continue
-                        name = str(p.relative_to(src).with_suffix(""))
-                        g = out.require_group(name)
-                        for k, v in f.attrs.items():
-                            g.attrs[k] = v
-                        f.copy(f[RESULT], g, name=RESULT)
-                        n += 1
-                except OSError:
+                    f = h5py.File(p, "r")
+                except OSError:  # unreadable or half-written foreign file: skip it
                     continue
+                with f:
+                    if RESULT not in f:
+                        continue
+                    name = str(p.relative_to(src).with_suffix(""))
+                    g = out.require_group(name)
+                    for k, v in f.attrs.items():
+                        g.attrs[k] = v
+                    f.copy(f[RESULT], g, name=RESULT)
+                    n += 1
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -128,15 +128,12 @@ def test_meta_attrs(unit):
         assert f.attrs["step"] == 172 and f.attrs["sha256"] == "f" * 64
 
 
-@pytest.mark.xfail(strict=True, reason="store.write_unit passes str subclasses (torch.__version__ is a "
-                   "TorchVersion) straight to h5py attrs -> TypeError: No conversion path for dtype('<U10')")
 def test_meta_torch_version_object(tmp_path):
     """pipeline.unit_meta records ``torch.__version__`` itself, which is a ``str`` subclass."""
     p = store.write_unit(tmp_path / "u.h5", {"v": 1}, {"torch_version": torch.__version__})
     assert store.read_unit(p)[1]["torch_version"] == str(torch.__version__)
 
 
-@pytest.mark.xfail(strict=True, reason="store._write stores str subclasses as attrs unchanged -> h5py TypeError")
 def test_result_str_subclass(tmp_path):
     class Name(str):
         pass
@@ -339,8 +336,6 @@ def test_merge_empty_and_crash(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["all.h5"]  # temp file removed
 
 
-@pytest.mark.xfail(strict=True, reason="store.merge's `except OSError: continue` also wraps writing into the "
-                   "target, so a write failure (disk full) silently drops units and replaces the target")
 def test_merge_write_failure_is_not_swallowed(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _populate(out)

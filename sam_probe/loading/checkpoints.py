@@ -83,7 +83,7 @@ def file_sha256(path: str | Path, chunk: int = 2**20) -> str:
 
 # ------------------------------------------------------------------ formats
 def detect_format(path: str | Path) -> str:
-    """``torch-zip``, ``torchscript``, ``torch-legacy``, ``safetensors`` or ``unknown``."""
+    """``torch-zip``, ``truncated-zip``, ``torchscript``, ``torch-legacy``, ``safetensors`` or ``unknown``."""
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(16)
@@ -92,7 +92,7 @@ def detect_format(path: str | Path) -> str:
             with zipfile.ZipFile(p) as zf:
                 names = zf.namelist()
         except zipfile.BadZipFile:
-            return "torch-zip"  # truncated archive: let the loader report it
+            return "truncated-zip"
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         return "torch-zip"
@@ -140,6 +140,8 @@ def read_object(path: str | Path, *, trust: bool = False) -> tuple[str, Any, lis
             f"{p}: TorchScript archive, not a checkpoint; load it with torch.jit.load and torch.save(m.state_dict(), ...)")
     if fmt == "unknown":
         raise CheckpointError(f"{p}: not a checkpoint (neither a torch file nor safetensors)")
+    if fmt == "truncated-zip":
+        raise CheckpointError(f"{p}: truncated or corrupt file (its zip directory is missing); re-save or re-copy it")
     if fmt == "safetensors":
         state, meta = _load_safetensors(p)
         return fmt, state, [], meta
@@ -155,7 +157,8 @@ def read_object(path: str | Path, *, trust: bool = False) -> tuple[str, Any, lis
             raise CheckpointError(f"{p}: truncated or corrupt file ({_short(exc)}); re-save or re-copy it") from None
         if "Unsupported operand" in text or "weights_only" in text.lower():
             raise CheckpointError(
-                f"{p}: cannot be read safely ({_short(exc)}); if you trust it, pass --trust-checkpoint") from None
+                f"{p}: cannot be read safely ({_short(exc)}); re-save it as torch.save(model.state_dict(), path), "
+                "or, only if you wrote it yourself, pass --trust-checkpoint") from None
         raise CheckpointError(f"{p}: cannot be read ({_short(exc)})") from None
     return fmt, obj, placeholders, {}
 
@@ -191,7 +194,10 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
     if isinstance(obj, dict):
         tensors = sum(isinstance(v, Tensor) for v in obj.values())
         nested = [k for k in STATE_KEYS if k in obj and _as_state(obj[k]) is not None]
-        if tensors and (not nested or tensors >= len(obj) / 2):
+        # a 0-dim tensor beside a nested state is metadata (e.g. a tensor step), not weights
+        weights = sum(isinstance(v, Tensor) and v.dim() > 0 for v in obj.values())
+        biggest = max((len(_as_state(obj[k]) or {}) for k in nested), default=0)
+        if tensors and (not nested or weights > biggest):
             layout = "lightning" if "pytorch-lightning_version" in obj else "state_dict"
             return _as_state(obj), layout  # type: ignore[return-value]
         for k in STATE_KEYS:
