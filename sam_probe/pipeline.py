@@ -183,8 +183,10 @@ class Session:
         data = data or self.data(ck)
         m = self.matched(ck, model)
         model.to(self.device)
+        loss = s.loss or (ck.hparams.get("loss") if isinstance(ck.hparams.get("loss"), str) else None) \
+            or (data.meta or {}).get("loss")
         try:
-            return Objective(model, data.inputs, data.targets, s.loss, params=m.params, buffers=m.buffers,
+            return Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
                              bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
         except RuntimeError as exc:
             raise SpecError(f"{ck.path}: the model does not accept the data ({str(exc).splitlines()[0][:160]}); "

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-out = Console(soft_wrap=False)
+out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 
