@@ -1,0 +1,35 @@
+"""The notebook API: every export resolves; ``objective`` from a checkpoint path is the CLI's objective."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import sam_probe as sp
+from sam_probe.loading.layouts import save_in_layout
+
+
+def test_every_export_resolves():
+    for name in sp.__all__:
+        assert getattr(sp, name) is not None, name
+
+
+def test_import_is_lazy():
+    code = "import sys, sam_probe; print('sam_probe.core.lanczos' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_objective_from_ddp_checkpoint_matches_dense(tmp_path):
+    torch.manual_seed(0)
+    net = sp.build_model("mlp", {"in_dim": 64, "hidden": [5], "out_dim": 10})
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    path = save_in_layout(net.state_dict(), tmp_path / "ck.pt", "ddp")
+    obj = sp.objective(path, model="mlp", model_args={"in_dim": 64, "hidden": [5], "out_dim": 10},
+                       data="digits", max_samples=100, dtype="float64")
+    assert obj.n_params == 64 * 5 + 5 + 5 * 10 + 10
+    res = sp.top_eigen(obj, k=2, tol=1e-9)
+    exact, _ = sp.dense_eigh(sp.dense_hessian(obj), "LA", 2)
+    torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64), exact, rtol=1e-7, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
