@@ -58,7 +58,7 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, title_justify="left", header_style="bold cyan")
     for c in columns:
-        t.add_column(c, justify="right" if c not in ("path", "file", "name", "status", "reason", "tensor") else "left")
+        t.add_column(c, justify="right" if c not in ("path", "file", "name", "status", "reason", "tensor", "run", "analysis", "layer") else "left")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t
