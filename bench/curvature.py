@@ -16,9 +16,6 @@ errors are the worst over the repeats.  Writes bench/results/curvature.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +30,7 @@ from torch.func import functional_call, jacrev, vmap
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import environment, write_results  # noqa: E402
 from sam_probe.core.dense import dense_hessian  # noqa: E402
 from sam_probe.core.lanczos import top_eigen  # noqa: E402
 from sam_probe.core.objective import Objective  # noqa: E402
@@ -334,11 +332,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     import pyhessian  # noqa: F401  (import cost outside the timings)
 
-    results = {"environment": {"torch": torch.__version__, "python": platform.python_version(),
-                               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                               "machine": platform.machine(), "processor": platform.processor(),
-                               "repeats": a.repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
-               "models": []}
+    results = {"environment": environment(repeats=a.repeats), "models": []}
     tols = [(1e-3, 100), (1e-6, 100)]
     if not a.quick:
         tols = [(1e-3, 100), (1e-4, 100), (1e-5, 100), (1e-6, 100), (1e-6, 1000)]
@@ -348,10 +342,7 @@ def main(argv=None) -> int:
         results["models"].append(res)
         print(report(res), flush=True)
         print(flush=True)
-    results["seconds_total"] = time.perf_counter() - t_start
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"total {results['seconds_total']:.0f} s; wrote {a.out}")
+    write_results(a.out, results, time.perf_counter() - t_start)
     return 0
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import environment, write_results  # noqa: E402
 
 MIX = np.array([0.637, 0.336, 0.009, 0.008, 0.0001, 0.0099])
 KEEP = 0.8
@@ -176,10 +176,8 @@ def main(argv=None) -> int:
     rss = max(r["rss_growth_bytes"] for r in runs)
     bits = lambda b: 8.0 * b / (n * T)  # noqa: E731
     out = {
-        "environment": {"numpy": np.__version__, "python": platform.python_version(),
-                        "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                        "bitwise_count": hasattr(np, "bitwise_count"), "repeats": a.repeats,
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "environment": environment(numpy=np.__version__, bitwise_count=hasattr(np, "bitwise_count"),
+                                   repeats=a.repeats),
         "steps": T, "n_params": n, "category_mix": MIX.tolist(), "keep_probability": KEEP,
         "seconds_generate_and_write": t_gen,
         "seconds_median": sec, "seconds_load_median": load, "seconds_all": [r["seconds"] for r in runs],
@@ -192,7 +190,6 @@ def main(argv=None) -> int:
     }
     out["pass"] = bool(sec < GOAL_SECONDS and out["memory_bits_per_param_rss"] <= GOAL_BITS
                        and out["disk_bits_per_param_codes"] <= GOAL_BITS)
-    out["seconds_total"] = time.perf_counter() - t_start
     print(f"overlap of {T} checkpoints x {n:,} parameters (C1, pairwise Jaccard, anchor, persistent core, IRE)")
     rows = [
         ("generate + write (not timed goal)", f"{t_gen:.1f} s"),
@@ -207,9 +204,7 @@ def main(argv=None) -> int:
     for k, v in rows:
         print(f"  {k:<36} {v}")
     print(f"  goal < {GOAL_SECONDS:.0f} s and <= {GOAL_BITS:.0f} bits/param/ckpt: {'PASS' if out['pass'] else 'FAIL'}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"total {out['seconds_total']:.0f} s; wrote {a.out}")
+    write_results(a.out, out, time.perf_counter() - t_start)
     return 0
 
 

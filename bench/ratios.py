@@ -15,9 +15,6 @@ m-sharpness is compared with one gradient pass over the same sub-batches.  Write
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +26,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import environment, write_results  # noqa: E402
 
 from sam_probe.core.objective import Objective  # noqa: E402
 from sam_probe.core.perturb import perturbed_gradient, sub_batches  # noqa: E402
@@ -101,14 +100,10 @@ def main(argv=None) -> int:
         rows.append({"config": k, "median_ms": 1e3 * v, "min_ms": 1e3 * min(times[k]), "baseline": ref,
                      "x_grad": v / med[ref], "x_grad_min": min(times[k]) / min(times[ref])})
     out = {
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                        "machine": platform.machine(), "repeats": a.repeats,
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "environment": environment(repeats=a.repeats),
         "model": "digits MLP 64-256-256-10 ReLU", "n_params": obj.n_params, "n_samples": obj.n_samples,
         "goal_x_grad": GOAL, "pass": med["l2"] / base <= GOAL,
         "rows": rows, "l2_result": res.to_dict() | {"per_layer": None},
-        "seconds_total": time.perf_counter() - t0,
     }
     print(f"ratio analysis vs one gradient pass: {out['model']}, P={obj.n_params}, N={obj.n_samples}, "
           f"{torch.get_num_threads()} threads, medians of {a.repeats}")
@@ -120,9 +115,7 @@ def main(argv=None) -> int:
     fr = res.fractions
     print("  l2 categories: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fr.items()))
     print(f"  goal l2 <= {GOAL}x: {'PASS' if out['pass'] else 'FAIL'} ({med['l2'] / base:.2f}x)")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"total {out['seconds_total']:.0f} s; wrote {a.out}")
+    write_results(a.out, out, time.perf_counter() - t0)
     return 0
 
 

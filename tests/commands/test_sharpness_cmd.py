@@ -8,7 +8,6 @@ import torch
 from clitools import run_cli
 from sam_probe.core.dense import dense_eigh, dense_hessian
 from sam_probe.core.perturb import sam_sharpness
-from sam_probe.loading.checkpoints import load_checkpoint
 from sam_probe.pipeline import Session, Settings
 
 KEYS = {"path", "step", "loss", "accuracy", "eigenvalues", "residuals", "n_hvp", "trace", "trace_se",

@@ -5,19 +5,8 @@ from torch import nn
 
 from sam_probe.core.dense import dense_eigh, dense_hessian
 from sam_probe.core.lanczos import EigenResult, krylov_basis, lanczos, top_eigen
+from nets import DiagLinear
 from sam_probe.core.objective import Objective
-
-
-class DiagLinear(nn.Module):
-    """f(x) = <u * v, x> (depth-2 diagonal linear net; negative curvature with mse)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.u = nn.Parameter(torch.randn(d))
-        self.v = nn.Parameter(torch.randn(d))
-
-    def forward(self, x):
-        return (x * (self.u * self.v)).sum(-1, keepdim=True)
 
 
 def objective(name: str) -> Objective:

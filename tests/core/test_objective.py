@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from nets import DiagLinear
 from sam_probe.core.objective import Objective, analysis_mode, per_sample_loss_sum
 
 
@@ -21,18 +22,6 @@ def bn_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     m[1].weight.data.uniform_(0.5, 1.5)
     m[1].bias.data.normal_()
     return m, torch.randn(12, 1, 5, 5), torch.randint(0, 3, (12,))
-
-
-class DiagLinear(nn.Module):
-    """f(x) = <u * v, x>: a depth-2 diagonal linear net."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.u = nn.Parameter(torch.randn(d))
-        self.v = nn.Parameter(torch.randn(d))
-
-    def forward(self, x):
-        return (x * (self.u * self.v)).sum(-1, keepdim=True)
 
 
 def diag_linear() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
