@@ -9,6 +9,14 @@ BatchNorm in ``train`` mode, whose batch statistics are those of each chunk.
 The model is only ever called through :func:`torch.func.functional_call` with an
 explicit parameter dict: the caller's weights, ``.grad`` and BatchNorm running
 statistics are never touched.
+
+Data parallel (``shard=True``, the default while :mod:`sam_probe.distributed` is
+active): every rank holds the whole selection but sums only over its contiguous
+shard ``[lo, hi)`` (:func:`~sam_probe.distributed.shard_range`); loss, correct
+counts, gradients and HVPs are all-reduced (summed over ranks) *before* the
+division by the global ``N``, so every rank gets the same numbers as one process
+(up to the order of floating-point additions).  Subsets (minibatches, m-sharpness
+sub-batches) are taken in global indices and sharded again.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from .. import distributed
 from .params import ParamSpace
 
 LOSSES = ("ce", "mse", "bce")
@@ -100,6 +109,9 @@ class Objective:
     Parameters are copied (``detach().clone()``) at construction into
     :attr:`params`; ``space`` maps them to flat vectors of ``P`` entries.
     Counters :attr:`n_grad` and :attr:`n_hvp` record the passes made.
+    ``vector_block`` caps how many vectors one HVP pass handles (larger blocks are
+    split; memory only).  ``shard`` (default: whether :mod:`sam_probe.distributed`
+    is active) sums over this rank's shard and all-reduces (see module docstring).
     """
 
     def __init__(
@@ -116,6 +128,8 @@ class Objective:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         hvp_method: str = "rev-rev",
+        vector_block: int | None = None,
+        shard: bool | None = None,
     ):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -156,6 +170,12 @@ class Objective:
         self.chunk_size = int(chunk_size) if chunk_size else self.n_samples
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        self.vector_block = int(vector_block) if vector_block else None
+        self.sharded = distributed.active() if shard is None else bool(shard)
+        self.world = distributed.world_size() if self.sharded else 1
+        self.rank = distributed.rank() if self.sharded else 0
+        self.lo, self.hi = distributed.shard_range(self.n_samples, self.world, self.rank,
+                                                   int(chunk_size) if chunk_size else None)
         self.n_grad = 0
         self.n_hvp = 0
 
@@ -168,30 +188,40 @@ class Objective:
         """The parameters ``w`` as one flat vector (a copy)."""
         return self.space.flatten(self.params)
 
+    @property
+    def n_local(self) -> int:
+        """Samples in this rank's shard (``n_samples`` in one process)."""
+        return self.hi - self.lo
+
     def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for s in range(0, self.n_samples, self.chunk_size):
-            yield self.inputs[s:s + self.chunk_size], self.targets[s:s + self.chunk_size]
+        """This rank's shard in chunks of ``chunk_size`` (the whole selection in one process)."""
+        for s in range(self.lo, self.hi, self.chunk_size):
+            e = min(s + self.chunk_size, self.hi)
+            yield self.inputs[s:e], self.targets[s:e]
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over ranks in place when sharded (identity otherwise)."""
+        if self.sharded and self.world > 1:
+            distributed.all_reduce_sum(t)
+        return t
+
+    def _same(self, **kw) -> dict:
+        return dict(params=self.params, buffers=self.buffers, bn_mode=self.bn_mode, chunk_size=self.chunk_size,
+                    dtype=self.dtype, device=self.device, hvp_method=self.hvp_method,
+                    vector_block=self.vector_block, shard=self.sharded, **kw)
 
     def subset(self, index: Tensor) -> "Objective":
         """The same objective on the samples ``index`` (e.g. a seeded minibatch)."""
         index = torch.as_tensor(index, device=self.device)
-        return Objective(
-            self.model, self.inputs[index], self.targets[index], self.loss_name,
-            params=self.params, buffers=self.buffers, bn_mode=self.bn_mode,
-            chunk_size=self.chunk_size, dtype=self.dtype, device=self.device,
-            hvp_method=self.hvp_method,
-        )
+        return Objective(self.model, self.inputs[index], self.targets[index], self.loss_name, **self._same())
 
     def with_params(self, params: Mapping[str, Tensor] | Tensor) -> "Objective":
         """The same data and model at other parameters (dict or flat vector)."""
         if isinstance(params, Tensor):
             params = self.space.unflatten(params)
-        return Objective(
-            self.model, self.inputs, self.targets, self.loss_name,
-            params=params, buffers=self.buffers, bn_mode=self.bn_mode,
-            chunk_size=self.chunk_size, dtype=self.dtype, device=self.device,
-            hvp_method=self.hvp_method,
-        )
+        kw = self._same()
+        kw["params"] = params
+        return Objective(self.model, self.inputs, self.targets, self.loss_name, **kw)
 
     def _as_dict(self, params: Mapping[str, Tensor] | Tensor | None) -> Params:
         if params is None:
@@ -217,20 +247,20 @@ class Objective:
     def evaluate(self, params: Mapping[str, Tensor] | Tensor | None = None) -> tuple[float, float | None]:
         """``(L(w), accuracy)``; accuracy is ``None`` for regression losses."""
         p = self._as_dict(params)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = 0
-        has_acc = True
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [Σ loss, Σ correct]
+        has_acc = self.loss_name != "mse"
         with analysis_mode(self.model, self.bn_mode), torch.no_grad():
             for x, y in self.chunks():
                 out = functional_call(self.model, (p, self.buffers), (x,), strict=False)
-                total += per_sample_loss_sum(self.loss_name, out, y).double()
+                sums[0] += per_sample_loss_sum(self.loss_name, out, y).double()
                 c = correct_count(self.loss_name, out, y)
                 if c is None:
                     has_acc = False
                 else:
-                    correct += int(c)
-        acc = correct / self.n_samples if has_acc else None
-        return float(total) / self.n_samples, acc
+                    sums[1] += c.double()
+        total, correct = self._reduce(sums).tolist()
+        acc = int(round(correct)) / self.n_samples if has_acc else None
+        return total / self.n_samples, acc
 
     def grad(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Params:
         """``∇L(w)`` as a dict, exact mean over all chunks."""
@@ -242,7 +272,10 @@ class Objective:
                 g = g_fn(p, x, y)
                 acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
         self.n_grad += 1
-        assert acc is not None
+        if acc is None:  # an empty shard contributes zeros
+            acc = {k: torch.zeros_like(p[k]) for k in self.space.names}
+        if self.sharded and self.world > 1:
+            acc = self.space.unflatten(self._reduce(self.space.flatten(acc)))
         return {k: v / self.n_samples for k, v in acc.items()}
 
     def grad_flat(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
@@ -303,11 +336,13 @@ class Objective:
                 self._graph_cache = None
 
     def _cached_graph(self) -> tuple[list[Tensor], list[Tensor], list[int]] | None:
-        if not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.chunk_size < self.n_samples:
+        if (not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.chunk_size < self.n_local
+                or self.n_local == 0):
             return None
         if getattr(self, "_graph_cache", None) is None:
             with analysis_mode(self.model, self.bn_mode):
-                self._graph_cache = self._grad_graph(self.params, self.inputs, self.targets)
+                self._graph_cache = self._grad_graph(self.params, self.inputs[self.lo:self.hi],
+                                                     self.targets[self.lo:self.hi])
         return self._graph_cache
 
     def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
@@ -323,12 +358,16 @@ class Objective:
         ``rev-rev``: per chunk, one graph of ``∇Σℓ`` (``create_graph``) and one
         double-backward pass per vector (inside :meth:`reuse_graph` the graph is
         kept between calls); ``fwd-rev``: ``vmap`` of ``jvp(grad)`` over the block.
+        Blocks wider than ``vector_block`` are done ``vector_block`` columns at a time.
         """
         p = self._as_dict(params)
         V = V.to(device=self.device, dtype=self.dtype)
         if V.dim() != 2 or V.shape[0] != self.space.size:
             raise ValueError(f"V must be [P={self.space.size}, b], got {tuple(V.shape)}")
         b = V.shape[1]
+        vb = self.vector_block
+        if vb and b > vb:
+            return torch.cat([self.hvp_block(V[:, s:s + vb], params) for s in range(0, b, vb)], dim=1)
         Vt = V.T.contiguous()
         cached = self._cached_graph() if params is None else None
         if cached is not None:
@@ -344,7 +383,7 @@ class Objective:
                     for x, y in self.chunks():
                         out += self._hvp_from_graph(self._grad_graph(p, x, y), Vt, retain=False)
         self.n_hvp += b
-        return (out / self.n_samples).T.contiguous()
+        return (self._reduce(out) / self.n_samples).T.contiguous()
 
     def hvp_operator(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``V ↦ H V`` on flat blocks ``[P, b]`` (or ``[P]``) for the eigensolvers."""
