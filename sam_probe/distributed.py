@@ -18,6 +18,7 @@ the environment starts the group) or pass ``--distributed``.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -71,13 +72,21 @@ def init(device: torch.device | str | None = None, backend: str | None = None, t
         dist.init_process_group(backend=backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout_s), **kw)
     _STATE.update(active=True, backend=dist.get_backend())
+    atexit.register(shutdown)
     return True
 
 
 def shutdown() -> None:
-    """Leave the process group (if this module started using one)."""
+    """Leave the process group (if this module started using one), after every rank got here:
+    rank 0 hosts the rendezvous store, and a rank leaving early aborts the others."""
     if _STATE["active"] and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))  # names a rank that died
+            elif dist.get_world_size() > 1:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
     _STATE.update(active=False, backend=None)
 
 

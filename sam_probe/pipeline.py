@@ -53,6 +53,8 @@ class Settings:
     trust_checkpoint: bool = False
     allow_nonfinite: bool = False
     store: bool = True
+    max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
+    distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -105,6 +107,11 @@ class Session:
         self._data: dict[str, Any] = {}
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
+        from . import distributed as _dist
+        if settings.distributed or _dist.launched():  # every rank shards each Objective; rank 0 writes
+            self.device = _dist.rank_device(self.device)
+            _dist.init(self.device)
+        self._memory_plans: dict = {}
 
     # ------------------------------------------------------------ inputs
     def load(self, path: str | Path) -> Checkpoint:
@@ -186,8 +193,12 @@ class Session:
         loss = s.loss or (ck.hparams.get("loss") if isinstance(ck.hparams.get("loss"), str) else None) \
             or (data.meta or {}).get("loss")
         try:
-            return Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
-                             bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
+            obj = Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
+                            bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
+            if s.max_memory:
+                from .core.memory import fit_memory
+                obj = fit_memory(obj, s.max_memory, s.batch_size, self._memory_plans)
+            return obj
         except RuntimeError as exc:
             raise SpecError(f"{ck.path}: the model does not accept the data ({str(exc).splitlines()[0][:160]}); "
                             "check --model/--model-arg against --data") from None
@@ -204,6 +215,7 @@ class Session:
             "data_spec": self.settings.data_identity(), "seed": s.seed, "device": str(self.device),
             "dtype": s.dtype, "bn_mode": s.bn_mode, "wall_time": seconds, "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+            "world_size": _world_size(),
         }
 
     def _key(self, analysis: str, config: dict[str, Any], shas: list[str]) -> str:
@@ -236,8 +248,8 @@ class Session:
         try:
             sha = file_sha256(path)
             unit = store.unit_path(self.settings.out, analysis, label, path.stem, self._key(analysis, config, [sha]))
-            if self.settings.store and not self.settings.force and store.exists(unit):
-                result, _ = store.read_unit(unit)
+            if self.settings.store and not self.settings.force and _stored(unit):
+                result = store.read_unit(unit)[0] if store.exists(unit) else None
                 return UnitOutcome(str(path), step, "skipped", result=result, stored_at=str(unit))
             ck = self.load(path)
             ck.step = step
@@ -246,7 +258,7 @@ class Session:
             seconds = time.perf_counter() - t0
             result = {"path": str(path), "step": step, **result, "seconds": seconds}
             where = None
-            if self.settings.store:
+            if self.settings.store and _is_main():
                 meta = self.unit_meta(analysis, config, [str(path)], [sha], step, self.model_spec_or_none(ck), seconds)
                 where = str(store.write_unit(unit, result, meta))
             return UnitOutcome(str(path), step, "ok", result=result, stored_at=where)
@@ -270,8 +282,8 @@ class Session:
             raise CheckpointError(f"{target}: no readable checkpoints")
         shas = [file_sha256(p) for p, _ in ordered]
         unit = store.unit_path(self.settings.out, analysis, label, name, self._key(analysis, config, shas))
-        if self.settings.store and not self.settings.force and store.exists(unit):
-            result, _ = store.read_unit(unit)
+        if self.settings.store and not self.settings.force and _stored(unit):
+            result = store.read_unit(unit)[0] if store.exists(unit) else None
             return UnitOutcome(str(target), None, "skipped", result=result, stored_at=str(unit)), failed
         cks = []
         for p, step in ordered:
@@ -286,11 +298,28 @@ class Session:
         seconds = time.perf_counter() - t0
         result = {**result, "seconds": seconds}
         where = None
-        if self.settings.store:
+        if self.settings.store and _is_main():
             meta = self.unit_meta(analysis, config, [str(p) for p, _ in ordered], shas, None,
                                   self.model_spec_or_none(cks[0]), seconds)
             where = str(store.write_unit(unit, result, meta))
         return UnitOutcome(str(target), None, "ok", result=result, stored_at=where), failed
+
+
+def _is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes store units."""
+    from . import distributed
+    return distributed.is_main()
+
+
+def _world_size() -> int:
+    from . import distributed
+    return distributed.world_size() if distributed.active() else 1
+
+
+def _stored(unit: Path) -> bool:
+    """Whether ``unit`` is stored, as rank 0 sees it (every rank then skips or computes alike)."""
+    from . import distributed
+    return bool(distributed.broadcast_object(store.exists(unit)))
 
 
 def jsonable(obj: Any) -> Any:

@@ -127,6 +127,37 @@ def test_two_gloo_ranks_match_one_process(two_ranks, case):
     assert min(abs(v) for v in one["eigenvalues"]) > 1e-3  # non-trivial spectrum compared
 
 
+def test_cli_under_torchrun_environment(tmp_path):
+    """``sharpness`` launched as 2 ranks (WORLD_SIZE set, as torchrun does): rank 0 alone prints and
+    writes one store unit; its numbers equal a one-process run."""
+    sys.path.insert(0, str(Path(__file__).parent / "commands"))
+    from clitools import run_cli
+
+    from sam_probe.commands.train_cmd import write_run
+
+    run = tmp_path / "run"
+    write_run(run, optimizer="sam", model="mlp", model_args={"in_dim": 64, "hidden": [6], "out_dim": 10},
+              data="digits", max_samples=61, steps=1, lr=0.1, batch_size=20, checkpoint_every=1, seed=0)
+    ck = sorted(run.glob("*.pt"))[-1]
+    args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "61", "--dtype", "float64", "--top-k", "2",
+            "--tol", "1e-9", "--trace", "--trace-method", "hutchinson", "--rho", "0.05", "--m", "20", "--json",
+            "--no-plot"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.code == 0, one.stderr
+    procs = run_ranks([sys.executable, "-m", "sam_probe", *args, "--out", str(tmp_path / "two")], 2)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+    assert procs[1].stdout == ""
+    units = list((tmp_path / "two").rglob("*.h5"))
+    assert len(units) == 1
+    a, b = one.json()["results"][0], json.loads(procs[0].stdout)["results"][0]
+    for key in ("loss", "accuracy", "eigenvalues", "trace", "sam_sharpness"):
+        close(a[key], b[key], rel=1e-8, path=key)
+    assert a["n_hvp"] == b["n_hvp"]
+    from sam_probe import store
+    _, meta = store.read_unit(units[0])
+    assert meta["world_size"] == 2
+
+
 def test_shard_range_covers_selection_once():
     for n, world, chunk in [(37, 2, None), (37, 3, 4), (5, 8, None), (10, 3, 4), (10, 4, 100)]:
         ranges = [distributed.shard_range(n, world, r, chunk) for r in range(world)]

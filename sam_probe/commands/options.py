@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from .. import distributed
+from ..errors import SpecError
 from ..pipeline import Settings
 
 
@@ -55,6 +57,8 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
     "bn_mode": (str, _opt("eval", "--bn-mode", help="BatchNorm: eval (running stats) or train (batch stats, running stats never updated).")),
     "seed": (int, _opt(0, "--seed", help="Seed for data selection and random probes.")),
+    "max_memory": (Optional[str], _opt(None, "--max-memory", help="Memory budget per process, e.g. 2GB or 512MiB: picks the chunk (unless --batch-size) and vector-block sizes from one probe forward/backward (memory only; results unchanged).", panel="Scale")),
+    "distributed": (bool, _opt(False, "--distributed", help="Data parallel over torch.distributed (gloo on CPU, nccl on CUDA); automatic under torchrun. Each rank sums over its shard; rank 0 writes and prints.", panel="Scale")),
     "key": (Optional[str], _opt(None, "--key", help="Dotted key of the state dict inside the checkpoint (e.g. ema.model).", panel="Checkpoints")),
     "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
     "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),
@@ -83,9 +87,29 @@ def build_common(values: dict[str, Any]) -> Common:
         bn_mode=values["bn_mode"], seed=values["seed"], out=values["out"], force=values["force"],
         glob=values["glob"], key=values["key"], trust_checkpoint=values["trust_checkpoint"],
         allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
+        max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
+        distributed=bool(values.get("distributed")),
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
+    if not distributed.is_main():  # rank 0 alone prints and plots
+        output = Output(json=False, quiet=True, debug=values["debug"], plot=False)
     return Common(settings, output)
+
+
+def _checked_memory(text: str | None, bn_mode: str, batch_size: int | None) -> str | None:
+    """``--max-memory`` validated: a size, and not the BatchNorm batch in train mode."""
+    if not text:
+        return None
+    from ..core.memory import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError as exc:
+        raise SpecError(f"--max-memory {exc}") from None
+    if bn_mode == "train" and not batch_size:
+        raise SpecError("--max-memory with --bn-mode train: the chunk is the BatchNorm batch there, so it must not "
+                        "depend on memory; pass --batch-size too")
+    return text
 
 
 def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:

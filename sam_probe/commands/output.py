@@ -38,7 +38,9 @@ def finish(common: Common, outcomes: list[UnitOutcome], payload: dict[str, Any],
             written = []
         if written and not out.quiet and not out.json:
             console.err.print("plots: " + ", ".join(str(p) for p in written), highlight=False)
-    if report_failures(outcomes, out.quiet):
+    from .. import distributed  # rank 0 alone prints; every rank exits alike
+    failed = report_failures(outcomes, out.quiet) if distributed.is_main() else sum(o.status == "failed" for o in outcomes)
+    if failed:
         raise typer.Exit(EXIT_BAD_INPUT)
 
 

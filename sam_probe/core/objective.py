@@ -223,6 +223,12 @@ class Objective:
         kw["params"] = params
         return Objective(self.model, self.inputs, self.targets, self.loss_name, **kw)
 
+    def rechunked(self, chunk_size: int | None, vector_block: int | None = None) -> "Objective":
+        """The same objective evaluated in other chunk and vector-block sizes (memory only)."""
+        kw = self._same()
+        kw.update(chunk_size=chunk_size, vector_block=vector_block)
+        return Objective(self.model, self.inputs, self.targets, self.loss_name, **kw)
+
     def _as_dict(self, params: Mapping[str, Tensor] | Tensor | None) -> Params:
         if params is None:
             return self.params
