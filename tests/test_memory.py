@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sam_probe.core.memory import fit_memory, parse_memory, peak_bytes, plan_memory
+from sam_probe.core.memory import BLOCK_VECTORS, fit_memory, parse_memory, peak_bytes, plan_memory
 from sam_probe.core.objective import Objective
 
 
@@ -60,12 +60,12 @@ def test_plan_spends_the_budget_and_results_do_not_change():
     obj = Objective(model, x, y, dtype=torch.float64)
     probe = plan_memory(obj, "1GB")
     vec = probe.vector_bytes
-    budget = int(probe.fixed + 44 * vec + 3 * 8 * vec + 10.5 * probe.per_sample)  # room for ~10 samples
+    budget = int(probe.fixed + 44 * vec + BLOCK_VECTORS * 8 * vec + 10.5 * probe.per_sample)  # room for ~10 samples
     plan = plan_memory(obj, budget)
     assert plan.vector_block == 8 and plan.fits and 1 < plan.chunk_size < len(x)
 
     def need(c):  # the documented rule with the plan's own fitted numbers
-        return plan.fixed + 44 * vec + 3 * plan.vector_block * vec + plan.per_sample * c
+        return plan.fixed + 44 * vec + BLOCK_VECTORS * plan.vector_block * vec + plan.per_sample * c
 
     assert need(plan.chunk_size) <= budget < need(plan.chunk_size + 1)
     assert plan.predicted_peak == pytest.approx(need(plan.chunk_size))

@@ -13,12 +13,12 @@ kernel workspaces); ``fixed`` is the intercept before the margin.
 
 The budget ``B`` (per process) is then spent as
 
-    B = fixed + R · v + 3 b · v + a · c · (b if fwd-rev else 1)
+    B = fixed + R · v + 4 b · v + a · c · (b if fwd-rev else 1)
 
 with ``v = P · itemsize`` one flat vector, ``R = reserve_vectors`` flat vectors
 kept by the analysis (default 44: a Lanczos basis and its products, 2 · 20, plus
 parameters, gradient and work vectors), ``b`` the vector block (its input, transposed
-copy and result: 3 b vectors; rev-rev HVPs run one double-backward per vector so
+copy, result and its transpose: 4 b vectors, as measured on ResNet-18; rev-rev HVPs run one double-backward per vector so
 activations do not grow with ``b``, fwd-rev ``vmap`` holds ``b`` tangents) and
 ``c`` the chunk.  ``b`` is the largest power of two ≤ 8 whose vectors take at most
 half of what is left after ``fixed + R v``; ``c`` takes the rest (at least 1, at
@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+BLOCK_VECTORS = 4  # flat vectors held per column of a vector block (bench/memory.py measures 4.0)
 UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
 
 
@@ -135,13 +136,13 @@ def plan_memory(obj, budget: int | str, *, reserve_vectors: int = 44, probe: tup
     vec = obj.n_params * torch.empty((), dtype=obj.dtype).element_size()
     left = budget - fixed - reserve_vectors * vec
     b = max_block
-    while b > 1 and 3 * b * vec > left / 2:
+    while b > 1 and BLOCK_VECTORS * b * vec > left / 2:
         b //= 2
     per_chunk_sample = a * (b if fwdrev else 1)
-    c = int((left - 3 * b * vec) // per_chunk_sample) if per_chunk_sample > 0 else n_avail
+    c = int((left - BLOCK_VECTORS * b * vec) // per_chunk_sample) if per_chunk_sample > 0 else n_avail
     fits = c >= 1
     c = max(1, min(c, n_avail))
-    predicted = fixed + reserve_vectors * vec + 3 * b * vec + per_chunk_sample * c
+    predicted = fixed + reserve_vectors * vec + BLOCK_VECTORS * b * vec + per_chunk_sample * c
     return MemoryPlan(chunk_size=c, vector_block=b, budget=budget, per_sample=float(a), fixed=float(fixed),
                       vector_bytes=int(vec), reserve_vectors=reserve_vectors, predicted_peak=float(predicted),
                       fits=bool(fits), probe=points)
