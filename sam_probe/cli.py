@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="sam-probe")
     except SamProbeError as exc:
+        from . import distributed
         from .report.console import error
 
-        if debug:
-            traceback.print_exc()
-        error(str(exc), getattr(exc, "rows", None))
+        if distributed.is_main():  # under torchrun, rank 0 alone speaks
+            if debug:
+                traceback.print_exc()
+            error(str(exc), getattr(exc, "rows", None))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

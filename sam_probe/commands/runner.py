@@ -11,9 +11,12 @@ from .options import Common
 
 
 def open_session(common: Common, progress=None) -> Session:
-    if common.settings.trust_checkpoint:
+    from .. import distributed
+
+    session = Session(common.settings, progress=progress)  # joins the process group under torchrun
+    if common.settings.trust_checkpoint and distributed.is_main():
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
-    return Session(common.settings, progress=progress)
+    return session
 
 
 def shows_progress(common: Common) -> bool:
