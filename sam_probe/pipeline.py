@@ -277,32 +277,37 @@ class Session:
                   name: str = "run") -> tuple[UnitOutcome, list[UnitOutcome]]:
         """Run ``compute(checkpoints, session)`` once over all good checkpoints of ``target``."""
         ordered, failed = self.ordered(target)
-        label = run_label(target)
         if not ordered:
             raise CheckpointError(f"{target}: no readable checkpoints")
-        shas = [file_sha256(p) for p, _ in ordered]
+        return self.over_files(analysis, run_label(target), name, ordered, config, compute, origin=str(target)), failed
+
+    def over_files(self, analysis: str, label: str, name: str, files: list[tuple[Path, int | None]],
+                   config: dict[str, Any], compute: Callable[[list[Checkpoint], "Session"], dict[str, Any]],
+                   origin: str) -> UnitOutcome:
+        """One unit computed from several checkpoint files (keyed by all their sha256)."""
+        shas = [file_sha256(p) for p, _ in files]
         unit = store.unit_path(self.settings.out, analysis, label, name, self._key(analysis, config, shas))
         if self.settings.store and not self.settings.force and _stored(unit):
             result = store.read_unit(unit)[0] if store.exists(unit) else None
-            return UnitOutcome(str(target), None, "skipped", result=result, stored_at=str(unit)), failed
-        cks = []
-        for p, step in ordered:
-            ck = self.load(p)
-            ck.step = step
-            cks.append(ck)
-        t0 = time.perf_counter()
+            return UnitOutcome(origin, None, "skipped", result=result, stored_at=str(unit))
         try:
+            cks = []
+            for p, step in files:
+                ck = self.load(p)
+                ck.step = step
+                cks.append(ck)
+            t0 = time.perf_counter()
             result = compute(cks, self)
         except SamProbeError as exc:
-            return UnitOutcome(str(target), None, "failed", error=str(exc), details=getattr(exc, "rows", None)), failed
+            return UnitOutcome(origin, None, "failed", error=str(exc), details=getattr(exc, "rows", None))
         seconds = time.perf_counter() - t0
         result = {**result, "seconds": seconds}
         where = None
         if self.settings.store and _is_main():
-            meta = self.unit_meta(analysis, config, [str(p) for p, _ in ordered], shas, None,
+            meta = self.unit_meta(analysis, config, [str(p) for p, _ in files], shas, None,
                                   self.model_spec_or_none(cks[0]), seconds)
             where = str(store.write_unit(unit, result, meta))
-        return UnitOutcome(str(target), None, "ok", result=result, stored_at=where), failed
+        return UnitOutcome(origin, None, "ok", result=result, stored_at=where)
 
 
 def _is_main() -> bool:
