@@ -30,7 +30,7 @@ DIAG_SCALES = {"small": 1e-4, "medium": 0.01, "large": 0.1}
 
 def digits_runs(out: Path) -> None:
     for arch, base in (("mlp", DIGITS_MLP), ("cnn", DIGITS_CNN)):
-        for opt, extra in (("sgd", {}), ("sam", {"rho": 0.1}), ("late-sam", {"rho": 0.1, "switch_step": SWITCH[arch]})):
+        for opt, extra in (("sgd", {}), ("sam", {"rho": 0.1}), ("late-sam", {"rho": 0.3, "switch_step": SWITCH[arch]})):
             write_run(out / f"digits-{arch}-{opt}", optimizer=opt, **base, **extra)
 
 
