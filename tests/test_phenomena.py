@@ -1,0 +1,110 @@
+"""The seed phenomena, reproduced on the shipped sample_runs through the CLI (README, "What sam-probe shows").
+
+Each claim is checked on the deterministic runs in ``sample_runs/`` (and the
+diag-linear run is re-trained here to show the shipped files are what the
+script makes).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clitools import run_cli
+from sam_probe.commands.train_cmd import write_run
+
+RUNS = Path(__file__).resolve().parents[1] / "sample_runs"
+
+
+def _json(*args):
+    res = run_cli(*args, "--no-store", "--json")
+    assert res.code == 0, res.stderr
+    return res.json()
+
+
+# ------------------------------------------------------------------ 1. minor first, major last
+@pytest.fixture(scope="module")
+def diag_features():
+    out = {}
+    for scale in ("small", "medium", "large"):
+        d = _json("features", RUNS / f"diag-{scale}-gd", RUNS / f"diag-{scale}-sam")
+        out[scale] = {Path(r["run"]).name.rsplit("-", 1)[1]: r for r in d["runs"]}
+    return out
+
+
+def test_small_init_sam_collapses(diag_features):
+    gd, sam = diag_features["small"]["gd"], diag_features["small"]["sam"]
+    assert max(gd["importance"][-1]) > 1.0  # GD fits the data
+    assert max(sam["importance"][-1]) < 1e-4  # SAM's coefficients collapse to ~0
+    loss = _json("sharpness", RUNS / "diag-small-sam" / "step_001000.pt", "--top-k", "0", "--rho", "0")
+    assert loss["results"][0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the trivial predictor
+
+
+def test_medium_init_sam_picks_a_minor_feature_gd_the_major(diag_features):
+    gd, sam = diag_features["medium"]["gd"], diag_features["medium"]["sam"]
+    assert gd["results"][-1]["dominant_index"] == 0
+    assert sam["results"][-1]["dominant_index"] >= 1
+    assert sam["results"][-1]["dominant_strength_rank"] >= 1
+    assert sam["results"][-1]["minor_mass"] >= gd["results"][-1]["minor_mass"]
+
+
+def test_large_init_sam_behaves_like_gd(diag_features):
+    gd, sam = diag_features["large"]["gd"], diag_features["large"]["sam"]
+    assert sam["results"][-1]["dominant_index"] == gd["results"][-1]["dominant_index"] == 0
+    a, b = np.array(gd["importance"][-1]), np.array(sam["importance"][-1])
+    assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_shipped_diag_run_is_what_the_script_makes(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(RUNS))
+    try:
+        import make_sample_runs as m
+    finally:
+        sys.path.remove(str(RUNS))
+    s = m.DIAG_SETTINGS
+    write_run(tmp_path / "r", optimizer="sam", model_args={"in_dim": s["d"], "alpha": m.DIAG_SCALES["medium"]},
+              **m.DIAG, **s["train"], data_args=s["data_args"])
+    mine = torch.load(tmp_path / "r" / "step_001000.pt", weights_only=True)["model"]
+    shipped = torch.load(RUNS / "diag-medium-sam" / "step_001000.pt", weights_only=True)["model"]
+    for k in shipped:
+        torch.testing.assert_close(mine[k], shipped[k], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ 2. late-phase SAM
+def test_late_sam_leaves_the_sgd_path_and_finds_flatter_minimum():
+    switch = 200
+    d = _json("distance", RUNS / "digits-mlp-sgd", RUNS / "digits-mlp-late-sam", "--ref", str(switch))
+    sgd, late = ({Path(r["run"]).name: r for r in d["runs"]}[n] for n in ("digits-mlp-sgd", "digits-mlp-late-sam"))
+    after = [i for i, s in enumerate(late["steps"]) if s > switch]
+    assert late["escape_rate"] > 0
+    assert all(late["distance"][i] > 1.2 * sgd["distance"][i] for i in after)  # moves further than SGD would
+    final = {r["path"].split("/")[-2]: r for r in _json(
+        "sharpness", RUNS / "digits-mlp-sgd" / "step_000400.pt", RUNS / "digits-mlp-late-sam" / "step_000400.pt",
+        "--top-k", "1", "--rho", "0")["results"]}
+    assert final["digits-mlp-late-sam"]["eigenvalues"][0] < 0.8 * final["digits-mlp-sgd"]["eigenvalues"][0]
+    assert final["digits-mlp-late-sam"]["loss"] < 1.05 * final["digits-mlp-sgd"]["loss"]  # as low a loss
+
+
+def test_late_sam_interpolation_barrier_is_reported_and_tiny():
+    """Pre-switch -> final: the path stays below the chord (same valley, barrier 0 on these runs)."""
+    r = _json("interpolate", RUNS / "digits-mlp-late-sam" / "step_000200.pt",
+              RUNS / "digits-mlp-late-sam" / "step_000400.pt", "--points", "21", "--range", "0,1")
+    assert r["barrier"] == pytest.approx(0.0, abs=1e-3)
+    assert r["loss"][-1] < r["loss"][0]
+
+
+# ------------------------------------------------------------------ 3. alignment
+def test_gradient_aligned_with_top_space_but_loss_decrease_from_the_bulk():
+    d = _json("alignment", RUNS / "digits-mlp-sgd", "--glob", "step_0002*.pt", "--vectors", "full",
+              "--eta-grid", "")
+    k, n_params = 10, 8970
+    chance = math.sqrt(k / n_params)  # chi of a random direction
+    for r in d["results"]:
+        assert r["chi"]["full"] > 10 * chance  # the gradient lives largely in the top-10 eigenspace ...
+        assert r["dL"]["bulk"] < 0 and abs(r["dL"]["bulk"]) > abs(r["dL"]["dom"])  # ... but the bulk lowers the loss
+        assert r["dL"]["full"] == pytest.approx(r["dL_pred"]["full"], rel=0.05)
