@@ -249,7 +249,7 @@ class Session:
             sha = file_sha256(path)
             unit = store.unit_path(self.settings.out, analysis, label, path.stem, self._key(analysis, config, [sha]))
             if self.settings.store and not self.settings.force and _stored(unit):
-                result = store.read_unit(unit)[0] if store.exists(unit) else None
+                result = from_store(store.read_unit(unit)[0]) if store.exists(unit) else None
                 return UnitOutcome(str(path), step, "skipped", result=result, stored_at=str(unit))
             ck = self.load(path)
             ck.step = step
@@ -288,7 +288,7 @@ class Session:
         shas = [file_sha256(p) for p, _ in files]
         unit = store.unit_path(self.settings.out, analysis, label, name, self._key(analysis, config, shas))
         if self.settings.store and not self.settings.force and _stored(unit):
-            result = store.read_unit(unit)[0] if store.exists(unit) else None
+            result = from_store(store.read_unit(unit)[0]) if store.exists(unit) else None
             return UnitOutcome(origin, None, "skipped", result=result, stored_at=str(unit))
         try:
             cks = []
@@ -325,6 +325,14 @@ def _stored(unit: Path) -> bool:
     """Whether ``unit`` is stored, as rank 0 sees it (every rank then skips or computes alike)."""
     from . import distributed
     return bool(distributed.broadcast_object(store.exists(unit)))
+
+
+PACKED_KEYS = ("codes", "ire_flat")  # packed numpy arrays that analyses read back as they are
+
+
+def from_store(result: dict[str, Any]) -> dict[str, Any]:
+    """A stored result as the command computed it: plain lists and numbers (packed arrays kept)."""
+    return {k: v if k in PACKED_KEYS else jsonable(v) for k, v in result.items()}
 
 
 def jsonable(obj: Any) -> Any:

@@ -1,6 +1,8 @@
 """Finishing a command: JSON or tables, failures on stderr, plots, exit code."""
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,20 @@ from ..report import console
 from .options import Common
 
 EXIT_BAD_INPUT = 2
+STATUS_FILE_ENV = "SAM_PROBE_STATUS_FILE"  # set by `sam-probe batch`: one JSON line per unit is appended there
+
+
+def record_statuses(outcomes: list[UnitOutcome]) -> None:
+    """Append ``{path, step, status, error, stored_at}`` per unit to ``$SAM_PROBE_STATUS_FILE`` (if set)."""
+    from .. import distributed
+
+    target = os.environ.get(STATUS_FILE_ENV)
+    if not target or not distributed.is_main():
+        return
+    with open(target, "a") as fh:
+        for o in outcomes:
+            fh.write(json.dumps({"path": o.path, "step": o.step, "status": o.status, "error": o.error,
+                                 "stored_at": o.stored_at}) + "\n")
 
 
 def report_failures(outcomes: list[UnitOutcome], quiet: bool = False) -> int:
@@ -26,6 +42,7 @@ def finish(common: Common, outcomes: list[UnitOutcome], payload: dict[str, Any],
            show: Callable[[], None] | None = None, plot: Callable[[Path], list[Path]] | None = None) -> None:
     """Print ``payload`` (JSON) or the tables from ``show``; write plots; exit 2 on any failure."""
     out = common.output
+    record_statuses(outcomes)
     if out.json:
         console.print_json(jsonable(payload))
     elif not out.quiet and show is not None:

@@ -18,6 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 PALETTE = "colorblind"
+FORMAT = {"value": "png"}  # figure file format, set once per command (report --plot-format)
+
+
+def set_format(fmt: str) -> None:
+    """Make every later :func:`save` write ``fmt`` (png, svg or pdf)."""
+    FORMAT["value"] = fmt
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Any, Any]:
@@ -27,8 +33,9 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float
     return fig, axes if ncols * nrows > 1 else axes[0, 0]
 
 
-def save(fig: Any, path: str | Path, fmt: str = "png") -> Path:
-    """Write ``fig`` to ``path`` (suffix set from ``fmt``) atomically and close it."""
+def save(fig: Any, path: str | Path, fmt: str | None = None) -> Path:
+    """Write ``fig`` to ``path`` (suffix set from ``fmt``, default :func:`set_format`'s) atomically and close it."""
+    fmt = fmt or FORMAT["value"]
     path = Path(path).with_suffix(f".{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".{fmt}", dir=path.parent)
