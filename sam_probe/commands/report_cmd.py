@@ -118,18 +118,18 @@ def report(
             view.show(rs, **({"bucket": True} if name == "ratios" else {}))
 
     if plot:
-        figures.set_format(plot_format)
         written: list[Path] = []
-        for name, rs in grouped.items():
-            view = view_of(name)
-            if view is None:
-                continue
-            try:
-                written += view.plot(rs, outdir)
-            except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
-                if debug:
-                    raise
-                console.warn(f"{name}: plotting failed ({exc})")
+        with figures.file_format(plot_format):
+            for name, rs in grouped.items():
+                view = view_of(name)
+                if view is None:
+                    continue
+                try:
+                    written += view.plot(rs, outdir)
+                except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
+                    if debug:
+                        raise
+                    console.warn(f"{name}: plotting failed ({exc})")
         if written:
             console.err.print("plots: " + ", ".join(str(p) for p in written), highlight=False)
 

@@ -5,8 +5,10 @@ Each analysis has its own module in ``sam_probe/report`` with a ``table`` and a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 PALETTE = "colorblind"
-FORMAT = {"value": "png"}  # figure file format, set once per command (report --plot-format)
+FORMAT = {"value": "png"}  # figure file format of :func:`save` (``report --plot-format``)
 
 
-def set_format(fmt: str) -> None:
-    """Make every later :func:`save` write ``fmt`` (png, svg or pdf)."""
+@contextlib.contextmanager
+def file_format(fmt: str) -> Iterator[None]:
+    """Within the block, :func:`save` writes ``fmt`` (png, svg or pdf) unless told otherwise."""
+    before = FORMAT["value"]
     FORMAT["value"] = fmt
+    try:
+        yield
+    finally:
+        FORMAT["value"] = before
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Any, Any]:
