@@ -9,8 +9,7 @@ import typer
 from ..errors import SpecError
 from ..report import alignment as view
 from .options import Common, analysis_options
-from .output import finish, results_of
-from .runner import per_checkpoint, warn_results
+from .runner import finish_per_checkpoint, per_checkpoint
 
 VECTORS = ("full", "minibatch", "sam", "update")
 
@@ -83,11 +82,7 @@ def alignment(
             prev = session.objective(session.load(carry["prev_path"])).flat_params()
         return compute_alignment(obj, cfg, kk, step_eta, prev)
 
-    outcomes = per_checkpoint(common, checkpoints, "alignment", cfg, compute)
-    warn_results(common, outcomes)
-    results = results_of(outcomes)
-    finish(common, outcomes, {"results": results}, show=lambda: view.show(results),
-           plot=lambda d: view.plot(results, d))
+    finish_per_checkpoint(common, per_checkpoint(common, checkpoints, "alignment", cfg, compute), view)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,8 +9,7 @@ import typer
 from ..errors import SpecError
 from ..report import features as view
 from .options import Common, analysis_options
-from .output import finish
-from .runner import whole_runs
+from .runner import finish_whole_runs, whole_runs
 
 
 def compute_features(objectives, steps, data, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -65,10 +64,7 @@ def features(
         out = compute_features(objectives, [ck.step for ck in cks], data, cfg)
         return {"run": str(Path(cks[0].path).parent), "paths": [str(ck.path) for ck in cks], **out}
 
-    outcomes = whole_runs(common, runs, "features", cfg, compute, name="features")
-    results = [o.result for o in outcomes if o.result is not None]
-    payload: dict[str, Any] = results[0] if len(runs) == 1 and results else {"runs": results}
-    finish(common, outcomes, payload, show=lambda: view.show(results), plot=lambda d: view.plot(results, d))
+    finish_whole_runs(common, runs, whole_runs(common, runs, "features", cfg, compute, name="features"), view)
 
 
 def register(app: typer.Typer) -> None:

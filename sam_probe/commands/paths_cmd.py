@@ -7,14 +7,14 @@ from typing import Any, Optional
 import torch
 import typer
 
-from ..errors import SamProbeError, SpecError
+from ..errors import SpecError
 from ..loading.runs import run_label
 from ..pipeline import UnitOutcome
 from ..report import distance as distance_view
 from ..report import interpolate as interpolate_view
 from .options import Common, analysis_options
 from .output import finish
-from .runner import open_session, shows_progress, whole_runs
+from .runner import finish_whole_runs, guarded, open_session, session_with_progress, whole_runs
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -79,11 +79,7 @@ def distance(
             raise SpecError(f"--ref: the checkpoints do not hold the reference's tensors ({exc})") from None
         return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **res.to_dict()}
 
-    outcomes = whole_runs(common, runs, "distance", cfg, compute, name="distance")
-    results = [o.result for o in outcomes if o.result is not None]
-    payload: dict[str, Any] = results[0] if len(runs) == 1 and results else {"runs": results}
-    finish(common, outcomes, payload, show=lambda: distance_view.show(results),
-           plot=lambda d: distance_view.plot(results, d))
+    finish_whole_runs(common, runs, whole_runs(common, runs, "distance", cfg, compute, name="distance"), distance_view)
 
 
 def parse_range(text: str) -> tuple[float, float]:
@@ -123,19 +119,13 @@ def interpolate(
         res = core_interpolate(obj, {**ma.params, **ma.buffers}, {**mb.params, **mb.buffers}, points=points, lo=lo, hi=hi)
         return {"a": str(ca.path), "b": str(cb.path), "step_a": ca.step, "step_b": cb.step, **res.to_dict()}
 
-    from ..report import console
+    def run(session) -> list[UnitOutcome]:
+        files = [(p, session.load(p).step) for p in (a, b)]
+        return [session.over_files("interpolate", run_label(a), f"{a.stem}--{b.stem}", files, cfg, compute,
+                                   origin=f"{a} -> {b}")]
 
-    outcomes: list[UnitOutcome] = []
-    with console.progress(shows_progress(common)) as prog:
-        session = open_session(common, prog)
-        try:
-            files = []
-            for p in (a, b):
-                files.append((p, session.load(p).step))
-            outcomes.append(session.over_files("interpolate", run_label(a), f"{a.stem}--{b.stem}", files, cfg,
-                                               compute, origin=f"{a} -> {b}"))
-        except SamProbeError as exc:
-            outcomes.append(UnitOutcome(f"{a} -> {b}", None, "failed", error=str(exc), details=getattr(exc, "rows", None)))
+    with session_with_progress(common) as session:
+        outcomes = guarded(f"{a} -> {b}", lambda: run(session))
     results = [o.result for o in outcomes if o.result is not None]
     payload = results[0] if results else {}
     finish(common, outcomes, payload, show=lambda: interpolate_view.show(results),

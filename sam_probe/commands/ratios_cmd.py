@@ -18,8 +18,7 @@ from ..pipeline import UnitOutcome
 from ..report import overlap as overlap_view
 from ..report import ratios as ratios_view
 from .options import Common, analysis_options
-from .output import finish, results_of
-from .runner import open_session, shows_progress
+from .runner import finish_per_checkpoint, finish_whole_runs, guarded, per_checkpoint, session_with_progress
 
 VARIANTS = ("l2", "linf", "usam", "asam")
 CATEGORIES = ("C1", "C2", "C3", "C4", "boundary", "undefined")
@@ -72,11 +71,12 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in STORED_ONLY}
 
 
-def _ratio_outcomes(session, target: Path, cfg: dict[str, Any]) -> list[UnitOutcome]:
-    def compute(ck, session, carry):
-        return compute_ratios(session.objective(ck), cfg)
+def _compute(cfg: dict[str, Any]):
+    return lambda ck, session, carry: compute_ratios(session.objective(ck), cfg)
 
-    return session.per_checkpoint("ratios", target, cfg, compute)
+
+def _ratio_outcomes(session, target: Path, cfg: dict[str, Any]) -> list[UnitOutcome]:
+    return session.per_checkpoint("ratios", target, cfg, _compute(cfg))
 
 
 def ratios(
@@ -96,26 +96,11 @@ def ratios(
 ) -> None:
     """Per-parameter ratio r = g~/g of SAM's perturbed to current gradient: categories C1-C4, bins, magnitude split."""
     cfg = ratio_config(rho, variant, m, eps, faithful, parse_edges(edges), eta, ire_rank)
-    outcomes: list[UnitOutcome] = []
-    from ..report import console
-
-    with console.progress(shows_progress(common)) as prog:
-        session = open_session(common, prog)
-        for target in checkpoints:
-            outcomes += _guard(target, lambda t=target: _ratio_outcomes(session, t, cfg))
-    results = [public(r) for r in results_of(outcomes)]
-    finish(common, outcomes, {"results": results},
-           show=lambda: ratios_view.show(results, bucket=bucket, per_layer=per_layer),
-           plot=lambda d: ratios_view.plot(results, d, bucket=bucket))
-
-
-def _guard(target: Path, fn) -> list[UnitOutcome]:
-    from ..errors import SamProbeError
-
-    try:
-        return fn()
-    except SamProbeError as exc:
-        return [UnitOutcome(str(target), None, "failed", error=str(exc), details=getattr(exc, "rows", None))]
+    outcomes = per_checkpoint(common, checkpoints, "ratios", cfg, _compute(cfg))
+    for o in outcomes:  # packed arrays stay in the store
+        if o.result is not None:
+            o.result = public(o.result)
+    finish_per_checkpoint(common, outcomes, ratios_view, bucket=bucket, per_layer=per_layer)
 
 
 def overlap_of_run(session, target: Path, cfg: dict[str, Any], category: str, anchor: int | None,
@@ -181,16 +166,11 @@ def overlap(
     if category not in CATEGORIES:
         raise SpecError(f"--category {category}: choose one of {', '.join(CATEGORIES)}")
     cfg = ratio_config(rho, variant, m, eps, faithful, parse_edges(edges), eta, ire_rank)
-    from ..report import console
-
     outcomes: list[UnitOutcome] = []
-    with console.progress(shows_progress(common)) as prog:
-        session = open_session(common, prog)
+    with session_with_progress(common) as session:
         for run in runs:
-            outcomes += _guard(run, lambda r=run: overlap_of_run(session, r, cfg, category, anchor, not no_pairwise))
-    results = [o.result for o in outcomes if o.result is not None and "anchor" in o.result]
-    payload: dict[str, Any] = results[0] if len(runs) == 1 and results else {"runs": results}
-    finish(common, outcomes, payload, show=lambda: overlap_view.show(results), plot=lambda d: overlap_view.plot(results, d))
+            outcomes += guarded(run, lambda r=run: overlap_of_run(session, r, cfg, category, anchor, not no_pairwise))
+    finish_whole_runs(common, runs, outcomes, overlap_view, is_result=lambda r: "anchor" in r)
 
 
 def register(app: typer.Typer) -> None:

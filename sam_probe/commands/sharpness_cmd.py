@@ -9,8 +9,7 @@ import typer
 from ..errors import SpecError
 from ..report import sharpness as view
 from .options import Common, analysis_options
-from .output import finish, results_of
-from .runner import per_checkpoint, warn_results
+from .runner import finish_per_checkpoint, per_checkpoint
 
 VARIANTS = ("l2", "linf", "usam", "asam")
 
@@ -128,11 +127,7 @@ def sharpness(
     def compute(ck, session, carry):
         return compute_sharpness(session.objective(ck), cfg)
 
-    outcomes = per_checkpoint(common, checkpoints, "sharpness", cfg, compute)
-    warn_results(common, outcomes)
-    results = results_of(outcomes)
-    finish(common, outcomes, {"results": results}, show=lambda: view.show(results),
-           plot=lambda d: view.plot(results, d))
+    finish_per_checkpoint(common, per_checkpoint(common, checkpoints, "sharpness", cfg, compute), view)
 
 
 def register(app: typer.Typer) -> None:
