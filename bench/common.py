@@ -29,3 +29,21 @@ def write_results(path: str | Path, results: dict[str, Any], seconds_total: floa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     print(f"total {seconds_total:.0f} s; wrote {path}")
+
+
+def train(model, X, y, epochs: int, lr: float, seed: int = 0):
+    """A few seeded epochs of SGD with momentum (batch 64) so benchmarks measure a trained model."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=g)
+        for s in range(0, len(X), 64):
+            idx = perm[s:s + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()

@@ -30,7 +30,7 @@ from torch.func import functional_call, jacrev, vmap
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment, write_results  # noqa: E402
+from bench.common import environment, train, write_results  # noqa: E402
 from sam_probe.core.dense import dense_hessian  # noqa: E402
 from sam_probe.core.lanczos import top_eigen  # noqa: E402
 from sam_probe.core.objective import Objective  # noqa: E402
@@ -44,20 +44,6 @@ def digits(image: bool) -> tuple[torch.Tensor, torch.Tensor]:
     X = (X - X.mean(0)) / (X.std(0) + 1e-8)
     X = torch.tensor(X, dtype=torch.float32)
     return (X.reshape(-1, 1, 8, 8) if image else X), torch.tensor(y)
-
-
-def train(model: nn.Module, X, y, epochs: int, lr: float, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
-        for s in range(0, len(X), 64):
-            idx = perm[s:s + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 def build_mlp():

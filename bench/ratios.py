@@ -27,7 +27,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import environment, write_results  # noqa: E402
+from bench.common import environment, train, write_results  # noqa: E402
 
 from sam_probe.core.objective import Objective  # noqa: E402
 from sam_probe.core.perturb import perturbed_gradient, sub_batches  # noqa: E402
@@ -44,16 +44,7 @@ def build_objective() -> Objective:
     X = torch.tensor(X, dtype=torch.float32)
     y = torch.tensor(y)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(2):
-        perm = torch.randperm(len(X), generator=g)
-        for s in range(0, len(X), 64):
-            idx = perm[s:s + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return Objective(model.eval(), X, y)
+    return Objective(train(model, X, y, epochs=2, lr=0.01), X, y)
 
 
 def configs(obj: Objective) -> dict[str, callable]:
