@@ -8,6 +8,7 @@ import torch
 import typer
 
 from ..errors import SpecError
+from ..loading.checkpoints import file_sha256
 from ..loading.runs import run_label
 from ..pipeline import UnitOutcome
 from ..report import distance as distance_view
@@ -61,8 +62,7 @@ def distance(
         session = open_session(common)
         ck = session.load(value)
         ref_state, ref_step = parameters_of(session, ck), ck.step
-    cfg = {"ref": ref, "k": k, "ref_sha": None if kind != "path" else __import__(
-        "sam_probe.loading.checkpoints", fromlist=["file_sha256"]).file_sha256(value)}
+    cfg = {"ref": ref, "k": k, "ref_sha": file_sha256(value) if kind == "path" else None}
 
     def compute(cks, session) -> dict[str, Any]:
         states = [parameters_of(session, c) for c in cks]

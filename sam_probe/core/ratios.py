@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import bitpack
-from .categories import CATEGORIES, CODE, codes_from_ratio, counts, ratio
+from .categories import CATEGORIES, CODE, codes_from_ratio, ratio
 from .objective import Objective
 from .params import ParamSpace
 from .perturb import perturbed_gradient
