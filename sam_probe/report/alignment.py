@@ -16,10 +16,10 @@ def show(results: list[dict[str, Any]]) -> None:
     cols = ["run", "step", "k", "λ1"] + [f"chi {v}" for v in vecs] + \
         ["dL dom", "dL bulk", "dL full", "pred full", "eta", "eta*_emp", "eta·λmax"]
     rows = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         chi, dl, pred = r.get("chi") or {}, r.get("dL") or {}, r.get("dL_pred") or {}
         ev = r.get("eigenvalues") or [None]
-        rows.append([figures.run_name(r), r.get("step"), r.get("k"), max(ev) if ev[0] is not None else None]
+        rows.append([label, r.get("step"), r.get("k"), max(ev) if ev[0] is not None else None]
                     + [chi.get(v) for v in vecs]
                     + [dl.get("dom"), dl.get("bulk"), dl.get("full"), pred.get("full"), r.get("eta"),
                        r.get("eta_star"), r.get("eta_lambda_max")])

@@ -63,3 +63,9 @@ def run_name(result_or_path: Any) -> str:
     """Short label of the run a result came from (its folder name)."""
     p = result_or_path.get("path") if isinstance(result_or_path, dict) else result_or_path
     return Path(str(p)).parent.name or str(p)
+
+
+def row_labels(results: list[dict[str, Any]]) -> list[str]:
+    """Table labels: the run name, or ``run/file`` where one run has several files at the same step."""
+    keys = [(run_name(r), r.get("step")) for r in results]
+    return [f"{k[0]}/{Path(str(r.get('path'))).name}" if keys.count(k) > 1 else k[0] for k, r in zip(keys, results)]

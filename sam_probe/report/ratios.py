@@ -22,10 +22,10 @@ def show(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = 
         (f", m={r0['m']}" if r0.get("m") else "") + (", faithful" if r0.get("faithful") else "") + ")"
     cols = ["run", "step", "P", "|g|", "|g~|"] + list(CATEGORIES) + ["C1 top-|g| share", "lift"]
     rows = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         fr = r.get("fractions") or {}
         ms = r.get("magnitude_split") or {}
-        rows.append([figures.run_name(r), r.get("step"), r.get("n_params"), r.get("grad_norm"),
+        rows.append([label, r.get("step"), r.get("n_params"), r.get("grad_norm"),
                      r.get("perturbed_grad_norm")] + [100 * fr.get(c, 0.0) for c in CATEGORIES]
                     + [ms.get("share"), ms.get("lift")])
     console.out.print(console.table(title, cols, rows))

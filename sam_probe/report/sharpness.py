@@ -14,10 +14,10 @@ def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     has_sam = any("sam_sharpness" in r for r in results)
     cols += (["trace", "± SE"] if has_trace else []) + (["SAM sharpness"] if has_sam else []) + ["seconds"]
     out = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         ev = list(r.get("eigenvalues") or [])
         res = list(r.get("residuals") or [])
-        row = [figures.run_name(r), r.get("step"), r.get("loss"), r.get("accuracy")]
+        row = [label, r.get("step"), r.get("loss"), r.get("accuracy")]
         row += ev + [None] * (k - len(ev))
         row += [max(res) if res else None, r.get("n_hvp")]
         row += [r.get("trace"), r.get("trace_se")] if has_trace else []

@@ -98,3 +98,21 @@ def test_sharpness_table_and_bad_option(tiny_runs, out):
     assert (out / "plots" / "sharpness.png").exists()
     bad = run_cli("sharpness", tiny_runs["sgd"], "--which", "XX")
     assert bad.code == 2 and bad.stderr.startswith("error:") and "LA" in bad.stderr
+
+
+def test_every_shipped_layout_gives_the_same_curvature(tmp_path):
+    """Lightning, DDP, compiled, safetensors, Namespace-hparams, legacy and plain files of one model agree."""
+    from pathlib import Path
+
+    layouts = Path(__file__).resolve().parents[2] / "sample_runs" / "layouts"
+    spec = ["--model", "mlp", "--model-arg", "in_dim=64", "--model-arg", "hidden=64,64", "--model-arg", "out_dim=10",
+            "--data", "digits", "--max-samples", "300", "--top-k", "2", "--rho", "0", "--no-store"]
+    res = run_cli("sharpness", layouts, *spec, "--json")
+    assert res.code == 0, res.stderr
+    results = res.json()["results"]
+    assert len(results) == 8 and {r["step"] for r in results} == {400}
+    for r in results[1:]:
+        assert r["loss"] == results[0]["loss"]
+        np.testing.assert_allclose(r["eigenvalues"], results[0]["eigenvalues"], rtol=1e-5)
+    table = run_cli("sharpness", layouts, *spec)
+    assert "layouts/epoch=3-step=400.ckpt" in table.stdout and "layouts/model_400.safetensors" in table.stdout
