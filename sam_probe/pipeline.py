@@ -330,6 +330,11 @@ def _stored(unit: Path) -> bool:
 PACKED_KEYS = ("codes", "ire_flat")  # packed numpy arrays that analyses read back as they are
 
 
+def without_packed(result: dict[str, Any]) -> dict[str, Any]:
+    """A result without its packed arrays (they stay in the store; JSON and tables leave them out)."""
+    return {k: v for k, v in result.items() if k not in PACKED_KEYS}
+
+
 def from_store(result: dict[str, Any]) -> dict[str, Any]:
     """A stored result as the command computed it: plain lists and numbers (packed arrays kept)."""
     return {k: v if k in PACKED_KEYS else jsonable(v) for k, v in result.items()}

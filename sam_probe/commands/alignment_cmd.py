@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import typer
 
+from ..core.perturb import VARIANTS
 from ..errors import SpecError
 from ..report import alignment as view
 from .options import Common, analysis_options
@@ -61,8 +62,8 @@ def alignment(
     bad = [v for v in chosen if v not in VECTORS]
     if bad or not chosen:
         raise SpecError(f"--vectors {vectors}: choose from {', '.join(VECTORS)}")
-    if variant not in ("l2", "linf", "usam", "asam"):
-        raise SpecError(f"--variant {variant}: choose l2, linf, usam or asam")
+    if variant not in VARIANTS:
+        raise SpecError(f"--variant {variant}: choose one of {', '.join(VARIANTS)}")
     if k is not None and k < 1:
         raise SpecError("--k must be >= 1")
     cfg = {"k": k, "vectors": chosen, "eta": eta, "eta_grid": parse_floats(eta_grid, "--eta-grid"),

@@ -13,17 +13,17 @@ from typing import Any, Optional
 
 import typer
 
+from ..core.categories import CATEGORIES
+from ..core.perturb import VARIANTS
 from ..errors import SpecError
-from ..pipeline import UnitOutcome
+from ..loading.runs import run_label
+from ..pipeline import UnitOutcome, without_packed
 from ..report import overlap as overlap_view
 from ..report import ratios as ratios_view
 from .options import Common, analysis_options
 from .runner import finish_per_checkpoint, finish_whole_runs, guarded, per_checkpoint, session_with_progress
 
-VARIANTS = ("l2", "linf", "usam", "asam")
-CATEGORIES = ("C1", "C2", "C3", "C4", "boundary", "undefined")
 DEFAULT_IRE_RANK = 0.9
-STORED_ONLY = ("codes", "ire_flat")  # kept in the store, left out of JSON and tables
 
 
 def parse_edges(text: str) -> list[float]:
@@ -66,11 +66,6 @@ def compute_ratios(obj, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def public(result: dict[str, Any]) -> dict[str, Any]:
-    """A stored result without its packed arrays (for JSON and tables)."""
-    return {k: v for k, v in result.items() if k not in STORED_ONLY}
-
-
 def _compute(cfg: dict[str, Any]):
     return lambda ck, session, carry: compute_ratios(session.objective(ck), cfg)
 
@@ -99,7 +94,7 @@ def ratios(
     outcomes = per_checkpoint(common, checkpoints, "ratios", cfg, _compute(cfg))
     for o in outcomes:  # packed arrays stay in the store
         if o.result is not None:
-            o.result = public(o.result)
+            o.result = without_packed(o.result)
     finish_per_checkpoint(common, outcomes, ratios_view, bucket=bucket, per_layer=per_layer)
 
 
@@ -138,8 +133,9 @@ def overlap_of_run(session, target: Path, cfg: dict[str, Any], category: str, an
                                ire_rank=cfg["ire_rank"], pairwise=pairwise)
         return {"run": str(target), **res.to_dict()}
 
-    unit, _ = session.whole_run("overlap", target, ov_cfg, compute, name=f"overlap-{category}")
-    return failed + [unit]
+    files = [(Path(o.path), o.step) for o in good]  # the run's readable checkpoints, already in step order
+    return failed + [session.over_files("overlap", run_label(target), f"overlap-{category}", files, ov_cfg, compute,
+                                        origin=str(target))]
 
 
 def overlap(

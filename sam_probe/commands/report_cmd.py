@@ -13,11 +13,10 @@ import typer
 
 from .. import store
 from ..errors import SamProbeError, SpecError
-from ..pipeline import jsonable
+from ..pipeline import jsonable, without_packed
 from ..report import console, figures
 
 ORDER = ("sharpness", "ratios", "overlap", "alignment", "distance", "interpolate", "features")
-STORED_ONLY = ("codes", "ire_flat")  # packed arrays: in the store, not in reports
 
 
 def collect(results_path: Path, only: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -27,7 +26,7 @@ def collect(results_path: Path, only: list[str] | None = None) -> dict[str, list
         name = meta.get("analysis")
         if not name or (only and name not in only):
             continue
-        grouped[name].append(jsonable({k: v for k, v in result.items() if k not in STORED_ONLY}))
+        grouped[name].append(jsonable(without_packed(result)))
     for rs in grouped.values():
         rs.sort(key=lambda r: (str(r.get("run", Path(str(r.get("path", r.get("a", "")))).parent)),
                                r.get("step") if isinstance(r.get("step"), (int, float)) else -1))

@@ -6,12 +6,12 @@ from typing import Any, Optional
 
 import typer
 
+from ..core.perturb import VARIANTS
 from ..errors import SpecError
 from ..report import sharpness as view
 from .options import Common, analysis_options
 from .runner import finish_per_checkpoint, per_checkpoint
 
-VARIANTS = ("l2", "linf", "usam", "asam")
 
 
 def _sorted_desc(values: list[float], residuals: list[float], converged: list[bool]) -> tuple[list, list, list]:

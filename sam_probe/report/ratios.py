@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..core.categories import CATEGORIES
 from . import console, figures
 
-CATEGORIES = ("C1", "C2", "C3", "C4", "boundary", "undefined")
 
 
 def _bin_label(b: dict[str, Any]) -> str:
