@@ -236,9 +236,25 @@ class Objective:
             return self.space.unflatten(params)
         return dict(params)
 
-    def _loss_sum(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(self.model, (params, self.buffers), (x,), strict=False)
+    # ------------------------------------------------------------- hooks
+    # A chunk is what :meth:`chunks` yields, ``(x, y)``; curvature operators and
+    # other analyses go through these three hooks only, never through the model.
+    def outputs(self, params: Params, x: Tensor) -> Tensor:
+        """Model outputs ``f(x; w)`` of one chunk's inputs, differentiable in ``params``.
+
+        Call inside :func:`analysis_mode` (the methods of this class do)."""
+        return functional_call(self.model, (params, self.buffers), (x,), strict=False)
+
+    def loss_sum_from_outputs(self, out: Tensor, y: Tensor) -> Tensor:
+        """``Σ_i ℓ(f_i, y_i)`` of one chunk from its outputs (differentiable in ``out``)."""
         return per_sample_loss_sum(self.loss_name, out, y)
+
+    def mode(self) -> contextlib.AbstractContextManager:
+        """The evaluation context every forward pass of this objective runs in."""
+        return analysis_mode(self.model, self.bn_mode)
+
+    def _loss_sum(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_sum_from_outputs(self.outputs(params, x), y)
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
         """Model outputs ``f(x; w)`` (no gradient tracking)."""
