@@ -189,6 +189,12 @@ class Objective:
         return self.space.flatten(self.params)
 
     @property
+    def denominator(self) -> float:
+        """What chunk loss sums are divided by: the number of loss terms of the whole
+        selection (samples; predicted tokens for token-level losses)."""
+        return self.n_samples
+
+    @property
     def n_local(self) -> int:
         """Samples in this rank's shard (``n_samples`` in one process)."""
         return self.hi - self.lo
@@ -282,7 +288,7 @@ class Objective:
                     sums[1] += c.double()
         total, correct = self._reduce(sums).tolist()
         acc = int(round(correct)) / self.n_samples if has_acc else None
-        return total / self.n_samples, acc
+        return total / self.denominator, acc
 
     def grad(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Params:
         """``∇L(w)`` as a dict, exact mean over all chunks."""
@@ -298,7 +304,7 @@ class Objective:
             acc = {k: torch.zeros_like(p[k]) for k in self.space.names}
         if self.sharded and self.world > 1:
             acc = self.space.unflatten(self._reduce(self.space.flatten(acc)))
-        return {k: v / self.n_samples for k, v in acc.items()}
+        return {k: v / self.denominator for k, v in acc.items()}
 
     def grad_flat(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
         """``∇L(w)`` as a flat ``[P]`` vector."""
@@ -405,7 +411,7 @@ class Objective:
                     for x, y in self.chunks():
                         out += self._hvp_from_graph(self._grad_graph(p, x, y), Vt, retain=False)
         self.n_hvp += b
-        return (self._reduce(out) / self.n_samples).T.contiguous()
+        return (self._reduce(out) / self.denominator).T.contiguous()
 
     def hvp_operator(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``V ↦ H V`` on flat blocks ``[P, b]`` (or ``[P]``) for the eigensolvers."""
