@@ -1,4 +1,4 @@
-"""Batch analysis specs: parse a TOML spec into jobs and run them, each in its own process.
+"""Batch analysis specs: parse a TOML spec into jobs, check them all, and run them on a pool of workers.
 
 A spec (paths and globs relative to the spec file's folder)::
 
@@ -10,7 +10,7 @@ A spec (paths and globs relative to the spec file's folder)::
     max-samples = 500
 
     [[analysis]]
-    command = "sharpness"           # any analysis command
+    command = "sharpness"           # any analysis command (sam_probe.analyses)
     runs = ["digits-mlp-sgd", "digits-mlp-late-sam"]   # or paths = ["run/step_000100.pt", ...]
     top-k = 3                       # true -> --flag, false -> omitted, list -> repeated
     trace = true
@@ -19,32 +19,50 @@ A spec (paths and globs relative to the spec file's folder)::
     command = "interpolate"
     pairs = [["run/step_000200.pt", "run/step_000400.pt"]]
 
-One job is one command on one target (a run, a file or a pair), run as
-``python -m sam_probe COMMAND TARGET ... --out OUT --json --quiet --no-plot``
-in a fresh process: a crash or a kill loses at most the unit being written
-(units are written atomically), and a re-run skips every stored unit. Each job
-appends one status line per unit (ok / skipped / failed + reason) to a file
-the batch reads back (``SAM_PROBE_STATUS_FILE``).
+One job is one command on one target (a run, a file or a pair).  Every job's
+options are checked before any job starts (a typo fails at once, naming the
+analysis table and the option).  Jobs run on ``--jobs`` long-lived worker
+processes (:mod:`sam_probe.batch_worker`), each running many jobs in turn and
+reusing data selections, models and objectives across jobs that share them; a
+worker that crashes or is killed is replaced, its job is reported failed with
+the reason, and every unit already stored stays whole (units are written
+atomically; a re-run skips them).
+
+Trust: a spec is code-like (factories it names run, like a script), but it
+cannot turn on full unpickling by itself: ``trust-checkpoint = true`` in a spec
+is refused unless the ``batch`` command line says ``--trust-checkpoint`` too.
+
+``--shard i/n`` runs a deterministic share of the jobs (balanced by their
+number of checkpoint files), so n processes or machines split one spec with no
+coordinator; shards may write into one results directory at once.
 """
 from __future__ import annotations
 
 import glob as globmod
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .commands.output import STATUS_FILE_ENV
 from .errors import SpecError, suggest
 
-COMMANDS = ("sharpness", "ratios", "overlap", "alignment", "distance", "interpolate", "features")
 RESERVED = ("command", "runs", "paths", "pairs", "name")
+TOP_LEVEL = ("out", "jobs", "runs", "defaults", "analysis")
+TRUST_OPTION = "trust-checkpoint"
+
+
+def commands() -> tuple[str, ...]:
+    """The analyses a spec may run (the registry's, in its order)."""
+    from .analyses import names
+
+    return names()
 
 
 @dataclass
@@ -54,10 +72,23 @@ class Job:
     analysis: str
     targets: list[str]
     argv: list[str]
+    where: str = ""
+    trusted: bool = False
 
     @property
     def label(self) -> str:
         return " ".join(self.targets)
+
+    def size(self) -> int:
+        """Checkpoint files this job reads (its share of the work, for sharding)."""
+        n = 0
+        for t in self.targets:
+            p = Path(t)
+            try:
+                n += sum(1 for f in p.iterdir() if f.is_file()) if p.is_dir() else 1
+            except OSError:
+                n += 1
+        return max(1, n)
 
 
 @dataclass
@@ -69,6 +100,7 @@ class UnitStatus:
     status: str  # ok | skipped | failed
     reason: str | None = None
     stored_at: str | None = None
+    seconds: float | None = None
 
 
 @dataclass
@@ -87,6 +119,8 @@ def _options(opts: dict[str, Any], where: str) -> list[str]:
                 argv.append(flag)
         elif isinstance(value, list):
             for v in value:
+                if isinstance(v, (dict, list)):
+                    raise SpecError(f"{where}: option {key} must be a value or a list of values")
                 argv += [flag, str(v)]
         elif isinstance(value, dict):
             raise SpecError(f"{where}: option {key} must be a value or a list, not a table")
@@ -95,9 +129,11 @@ def _options(opts: dict[str, Any], where: str) -> list[str]:
     return argv
 
 
-def _expand(patterns: list[str], base: Path, where: str) -> list[str]:
+def _expand(patterns: list[Any], base: Path, where: str) -> list[str]:
     out: list[str] = []
     for pat in patterns:
+        if not isinstance(pat, str):
+            raise SpecError(f"{where}: runs and paths are strings, got {pat!r}")
         full = pat if os.path.isabs(pat) else str(base / pat)
         hits = sorted(globmod.glob(full)) if any(c in pat for c in "*?[") else ([full] if os.path.exists(full) else [])
         if not hits:
@@ -106,32 +142,60 @@ def _expand(patterns: list[str], base: Path, where: str) -> list[str]:
     return out
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Parse and check a spec; every problem is one :class:`SpecError` line."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; give a TOML spec file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
-    base = path.resolve().parent
-    unknown = set(raw) - {"out", "jobs", "runs", "defaults", "analysis"}
+
+
+def _check_top_level(raw: dict[str, Any], path: Path) -> None:
+    unknown = set(raw) - set(TOP_LEVEL)
     if unknown:
         raise SpecError(f"{path}: unknown top-level keys {sorted(unknown)} (use out, jobs, runs, defaults, [[analysis]])")
-    analyses = raw.get("analysis") or []
-    if not isinstance(analyses, list) or not analyses:
-        raise SpecError(f"{path}: no [[analysis]] tables")
+    jobs = raw.get("jobs")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise SpecError(f"{path}: jobs = {jobs!r}: give a positive whole number, e.g. jobs = 2")
+    if "out" in raw and not isinstance(raw["out"], str):
+        raise SpecError(f"{path}: out = {raw['out']!r}: give a folder name as a string")
+    if not isinstance(raw.get("defaults", {}), dict):
+        raise SpecError(f"{path}: [defaults] must be a table of options")
+    if not isinstance(raw.get("runs", []), list):
+        raise SpecError(f"{path}: runs must be a list of paths or globs")
+    analyses = raw.get("analysis")
+    if not isinstance(analyses, list) or not analyses or not all(isinstance(a, dict) for a in analyses):
+        raise SpecError(f"{path}: no [[analysis]] tables (each names a command and its options)")
+
+
+def load_spec(path: str | Path, *, trust: bool = False) -> Spec:
+    """Parse a spec and check every job's options; every problem is one :class:`SpecError` line.
+
+    ``trust``: the batch command line said ``--trust-checkpoint`` (only then may a job unpickle fully)."""
+    path = Path(path)
+    raw = _read(path)
+    _check_top_level(raw, path)
+    base = path.resolve().parent
     defaults = raw.get("defaults") or {}
     top_runs = raw.get("runs") or []
+    names = commands()
     spec = Spec(out=(base / raw["out"]) if "out" in raw else None, jobs=raw.get("jobs"))
-    for i, a in enumerate(analyses):
+    for i, a in enumerate(raw["analysis"]):
         where = f"{path} [[analysis]] #{i + 1}"
         cmd = a.get("command")
-        if cmd not in COMMANDS:
-            raise SpecError(f"{where}: command {cmd!r}{suggest(str(cmd), COMMANDS)}; choose one of {', '.join(COMMANDS)}")
+        if cmd not in names:
+            raise SpecError(f"{where}: command {cmd!r}{suggest(str(cmd), names)}; choose one of {', '.join(names)}")
+        where = f"{where} ({cmd})"
         opts = {**defaults, **{k: v for k, v in a.items() if k not in RESERVED}}
-        argv_opts = _options(opts, where)
+        wants_trust = bool(opts.get(TRUST_OPTION) or opts.get(TRUST_OPTION.replace("-", "_")))
+        if wants_trust and not trust:
+            raise SpecError(f"{where}: {TRUST_OPTION} = true in a spec is refused unless the batch command line "
+                            "says --trust-checkpoint too (full unpickling runs any code a checkpoint holds)")
+        opts = {k: v for k, v in opts.items() if k not in (TRUST_OPTION, TRUST_OPTION.replace("-", "_"))}
+        argv_opts = _options(opts, where) + (["--trust-checkpoint"] if trust else [])
         if cmd == "interpolate":
             pairs = a.get("pairs") or []
             if not pairs or any(not isinstance(p, list) or len(p) != 2 for p in pairs):
@@ -143,10 +207,69 @@ def load_spec(path: str | Path) -> Spec:
                 raise SpecError(f"{where}: no runs (give runs = [...] here or at the top)")
             targets = [[t] for t in _expand(list(patterns), base, where)]
         for t in targets:
-            spec.items.append(Job(cmd, t, [cmd, *t, *argv_opts]))
+            spec.items.append(Job(cmd, t, [cmd, *t, *argv_opts], where, trust))
+    validate(spec)
     return spec
 
 
+def validate(spec: Spec) -> None:
+    """Parse every job's command line and check its options as the command would, before
+    anything runs (no torch, no files read beyond the spec's paths)."""
+    import typer.main
+
+    from .analyses import get
+    from .cli import app
+    from .commands.options import ANALYSIS_OPTIONS, build_common
+
+    group = typer.main.get_command(app)
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for job in spec.items:
+        opts_key = (job.analysis, tuple(job.argv[1 + len(job.targets):]))
+        if opts_key in seen:
+            continue
+        seen.add(opts_key)
+        command = group.commands[job.analysis]  # type: ignore[attr-defined]
+        try:
+            ctx = command.make_context(job.analysis, list(job.argv[1:]), resilient_parsing=False)
+        except Exception as exc:  # click's usage errors (vendored by typer, or click itself)
+            if not hasattr(exc, "format_message"):
+                raise
+            raise SpecError(f"{job.where}: {exc.format_message()}") from None
+        values = dict(ctx.params)
+        common = build_common({k: values[k] for k in ANALYSIS_OPTIONS if k in values})
+        analysis = get(job.analysis)
+        analysis.impl.configure({o.name: values[o.name] for o in analysis.compute_options()}, common.settings)
+
+
+# ------------------------------------------------------------------ sharding
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (1 <= i <= n) -> ``(i, n)``."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SpecError(f"--shard {text}: give i/n, e.g. --shard 2/4") from None
+    if not 1 <= i <= n:
+        raise SpecError(f"--shard {text}: i must be between 1 and n")
+    return i, n
+
+
+def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
+    """Shard ``i`` of ``n``: jobs dealt largest first to the least loaded shard (ties to the
+    lowest shard), so the split depends only on the spec and its files."""
+    load = [0] * n
+    mine: list[tuple[int, Job]] = []
+    order = sorted(range(len(jobs)), key=lambda j: (-jobs[j].size(), j))
+    for j in order:
+        s = min(range(n), key=lambda k: (load[k], k))
+        load[s] += jobs[j].size()
+        if s == i - 1:
+            mine.append((j, jobs[j]))
+    return [job for _, job in sorted(mine, key=lambda t: t[0])]
+
+
+# ------------------------------------------------------------------ running
 def parse_statuses(job: Job, lines: list[str]) -> list[UnitStatus]:
     out = []
     for line in lines:
@@ -155,45 +278,125 @@ def parse_statuses(job: Job, lines: list[str]) -> list[UnitStatus]:
         except ValueError:
             continue
         out.append(UnitStatus(job.analysis, job.label, d.get("path") or job.label, d.get("step"), d.get("status"),
-                              d.get("error"), d.get("stored_at")))
+                              d.get("error"), d.get("stored_at"), d.get("seconds")))
     return out
 
 
-def run_job(job: Job, out: Path, threads: int, python: str = sys.executable) -> list[UnitStatus]:
-    """Run one job in a fresh process and return its units' statuses."""
-    fd, status_file = tempfile.mkstemp(prefix="sam-probe-status-", suffix=".jsonl")
+class Worker:
+    """One long-lived ``python -m sam_probe.batch_worker`` process: jobs in on stdin, one reply
+    line per job on stdout; its stderr goes to a log file (read when it dies)."""
+
+    def __init__(self, threads: int, python: str = sys.executable):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "SAM_PROBE_THREADS": str(threads)}
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python, "-m", "sam_probe.batch_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, bufsize=1)
+
+    def run(self, job: Job, out: Path) -> tuple[int | None, str]:
+        """``(exit code, what the job printed on stderr)``; ``None`` when the worker died."""
+        request = {"argv": [*job.argv, "--out", str(out), "--json", "--quiet", "--no-plot"],
+                   "status_file": job_status_file(job)}
+        try:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            return None, self.death()
+        reply = json.loads(line)
+        return int(reply["rc"]), str(reply.get("stderr") or "")
+
+    def death(self) -> str:
+        """Why the worker is gone (its exit status and the last line it wrote)."""
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.seek(0)
+        tail = [ln for ln in self.log.read().strip().splitlines() if ln.strip()][-1:]
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"the worker process running this job {how}" + (f" ({tail[0][:160]})" if tail else "")
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self.log.close()
+
+
+_STATUS_FILES: dict[int, str] = {}
+
+
+def job_status_file(job: Job) -> str:
+    fd, path = tempfile.mkstemp(prefix="sam-probe-status-", suffix=".jsonl")
     os.close(fd)
-    env = {**os.environ, STATUS_FILE_ENV: status_file, "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
-    try:
-        proc = subprocess.run([python, "-m", "sam_probe", *job.argv, "--out", str(out), "--json", "--quiet",
-                               "--no-plot"], env=env, capture_output=True, text=True)
-        with open(status_file) as fh:
-            units = parse_statuses(job, fh.read().splitlines())
-    finally:
-        os.unlink(status_file)
-    if proc.returncode != 0 and not any(u.status == "failed" for u in units):
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else f"exit {proc.returncode}")
-        units.append(UnitStatus(job.analysis, job.label, job.label, None, "failed",
-                                reason.removeprefix("error:").strip()))
+    _STATUS_FILES[id(job)] = path
+    return path
+
+
+def _finish_job(job: Job, rc: int | None, stderr: str) -> list[UnitStatus]:
+    path = _STATUS_FILES.pop(id(job), None)
+    units: list[UnitStatus] = []
+    if path:
+        try:
+            with open(path) as fh:
+                units = parse_statuses(job, fh.read().splitlines())
+        finally:
+            os.unlink(path)
+    if rc is None:  # the worker died: units it reported stay; the job itself failed
+        units.append(UnitStatus(job.analysis, job.label, job.label, None, "failed", stderr))
+    elif rc != 0 and not any(u.status == "failed" for u in units):
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else f"exit {rc}")
+        units.append(UnitStatus(job.analysis, job.label, job.label, None, "failed", reason.removeprefix("error:").strip()))
     return units
 
 
-def run_spec(spec: Spec, out: Path, jobs: int = 1,
-             on_done: Callable[[Job, list[UnitStatus]], None] | None = None) -> list[UnitStatus]:
-    """Run every job (``jobs`` at a time), continuing past failures."""
-    jobs = max(1, int(jobs))
+def run_spec(spec: Spec, out: Path, jobs: int = 1, items: list[Job] | None = None,
+             on_done: Callable[[Job, list[UnitStatus], str], None] | None = None) -> list[UnitStatus]:
+    """Run ``items`` (default: every job of ``spec``) on ``jobs`` workers, continuing past failures;
+    statuses come back in job order."""
+    items = spec.items if items is None else items
+    jobs = max(1, min(int(jobs), len(items) or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    statuses: list[UnitStatus] = []
+    todo: queue.Queue[tuple[int, Job]] = queue.Queue()
+    for pair in enumerate(items):
+        todo.put(pair)
+    done: dict[int, list[UnitStatus]] = {}
+    lock = threading.Lock()
 
-    def one(job: Job) -> list[UnitStatus]:
-        units = run_job(job, out, threads)
-        if on_done:
-            on_done(job, units)
-        return units
+    def drive() -> None:
+        worker: Worker | None = None
+        try:
+            while True:
+                try:
+                    index, job = todo.get_nowait()
+                except queue.Empty:
+                    return
+                worker = worker or Worker(threads)
+                rc, stderr = worker.run(job, out)
+                if rc is None:  # replace a dead worker before the next job
+                    worker.log.close()
+                    worker = None
+                units = _finish_job(job, rc, stderr)
+                with lock:
+                    done[index] = units
+                    if on_done:
+                        on_done(job, units, stderr)
+        finally:
+            if worker is not None:
+                worker.close()
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for units in pool.map(one, spec.items):
-            statuses += units
-    return statuses
+    threads_ = [threading.Thread(target=drive, daemon=True) for _ in range(jobs)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    return [u for i in sorted(done) for u in done[i]]

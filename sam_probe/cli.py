@@ -1,45 +1,79 @@
-"""The ``sam-probe`` command line (typer). Each command lives in ``sam_probe/commands``."""
+"""The ``sam-probe`` command line (typer).
+
+Analysis commands are built from the declarations in :mod:`sam_probe.analyses`;
+the others (inspect, train, merge, report, batch) live in ``sam_probe/commands``.
+Nothing heavy is imported here: torch, scipy, seaborn, matplotlib and h5py load
+only when a command runs.
+"""
 from __future__ import annotations
 
 import sys
 import traceback
+from typing import Optional
 
 import typer
 
 from .errors import SamProbeError
 
+
+def _flags_without_type() -> None:
+    """Switches (``--trace``) are shown without a ``<bool>`` type in ``--help``."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer internals moved: keep its default look
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
 app = typer.Typer(
     name="sam-probe",
     help="See how the optimizer shaped a solution: curvature, SAM gradient ratios, alignment, paths and features "
-         "from your training checkpoints.",
+         "from your training checkpoints. Definitions of every quantity: docs/metrics.md.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 
 
-def _register() -> None:
-    from .commands import inspect_cmd, merge_cmd, train_cmd
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
 
+        typer.echo(f"sam-probe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")) -> None:
+    """See how the optimizer shaped a solution: curvature, SAM gradient ratios, alignment, paths and features
+    from your training checkpoints. Definitions of every quantity: docs/metrics.md."""
+
+
+def _register() -> None:
+    from .commands import analysis_cmd, batch_cmd, inspect_cmd, merge_cmd, report_cmd, train_cmd
+
+    analysis_cmd.register(app)
     app.command("inspect")(inspect_cmd.inspect)
+    app.command("report")(report_cmd.report)
+    app.command("batch")(batch_cmd.batch)
     app.command("train")(train_cmd.train)
     app.command("merge")(merge_cmd.merge)
-    for module_name in ("sharpness_cmd", "ratios_cmd", "alignment_cmd", "paths_cmd", "features_cmd",
-                        "report_cmd", "batch_cmd"):
-        try:
-            module = __import__(f"sam_probe.commands.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"sam_probe.commands.{module_name}":
-                raise
-            continue
-        module.register(app)
 
 
 _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2; ``--debug`` shows tracebacks."""
+    """Entry point: user errors print one line and exit 2; ``--debug`` shows tracebacks;
+    Ctrl-C prints ``interrupted`` and exits 130 (stored units are whole; none is half-written)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -54,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             error(str(exc), getattr(exc, "rows", None))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        from .report.console import note
+
+        note("interrupted: every unit stored so far is kept whole; re-run the same command to resume")
         sys.exit(130)
 
 

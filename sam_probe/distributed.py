@@ -22,10 +22,8 @@ import atexit
 import datetime
 import os
 import socket
+import sys
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 _STATE: dict[str, Any] = {"active": False, "backend": None}
 
@@ -45,13 +43,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init(device: torch.device | str | None = None, backend: str | None = None, timeout_s: float = 1800) -> bool:
+def _dist():
+    """``torch.distributed`` (imported on first use: the CLI starts without torch)."""
+    import torch.distributed as dist
+
+    return dist
+
+
+def _group_up() -> bool:
+    """Whether a process group exists (never imports torch: without torch loaded there is none)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    dist = sys.modules["torch.distributed"]
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(device: Any = None, backend: str | None = None, timeout_s: float = 1800) -> bool:
     """Join (or start) the process group once; returns whether it is active.
 
     Rendezvous is ``env://`` (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
     ``WORLD_SIZE``, as torchrun sets them); without them a group of one process is
     made on a free local port.  Backend: ``nccl`` for CUDA devices, ``gloo`` otherwise.
     """
+    import torch
+
+    dist = _dist()
     if _STATE["active"]:
         return True
     if not dist.is_available():
@@ -79,7 +95,8 @@ def init(device: torch.device | str | None = None, backend: str | None = None, t
 def shutdown() -> None:
     """Leave the process group (if this module started using one), after every rank got here:
     rank 0 hosts the rendezvous store, and a rank leaving early aborts the others."""
-    if _STATE["active"] and dist.is_initialized():
+    if _STATE["active"] and _group_up():
+        dist = _dist()
         try:
             if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))  # names a rank that died
@@ -92,19 +109,19 @@ def shutdown() -> None:
 
 def active() -> bool:
     """True when analyses run data-parallel (after :func:`init`)."""
-    return bool(_STATE["active"]) and dist.is_initialized()
+    return bool(_STATE["active"]) and _group_up()
 
 
 def rank() -> int:
     """This process's rank (from the group, else ``RANK`` in the environment, else 0)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
+    if _group_up():
+        return _dist().get_rank()
     return int(os.environ.get("RANK", "0") or 0)
 
 
 def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+    if _group_up():
+        return _dist().get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
@@ -117,8 +134,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def rank_device(device: torch.device) -> torch.device:
+def rank_device(device: Any) -> Any:
     """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` when launched with several processes."""
+    import torch
+
     if device.type == "cuda" and device.index is None and (launched() or active()):
         return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
     return device
@@ -141,9 +160,10 @@ def shard_range(n: int, world: int, r: int, chunk: int | None = None) -> tuple[i
     return (r * n) // world, ((r + 1) * n) // world
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: Any) -> Any:
     """In-place sum over ranks (a no-op without an active group); returns ``t``."""
     if active() and world_size() > 1:
+        dist = _dist()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -153,10 +173,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not (active() and world_size() > 1):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    _dist().broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier() -> None:
     if active() and world_size() > 1:
-        dist.barrier()
+        _dist().barrier()

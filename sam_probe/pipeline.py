@@ -7,12 +7,14 @@ under the same key is read back instead of recomputed unless ``force``.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,65 +23,22 @@ import torch
 from torch import nn
 
 from . import __version__, store
+from .analyses.base import Analysis
 from .core.objective import Objective
 from .errors import CheckpointError, SamProbeError, SpecError
 from .loading.checkpoints import Checkpoint, file_sha256, load_checkpoint
 from .loading.matching import Matched, match_state
 from .loading.runs import discover, run_label
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class Settings:
-    """Options shared by every analysis command (model, data, numerics, output)."""
-
-    model: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None
-    data_args: dict[str, Any] = field(default_factory=dict)
-    split: str = "train"
-    max_samples: int | None = None
-    batch_size: int | None = None
-    loss: str | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    bn_mode: str = "eval"
-    seed: int = 0
-    out: Path = Path("sam_probe_results")
-    force: bool = False
-    glob: str | None = None
-    key: str | None = None
-    trust_checkpoint: bool = False
-    allow_nonfinite: bool = False
-    store: bool = True
-    max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
-    distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise SpecError(f"--dtype {self.dtype}: choose float32 or float64")
-        return DTYPES[self.dtype]
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError:
-            raise SpecError(f"--device {self.device}: use auto, cpu, cuda or cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SpecError(f"--device {self.device}: CUDA is not available here; use --device cpu")
-        return dev
-
-    def data_identity(self) -> dict[str, Any]:
-        return {"data": self.data, "data_args": self.data_args, "split": self.split,
-                "max_samples": self.max_samples, "seed": self.seed}
-
+from .settings import DTYPES, Settings  # noqa: F401 - re-exported (Settings lived here)
 
 @dataclass
 class UnitOutcome:
-    """What happened to one unit: ``ok``, ``skipped`` (already stored) or ``failed``."""
+    """What happened to one unit: ``ok``, ``skipped`` (already stored) or ``failed``.
+
+    ``store_error`` is set when the unit was computed but could not be written
+    (its result is still shown); ``trace`` holds the traceback of an unexpected
+    failure (shown with ``--debug``).
+    """
 
     path: str
     step: int | None
@@ -88,6 +47,9 @@ class UnitOutcome:
     error: str | None = None
     details: list[tuple[str, str, str]] | None = None
     stored_at: str | None = None
+    store_error: str | None = None
+    seconds: float | None = None
+    trace: str | None = None
 
 
 Progress = Callable[[str, int, int], None]
@@ -97,14 +59,70 @@ def _noop(msg: str, done: int, total: int) -> None:
     return None
 
 
+def guarded(target: Any, fn: Callable[[], list[UnitOutcome]]) -> list[UnitOutcome]:
+    """``fn()``, or one failed outcome for ``target`` when it raises a user error."""
+    try:
+        return fn()
+    except SamProbeError as exc:
+        return [UnitOutcome(str(target), None, "failed", error=str(exc), details=getattr(exc, "rows", None))]
+
+
+def failure(path: Any, step: int | None, exc: BaseException) -> UnitOutcome:
+    """A failed outcome for ``exc``: user errors as they are; anything else from the model,
+    the data or the numerics as one line that says where to look (traceback kept for --debug)."""
+    if isinstance(exc, SamProbeError):
+        return UnitOutcome(str(path), step, "failed", error=str(exc), details=getattr(exc, "rows", None))
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    hint = ("check that --model/--model-arg fit --data and --loss" if isinstance(exc, (RuntimeError, TypeError, IndexError, KeyError))
+            else "rerun with --debug for the traceback")
+    return UnitOutcome(str(path), step, "failed", error=f"{path}: {type(exc).__name__}: {text} ({hint})",
+                       trace=traceback.format_exc())
+
+
+COMPUTE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, ArithmeticError, NotImplementedError,
+                  AttributeError, AssertionError)
+
+
+class ProcessCache:
+    """What may be reused across the commands one process runs (``batch`` workers):
+    data selections, built models and objectives, keyed by everything they depend on.
+    Off by default: a single command needs none of it."""
+
+    def __init__(self, enabled: bool = False, max_objectives: int = 2):
+        self.enabled = enabled
+        self.data: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        self.objectives: dict[str, Any] = {}
+        self.max_objectives = max_objectives
+
+    def clear(self) -> None:
+        self.data.clear()
+        self.models.clear()
+        self.objectives.clear()
+
+
+CACHE = ProcessCache()
+
+
+def _plain_value(v: Any) -> bool:
+    """A keyword argument a checkpoint may pass to a built-in factory: numbers, strings, bools,
+    None, or flat lists of those."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, list) and len(v) <= 1024 and all(x is None or isinstance(x, (bool, int, float, str)) for x in v)
+
+
 class Session:
     """Shared state of one command: settings, the cached data selection and models."""
 
-    def __init__(self, settings: Settings, command: list[str] | None = None, progress: Progress | None = None):
+    def __init__(self, settings: Settings, command: list[str] | None = None, progress: Progress | None = None,
+                 on_unit: Callable[[UnitOutcome], None] | None = None):
         self.settings = settings
         self.command = command if command is not None else list(sys.argv)
         self.progress = progress or _noop
+        self.on_unit = on_unit
         self._data: dict[str, Any] = {}
+        self._prefix: dict[str, str] = {}
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
         from . import distributed as _dist
@@ -112,6 +130,8 @@ class Session:
             self.device = _dist.rank_device(self.device)
             _dist.init(self.device)
         self._memory_plans: dict = {}
+        self.store_failed: str | None = None  # the first write error: later units are not attempted
+        _warm_up()
 
     # ------------------------------------------------------------ inputs
     def load(self, path: str | Path) -> Checkpoint:
@@ -139,77 +159,169 @@ class Session:
         good.sort(key=lambda t: (t[1] is None, t[1] if t[1] is not None else t[2], t[2]))
         return [(f, s if s is not None else pos) for f, s, pos in good], failed
 
+    # -------------------------------------------------------- trust boundary
     def model_spec(self, ck: Checkpoint) -> tuple[str, dict[str, Any]]:
+        """The model name and keyword arguments: the user's ``--model``, or what the checkpoint
+        names — which may only be a built-in zoo name (or one the user allowed with
+        ``--allow-model``), with plain keyword arguments."""
+        from .loading.models import is_builtin_model
+
         s = self.settings
         saved = ck.model_spec or {}
-        name = s.model or saved.get("name")
-        if not name:
-            from .loading.models import ZOO
-            raise SpecError(
-                f"{ck.path}: the checkpoint does not name its model; pass --model (zoo: {', '.join(sorted(ZOO))}, "
-                "or pkg.module:factory / file.py:factory)")
-        args = dict(saved.get("args") or {}) if (not s.model or s.model == saved.get("name")) else {}
+        if s.model:
+            name = s.model
+            args = dict(saved.get("args") or {}) if s.model == saved.get("name") else {}
+        else:
+            name = saved.get("name")
+            if not name:
+                from .loading.models import ZOO
+                raise SpecError(
+                    f"{ck.path}: the checkpoint does not name its model; pass --model (zoo: {', '.join(sorted(ZOO))}, "
+                    "or pkg.module:factory / file.py:factory)")
+            name = str(name)
+            if not is_builtin_model(name) and name not in s.allow_models:
+                raise CheckpointError(
+                    f"{ck.path}: the checkpoint names its model {name!r}, which is not a built-in model; sam-probe "
+                    f"never imports or calls code named inside a checkpoint: if you trust that code, pass "
+                    f"--model {name} yourself")
+            args = saved.get("args") or {}
+            if not isinstance(args, dict):
+                raise CheckpointError(f"{ck.path}: the saved model arguments are not key=value pairs; pass --model-arg")
+            args = dict(args)
+        if not s.model:
+            bad = [k for k, v in args.items() if not isinstance(k, str) or not _plain_value(v)]
+            if bad:
+                raise CheckpointError(f"{ck.path}: saved model argument {str(bad[0])[:40]!r} is not a plain value; "
+                                      "pass the model's arguments with --model-arg")
         args.update(s.model_args)
         return name, args
 
     def build_model(self, ck: Checkpoint) -> nn.Module:
+        """The model of ``ck`` (seeded init, then the checkpoint's weights are matched on top).
+
+        Saved hyper-parameters fill the factory's named arguments the user left open
+        (plain values only; never through ``**kwargs``)."""
         from .loading.models import build_model, factory_for
 
         name, args = self.model_spec(ck)
+        strict = not self.settings.model  # the checkpoint chose the factory
+        factory = factory_for(name)
         try:
-            factory = factory_for(name)
             accepted = inspect.signature(factory).parameters
-            for k, v in ck.hparams.items():
-                if k in accepted and k not in args and isinstance(v, (int, float, str, bool, list)):
-                    args[k] = v
-        except (SpecError, TypeError, ValueError):
-            pass
+        except (TypeError, ValueError):
+            accepted = {}
+        for k, v in ck.hparams.items():
+            if k in accepted and k not in args and _plain_value(v) and accepted[k].kind not in (
+                    inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+                args[k] = v
+        key = repr((name, sorted(args.items(), key=lambda kv: kv[0]), self.settings.seed))
+        if CACHE.enabled and key in CACHE.models:
+            return copy.deepcopy(CACHE.models[key])
         torch.manual_seed(self.settings.seed)
-        return build_model(name, args)
+        model = build_model(name, args, strict=strict)
+        if CACHE.enabled:
+            CACHE.models[key] = copy.deepcopy(model)
+        return model
+
+    def data_spec(self, ck: Checkpoint | None) -> tuple[str, dict[str, Any]]:
+        """``--data`` and ``--data-arg``, or the built-in data the checkpoint's hyper-parameters name
+        (never a file or a factory: those the user passes)."""
+        from .loading.data import is_builtin_data
+
+        s = self.settings
+        if s.data:
+            return s.data, dict(s.data_args)
+        named = ck.hparams.get("data") if ck is not None else None
+        if not named:
+            raise SpecError("no --data given and the checkpoint does not name its data; pass --data (e.g. digits)")
+        if not isinstance(named, str) or not is_builtin_data(named):
+            raise CheckpointError(f"{ck.path}: the checkpoint names its data {str(named)[:80]!r}, which is not built-in "
+                                  "data; sam-probe never reads files or runs code named inside a checkpoint: pass "
+                                  "--data yourself")
+        saved = ck.hparams.get("data_args") if not s.data_args else None
+        args = dict(s.data_args)
+        if isinstance(saved, dict) and all(isinstance(k, str) and _plain_value(v) for k, v in saved.items()):
+            args = dict(saved)
+        return named, args
 
     def data(self, ck: Checkpoint | None = None):
-        """The data selection (loaded once per session)."""
+        """The data selection (loaded once per session, or once per process in ``batch``)."""
         from .loading.data import load_data
 
         s = self.settings
-        spec = s.data or ((ck.hparams.get("data") if ck else None) if ck and isinstance(ck.hparams.get("data"), str) else None)
-        if not spec:
-            raise SpecError("no --data given and the checkpoint does not name its data; pass --data (e.g. digits)")
-        key = str(spec)
-        if key not in self._data:
-            self._data[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=s.data_args)
-        return self._data[key]
+        spec, args = self.data_spec(ck)
+        key = repr((spec, sorted(args.items()), s.split, s.max_samples, s.seed))
+        pool = CACHE.data if CACHE.enabled else self._data
+        if key not in pool:
+            pool[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=args)
+        return pool[key]
+
+    def loss_name(self, ck: Checkpoint, data) -> str | None:
+        """``--loss``, else a built-in loss the checkpoint names, else the data's default."""
+        from .loading.models import is_factory_spec
+
+        s = self.settings
+        if s.loss:
+            return s.loss
+        saved = ck.hparams.get("loss")
+        if isinstance(saved, str) and saved:
+            if is_factory_spec(saved) or saved.endswith(".py"):
+                raise CheckpointError(f"{ck.path}: the checkpoint names its loss {saved[:80]!r}; sam-probe never "
+                                      "imports code named inside a checkpoint: pass --loss yourself")
+            return saved
+        return (data.meta or {}).get("loss")
 
     def matched(self, ck: Checkpoint, model: nn.Module) -> Matched:
-        return match_state(model, ck.state)
+        m = match_state(model, ck.state)
+        self._prefix[ck.path] = m.prefix
+        return m
+
+    def source(self, ck: Checkpoint) -> dict[str, Any]:
+        """Where a result's weights came from: format, layout, stripped/inferred prefix, step source."""
+        prefixes = list(ck.stripped_prefixes) + ([self._prefix[ck.path]] if self._prefix.get(ck.path) else [])
+        return {"format": ck.format, "layout": ck.layout, "prefix": "".join(prefixes) or None,
+                "step_source": ck.step_source}
 
     def objective(self, ck: Checkpoint, model: nn.Module | None = None, data=None) -> Objective:
         """The loss of checkpoint ``ck`` over the session's data as an :class:`Objective`."""
         s = self.settings
+        key = None
+        if CACHE.enabled and model is None and data is None:
+            key = repr((ck.path, _file_identity(ck.path), s.key, s.model, sorted(s.model_args.items()),
+                        self.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
+                        s.batch_size, s.max_memory, str(self.device)))
+            if key in CACHE.objectives:
+                obj = CACHE.objectives[key]
+                obj.n_grad = obj.n_hvp = 0
+                return obj
         model = model or self.build_model(ck)
         data = data or self.data(ck)
         m = self.matched(ck, model)
         model.to(self.device)
-        loss = s.loss or (ck.hparams.get("loss") if isinstance(ck.hparams.get("loss"), str) else None) \
-            or (data.meta or {}).get("loss")
+        loss = self.loss_name(ck, data)
         try:
             obj = Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
                             bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
             if s.max_memory:
                 from .core.memory import fit_memory
                 obj = fit_memory(obj, s.max_memory, s.batch_size, self._memory_plans)
-            return obj
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise SpecError(f"{ck.path}: the model does not accept the data ({str(exc).splitlines()[0][:160]}); "
                             "check --model/--model-arg against --data") from None
+        if key is not None:
+            while len(CACHE.objectives) >= CACHE.max_objectives:
+                CACHE.objectives.pop(next(iter(CACHE.objectives)))
+            CACHE.objectives[key] = obj
+        return obj
 
     # ------------------------------------------------------------ store
-    def unit_meta(self, analysis: str, config: dict[str, Any], paths: list[str], shas: list[str],
+    def unit_meta(self, analysis: Analysis, config: dict[str, Any], paths: list[str], shas: list[str],
                   step: int | None, model_spec: Any, seconds: float) -> dict[str, Any]:
         s = self.settings
         return {
             "sam_probe_version": __version__, "torch_version": torch.__version__,
-            "analysis": analysis, "command": list(self.command), "config": config,
+            "analysis": analysis.name, "analysis_version": analysis.version, "command": list(self.command),
+            "config": config,
             "checkpoint": paths[0] if len(paths) == 1 else paths, "sha256": shas[0] if len(shas) == 1 else shas,
             "step": step if step is not None else -1, "model_spec": model_spec,
             "data_spec": self.settings.data_identity(), "seed": s.seed, "device": str(self.device),
@@ -218,52 +330,82 @@ class Session:
             "world_size": _world_size(),
         }
 
-    def _key(self, analysis: str, config: dict[str, Any], shas: list[str]) -> str:
+    def _key(self, analysis: Analysis, config: dict[str, Any], shas: list[str]) -> str:
         s = self.settings
         ident = {"model": s.model, "model_args": s.model_args, "loss": s.loss, "dtype": s.dtype,
                  "bn_mode": s.bn_mode, "key": s.key, **s.data_identity()}
-        return store.config_key(analysis, config, ident, shas)
+        return store.config_key(analysis.name, analysis.version, config, ident, shas)
+
+    def _stored_result(self, unit: Path) -> dict[str, Any] | None:
+        if self.settings.store and not self.settings.force and _stored(unit):
+            try:
+                return from_store(store.read_unit(unit)[0]) if store.exists(unit) else {}
+            except (OSError, KeyError):
+                return None  # unreadable: recompute and overwrite
+        return None
+
+    def _write(self, unit: Path, result: dict[str, Any], meta: dict[str, Any], outcome: UnitOutcome) -> None:
+        """Store a computed unit; a write failure keeps the result and is reported, once per command."""
+        if not (self.settings.store and _is_main()):
+            return
+        if self.store_failed:
+            outcome.store_error = self.store_failed
+            return
+        try:
+            outcome.stored_at = str(store.write_unit(unit, result, meta))
+        except OSError as exc:
+            self.store_failed = store.describe_write_error(unit, self.settings.out, exc)
+            outcome.store_error = self.store_failed
+
+    def _done(self, outcome: UnitOutcome) -> UnitOutcome:
+        if self.on_unit is not None:
+            self.on_unit(outcome)
+        return outcome
 
     # ------------------------------------------------------------ drivers
-    def per_checkpoint(self, analysis: str, target: str | Path, config: dict[str, Any],
-                       compute: Callable[[Checkpoint, "Session", dict[str, Any]], dict[str, Any]]) -> list[UnitOutcome]:
-        """Run ``compute(ckpt, session, state)`` on every checkpoint of ``target``.
+    def per_checkpoint(self, analysis: Analysis, target: str | Path, config: dict[str, Any],
+                       compute: Callable[..., dict[str, Any]]) -> list[UnitOutcome]:
+        """Run ``compute(ckpt, session, config, carry)`` on every checkpoint of ``target``.
 
-        ``state`` is a dict carried from one checkpoint to the next (in step
-        order), e.g. the previous parameters.
+        ``carry`` is a dict passed from one checkpoint to the next (in step order):
+        ``index``, ``prev_path``, and whatever ``compute`` leaves in it (e.g. the
+        previous eigenvectors for a warm start).
         """
         ordered, outcomes = self.ordered(target)
         label = run_label(target)
         carry: dict[str, Any] = {}
         for i, (path, step) in enumerate(ordered):
-            self.progress(f"{analysis} {path.name}", i, len(ordered))
+            self.progress(f"{analysis.name} {path.name}", i, len(ordered))
             carry["index"] = i
             carry["prev_path"] = str(ordered[i - 1][0]) if i else None
-            outcomes.append(self._one(analysis, label, path, step, config, compute, carry))
-        self.progress(analysis, len(ordered), len(ordered))
+            outcomes.append(self._done(self._one(analysis, label, path, step, config, compute, carry)))
+        self.progress(analysis.name, len(ordered), len(ordered))
         outcomes.sort(key=lambda o: (o.step is None, o.step if o.step is not None else 0, o.path))
         return outcomes
 
     def _one(self, analysis, label, path, step, config, compute, carry) -> UnitOutcome:
         try:
             sha = file_sha256(path)
-            unit = store.unit_path(self.settings.out, analysis, label, path.stem, self._key(analysis, config, [sha]))
-            if self.settings.store and not self.settings.force and _stored(unit):
-                result = from_store(store.read_unit(unit)[0]) if store.exists(unit) else None
-                return UnitOutcome(str(path), step, "skipped", result=result, stored_at=str(unit))
+            unit = store.unit_path(self.settings.out, analysis.name, label, path.stem, self._key(analysis, config, [sha]))
+            stored = self._stored_result(unit)
+            if stored is not None:
+                carry.pop("warm", None)  # nothing computed here to start the next solve from
+                return UnitOutcome(str(path), step, "skipped", result=stored or None, stored_at=str(unit))
             ck = self.load(path)
             ck.step = step
             t0 = time.perf_counter()
-            result = compute(ck, self, carry)
+            result = compute(ck, self, config, carry)
             seconds = time.perf_counter() - t0
-            result = {"path": str(path), "step": step, **result, "seconds": seconds}
-            where = None
-            if self.settings.store and _is_main():
-                meta = self.unit_meta(analysis, config, [str(path)], [sha], step, self.model_spec_or_none(ck), seconds)
-                where = str(store.write_unit(unit, result, meta))
-            return UnitOutcome(str(path), step, "ok", result=result, stored_at=where)
-        except SamProbeError as exc:
-            return UnitOutcome(str(path), step, "failed", error=str(exc), details=getattr(exc, "rows", None))
+        except KeyboardInterrupt:
+            raise
+        except (SamProbeError, *COMPUTE_ERRORS) as exc:
+            carry.pop("warm", None)
+            return failure(path, step, exc)
+        result = {"path": str(path), "step": step, "source": self.source(ck), **result, "seconds": seconds}
+        outcome = UnitOutcome(str(path), step, "ok", result=result, seconds=seconds)
+        meta = self.unit_meta(analysis, config, [str(path)], [sha], step, self.model_spec_or_none(ck), seconds)
+        self._write(unit, result, meta, outcome)
+        return outcome
 
     def model_spec_or_none(self, ck: Checkpoint) -> Any:
         try:
@@ -272,24 +414,23 @@ class Session:
         except SamProbeError:
             return None
 
-    def whole_run(self, analysis: str, target: str | Path, config: dict[str, Any],
-                  compute: Callable[[list[Checkpoint], "Session"], dict[str, Any]],
-                  name: str = "run") -> tuple[UnitOutcome, list[UnitOutcome]]:
-        """Run ``compute(checkpoints, session)`` once over all good checkpoints of ``target``."""
+    def whole_run(self, analysis: Analysis, target: str | Path, config: dict[str, Any],
+                  compute: Callable[..., dict[str, Any]], name: str = "run") -> tuple[UnitOutcome, list[UnitOutcome]]:
+        """Run ``compute(checkpoints, session, config)`` once over all good checkpoints of ``target``."""
         ordered, failed = self.ordered(target)
         if not ordered:
             raise CheckpointError(f"{target}: no readable checkpoints")
         return self.over_files(analysis, run_label(target), name, ordered, config, compute, origin=str(target)), failed
 
-    def over_files(self, analysis: str, label: str, name: str, files: list[tuple[Path, int | None]],
-                   config: dict[str, Any], compute: Callable[[list[Checkpoint], "Session"], dict[str, Any]],
-                   origin: str) -> UnitOutcome:
+    def over_files(self, analysis: Analysis, label: str, name: str, files: list[tuple[Path, int | None]],
+                   config: dict[str, Any], compute: Callable[..., dict[str, Any]], origin: str) -> UnitOutcome:
         """One unit computed from several checkpoint files (keyed by all their sha256)."""
         shas = [file_sha256(p) for p, _ in files]
-        unit = store.unit_path(self.settings.out, analysis, label, name, self._key(analysis, config, shas))
-        if self.settings.store and not self.settings.force and _stored(unit):
-            result = from_store(store.read_unit(unit)[0]) if store.exists(unit) else None
-            return UnitOutcome(origin, None, "skipped", result=result, stored_at=str(unit))
+        unit = store.unit_path(self.settings.out, analysis.name, label, name, self._key(analysis, config, shas))
+        stored = self._stored_result(unit)
+        if stored is not None:
+            return self._done(UnitOutcome(origin, None, "skipped", result=stored or None, stored_at=str(unit)))
+        self.progress(f"{analysis.name} {label}", 0, 1)
         try:
             cks = []
             for p, step in files:
@@ -297,17 +438,40 @@ class Session:
                 ck.step = step
                 cks.append(ck)
             t0 = time.perf_counter()
-            result = compute(cks, self)
-        except SamProbeError as exc:
-            return UnitOutcome(origin, None, "failed", error=str(exc), details=getattr(exc, "rows", None))
+            result = compute(cks, self, config)
+        except KeyboardInterrupt:
+            raise
+        except (SamProbeError, *COMPUTE_ERRORS) as exc:
+            return self._done(failure(origin, None, exc))
         seconds = time.perf_counter() - t0
-        result = {**result, "seconds": seconds}
-        where = None
-        if self.settings.store and _is_main():
-            meta = self.unit_meta(analysis, config, [str(p) for p, _ in files], shas, None,
-                                  self.model_spec_or_none(cks[0]), seconds)
-            where = str(store.write_unit(unit, result, meta))
-        return UnitOutcome(origin, None, "ok", result=result, stored_at=where)
+        result = {**result, "sources": [self.source(c) for c in cks], "seconds": seconds}
+        outcome = UnitOutcome(origin, None, "ok", result=result, seconds=seconds)
+        meta = self.unit_meta(analysis, config, [str(p) for p, _ in files], shas, None,
+                              self.model_spec_or_none(cks[0]), seconds)
+        self._write(unit, result, meta, outcome)
+        self.progress(f"{analysis.name} {label}", 1, 1)
+        return self._done(outcome)
+
+
+def _file_identity(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+_WARMED: list[bool] = []
+
+
+def _warm_up() -> None:
+    """Import what the first gradient would otherwise import (torch.func and its transforms)
+    once per process, before any unit's clock starts."""
+    if _WARMED:
+        return
+    _WARMED.append(True)
+    import torch.func  # noqa: F401
+
+    w = torch.zeros(2, requires_grad=False)
+    torch.func.grad(lambda p: (p * p).sum())(w)
+    torch.func.vmap(lambda p: p * 2)(torch.zeros(2, 2))
 
 
 def _is_main() -> bool:

@@ -102,12 +102,37 @@ def _write(group: h5py.Group, data: dict[str, Any]) -> None:
             group.create_dataset(k, data=arr, compression="gzip" if big else None, shuffle=big)
 
 
+def file_mode() -> int:
+    """``0666`` less the process umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def describe_write_error(path: str | Path, out: str | Path, exc: OSError) -> str:
+    """One line naming where results could not be written and why."""
+    import errno
+
+    out = Path(out)
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "not writable" + (" (read-only file system)" if exc.errno == errno.EROFS else "")
+    elif out.exists() and not out.is_dir():
+        reason = "it is a file, not a directory"
+    where = exc.filename if isinstance(exc.filename, str) else str(path)
+    return (f"cannot store results under {out} ({where}: {reason}); the results above were computed but not "
+            "stored: free space or pass another --out (or --no-store)")
+
+
 def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Atomically write ``result`` with ``meta`` attributes to ``path``."""
+    """Atomically write ``result`` with ``meta`` attributes to ``path`` (mode 0644 under the usual umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, file_mode())
     try:
         with h5py.File(tmp, "w") as f:
             for k, v in meta.items():

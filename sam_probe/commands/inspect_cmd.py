@@ -7,16 +7,15 @@ from typing import Any, Optional
 import typer
 
 from ..errors import SamProbeError
-from ..loading.checkpoints import load_checkpoint
-from ..loading.runs import discover
-from ..pipeline import UnitOutcome
 from ..report import console
-from .output import finish
+from ..settings import Settings
 from .options import Common, Output
-from ..pipeline import Settings
+from .output import finish
 
 
 def describe(path: Path, key: str | None, trust: bool) -> dict[str, Any]:
+    from ..loading.checkpoints import load_checkpoint
+
     ck = load_checkpoint(path, key=key, trust=trust)
     tensors = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in ck.state.items()]
     nonfinite = ck.nonfinite()
@@ -26,14 +25,16 @@ def describe(path: Path, key: str | None, trust: bool) -> dict[str, Any]:
         "nonfinite": sum(nonfinite.values()), "nonfinite_tensors": nonfinite,
         "extra_keys": ck.extra_keys, "has_optimizer_state": any("optim" in k for k in ck.extra_keys),
         "hparams": ck.hparams, "model_spec": ck.model_spec, "stripped_prefixes": ck.stripped_prefixes,
-        "placeholders": ck.placeholders,
+        "placeholders": ck.placeholders, "trusted": ck.trusted,
     }
 
 
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint file or a run directory."),
-    glob: Optional[str] = typer.Option(None, "--glob", help="In a run directory, only files matching this pattern."),
-    key: Optional[str] = typer.Option(None, "--key", help="Dotted key of the state dict inside the checkpoint."),
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files or run directories.", metavar="CHECKPOINT..."),
+    glob: Optional[str] = typer.Option(None, "--glob", help="In a run directory, only files matching this pattern.",
+                                       metavar="PATTERN"),
+    key: Optional[str] = typer.Option(None, "--key", help="Dotted key of the state dict inside the checkpoint.",
+                                      metavar="A.B"),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle (runs code)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor in the table view."),
     json: bool = typer.Option(False, "--json", help="Print only the JSON result on stdout."),
@@ -43,12 +44,21 @@ def inspect(
     """Format, layout, step, tensors, parameter count, non-finite values and extra keys of checkpoints."""
     if trust_checkpoint:
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
+    from ..loading.runs import discover
+    from ..pipeline import UnitOutcome, failure, guarded
+
     outcomes: list[UnitOutcome] = []
-    for path in discover(checkpoint, glob):
-        try:
-            outcomes.append(UnitOutcome(str(path), None, "ok", result=describe(path, key, trust_checkpoint)))
-        except SamProbeError as exc:
-            outcomes.append(UnitOutcome(str(path), None, "failed", error=str(exc)))
+    for target in checkpoints:
+        def one(t: Path = target) -> list[UnitOutcome]:
+            done = []
+            for path in discover(t, glob):
+                try:
+                    done.append(UnitOutcome(str(path), None, "ok", result=describe(path, key, trust_checkpoint)))
+                except SamProbeError as exc:
+                    done.append(failure(path, None, exc))
+            return done
+
+        outcomes += guarded(target, one)
     good = [o.result for o in outcomes if o.result]
     payload = {"checkpoints": good + [{"path": o.path, "error": o.error} for o in outcomes if o.status == "failed"]}
 
@@ -59,8 +69,8 @@ def inspect(
                                                         "tensors", "non-finite", "extra keys"], rows))
         for r in good:
             if r["placeholders"]:
-                console.out.print(f"{Path(r['path']).name}: objects kept as inert placeholders (not loaded): "
-                                  + ", ".join(r["placeholders"]), highlight=False)
+                console.out.print(console.safe(f"{Path(r['path']).name}: objects kept as inert placeholders (not "
+                                               "loaded): " + ", ".join(r["placeholders"])), highlight=False)
             if tensors:
                 console.out.print(console.table(Path(r["path"]).name, ["tensor", "shape", "dtype"],
                                                 [[t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"]]

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import typer
 
-from .. import store
 from ..errors import SamProbeError
 from ..report import console
 
@@ -15,6 +14,8 @@ def merge(
     output: Path = typer.Option(..., "-o", "--output", help="Merged HDF5 file to write."),
 ) -> None:
     """Combine every stored unit under RESULTS into one HDF5 file (each unit a group)."""
+    from .. import store
+
     if not results.is_dir():
         raise SamProbeError(f"{results}: not a results directory")
     n = store.merge(results, output)

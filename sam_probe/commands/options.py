@@ -16,7 +16,7 @@ import typer
 
 from .. import distributed
 from ..errors import SpecError
-from ..pipeline import Settings
+from ..settings import Settings
 
 
 @dataclass
@@ -51,7 +51,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "data_arg": (list[str], _opt([], "--data-arg", help="Data option key=value (repeatable), e.g. d=10.")),
     "split": (str, _opt("train", "--split", help="Data split: train or test.")),
     "max_samples": (Optional[int], _opt(None, "--max-samples", help="Use a seeded random selection of N samples.")),
-    "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size (memory only: losses and gradients are exact means over the whole selection).")),
+    "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size: bounds memory only (losses, gradients and HVPs are exact means over the whole selection) — except with --bn-mode train, where it is the BatchNorm batch and changes results.")),
     "loss": (Optional[str], _opt(None, "--loss", help="ce, mse or bce (default: ce for integer targets, mse otherwise).")),
     "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
     "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
@@ -62,6 +62,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "key": (Optional[str], _opt(None, "--key", help="Dotted key of the state dict inside the checkpoint (e.g. ema.model).", panel="Checkpoints")),
     "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
     "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),
+    "allow_model": (list[str], _opt([], "--allow-model", help="A pkg.module:factory / file.py:factory that checkpoints may name as their model (repeatable); without it a checkpoint may only name a zoo model.", panel="Checkpoints")),
     "allow_nonfinite": (bool, _opt(False, "--allow-nonfinite", help="Continue when weights hold NaN/Inf.", panel="Checkpoints")),
     "out": (Path, _out_opt(Path("sam_probe_results"), "--out", "-o", help="Results directory (one HDF5 file per unit).")),
     "force": (bool, _out_opt(False, "--force", help="Recompute units that are already stored.")),
@@ -86,6 +87,7 @@ def build_common(values: dict[str, Any]) -> Common:
         batch_size=values["batch_size"], loss=values["loss"], device=values["device"], dtype=values["dtype"],
         bn_mode=values["bn_mode"], seed=values["seed"], out=values["out"], force=values["force"],
         glob=values["glob"], key=values["key"], trust_checkpoint=values["trust_checkpoint"],
+        allow_models=list(values.get("allow_model") or []),
         allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
         max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
         distributed=bool(values.get("distributed")),

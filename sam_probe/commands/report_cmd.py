@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import sys
 from collections import defaultdict
@@ -11,16 +10,18 @@ from typing import Any, Optional
 
 import typer
 
-from .. import store
+from ..analyses import names as analysis_names
 from ..errors import SamProbeError, SpecError
-from ..pipeline import jsonable, without_packed
-from ..report import console, figures
+from ..report import console
 
-ORDER = ("sharpness", "ratios", "overlap", "alignment", "distance", "interpolate", "features")
+ORDER = analysis_names()
 
 
 def collect(results_path: Path, only: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Stored results grouped by analysis, in run/step order."""
+    from .. import store
+    from ..pipeline import jsonable, without_packed
+
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for _, result, meta in store.iter_units(results_path):
         name = meta.get("analysis")
@@ -34,14 +35,18 @@ def collect(results_path: Path, only: list[str] | None = None) -> dict[str, list
 
 
 def view_of(analysis: str):
+    from .. import analyses
+
     try:
-        return importlib.import_module(f"sam_probe.report.{analysis}")
-    except ModuleNotFoundError:
+        return analyses.get(analysis).view_impl()
+    except (SamProbeError, ModuleNotFoundError):
         return None
 
 
 def flatten(result: dict[str, Any], max_list: int = 20) -> dict[str, Any]:
     """Scalars, dotted keys for nested dicts, ``name[i]`` for short lists; long arrays are left out."""
+    from ..pipeline import jsonable
+
     row: dict[str, Any] = {}
 
     def walk(prefix: str, v: Any) -> None:
@@ -93,6 +98,9 @@ def report(
         raise SamProbeError(f"{results}: no stored results" + (f" for {', '.join(analysis)}" if analysis else ""))
     outdir = output or (results / "plots" if results.is_dir() else results.with_name(results.stem + "_plots"))
 
+    from ..pipeline import jsonable
+    from ..report import figures
+
     if format == "json":
         console.print_json(jsonable({"analyses": grouped}))
     elif format == "csv":
@@ -114,7 +122,9 @@ def report(
             if view is None:
                 console.warn(f"{name}: no table view in this version; use --format json")
                 continue
-            view.show(rs, **({"bucket": True} if name == "ratios" else {}))
+            from .. import analyses
+
+            view.show(rs, **analyses.get(name).view_defaults)
 
     if plot:
         written: list[Path] = []
@@ -131,7 +141,3 @@ def report(
                     console.warn(f"{name}: plotting failed ({exc})")
         if written:
             console.err.print("plots: " + ", ".join(str(p) for p in written), highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("report")(report)

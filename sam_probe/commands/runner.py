@@ -1,22 +1,23 @@
-"""Driving an analysis over one or more checkpoints/run directories with progress."""
+"""Running a declared analysis over the command line's targets, with progress, and finishing it."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import SamProbeError
-from ..pipeline import Session, UnitOutcome
+from ..analyses.base import CHECKPOINTS, PAIR, RUNS, Analysis
 from ..report import console
 from .options import Common
 from .output import finish, results_of
 
 
-def open_session(common: Common, progress=None) -> Session:
+def open_session(common: Common, progress=None, on_unit=None):
     from .. import distributed
+    from ..pipeline import Session
 
-    session = Session(common.settings, progress=progress)  # joins the process group under torchrun
+    session = Session(common.settings, progress=progress, on_unit=on_unit)  # joins the process group under torchrun
     if common.settings.trust_checkpoint and distributed.is_main():
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
     return session
@@ -27,65 +28,84 @@ def shows_progress(common: Common) -> bool:
 
 
 @contextlib.contextmanager
-def session_with_progress(common: Common) -> Iterator[Session]:
-    """A :class:`Session` whose progress drives a rich bar on stderr (when shown)."""
-    with console.progress(shows_progress(common)) as prog:
-        yield open_session(common, prog)
+def session_with_progress(common: Common) -> Iterator[Any]:
+    """A Session whose progress drives a rich bar with ETA on a terminal and, when stderr is not
+    a terminal (logs, CI, batch jobs), prints one line per finished unit with its time."""
+    shown = shows_progress(common)
+    with console.progress(shown) as prog:
+        on_unit = console.unit_line if shown and not console.err.is_terminal else None
+        yield open_session(common, prog, on_unit)
 
 
-def guarded(target: Any, fn: Callable[[], list[UnitOutcome]]) -> list[UnitOutcome]:
-    """``fn()``, or one failed outcome for ``target`` when it raises a user error."""
-    try:
-        return fn()
-    except SamProbeError as exc:
-        return [UnitOutcome(str(target), None, "failed", error=str(exc), details=getattr(exc, "rows", None))]
+def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[str, Any]) -> list[Any]:
+    """Every unit of ``analysis`` over ``targets``: read back from the store or computed."""
+    from ..pipeline import guarded
 
-
-def per_checkpoint(common: Common, targets: list[Path], analysis: str, config: dict[str, Any],
-                   compute: Callable[..., dict[str, Any]]) -> list[UnitOutcome]:
-    """``Session.per_checkpoint`` over every target; a target that cannot be read is one failed outcome."""
-    outcomes: list[UnitOutcome] = []
+    impl = analysis.impl
+    outcomes: list[Any] = []
     with session_with_progress(common) as session:
+        if hasattr(impl, "execute"):
+            return impl.execute(session, targets, cfg)
         for target in targets:
-            outcomes += guarded(target, lambda t=target: session.per_checkpoint(analysis, t, config, compute))
+            if analysis.target == CHECKPOINTS:
+                outcomes += guarded(target, lambda t=target: session.per_checkpoint(analysis, t, cfg, impl.compute))
+            else:
+                def one(t: Path) -> list[Any]:
+                    unit, failed = session.whole_run(analysis, t, cfg, impl.compute, name=analysis.name)
+                    return failed + [unit]
+
+                outcomes += guarded(target, lambda t=target: one(t))
     return outcomes
 
 
-def whole_runs(common: Common, targets: list[Path], analysis: str, config: dict[str, Any],
-               compute: Callable[..., dict[str, Any]], name: str = "run") -> list[UnitOutcome]:
-    """``Session.whole_run`` once per target (load failures of single files are reported too)."""
-    outcomes: list[UnitOutcome] = []
+def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The JSON printed and the results shown: ``{"results": [...]}`` per checkpoint; a run's
+    (or a pair's) result object, or ``{"runs": [...]}`` for several runs."""
+    from ..pipeline import without_packed
 
-    def one(session: Session, target: Path) -> list[UnitOutcome]:
-        unit, failed = session.whole_run(analysis, target, config, compute, name=name)
-        return failed + [unit]
+    impl = analysis.impl
+    is_result = getattr(impl, "is_result", lambda r: True)
+    results = [with_schema(analysis, without_packed(r)) for r in results_of(outcomes) if is_result(r)]
+    if analysis.target == CHECKPOINTS:
+        return {"results": results}, results
+    if analysis.target == PAIR or (analysis.target == RUNS and n_targets == 1):
+        return (results[0] if results else {}), results
+    return {"runs": results}, results
 
-    with session_with_progress(common) as session:
-        for target in targets:
-            outcomes += guarded(target, lambda t=target: one(session, t))
-    return outcomes
+
+def with_schema(analysis: Analysis, result: dict[str, Any]) -> dict[str, Any]:
+    """Every key of the declared schema present (``null`` where not computed), so the JSON of a
+    fresh run and of one read back from the store have the same keys."""
+    return {**{k: None for k in analysis.schema if k not in ("warnings",)}, **result}
 
 
-def warn_results(common: Common, outcomes: list[UnitOutcome]) -> None:
+def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: Common) -> None:
+    """What ``sam-probe NAME TARGETS ...`` does: configure, execute, then print, plot and exit."""
+    compute_opts = {o.name: opts[o.name] for o in analysis.compute_options()}
+    view_opts = {o.name: opts[o.name] for o in analysis.options if o.view}
+    cfg = analysis.impl.configure(compute_opts, common.settings)
+    t0 = time.perf_counter()
+    outcomes = execute(analysis, common, targets, cfg)
+    warn_results(common, outcomes)
+    if shows_progress(common):
+        console.summary_line(analysis.name, outcomes, time.perf_counter() - t0)
+    payload, results = payload_of(analysis, outcomes, len(targets))
+    view = analysis.view_impl()
+    plot_opts = {k: v for k, v in view_opts.items() if k in _params(view.plot)}
+    finish(common, outcomes, payload, show=lambda: view.show(results, **view_opts),
+           plot=lambda d: view.plot(results, d, **plot_opts))
+
+
+def _params(fn: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def warn_results(common: Common, outcomes: list[Any]) -> None:
     """Show every result's ``warnings`` on stderr (never silently unconverged)."""
     if common.output.quiet:
         return
     for o in outcomes:
         for w in (o.result or {}).get("warnings", []) or []:
             console.warn(f"{Path(o.path).name}: {w}")
-
-
-def finish_per_checkpoint(common: Common, outcomes: list[UnitOutcome], view: Any, **view_options: Any) -> None:
-    """Warnings, then ``{"results": [...]}`` or ``view.show``'s tables, and ``view.plot``'s figures."""
-    warn_results(common, outcomes)
-    results = results_of(outcomes)
-    finish(common, outcomes, {"results": results}, show=lambda: view.show(results, **view_options),
-           plot=lambda d: view.plot(results, d))
-
-
-def finish_whole_runs(common: Common, targets: list[Path], outcomes: list[UnitOutcome], view: Any,
-                      is_result: Callable[[dict[str, Any]], bool] = lambda r: True) -> None:
-    """One run: its result object as JSON; several: ``{"runs": [...]}``."""
-    results = [o.result for o in outcomes if o.result is not None and is_result(o.result)]
-    payload: dict[str, Any] = results[0] if len(targets) == 1 and results else {"runs": results}
-    finish(common, outcomes, payload, show=lambda: view.show(results), plot=lambda d: view.plot(results, d))

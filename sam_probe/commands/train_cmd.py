@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import typer
 
 from ..errors import SpecError
@@ -17,9 +16,14 @@ OPTIMIZERS = ("sgd", "sam", "asam", "usam", "linf-sam", "late-sam")
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` to a temporary name, fsync, then rename (never a half-written file)."""
+    import torch
+
+    from ..store import file_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, file_mode())
     try:
         torch.save(payload, tmp)
         with open(tmp, "rb+") as fh:
@@ -80,6 +84,8 @@ def write_run(out: Path, *, model: str, model_args: dict[str, Any], data: str, d
     Each checkpoint holds ``model`` (state dict), ``step``, ``optimizer``,
     ``hparams`` (plain types only, incl. the data spec) and ``model_spec``.
     """
+    import torch
+
     from ..loading.data import load_data
     from ..loading.models import build_model
     from ..training import train as run_training
@@ -94,7 +100,7 @@ def write_run(out: Path, *, model: str, model_args: dict[str, Any], data: str, d
                "max_samples": max_samples}
     written: list[Path] = []
 
-    def on_checkpoint(step: int, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+    def on_checkpoint(step: int, state_dict: dict[str, Any], metrics: dict[str, Any]) -> None:
         path = Path(out) / f"step_{step:06d}.pt"
         save_checkpoint(path, {"model": state_dict, "step": step, "optimizer": optimizer, "hparams": hparams,
                                "model_spec": {"name": model, "args": model_args}, "metrics": metrics})

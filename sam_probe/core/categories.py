@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CATEGORIES = ("C1", "C2", "C3", "C4", "boundary", "undefined")
+from .names import CATEGORIES
+
 CODE = {name: i for i, name in enumerate(CATEGORIES)}
 FAITHFUL_OFFSET = 1e-8
 

@@ -42,8 +42,7 @@ from torch.func import functional_call, grad
 
 from .objective import Objective, analysis_mode
 
-STRENGTHS = ("mean-abs", "corr")
-IMPORTANCES = ("auto", "coef", "column-norm", "saliency")
+from .names import IMPORTANCES, STRENGTHS  # noqa: F401 - re-exported
 FLOOR = 1e-30
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
-WHICH = ("LA", "SA", "LM")
+from .names import WHICH
 
 
 @dataclass

@@ -9,8 +9,8 @@ Distance to a reference ``w_ref`` (parameters only, float64):
   checkpoints after the reference with ``d_t > 0``; per step, so
   ``d_t = c q^t`` gives ``log q``.
 
-Linear interpolation ``w(a) = (1-a) w_A + a w_B`` (default 41 points on
-``[-0.2, 1.2]``): floating buffers (BatchNorm running stats) are interpolated
+Linear interpolation ``w(a) = (1-a) w_A + a w_B`` (default 0.05 steps on
+``[-0.2, 1.2]``, always holding 0 and 1): floating buffers (BatchNorm running stats) are interpolated
 the same way (running variances clamped at 0 when extrapolating), integer
 buffers (``num_batches_tracked``) are taken from ``A``; loss and accuracy at every
 point, and the barrier ``max_{a ∈ [0,1]} L(w(a)) - ((1-a) L(w_A) + a L(w_B))``
@@ -140,26 +140,34 @@ class InterpolationResult:
         return asdict(self)
 
 
-def default_alphas(points: int = 41, lo: float = -0.2, hi: float = 1.2) -> np.ndarray:
-    """``points`` equally spaced values on ``[lo, hi]``."""
-    return np.linspace(lo, hi, points)
+def default_alphas(points: int = 29, lo: float = -0.2, hi: float = 1.2) -> np.ndarray:
+    """``points`` equally spaced values on ``[lo, hi]`` (rounded to 12 decimals, so that 0.05
+    steps land on 0 and 1 exactly), with ``0`` and ``1`` always among them: the curve
+    always shows the two checkpoints' own losses."""
+    grid = {round(float(x), 12) + 0.0 for x in np.linspace(lo, hi, points)}
+    return np.array(sorted(grid | {0.0, 1.0}))
 
 
 def interpolate(obj: Objective, a: State, b: State, alphas: Sequence[float] | None = None, *,
-                points: int = 41, lo: float = -0.2, hi: float = 1.2) -> InterpolationResult:
+                points: int = 29, lo: float = -0.2, hi: float = 1.2) -> InterpolationResult:
     """Evaluate ``obj`` (model, data, loss, BN mode) at ``w(α)`` for every ``α``.
 
     ``a``, ``b``: state dicts holding at least ``obj``'s parameter names; buffers missing
     from them are taken from ``obj.buffers``.  Each point is a fresh :class:`Objective`
-    with the interpolated parameters *and* buffers.
+    with the interpolated parameters *and* buffers.  Floating endpoint tensors are cast
+    to ``obj``'s dtype *before* interpolating, so a float64 curve carries no float32
+    rounding of the checkpoints' own values.
     """
     al = [float(x) for x in (default_alphas(points, lo, hi) if alphas is None else alphas)]
     pnames, bnames = obj.space.names, list(obj.buffers)
     missing = [n for n in pnames if n not in a or n not in b]
     if missing:
         raise KeyError(f"endpoint states lack parameters {missing[:5]}")
-    sa = {**{n: obj.buffers[n] for n in bnames}, **{n: a[n] for n in pnames + bnames if n in a}}
-    sb = {**{n: obj.buffers[n] for n in bnames}, **{n: b[n] for n in pnames + bnames if n in b}}
+    def cast(t: Tensor) -> Tensor:
+        return t.to(device=obj.device, dtype=obj.dtype) if torch.is_floating_point(t) else t.to(obj.device)
+
+    sa = {**{n: obj.buffers[n] for n in bnames}, **{n: cast(a[n]) for n in pnames + bnames if n in a}}
+    sb = {**{n: obj.buffers[n] for n in bnames}, **{n: cast(b[n]) for n in pnames + bnames if n in b}}
 
     def at(alpha: float) -> tuple[float, float | None]:
         s = interpolate_state(sa, sb, alpha)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .objective import Objective
 
-VARIANTS = ("l2", "linf", "usam", "asam")
+from .names import VARIANTS  # noqa: F401 - re-exported
 NORM_FLOOR = 1e-12
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
-METHODS = ("hutchinson", "hutch++")
+from .names import TRACE_METHODS as METHODS
 
 
 @dataclass

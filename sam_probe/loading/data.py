@@ -108,6 +108,11 @@ def raw_image_means(spec: str, split: str = "train", max_samples: int | None = N
     return load_data(spec, split, max_samples, seed, options).pixel_means
 
 
+def is_builtin_data(spec: str) -> bool:
+    """Data a checkpoint's hyper-parameters may name: built-in generators, never files or factories."""
+    return spec in ("digits", "synthetic-minor-major")
+
+
 # ---------------------------------------------------------------- dispatch
 def _load(spec: str, split: str, options: dict[str, Any]) -> DataSelection:
     if spec == "digits":

@@ -345,14 +345,24 @@ def factory_for(spec: str) -> Callable[..., nn.Module]:
                     "wrn-D-W, package.module:factory or path/to/file.py:factory")
 
 
-def check_args(fn: Callable[..., Any], args: dict[str, Any], label: str) -> None:
-    """SpecError when ``args`` do not fit ``fn``'s signature (naming the accepted args)."""
+def is_builtin_model(spec: str) -> bool:
+    """Zoo names and ``wrn-D-W``: models a checkpoint may name (they run no code of its choosing)."""
+    return spec in ZOO or bool(WRN_PATTERN.match(spec))
+
+
+def check_args(fn: Callable[..., Any], args: dict[str, Any], label: str, strict: bool = False) -> None:
+    """SpecError when ``args`` do not fit ``fn``'s signature (naming the accepted args).
+
+    ``strict`` (arguments chosen by a checkpoint): a factory taking ``**kwargs`` accepts
+    only its named arguments, never a passthrough."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
+        if strict and args:
+            raise SpecError(f"{label}: cannot check the saved arguments against the factory; pass --model-arg") from None
         return
     params = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if not strict and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [n for n, p in params.items()
                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -367,14 +377,15 @@ def check_args(fn: Callable[..., Any], args: dict[str, Any], label: str) -> None
         raise SpecError(f"{label}: missing argument(s) {', '.join(missing)}; pass them as key=value")
 
 
-def build_model(spec: str, args: dict[str, Any] | None = None) -> nn.Module:
+def build_model(spec: str, args: dict[str, Any] | None = None, strict: bool = False) -> nn.Module:
     """Build the model of ``spec`` with keyword ``args`` (see module docstring).
 
     Seed with ``torch.manual_seed`` before calling for a reproducible init.
+    ``strict``: the arguments came from a checkpoint (see :func:`check_args`).
     """
     args = dict(args or {})
     fn = factory_for(spec)
-    check_args(fn, args, f"--model {spec}")
+    check_args(fn, args, f"--model {spec}", strict=strict)
     try:
         model = fn(**args)
     except SpecError:

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
@@ -21,22 +22,58 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+_CONTROL = {c: "?" for c in range(32) if c not in (9,)} | {127: "?"}
+
+
+def safe(text: Any) -> str:
+    """``text`` as plain, printable terminal text: rich markup escaped, control characters
+    (terminal escape sequences) and undecodable bytes of file names replaced."""
+    s = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return escape(s.translate(_CONTROL))
+
+
 def error(message: str, rows: list[tuple[str, str, str]] | None = None, prefix: str = "error") -> None:
     """``error: <one line>`` on stderr, then an optional table of details."""
-    err.print(f"[bold red]{prefix}:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    one_line = " ".join(str(message).split("\n"))
+    err.print(f"[bold red]{prefix}:[/] {safe(one_line)}", markup=True, highlight=False, soft_wrap=True)
     if rows:
         t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         for col in ("problem", "name", "detail"):
             t.add_column(col)
         for r in rows[:40]:
-            t.add_row(*r)
+            t.add_row(*[safe(c) for c in r])
         if len(rows) > 40:
             t.add_row("...", f"{len(rows) - 40} more", "")
         err.print(t)
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold yellow]warning:[/] {safe(message)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """A plain line on stderr (paths and names escaped)."""
+    err.print(safe(message), highlight=False, soft_wrap=True)
+
+
+def unit_line(outcome: Any) -> None:
+    """One line per finished unit, for logs and CI where no progress bar is drawn."""
+    from pathlib import Path
+
+    name = Path(str(outcome.path)).name if " -> " not in str(outcome.path) else outcome.path
+    step = f" step {outcome.step}" if outcome.step is not None else ""
+    took = f" in {outcome.seconds:.2f} s" if outcome.seconds is not None else ""
+    status = {"skipped": "reused from the store"}.get(outcome.status, outcome.status)
+    note(f"{name}{step}: {status}{took}")
+
+
+def summary_line(analysis: str, outcomes: list[Any], seconds: float) -> None:
+    """``sharpness: 11 units, 8 computed, 3 reused from the store, 0 failed (12.3 s)``."""
+    n = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
+    if not outcomes:
+        return
+    note(f"{analysis}: {len(outcomes)} units, {n['ok']} computed, {n['skipped']} reused from the store, "
+         f"{n['failed']} failed ({seconds:.1f} s)")
 
 
 @contextlib.contextmanager
@@ -46,19 +83,19 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield lambda msg, done, total: None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("starting", total=None)
 
         def update(msg: str, done: int, total: int) -> None:
-            bar.update(task, description=msg, completed=done, total=total)
+            bar.update(task, description=safe(msg), completed=done, total=total)
 
         yield update
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold cyan")
+    t = Table(title=safe(title), title_justify="left", header_style="bold cyan")
     for c in columns:
-        t.add_column(c, justify="right" if c not in ("path", "file", "name", "status", "reason", "tensor", "run", "analysis", "layer") else "left")
+        t.add_column(safe(c), justify="right" if c not in ("path", "file", "name", "status", "reason", "tensor", "run", "analysis", "layer") else "left")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t
@@ -75,4 +112,4 @@ def fmt(v: Any) -> str:
         if v == 0 or 1e-3 <= abs(v) < 1e5:
             return f"{v:.4g}"
         return f"{v:.3e}"
-    return str(v)
+    return safe(v)

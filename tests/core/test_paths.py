@@ -80,11 +80,15 @@ def test_interpolation_endpoints_equal_endpoint_losses():
     assert torch.equal(mid["bn.num_batches_tracked"], a["bn.num_batches_tracked"])
     assert torch.allclose(mid["bn.running_mean"], 0.75 * a["bn.running_mean"] + 0.25 * b["bn.running_mean"])
     assert res.loss[1] == pytest.approx(direct(mid)[0], rel=1e-12)
-    # the default grid (41 points on [-0.2, 1.2]) misses 0 and 1: the endpoints are still exact
+    # the default grid (0.05 steps on [-0.2, 1.2]) holds 0 and 1 exactly: the curve shows both endpoints
     full = interpolate(base, a, b)
-    assert len(full.alphas) == 41 and full.alphas[0] == pytest.approx(-0.2) and full.alphas[-1] == pytest.approx(1.2)
-    assert full.loss_a == pytest.approx(direct(a)[0], rel=1e-12)
-    assert full.loss_b == pytest.approx(direct(b)[0], rel=1e-12)
+    assert len(full.alphas) == 29 and full.alphas[0] == pytest.approx(-0.2) and full.alphas[-1] == pytest.approx(1.2)
+    assert full.alphas[full.alphas.index(0.0)] == 0.0 and 1.0 in full.alphas
+    assert full.loss[full.alphas.index(0.0)] == full.loss_a == pytest.approx(direct(a)[0], rel=1e-12)
+    assert full.loss[full.alphas.index(1.0)] == full.loss_b == pytest.approx(direct(b)[0], rel=1e-12)
+    # any grid gets 0 and 1 inserted
+    odd = interpolate(base, a, b, points=41)
+    assert len(odd.alphas) == 43 and 0.0 in odd.alphas and 1.0 in odd.alphas
     assert all(math.isfinite(x) for x in full.loss)
     assert {"alphas", "loss", "accuracy", "barrier"} <= set(full.to_dict())
 
@@ -122,3 +126,17 @@ def test_barrier_positive_between_symmetric_minima():
     res = interpolate(obj, a, b)  # L(w(α)) = ((1-2α)² - 1)², 1 at α = 1/2, both ends 0
     assert res.loss_a == 0 and res.loss_b == 0
     assert res.barrier == pytest.approx(1.0, rel=1e-12) and res.barrier_alpha == pytest.approx(0.5)
+
+
+def test_float64_curve_casts_before_interpolating():
+    """A float64 curve from float32 checkpoints equals lerp in float64 of the float32 values."""
+    torch.manual_seed(4)
+    m = nn.Linear(3, 2)
+    X, y = seeded((20, 3), 7), torch.arange(20) % 2
+    a = {k: v.detach().float().clone() for k, v in m.state_dict().items()}
+    b = {k: (v + 0.3 * seeded(v.shape, 8).float()).float() for k, v in a.items()}
+    base = Objective(m, X, y, "ce", dtype=torch.float64)
+    res = interpolate(base, a, b, alphas=[0.3])
+    mid = {k: torch.lerp(a[k].double(), b[k].double(), 0.3) for k in a}
+    want = Objective(m, X, y, "ce", params=mid, dtype=torch.float64).loss()
+    assert res.loss[0] == pytest.approx(want, rel=1e-14)

@@ -1,0 +1,104 @@
+"""``alignment``: gradients against the dominant Hessian eigenspace, one checkpoint at a time."""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import CHECKPOINTS, Analysis, Option, perturbation_options
+
+VECTORS = ("full", "minibatch", "sam", "update")
+
+ANALYSIS = Analysis(
+    name="alignment", version=1, order=40, target=CHECKPOINTS,
+    summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
+            "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
+    definitions=(
+        ("P_k", "projector on the certified top-k Hessian eigenvectors V_k (k: --k, default the number of classes)"),
+        ("chi_k", "||P_k v|| / ||v|| for v = full gradient, seeded minibatch gradient, SAM gradient g~, update "
+                  "w_t - w_(t-1); chance level sqrt(k/P)"),
+        ("dL dom / bulk / full", "L(w - eta P_k g) - L(w), L(w - eta (I - P_k) g) - L(w), L(w - eta g) - L(w)"),
+        ("dL_pred", "second-order prediction -eta g'Pg + eta^2/2 g'PHPg of each"),
+        ("eta*_emp", "on the --eta-grid, the smallest eta where chi_k's change after one step changes sign"),
+        ("eta*lambda_max", "the step size in units of the edge of stability (2)"),
+    ),
+    json="results[{path, step, k, eigenvalues, chi, chi_sq, dL{dom, bulk, full}, dL_pred, eta_star, eta_lambda_max}]",
+    options=(
+        Option("k", None, ("--k",), "Dimension of the dominant subspace (default: number of classes).", annotation=int),
+        Option("vectors", "full,minibatch,sam,update", ("--vectors",), "Any of full, minibatch, sam, update."),
+        Option("eta", None, ("--eta",), "Step size of the one-step loss changes (default: the checkpoint's lr, "
+               "else 0.1).", annotation=float),
+        Option("eta_grid", None, ("--eta-grid",), "Comma-separated etas for eta*_emp (default: around "
+               "2/lambda_max; empty string skips).", annotation=str),
+        Option("minibatch_size", 128, ("--minibatch-size",), "Samples of the seeded minibatch gradient."),
+        *(o for o in perturbation_options(rho_help="SAM radius of the perturbed gradient.")
+          if o.name in ("rho", "variant")),
+        Option("tol", 1e-3, ("--tol",), "Residual tolerance of the eigenvectors."),
+        Option("max_hvp", None, ("--max-hvp",), "HVP budget of the eigensolver.", annotation=int),
+    ),
+    schema={
+        "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
+        "k": "subspace dimension", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
+        "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
+        "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
+        "eta_lambda_max": "eta * lambda_max", "warnings": "why a number is not certified", "seconds": "wall time",
+    },
+)
+
+
+def parse_floats(text: str | None, option: str) -> list[float] | None:
+    from ..errors import SpecError
+
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"{option} {text}: give numbers separated by commas") from None
+
+
+def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
+    from ..errors import SpecError
+    from .base import check_options
+
+    check_options(ANALYSIS, opts)
+    chosen = [v.strip() for v in str(opts["vectors"]).split(",") if v.strip()]
+    if not chosen or any(v not in VECTORS for v in chosen):
+        raise SpecError(f"--vectors {opts['vectors']}: choose from {', '.join(VECTORS)}")
+    if opts["k"] is not None and opts["k"] < 1:
+        raise SpecError("--k must be >= 1")
+    return {"k": opts["k"], "vectors": chosen, "eta": opts["eta"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
+            "minibatch_size": opts["minibatch_size"], "rho": opts["rho"], "variant": opts["variant"],
+            "tol": opts["tol"], "max_hvp": opts["max_hvp"], "seed": settings.seed}
+
+
+def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+    from ..errors import SpecError
+
+    obj = session.objective(ck)
+    data = session.data(ck)
+    k = cfg["k"] or data.n_classes or 10
+    if k >= obj.n_params:
+        raise SpecError(f"{ck.path}: --k {k} must be below the parameter count {obj.n_params}")
+    lr = ck.hparams.get("lr")
+    eta = cfg["eta"] if cfg["eta"] is not None else (float(lr) if isinstance(lr, (int, float)) and lr > 0 else 0.1)
+    prev = None
+    if "update" in cfg["vectors"] and carry.get("prev_path"):
+        prev = session.objective(session.load(carry["prev_path"])).flat_params()
+    return compute_alignment(obj, cfg, k, eta, prev)
+
+
+def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None) -> dict[str, Any]:
+    """Certified top-k eigenvectors, then :func:`~sam_probe.core.alignment.alignment` (pure)."""
+    from ..core.alignment import alignment
+    from ..core.lanczos import top_eigen
+
+    eig = top_eigen(obj, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"])
+    res = alignment(obj, eig.eigenvectors, eig.eigenvalues, eta=eta, vectors=cfg["vectors"],
+                    batch_size=cfg["minibatch_size"], seed=cfg["seed"], rho=cfg["rho"], variant=cfg["variant"],
+                    prev_params=prev_params, eta_grid=cfg["eta_grid"])
+    out = res.to_dict()
+    out.update(residuals=list(eig.residuals), converged=list(eig.converged), n_hvp=eig.n_hvp)
+    if not eig.all_converged:
+        bad = [i + 1 for i, c in enumerate(eig.converged) if not c]
+        out["warnings"] = [f"eigenpairs {bad} not converged to --tol {cfg['tol']:g}: the subspace (and chi) is "
+                           "approximate; raise --max-hvp"] + list(eig.warnings)
+    return out

@@ -1,0 +1,132 @@
+"""What an analysis is: declared once, as plain data, and found by the registry.
+
+An analysis module in :mod:`sam_probe.analyses` holds one :class:`Analysis`
+named ``ANALYSIS`` and the functions it names:
+
+- ``configure(opts, settings) -> config``: checks the analysis's own options
+  (a :class:`~sam_probe.errors.SpecError` per problem) and returns the config
+  that, with :attr:`Analysis.version`, keys the stored units;
+- ``compute(ck, session, config, carry) -> result`` for ``target="checkpoints"``
+  (one unit per checkpoint; ``carry`` passes state to the next checkpoint in step
+  order), ``compute(cks, session, config) -> result`` for ``target="runs"`` (one
+  unit per run), or ``execute(session, targets, config) -> outcomes`` for anything
+  else (``interpolate``'s pairs, ``overlap``'s units built on other units).
+
+The command line (``sam-probe NAME``), ``batch``'s command list, ``report``'s
+order and the Python API (:func:`sam_probe.analyze`) are all derived from these
+declarations.  Nothing here imports torch: ``sam-probe --help`` builds every
+command from the declarations alone.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.names import VARIANTS
+
+CHECKPOINTS, RUNS, PAIR = "checkpoints", "runs", "pair"
+METRICS_DOC = "docs/metrics.md"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of an analysis.
+
+    ``name`` is the Python name (``top_k``); ``flags`` the command-line spellings
+    (``--top-k``, ``-k``); ``hidden_flags`` are accepted but not shown (old
+    spellings kept for scripts). ``view`` options only change what is printed;
+    they are not part of the stored unit's key. ``annotation`` defaults to the
+    type of ``default`` (give it for ``None`` defaults).
+    """
+
+    name: str
+    default: Any
+    flags: tuple[str, ...]
+    help: str
+    annotation: Any = None
+    hidden_flags: tuple[str, ...] = ()
+    view: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def type(self) -> Any:
+        if self.annotation is not None:
+            return self.annotation
+        return type(self.default) if self.default is not None else str
+
+    @property
+    def flag(self) -> str:
+        """The main long flag, e.g. ``--top-k``."""
+        return next(f for f in self.flags if f.startswith("--"))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The declaration of one analysis (see the module docstring)."""
+
+    name: str
+    version: int  # bump whenever the analysis's numbers change: stored units of older versions are not reused
+    order: int  # position in listings (report, batch, --help)
+    summary: str  # one line: what it shows
+    target: str  # CHECKPOINTS, RUNS or PAIR
+    options: tuple[Option, ...]
+    schema: dict[str, str]  # result key -> what it holds (the JSON contract)
+    definitions: tuple[tuple[str, str], ...] = ()  # (quantity, one-line definition) printed in --help
+    json: str = ""  # the JSON printed, in one line (README and --help)
+    view: str = ""  # module in sam_probe.report with show() / plot(); default: the analysis name
+    module: str = ""  # module with configure/compute/execute; default: sam_probe.analyses.<name>
+    view_defaults: dict[str, Any] = field(default_factory=dict)  # view options `report` passes
+
+    @property
+    def view_module(self) -> str:
+        return f"sam_probe.report.{self.view or self.name}"
+
+    @property
+    def impl(self) -> Any:
+        """The module with ``configure`` and ``compute``/``execute`` (imported on first use)."""
+        return importlib.import_module(self.module or f"sam_probe.analyses.{self.name.replace('-', '_')}")
+
+    def view_impl(self) -> Any:
+        return importlib.import_module(self.view_module)
+
+    def compute_options(self) -> tuple[Option, ...]:
+        return tuple(o for o in self.options if not o.view)
+
+    def help_text(self) -> str:
+        """The command's ``--help``: the summary, one line per quantity, where to read more."""
+        lines = [self.summary]
+        if self.definitions:
+            lines.append("")
+            lines += [f"{term}: {text}" for term, text in self.definitions]
+        if self.json:
+            lines += ["", f"JSON: {self.json}"]
+        lines += ["", f"Definitions: {METRICS_DOC} in the sam-probe repository."]
+        return "\n\n".join(chunk for chunk in "\n".join(lines).split("\n\n"))
+
+
+# ------------------------------------------------------------ shared options
+def perturbation_options(rho: float = 0.05, rho_help: str = "SAM radius rho of the perturbation.") -> tuple[Option, ...]:
+    """The SAM perturbation options every analysis that perturbs declares alike."""
+    return (
+        Option("rho", rho, ("--rho",), rho_help),
+        Option("variant", "l2", ("--variant",), "Perturbation: l2 (rho g/||g||), linf (rho sign g), usam (rho g) "
+               "or asam (rho T^2 g/||T g||, T = |w| + eta).", choices=VARIANTS),
+        Option("m", None, ("--m-sharpness",), "m-sharpness: perturb each sub-batch of m samples with its own "
+               "gradient (sample-weighted mean).", annotation=int, hidden_flags=("--m",)),
+        Option("eta", 0.01, ("--eta",), "ASAM's eta in T = |w| + eta."),
+    )
+
+
+def check_choice(value: Any, option: str, choices: tuple[str, ...] | list[str]) -> None:
+    from ..errors import SpecError, suggest
+
+    if value not in choices:
+        raise SpecError(f"{option} {value}: unknown{suggest(str(value), choices)}; choose one of {', '.join(choices)}")
+
+
+def check_options(analysis: Analysis, opts: dict[str, Any]) -> None:
+    """Every option with ``choices`` holds one of them."""
+    for o in analysis.options:
+        if o.choices and opts.get(o.name) is not None:
+            check_choice(opts[o.name], o.flag, o.choices)

@@ -1,0 +1,115 @@
+"""``ratios``: SAM's perturbed/current gradient ratio r = g~/g per parameter, and its categories.
+
+Stores, per checkpoint, the statistics and the per-parameter category codes
+bit-packed (about 1.3 bits per parameter) plus the IRE flat mask at
+``--ire-rank``; ``overlap`` reads those back and never recomputes a gradient for
+a stored checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import CHECKPOINTS, Analysis, Option, check_options, perturbation_options
+
+DEFAULT_IRE_RANK = 0.9
+DEFAULT_EDGES = "1.2,1.5,2,4,8,16"
+
+CATEGORY_DEFINITIONS = (
+    ("r", "g~_i / g_i, SAM's perturbed gradient over the current gradient, per parameter i"),
+    ("C1", "r > 1: the perturbed gradient is larger, same sign"),
+    ("C2", "0 < r < 1: smaller, same sign"),
+    ("C3", "r < -1: the sign flips and the perturbed gradient is larger"),
+    ("C4", "-1 < r < 0: the sign flips and the perturbed gradient is smaller"),
+    ("boundary", "r exactly -1, 0 or 1"),
+    ("undefined", "|g_i| <= --eps (no ratio)"),
+)
+
+RATIO_OPTIONS = (
+    *perturbation_options(),
+    Option("eps", 1e-12, ("--eps",), "r_i is undefined where |g_i| <= eps."),
+    Option("faithful", False, ("--faithful",), "The notebook's formula r = g~/(g + 1e-8)."),
+    Option("edges", DEFAULT_EDGES, ("--edges",), "C1 bin edges (the first bin starts at 1)."),
+    Option("ire_rank", DEFAULT_IRE_RANK, ("--ire-rank",),
+           "IRE flat mask: coordinates whose g^2 is not in this top fraction."),
+)
+
+ANALYSIS = Analysis(
+    name="ratios", version=1, order=20, target=CHECKPOINTS,
+    summary="Per-parameter ratio r = g~/g of SAM's perturbed to current gradient: categories C1-C4, bins, "
+            "magnitude split.",
+    definitions=(
+        *CATEGORY_DEFINITIONS,
+        ("bins", "C1 parameters by r in [1, e1), [e1, e2), ... for the --edges e1 < e2 < ..."),
+        ("magnitude split", "share of C1 whose |g_i| is above the |C1|-th largest |g| over all i; chance level "
+                            "|C1|/P; lift = share / chance"),
+        ("IRE mask", "coordinates whose g_i^2 is not in the top --ire-rank fraction (flat directions)"),
+    ),
+    json="results[{path, step, rho, variant, n_params, grad_norm, perturbed_grad_norm, counts, fractions, buckets, "
+         "magnitude_split, per_layer}]",
+    options=(
+        *RATIO_OPTIONS,
+        Option("bucket", False, ("--bucket",), "Show the C1 ratio bins (table and histogram).", view=True),
+        Option("per_layer", False, ("--per-layer",), "Show the per-tensor breakdown (always stored).", view=True),
+    ),
+    view_defaults={"bucket": True},
+    schema={
+        "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
+        "rho": "SAM radius", "variant": "perturbation", "n_params": "P",
+        "grad_norm": "||g||", "perturbed_grad_norm": "||g~||",
+        "counts": "parameters per category (sum to P)", "fractions": "counts / P",
+        "buckets": "C1 counts per ratio bin", "magnitude_split": "C1 among the largest |g| with chance and lift",
+        "per_layer": "the same per parameter tensor", "seconds": "wall time",
+    },
+)
+
+
+def parse_edges(text: str) -> list[float]:
+    from ..errors import SpecError
+
+    try:
+        edges = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        edges = []
+    if not edges or any(e <= 1 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise SpecError(f"--edges {text}: give increasing numbers > 1 separated by commas, e.g. 1.2,1.5,2,4")
+    return edges
+
+
+def ratio_config(opts: dict[str, Any]) -> dict[str, Any]:
+    """The ratio units' config from the ratio options (shared with ``overlap``)."""
+    from ..errors import SpecError
+
+    check_options(ANALYSIS, opts)
+    rho, eps, m, ire_rank = opts["rho"], opts["eps"], opts["m"], opts["ire_rank"]
+    if rho <= 0 or eps < 0 or (m is not None and m < 1):
+        raise SpecError("--rho must be > 0, --eps >= 0 and --m-sharpness >= 1")
+    if not 0 < ire_rank < 1:
+        raise SpecError(f"--ire-rank {ire_rank}: a fraction in (0, 1), e.g. 0.9")
+    return {"rho": rho, "variant": opts["variant"], "m": m, "eps": eps, "faithful": opts["faithful"],
+            "edges": parse_edges(opts["edges"]), "eta": opts["eta"], "ire_rank": ire_rank}
+
+
+def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
+    return ratio_config(opts)
+
+
+def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+    return compute_ratios(session.objective(ck), cfg)
+
+
+def compute_ratios(obj, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ratio statistics of one objective, with the packed codes and the IRE flat mask (pure)."""
+    from ..core.overlap import flat_mask
+    from ..core.perturb import perturbed_gradient
+    from ..core.ratios import ratio_from_gradients
+
+    pg = perturbed_gradient(obj, rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"], with_loss=False)
+    res = ratio_from_gradients(pg.grad, pg.perturbed_grad, obj.space, rho=cfg["rho"], variant=cfg["variant"],
+                               m=cfg["m"], eta=cfg["eta"], eps=cfg["eps"], faithful=cfg["faithful"], edges=cfg["edges"])
+    out = res.to_dict()
+    if cfg["m"]:
+        out["m"] = cfg["m"]
+    out["faithful"] = cfg["faithful"]
+    out["codes"] = res.packed_codes()
+    out["ire_flat"] = {"rank": cfg["ire_rank"], "mask": flat_mask(pg.grad.square(), cfg["ire_rank"])}
+    return out

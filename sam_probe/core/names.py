@@ -1,0 +1,9 @@
+"""The names core routines accept, in one torch-free place (the command line declares its
+choices from these without importing torch)."""
+
+VARIANTS = ("l2", "linf", "usam", "asam")  # SAM perturbations (core/perturb.py)
+CATEGORIES = ("C1", "C2", "C3", "C4", "boundary", "undefined")  # ratio categories, in code order
+STRENGTHS = ("mean-abs", "corr")  # feature strengths (core/features.py)
+IMPORTANCES = ("auto", "coef", "column-norm", "saliency")  # feature importances
+WHICH = ("LA", "SA", "LM")  # ends of the spectrum (core/lanczos.py)
+TRACE_METHODS = ("hutchinson", "hutch++")  # trace estimators (core/trace.py)

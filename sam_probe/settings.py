@@ -1,0 +1,65 @@
+"""Options shared by every analysis (model, data, numerics, output), as plain data.
+
+Torch-free at import time, so the command line can build its options without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class Settings:
+    """Options shared by every analysis command (model, data, numerics, output)."""
+
+    model: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    data_args: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+    max_samples: int | None = None
+    batch_size: int | None = None
+    loss: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    bn_mode: str = "eval"
+    seed: int = 0
+    out: Path = Path("sam_probe_results")
+    force: bool = False
+    glob: str | None = None
+    key: str | None = None
+    trust_checkpoint: bool = False
+    allow_models: list[str] = field(default_factory=list)  # factories a checkpoint may name (--allow-model)
+    allow_nonfinite: bool = False
+    store: bool = True
+    max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
+    distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
+
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype not in DTYPES:
+            raise SpecError(f"--dtype {self.dtype}: choose float32 or float64")
+        return getattr(torch, self.dtype)
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise SpecError(f"--device {self.device}: use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SpecError(f"--device {self.device}: CUDA is not available here; use --device cpu")
+        return dev
+
+    def data_identity(self) -> dict[str, Any]:
+        return {"data": self.data, "data_args": self.data_args, "split": self.split,
+                "max_samples": self.max_samples, "seed": self.seed}
