@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import SamProbeError
+from .errors import Interrupted, SamProbeError
 
 
 def _flags_without_type() -> None:
@@ -74,8 +74,19 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; ``--debug`` shows tracebacks;
     Ctrl-C prints ``interrupted`` and exits 130 (stored units are whole; none is half-written)."""
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+
+    def interrupt(signum, frame):  # typer turns KeyboardInterrupt into a silent exit: raise ours
+        raise Interrupted()
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, interrupt)
+        except ValueError:  # not the main thread: KeyboardInterrupt cannot reach this thread anyway
+            pass
     try:
         app(args=argv, prog_name="sam-probe")
     except SamProbeError as exc:
@@ -87,11 +98,16 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exc()
             error(str(exc), getattr(exc, "rows", None))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
+        from .commands.runner import KEPT
         from .report.console import note
 
-        note("interrupted: every unit stored so far is kept whole; re-run the same command to resume")
+        kept = f"{len(KEPT)} units computed by this run are stored; " if KEPT else ""
+        note(f"interrupted: {kept}every stored unit is whole (none half-written); re-run the same command to resume")
         sys.exit(130)
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,3 +26,10 @@ def suggest(name: str, choices, n: int = 3) -> str:
     """`` (did you mean 'a', 'b'?)`` for the closest ``choices``, or ``''``."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C / SIGINT: like KeyboardInterrupt, nothing catches it on the way out but the CLI's
+    entry point, which says what was kept and exits 130."""
+
+    exit_code = 130

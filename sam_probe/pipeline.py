@@ -353,7 +353,7 @@ class Session:
             return
         try:
             outcome.stored_at = str(store.write_unit(unit, result, meta))
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed writes
             self.store_failed = store.describe_write_error(unit, self.settings.out, exc)
             outcome.store_error = self.store_failed
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,21 +109,35 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def describe_write_error(path: str | Path, out: str | Path, exc: OSError) -> str:
-    """One line naming where results could not be written and why."""
+STORE_CONSEQUENCE = ("the results above were computed but not stored: free space or pass another --out "
+                     "(or --no-store)")
+
+
+def describe_write_error(path: str | Path, out: str | Path, exc: Exception,
+                         consequence: str = STORE_CONSEQUENCE) -> str:
+    """One line naming where results could not be written and why (``exc``: an OSError, or the
+    RuntimeError h5py raises when a write fails under it)."""
     import errno
+    import shutil
 
     out = Path(out)
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
+    code = getattr(exc, "errno", None)
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+    if code is None:  # h5py hides the errno: look at the disk
+        try:
+            if shutil.disk_usage(Path(path).parent).free < 2**20:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code == errno.ENOSPC:
         reason = "no space left on the device"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        reason = "not writable" + (" (read-only file system)" if exc.errno == errno.EROFS else "")
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "not writable" + (" (read-only file system)" if code == errno.EROFS else "")
     elif out.exists() and not out.is_dir():
         reason = "it is a file, not a directory"
-    where = exc.filename if isinstance(exc.filename, str) else str(path)
-    return (f"cannot store results under {out} ({where}: {reason}); the results above were computed but not "
-            "stored: free space or pass another --out (or --no-store)")
+    filename = getattr(exc, "filename", None)
+    where = filename if isinstance(filename, str) else str(path)
+    return f"cannot write {out} ({where}: {reason}); {consequence}"
 
 
 def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -242,13 +256,19 @@ def iter_units(source: str | Path) -> Iterator[tuple[str, dict[str, Any], dict[s
         yield from list(visit(f, ""))
 
 
-def merge(source: str | Path, target: str | Path) -> int:
-    """Copy every unit under ``source`` into one HDF5 file ``target`` (atomically); returns the count."""
+def merge(source: str | Path, target: str | Path,
+          on_skip: "Callable[[Path, str], None] | None" = None) -> int:
+    """Copy every unit under ``source`` into one HDF5 file ``target`` (atomically); returns the count.
+
+    ``on_skip(path, reason)`` hears of every ``.h5`` file that is not copied (corrupt,
+    truncated, not a sam-probe unit)."""
     src = Path(source)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, file_mode())
+    skip = on_skip or (lambda p, why: None)
     n = 0
     try:
         with h5py.File(tmp, "w") as out:
@@ -258,9 +278,11 @@ def merge(source: str | Path, target: str | Path) -> int:
                 try:
                     f = h5py.File(p, "r")
                 except OSError:  # unreadable or half-written foreign file: skip it
+                    skip(p, "not a readable HDF5 file (corrupt or truncated)")
                     continue
                 with f:
                     if RESULT not in f:
+                        skip(p, "not a sam-probe result unit")
                         continue
                     name = str(p.relative_to(src).with_suffix(""))
                     g = out.require_group(name)

@@ -18,5 +18,14 @@ def merge(
 
     if not results.is_dir():
         raise SamProbeError(f"{results}: not a results directory")
-    n = store.merge(results, output)
-    console.err.print(f"merged {n} units into {output}", highlight=False)
+    skipped: list[Path] = []
+
+    def on_skip(path: Path, why: str) -> None:
+        skipped.append(path)
+        console.warn(f"skipped {path}: {why}")
+
+    try:
+        n = store.merge(results, output, on_skip)
+    except OSError as exc:
+        raise SamProbeError(store.describe_write_error(output, output.parent, exc, "nothing was merged")) from None
+    console.note(f"merged {n} units into {output}" + (f"; skipped {len(skipped)} files (named above)" if skipped else ""))

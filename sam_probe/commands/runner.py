@@ -27,13 +27,23 @@ def shows_progress(common: Common) -> bool:
     return not (common.output.quiet or common.output.json)
 
 
+KEPT: list[str] = []  # units stored by the command running now (what an interrupt keeps)
+
+
 @contextlib.contextmanager
 def session_with_progress(common: Common) -> Iterator[Any]:
     """A Session whose progress drives a rich bar with ETA on a terminal and, when stderr is not
     a terminal (logs, CI, batch jobs), prints one line per finished unit with its time."""
     shown = shows_progress(common)
+    lines = shown and not console.err.is_terminal
+
+    def on_unit(outcome: Any) -> None:
+        if outcome.stored_at and outcome.status == "ok":
+            KEPT.append(outcome.stored_at)
+        if lines:
+            console.unit_line(outcome)
+
     with console.progress(shown) as prog:
-        on_unit = console.unit_line if shown and not console.err.is_terminal else None
         yield open_session(common, prog, on_unit)
 
 
@@ -85,6 +95,7 @@ def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], c
     view_opts = {o.name: opts[o.name] for o in analysis.options if o.view}
     cfg = analysis.impl.configure(compute_opts, common.settings)
     t0 = time.perf_counter()
+    KEPT.clear()
     outcomes = execute(analysis, common, targets, cfg)
     warn_results(common, outcomes)
     if shows_progress(common):

@@ -62,3 +62,69 @@ def test_shipped_sample_spec_and_report(tmp_path):
     names = {p.stem for p in (tmp_path / "figs").glob("*.png")}
     assert names >= {"sharpness", "sharpness_density", "ratios_categories", "ratios_buckets", "overlap_C1",
                      "overlap_C1_jaccard", "alignment", "distance", "interpolate", "features"}
+
+
+def test_spec_alone_cannot_turn_on_trust(tmp_path, tiny_runs):
+    spec = _spec(tmp_path / "t.toml", f'''
+[[analysis]]
+command = "distance"
+runs = ["{tiny_runs['sgd']}"]
+trust-checkpoint = true
+''')
+    res = run_cli("batch", spec, "--out", tmp_path / "res")
+    assert res.code == 2 and "refused unless the batch command line says --trust-checkpoint" in res.stderr
+    assert not (tmp_path / "res").exists()
+    ok = run_cli("batch", spec, "--out", tmp_path / "res", "--trust-checkpoint")
+    assert ok.code == 0, ok.stderr
+    assert ok.stderr.count("--trust-checkpoint: fully unpickling") == 1  # once per job, on the batch's stderr
+
+
+def test_a_killed_worker_is_replaced_and_its_job_reported(tmp_path, tiny_runs):
+    killer = tmp_path / "killer.py"
+    killer.write_text("import os, signal\ndef make(**kw):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    spec = _spec(tmp_path / "k.toml", f'''
+[defaults]
+max-samples = 40
+top-k = 1
+rho = 0
+[[analysis]]
+command = "sharpness"
+runs = ["{tiny_runs['sgd']}/step_000010.pt"]
+[[analysis]]
+command = "sharpness"
+runs = ["{tiny_runs['sgd']}/step_000020.pt"]
+model = "{killer}:make"
+[[analysis]]
+command = "sharpness"
+runs = ["{tiny_runs['sam']}/step_000020.pt"]
+''')
+    res = run_cli("batch", spec, "--out", tmp_path / "res", "--jobs", "1", "--json")
+    assert res.code == 1
+    units = res.json()["units"]
+    assert [u["status"] for u in units] == ["ok", "failed", "ok"]
+    assert "killed by signal 9" in units[1]["reason"]
+    assert len(list(store.iter_units(tmp_path / "res"))) == 2
+
+
+def test_shards_split_the_jobs_deterministically(tmp_path, tiny_runs):
+    from sam_probe.batch import load_spec, shard
+
+    spec = _spec(tmp_path / "s.toml", f'''
+runs = ["{tiny_runs['sgd']}", "{tiny_runs['sam']}", "{tiny_runs['sgd']}/step_000010.pt"]
+[[analysis]]
+command = "sharpness"
+[[analysis]]
+command = "distance"
+runs = ["{tiny_runs['sgd']}", "{tiny_runs['sam']}"]
+''')
+    jobs = load_spec(spec).items
+    parts = [shard(jobs, i, 3) for i in (1, 2, 3)]
+    assert sorted(id(j) for p in parts for j in p) == sorted(id(j) for j in jobs)  # each job in one shard
+    assert [[j.argv for j in p] for p in parts] == [[j.argv for j in shard(load_spec(spec).items, i, 3)]
+                                                    for i in (1, 2, 3)]
+    assert all(p for p in parts)
+    res = run_cli("batch", spec, "--shard", "2/3", "--out", tmp_path / "res", "--json",
+                  "--jobs", "1")
+    d = res.json()
+    assert res.code == 0 and d["shard"] == "2/3" and d["jobs"] == len(parts[1]) and d["jobs_in_spec"] == 5
+    assert run_cli("batch", spec, "--shard", "4/3").code == 2
