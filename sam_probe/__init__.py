@@ -10,6 +10,8 @@ The Python API (imported lazily, so the CLI starts fast)::
     sp.sam_sharpness(obj, rho=0.05)   # L(w + e) - L(w)
     sp.ratio_analysis(obj, rho=0.05)  # SAM perturbed/current gradient ratio categories
     sp.alignment(obj, ...)            # chi_k of gradients with the dominant eigenspace
+    sp.analyze("sharpness", "run/", top_k=3, data="digits")   # any analysis, as its --json prints it
+    sp.analyses.names()               # every declared analysis
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "objective": "api", "Objective": "core.objective", "ParamSpace": "core.params",
+    "objective": "api", "analyze": "api", "Objective": "core.objective", "ParamSpace": "core.params",
     "load_checkpoint": "loading.checkpoints", "load_data": "loading.data", "build_model": "loading.models",
     "top_eigen": "core.lanczos", "lanczos": "core.lanczos", "EigenResult": "core.lanczos",
     "hessian_trace": "core.trace", "hutchinson": "core.trace", "hutchpp": "core.trace",
@@ -33,10 +35,14 @@ _EXPORTS = {
     "iter_units": "store", "read_unit": "store", "Session": "pipeline", "Settings": "pipeline",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+_SUBPACKAGES = ("analyses",)  # the registry: sp.analyses.names(), sp.analyses.get("sharpness")
+
+__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value

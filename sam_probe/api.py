@@ -29,3 +29,41 @@ def objective(checkpoint: str | Path, *, model: str | None = None, model_args: d
                  store=False, **settings)
     session = Session(s, command=["python-api"])
     return session.objective(session.load(checkpoint))
+
+
+def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any) -> dict[str, Any]:
+    """Run the analysis ``name`` (any of :func:`sam_probe.analyses.names`) as its command would,
+    and return what its ``--json`` prints.
+
+    ``options`` are the analysis's own options by Python name (``top_k=3``, ``rho=0.1``)
+    and :class:`~sam_probe.pipeline.Settings` fields (``data="digits"``, ``max_samples=500``,
+    ``dtype="float64"``, ...); unknown names raise a :class:`~sam_probe.errors.SpecError`.
+    Results are stored under ``out`` only with ``store=True``.
+
+        >>> sp.analyze("sharpness", "sample_runs/digits-mlp-sgd", top_k=3)["results"][0]["eigenvalues"]
+    """
+    import dataclasses
+
+    from . import analyses
+    from .commands.runner import payload_of
+    from .errors import SpecError, suggest
+    from .pipeline import Session, run_analysis
+
+    analysis = analyses.get(name)
+    own = {o.name: o.default for o in analysis.compute_options()}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = [k for k in options if k not in own and k not in fields]
+    if unknown:
+        raise SpecError(f"{name}: unknown option {unknown[0]!r}{suggest(unknown[0], [*own, *fields])}")
+    settings = Settings(store=store, **{k: v for k, v in options.items() if k in fields})
+    cfg = analysis.impl.configure({**own, **{k: v for k, v in options.items() if k in own}}, settings)
+    session = Session(settings, command=["python-api", "analyze", name])
+    paths = [Path(t) for t in targets]
+    outcomes = run_analysis(session, analysis, paths, cfg)
+    errors = [o.error for o in outcomes if o.status == "failed"]
+    if errors and not any(o.result for o in outcomes):
+        raise SpecError(errors[0])
+    payload, _ = payload_of(analysis, outcomes, len(paths))
+    if errors:
+        payload = {**payload, "errors": errors}
+    return payload

@@ -116,8 +116,10 @@ class Session:
     """Shared state of one command: settings, the cached data selection and models."""
 
     def __init__(self, settings: Settings, command: list[str] | None = None, progress: Progress | None = None,
-                 on_unit: Callable[[UnitOutcome], None] | None = None):
+                 on_unit: Callable[[UnitOutcome], None] | None = None, warn: Callable[[str], None] | None = None):
         self.settings = settings
+        self._warn = warn
+        self.notes: list[str] = []  # warnings about the whole command, each once
         self.command = command if command is not None else list(sys.argv)
         self.progress = progress or _noop
         self.on_unit = on_unit
@@ -132,6 +134,13 @@ class Session:
         self._memory_plans: dict = {}
         self.store_failed: str | None = None  # the first write error: later units are not attempted
         _warm_up()
+
+    def note(self, message: str) -> None:
+        """A warning about the command's settings, said once."""
+        if message not in self.notes:
+            self.notes.append(message)
+            if self._warn is not None:
+                self._warn(message)
 
     # ------------------------------------------------------------ inputs
     def load(self, path: str | Path) -> Checkpoint:
@@ -296,6 +305,11 @@ class Session:
                 return obj
         model = model or self.build_model(ck)
         data = data or self.data(ck)
+        if s.bn_mode == "train" and s.batch_size and s.batch_size < len(data) and any(
+                isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
+            self.note(f"--bn-mode train with --batch-size {s.batch_size}: each chunk of {s.batch_size} samples is a "
+                      "BatchNorm batch, so results depend on --batch-size (drop it for one batch of all "
+                      f"{len(data)} samples)")
         m = self.matched(ck, model)
         model.to(self.device)
         loss = self.loss_name(ck, data)
@@ -451,6 +465,27 @@ class Session:
         self._write(unit, result, meta, outcome)
         self.progress(f"{analysis.name} {label}", 1, 1)
         return self._done(outcome)
+
+
+def run_analysis(session: Session, analysis: Analysis, targets: list[Path], cfg: dict[str, Any]) -> list[UnitOutcome]:
+    """Every unit of ``analysis`` over ``targets`` (read back from the store or computed); a target
+    that cannot be read is one failed outcome."""
+    from .analyses.base import CHECKPOINTS
+
+    impl = analysis.impl
+    if hasattr(impl, "execute"):
+        return impl.execute(session, targets, cfg)
+    outcomes: list[UnitOutcome] = []
+    for target in targets:
+        if analysis.target == CHECKPOINTS:
+            outcomes += guarded(target, lambda t=target: session.per_checkpoint(analysis, t, cfg, impl.compute))
+        else:
+            def one(t: Path) -> list[UnitOutcome]:
+                unit, failed = session.whole_run(analysis, t, cfg, impl.compute, name=analysis.name)
+                return failed + [unit]
+
+            outcomes += guarded(target, lambda t=target: one(t))
+    return outcomes
 
 
 def _file_identity(path: str | Path) -> tuple[int, int]:

@@ -33,3 +33,21 @@ def test_objective_from_ddp_checkpoint_matches_dense(tmp_path):
     exact, _ = sp.dense_eigh(sp.dense_hessian(obj), "LA", 2)
     torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64), exact, rtol=1e-7, atol=0)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_analyze_equals_the_command_json(tiny_runs, tmp_path):
+    import sam_probe as sp
+    from clitools import run_cli
+
+    ck = tiny_runs["sgd"] / "step_000020.pt"
+    api = sp.analyze("sharpness", ck, top_k=2, max_samples=40, dtype="float64")
+    cli = run_cli("sharpness", ck, "--top-k", "2", "--max-samples", "40", "--dtype", "float64", "--no-store",
+                  "--json").json()
+    assert api["results"][0]["eigenvalues"] == cli["results"][0]["eigenvalues"]
+    assert set(sp.analyses.names()) >= {"sharpness", "ratios", "overlap", "alignment", "distance", "interpolate",
+                                        "features"}
+    import pytest
+    from sam_probe.errors import SpecError
+
+    with pytest.raises(SpecError, match="top_kk"):
+        sp.analyze("sharpness", ck, top_kk=2)

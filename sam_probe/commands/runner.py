@@ -17,7 +17,8 @@ def open_session(common: Common, progress=None, on_unit=None):
     from .. import distributed
     from ..pipeline import Session
 
-    session = Session(common.settings, progress=progress, on_unit=on_unit)  # joins the process group under torchrun
+    session = Session(common.settings, progress=progress, on_unit=on_unit,
+                      warn=None if common.output.quiet else console.warn)  # joins the process group under torchrun
     if common.settings.trust_checkpoint and distributed.is_main():
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
     return session
@@ -49,23 +50,10 @@ def session_with_progress(common: Common) -> Iterator[Any]:
 
 def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[str, Any]) -> list[Any]:
     """Every unit of ``analysis`` over ``targets``: read back from the store or computed."""
-    from ..pipeline import guarded
+    from ..pipeline import run_analysis
 
-    impl = analysis.impl
-    outcomes: list[Any] = []
     with session_with_progress(common) as session:
-        if hasattr(impl, "execute"):
-            return impl.execute(session, targets, cfg)
-        for target in targets:
-            if analysis.target == CHECKPOINTS:
-                outcomes += guarded(target, lambda t=target: session.per_checkpoint(analysis, t, cfg, impl.compute))
-            else:
-                def one(t: Path) -> list[Any]:
-                    unit, failed = session.whole_run(analysis, t, cfg, impl.compute, name=analysis.name)
-                    return failed + [unit]
-
-                outcomes += guarded(target, lambda t=target: one(t))
-    return outcomes
+        return run_analysis(session, analysis, targets, cfg)
 
 
 def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:

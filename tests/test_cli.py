@@ -1,0 +1,63 @@
+"""CLI conventions: instant --help (no heavy imports), --version, completion, flags, aliases."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from clitools import run_cli
+from sam_probe import __version__
+
+HEAVY = ("torch", "scipy", "seaborn", "matplotlib", "h5py")
+
+
+def _modules_after(*argv: str) -> list[str]:
+    code = ("import sys, json\nfrom sam_probe.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "sys.stdout = sys.__stdout__\nprint(json.dumps(sorted(m for m in %r if m in sys.modules)))" % (list(argv), HEAVY))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_help_and_version_import_nothing_heavy():
+    from sam_probe.analyses import names
+
+    assert _modules_after("--help") == []
+    assert _modules_after("--version") == []
+    for cmd in (*names(), "inspect", "report", "batch", "train", "merge"):
+        assert _modules_after(cmd, "--help") == [], cmd
+
+
+def test_version_and_completion_options():
+    res = run_cli("--version")
+    assert res.code == 0 and res.stdout.strip() == f"sam-probe {__version__}"
+    assert "--install-completion" in run_cli("--help").stdout
+
+
+def test_every_command_help_defines_its_quantities_and_points_to_the_docs():
+    from sam_probe.analyses import all_analyses
+
+    for a in all_analyses():
+        text = run_cli(a.name, "--help").stdout
+        assert "docs/metrics.md" in text, a.name
+        for term, _ in a.definitions:
+            assert term.split()[0] in text, (a.name, term)
+    assert "<bool>" not in run_cli("sharpness", "--help").stdout  # switches show no type
+    ratios = run_cli("ratios", "--help").stdout
+    assert all(c in ratios for c in ("C1", "C2", "C3", "C4", "lift", "IRE mask"))
+
+
+def test_m_sharpness_is_the_option_and_m_a_hidden_alias(tiny_runs):
+    text = run_cli("sharpness", "--help").stdout
+    assert "--m-sharpness" in text and "--m " not in text
+    ck = tiny_runs["sgd"] / "step_000020.pt"
+    base = ["--max-samples", "40", "--top-k", "0", "--no-store", "--json"]
+    new = run_cli("sharpness", ck, "--m-sharpness", "10", *base).json()["results"][0]
+    old = run_cli("sharpness", ck, "--m", "10", *base).json()["results"][0]
+    whole = run_cli("sharpness", ck, *base).json()["results"][0]
+    assert new["m"] == old["m"] == 10 and new["sam_sharpness"] == old["sam_sharpness"] != whole["sam_sharpness"]
+
+
+def test_inspect_takes_several_paths_and_runs(tiny_runs):
+    res = run_cli("inspect", tiny_runs["sgd"], tiny_runs["sam"] / "step_000010.pt", "--json")
+    assert res.code == 0
+    assert len(res.json()["checkpoints"]) == 4
