@@ -79,6 +79,8 @@ def failure(path: Any, step: int | None, exc: BaseException) -> UnitOutcome:
                        trace=traceback.format_exc())
 
 
+KEEP_LOADED_BYTES = 256 * 2**20  # tensors of a run kept from ordering it to computing it
+
 COMPUTE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, ArithmeticError, NotImplementedError,
                   AttributeError, AssertionError)
 
@@ -125,6 +127,7 @@ class Session:
         self.on_unit = on_unit
         self._data: dict[str, Any] = {}
         self._prefix: dict[str, str] = {}
+        self._loaded: dict[str, Checkpoint] = {}  # checkpoints read while ordering a run, used once
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
         from . import distributed as _dist
@@ -158,10 +161,15 @@ class Session:
         files = discover(target, self.settings.glob)
         good: list[tuple[Path, int | None, int]] = []
         failed: list[UnitOutcome] = []
+        kept = 0
         for pos, f in enumerate(files):
             try:
                 ck = self.load(f)
                 good.append((f, ck.step, pos))
+                size = sum(t.numel() * t.element_size() for t in ck.state.values())
+                if kept + size <= KEEP_LOADED_BYTES:  # small runs are read once, not twice
+                    self._loaded[str(f)] = ck
+                    kept += size
                 del ck
             except SamProbeError as exc:
                 failed.append(UnitOutcome(str(f), None, "failed", error=str(exc), details=getattr(exc, "rows", None)))
@@ -403,9 +411,10 @@ class Session:
             unit = store.unit_path(self.settings.out, analysis.name, label, path.stem, self._key(analysis, config, [sha]))
             stored = self._stored_result(unit)
             if stored is not None:
+                self._loaded.pop(str(path), None)
                 carry.pop("warm", None)  # nothing computed here to start the next solve from
                 return UnitOutcome(str(path), step, "skipped", result=stored or None, stored_at=str(unit))
-            ck = self.load(path)
+            ck = self._loaded.pop(str(path), None) or self.load(path)
             ck.step = step
             t0 = time.perf_counter()
             result = compute(ck, self, config, carry)
@@ -443,12 +452,14 @@ class Session:
         unit = store.unit_path(self.settings.out, analysis.name, label, name, self._key(analysis, config, shas))
         stored = self._stored_result(unit)
         if stored is not None:
+            for p, _ in files:
+                self._loaded.pop(str(p), None)
             return self._done(UnitOutcome(origin, None, "skipped", result=stored or None, stored_at=str(unit)))
         self.progress(f"{analysis.name} {label}", 0, 1)
         try:
             cks = []
             for p, step in files:
-                ck = self.load(p)
+                ck = self._loaded.pop(str(p), None) or self.load(p)
                 ck.step = step
                 cks.append(ck)
             t0 = time.perf_counter()
