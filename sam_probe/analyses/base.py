@@ -102,7 +102,7 @@ class Analysis:
         if self.json:
             lines += ["", f"JSON: {self.json}"]
         lines += ["", f"Definitions: {METRICS_DOC} in the sam-probe repository."]
-        return "\n\n".join(chunk for chunk in "\n".join(lines).split("\n\n"))
+        return "\n".join(lines)
 
 
 # ------------------------------------------------------------ shared options

@@ -39,7 +39,7 @@ ANALYSIS = Analysis(
             "magnitude split.",
     definitions=(
         *CATEGORY_DEFINITIONS,
-        ("bins", "C1 parameters by r in [1, e1), [e1, e2), ... for the --edges e1 < e2 < ..."),
+        ("bins", "C1 parameters by r in (1, e1), [e1, e2), ..., [e_last, inf) for the --edges e1 < e2 < ..."),
         ("magnitude split", "share of C1 whose |g_i| is above the |C1|-th largest |g| over all i; chance level "
                             "|C1|/P; lift = share / chance"),
         ("IRE mask", "coordinates whose g_i^2 is not in the top --ire-rank fraction (flat directions)"),
