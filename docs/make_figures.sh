@@ -24,6 +24,5 @@ cp $R/plots/interpolate.png $F/late_sam_interpolate.png
 cp $R/plots/alignment.png $F/alignment.png
 cp $R/plots/ratios_categories.png $F/ratios_categories.png
 cp $R/plots/overlap_C1.png $F/overlap_C1.png
-cp $R/plots/overlap_C1_jaccard.png $F/overlap_C1_jaccard.png
 chmod 0644 $F/*.png
 echo "figures written to $F"

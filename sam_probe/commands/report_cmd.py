@@ -14,7 +14,6 @@ import typer
 from typer.core import TyperCommand
 
 from ..errors import SamProbeError, SpecError
-from ..pipeline import jsonable
 from ..report import console
 
 ORDER = ("sharpness", "ratios", "overlap", "alignment", "subspace", "distance", "interpolate", "features")
@@ -30,6 +29,8 @@ def view_of(analysis: str):
 
 def flatten(result: dict[str, Any], max_list: int = 20) -> dict[str, Any]:
     """Scalars, dotted keys for nested dicts, ``name[i]`` for short lists; long arrays are left out."""
+    from ..pipeline import jsonable
+
     row: dict[str, Any] = {}
 
     def walk(prefix: str, v: Any) -> None:
@@ -73,17 +74,18 @@ def sources_table(coll) -> Any:
     from ..report import figures, settings
     from ..report.tables import Table
 
-    runs: dict[tuple, dict[str, Any]] = {}
+    runs: dict[tuple, set[str]] = {}
     for rs in coll.analyses.values():
         for r in rs:
-            for s in settings.sources(r):
+            paths = [r.get("path")] if r.get("source") else list(r.get("paths") or [])
+            for i, s in enumerate(settings.sources(r)):
                 key = (figures.run_key(r), s.get("format"), s.get("layout"), s.get("prefix"), s.get("step_source"))
-                runs.setdefault(key, {"n": 0})["n"] += 1
+                runs.setdefault(key, set()).add(str(paths[i]) if i < len(paths) else f"{figures.run_key(r)}#{i}")
     if not runs:
         return None
-    rows = [[figures.label(k[0]), k[1], k[2], k[3] or "-", k[4], v["n"]] for k, v in sorted(runs.items(), key=str)]
+    rows = [[figures.label(k[0]), k[1], k[2], k[3] or "-", k[4], len(v)] for k, v in sorted(runs.items(), key=str)]
     return Table("checkpoint sources (as inferred when the results were computed)",
-                 ["run", "format", "layout", "prefix stripped", "step from", "results"], rows)
+                 ["run", "format", "layout", "prefix stripped", "step from", "checkpoints"], rows)
 
 
 def settings_line(name: str, group: list[dict[str, Any]], index: int, n_groups: int, diff: str) -> str:
@@ -154,6 +156,7 @@ def report(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Render every stored analysis: rich tables (one per settings group), JSON or CSV, figures, HTML."""
+    from ..pipeline import jsonable
     from ..report import collect, figures, settings
 
     if format not in ("table", "json", "csv"):
@@ -224,7 +227,14 @@ def report(
                 for i, g in enumerate(gs):
                     console.out.print(settings_line(name, g, i, len(gs), diffs[name][i]), style="bold",
                                       highlight=False, markup=False)
-                    view.show(g, **VIEW_OPTIONS.get(name, {}))
+                    try:
+                        view.show(g, **VIEW_OPTIONS.get(name, {}))
+                    except Exception as exc:  # noqa: BLE001 - a malformed unit must not hide the other tables
+                        if debug:
+                            raise
+                        units = ", ".join(str(settings.meta(r).get("unit")) for r in g[:3])
+                        console.warn(f"{name}: table failed ({type(exc).__name__}: {exc}); units {units}"
+                                     + (f" and {len(g) - 3} more" if len(g) > 3 else ""))
             src = sources_table(coll)
             if src is not None:
                 from ..report import tables
@@ -267,8 +277,14 @@ def write_html(results: Path, coll, groups, diffs, warnings, written, target: Pa
             view = view_of(name)
             sec = html_page.Section(name, warnings=warnings.get(name, []))
             for i, g in enumerate(gs):
-                tabs = getattr(view, "tables_of", None)
-                tabs = tabs(g, **VIEW_OPTIONS.get(name, {})) if tabs is not None else []
+                make = getattr(view, "tables_of", None)
+                try:
+                    tabs = make(g, **VIEW_OPTIONS.get(name, {})) if make is not None else []
+                except Exception as exc:  # noqa: BLE001 - as for the terminal tables
+                    if debug:
+                        raise
+                    tabs = []
+                    sec.warnings.append(f"tables of settings group {i + 1} failed ({type(exc).__name__}: {exc})")
                 sec.groups.append(html_page.Group(settings_line(name, g, i, len(gs), diffs[name][i]), tabs,
                                                   pngs.get((name, i), [])))
             sections.append(sec)

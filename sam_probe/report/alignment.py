@@ -19,10 +19,10 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     cols = ["run", settings.step_kind(results), "k", "λ1"] + [f"chi {v}" for v in vecs] + \
         ["dL dom", "dL bulk", "dL full", "pred full", "eta", "eta*_emp", "eta·λmax"]
     rows = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         chi, dl, pred = r.get("chi") or {}, r.get("dL") or {}, r.get("dL_pred") or {}
         ev = [e for e in (r.get("eigenvalues") or []) if e is not None]
-        rows.append([figures.run_name(r), step_value(r.get("step")), r.get("k"), max(ev) if ev else None]
+        rows.append([label, step_value(r.get("step")), r.get("k"), max(ev) if ev else None]
                     + [chi.get(v) for v in vecs]
                     + [dl.get("dom"), dl.get("bulk"), dl.get("full"), pred.get("full"), r.get("eta"),
                        r.get("eta_star"), r.get("eta_lambda_max")])
@@ -49,8 +49,8 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     runs = figures.runs_of(results)
     fig, axes = figures.new_figure(ncols=2, nrows=len(runs), width=4.8, height=3.4)
     axes = np.asarray(axes).reshape(len(runs), 2)
-    vcol = dict(zip(VECTORS, figures.sns.color_palette("colorblind", len(VECTORS))))
-    dark = figures.sns.color_palette("dark", 10)
+    vcol = dict(zip(VECTORS, figures.colors_from("colorblind", len(VECTORS))))
+    dark = figures.colors_from("dark", 10)
     dcol = {"dom": dark[0], "bulk": dark[1], "full": (0.1, 0.1, 0.1)}
     for (ax_chi, ax_dl), run in zip(axes, runs):
         rs = sorted((r for r in results if figures.run_key(r) == run), key=lambda r: r.get("step") or 0)

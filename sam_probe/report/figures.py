@@ -25,13 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are files, never windows
-
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
-
 PALETTE = "colorblind"
 DPI = 200
 FORMATS = ("png", "svg", "pdf")
@@ -59,6 +52,22 @@ def file_format(fmt: str | Sequence[str]) -> Iterator[None]:
         FORMAT["value"] = before
 
 
+def _libs() -> tuple[Any, Any]:
+    """``(pyplot, seaborn)``, imported on first use (headless: figures are files, never windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    return plt, sns
+
+
+def colors_from(palette: str, n: int) -> list[Any]:
+    """``n`` colours of a seaborn palette (for hues that are not runs: vectors, categories, layers)."""
+    return list(_libs()[1].color_palette(palette, n))
+
+
 # ----------------------------------------------------------------- runs: colours and labels
 @dataclass
 class Palette:
@@ -72,9 +81,9 @@ class Palette:
         new = [k for k in dict.fromkeys(keys) if k not in self.colors]
         if not new:
             return
-        cb = sns.color_palette(PALETTE, 10)
+        cb = colors_from(PALETTE, 10)
         base = [cb[i] for i in (0, 1, 2, 3, 4, 5, 9, 7, 6)]  # colour-blind palette, strong first, pale yellow out
-        extra = sns.color_palette("dark", 10)
+        extra = colors_from("dark", 10)
         for k in new:
             i = len(self.colors)
             self.colors[k] = base[i] if i < len(base) else extra[(i - len(base)) % len(extra)]
@@ -145,8 +154,18 @@ def run_name(result_or_path: Any) -> str:
 
 
 def row_labels(results: list[dict[str, Any]]) -> list[str]:
-    """Table labels: the run name of each result."""
-    return [run_name(r) for r in results]
+    """Table labels: the run name, or ``run/file`` where one run has several files at one step.
+
+    ``report`` shows each settings group in its own table, so one checkpoint is never
+    listed twice under two names; distinct files at one step (a folder of layouts of
+    the same weights) are named so the rows can be told apart.
+    """
+    keys = [(run_key(r), r.get("step")) for r in results]
+    files: dict[tuple, set[str]] = {}
+    for k, r in zip(keys, results):
+        files.setdefault(k, set()).add(str(r.get("path")))
+    return [f"{run_name(r)}/{Path(str(r.get('path'))).name}" if len(files[k]) > 1 else run_name(r)
+            for k, r in zip(keys, results)]
 
 
 def runs_of(results: Iterable[dict[str, Any]]) -> list[str]:
@@ -164,6 +183,7 @@ def run_palette(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------- figures
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Any, Any]:
     """A figure in the project's paper-ready style (constrained layout: legends and titles get room)."""
+    plt, sns = _libs()
     sns.set_theme(context="paper", style="whitegrid", palette=PALETTE, font_scale=1.1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
                              layout="constrained")
@@ -177,6 +197,7 @@ def facet_grid(row_labels: list[str], ncols: int, width: float = 4.4, height: fl
     if len(row_labels) <= 1:
         fig, axes = new_figure(ncols=ncols, width=width, height=height)
         return fig, np.asarray(axes).reshape(1, ncols)
+    plt, sns = _libs()
     sns.set_theme(context="paper", style="whitegrid", palette=PALETTE, font_scale=1.1)
     fig = plt.figure(figsize=(width * ncols, (height + 0.25) * len(row_labels)), layout="constrained")
     rows = fig.subfigures(len(row_labels), 1)
@@ -358,7 +379,7 @@ def write(fig: Any, path: str | Path) -> list[Path]:
                     os.unlink(tmp)
             out.append(target)
     finally:
-        plt.close(fig)
+        _libs()[0].close(fig)
     return out
 
 
@@ -368,6 +389,32 @@ def save(fig: Any, path: str | Path, fmt: str | None = None) -> Path:
         return write(fig, path)[0]
     with file_format(fmt):
         return write(fig, path)[0]
+
+
+def step_heatmaps(results: list[dict[str, Any]], matrices: list[Any], colorbar: str) -> Any:
+    """One step × step heat-map (values in [0, 1]) per run, up to three per row; returns the figure."""
+    import numpy as np
+
+    from .settings import step_axis
+    from .tables import step_value
+
+    ncols = min(len(results), 3)
+    nrows = -(-len(results) // ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=4.6, height=4.0)
+    axes = list(np.asarray(axes).flat)
+    for ax, r, m in zip(axes, results, matrices):
+        im = ax.imshow(np.asarray(m, dtype=float), vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        steps = [str(step_value(s)) for s in r["steps"]]
+        ax.set_xticks(range(len(steps)), steps, rotation=90)
+        ax.set_yticks(range(len(steps)), steps)
+        ax.grid(False)
+        ax.set_title(label(r), fontsize="small", color=color(r))
+        ax.set_xlabel(step_axis([r]))
+        ax.set_ylabel(step_axis([r]))
+        fig.colorbar(im, ax=ax, label=colorbar, shrink=0.85)
+    for ax in axes[len(results):]:
+        ax.set_visible(False)
+    return fig
 
 
 # ----------------------------------------------------------------- facets

@@ -32,7 +32,7 @@ def show(results: list[dict[str, Any]]) -> None:
 def _color(r: dict[str, Any], i: int) -> Any:
     """The run's colour when both ends are in one run, else a colour of its own (dark palette)."""
     ra, rb = str(Path(r["a"]).parent), str(Path(r["b"]).parent)
-    return figures.color(ra) if ra == rb else figures.sns.color_palette("dark", 10)[i % 10]
+    return figures.color(ra) if ra == rb else figures.colors_from("dark", 10)[i % 10]
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:

@@ -95,23 +95,8 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     written += figures.write(fig, outdir / f"overlap_{cat}")
     with_j = [r for r in results if r.get("jaccard") is not None]
     if with_j:
-        ncols = min(len(with_j), 3)
-        nrows = -(-len(with_j) // ncols)
-        fig, axes = figures.new_figure(ncols=ncols, nrows=nrows, width=4.6, height=4.0)
-        axes = list(np.asarray(axes).flat)
-        for ax, r in zip(axes, with_j):
-            J = np.array([[np.nan if v is None else v for v in row] for row in r["jaccard"]], dtype=float)
-            im = ax.imshow(J, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            steps = [str(step_value(s)) for s in r["steps"]]
-            ax.set_xticks(range(len(steps)), steps, rotation=90)
-            ax.set_yticks(range(len(steps)), steps)
-            ax.grid(False)
-            ax.set_title(f"{figures.label(r)}", fontsize="small", color=figures.color(r))
-            ax.set_xlabel(settings.step_axis([r]))
-            ax.set_ylabel(settings.step_axis([r]))
-            fig.colorbar(im, ax=ax, label="Jaccard |A∩B| / |A∪B| (0–1)", shrink=0.85)
-        for ax in axes[len(with_j):]:
-            ax.set_visible(False)
+        mats = [[[np.nan if v is None else v for v in row] for row in r["jaccard"]] for r in with_j]
+        fig = figures.step_heatmaps(with_j, mats, "Jaccard |A∩B| / |A∪B| (0–1)")
         figures.title(fig, f"pairwise Jaccard index of {cat} between checkpoints",
                       settings.caption("overlap", with_j))
         written += figures.write(fig, outdir / f"overlap_{cat}_jaccard")

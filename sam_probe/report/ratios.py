@@ -24,10 +24,10 @@ def tables_of(results: list[dict[str, Any]], bucket: bool = False, per_layer: bo
     step = settings.step_kind(results)
     cols = ["run", step, "P", "|g|", "|g~|"] + list(CATEGORIES) + ["C1 top-|g| share", "lift"]
     rows = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         fr = r.get("fractions") or {}
         ms = r.get("magnitude_split") or {}
-        rows.append([figures.run_name(r), step_value(r.get("step")), r.get("n_params"), r.get("grad_norm"),
+        rows.append([label, step_value(r.get("step")), r.get("n_params"), r.get("grad_norm"),
                      r.get("perturbed_grad_norm")] + [100 * (fr.get(c) or 0.0) for c in CATEGORIES]
                     + [ms.get("share"), ms.get("lift")])
     out = [Table(title, cols, rows)]
@@ -60,7 +60,7 @@ def plot(results: list[dict[str, Any]], outdir: Path, bucket: bool = True) -> li
     fig, axes = figures.new_figure(ncols=ncols, nrows=nrows, width=4.4, height=3.3)
     import numpy as np
     axes = list(np.asarray(axes).flat)
-    cat_colors = figures.sns.color_palette("colorblind", len(CATEGORIES))
+    cat_colors = figures.colors_from("colorblind", len(CATEGORIES))
     for ax, run in zip(axes, runs):
         rs = sorted((r for r in results if figures.run_key(r) == run), key=lambda r: r.get("step") or 0)
         steps = [step_value(r.get("step")) for r in rs]

@@ -93,7 +93,7 @@ def data_text(results: Iterable[dict[str, Any]]) -> str:
         parts.append(f"n={int(n):,} samples")
     elif spec:
         ms = spec.get("max_samples")
-        parts.append("all samples" if ms is None else f"≤{int(ms):,} samples (seeded selection)")
+        parts.append("all samples" if ms is None else f"≤{int(ms):,} samples, seeded selection")
     if spec.get("seed") not in (None, 0):
         parts.append(f"seed {spec['seed']}")
     if not data and not parts:

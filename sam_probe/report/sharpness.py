@@ -19,10 +19,10 @@ def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     has_sam = any(r.get("sam_sharpness") is not None for r in results)
     cols += (["trace", "± SE"] if has_trace else []) + (["SAM sharpness"] if has_sam else []) + ["seconds"]
     out = []
-    for r in results:
+    for label, r in zip(figures.row_labels(results), results):
         ev = list(r.get("eigenvalues") or [])
         res = [x for x in (r.get("residuals") or []) if x is not None]
-        row = [figures.run_name(r), step_value(r.get("step")), r.get("loss"), r.get("accuracy")]
+        row = [label, step_value(r.get("step")), r.get("loss"), r.get("accuracy")]
         row += ev + [None] * (k - len(ev))
         row += [max(res) if res else None, r.get("n_hvp")]
         row += [r.get("trace"), r.get("trace_se")] if has_trace else []
@@ -165,7 +165,7 @@ def plot_layers(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     fig, axes = figures.new_figure(ncols=ncols, nrows=len(runs), width=4.4, height=height)
     axes = np.asarray(axes).reshape(len(runs), ncols)
     step_name = settings.step_kind(with_layers)
-    layer_colors = dict(zip(layer_names, figures.sns.color_palette("colorblind", len(layer_names))))
+    layer_colors = dict(zip(layer_names, figures.colors_from("viridis", len(layer_names))))  # depth order, not run colours
     for row, run in zip(axes, runs):
         rs = sorted((r for r in with_layers if figures.run_key(r) == run), key=lambda r: r.get("step") or 0)
         last = rs[-1]

@@ -67,7 +67,6 @@ def show(results: list[dict[str, Any]]) -> None:
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     """Overlap heat-map per run, and overlap with the previous / first checkpoint over steps (with chance)."""
-    import numpy as np
     from matplotlib.lines import Line2D
 
     if not results:
@@ -97,23 +96,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     written += figures.write(fig, outdir / "subspace")
     mats = [r for r in results if _matrix(r) is not None]
     if mats:
-        ncols = min(len(mats), 3)
-        nrows = -(-len(mats) // ncols)
-        fig, axes = figures.new_figure(ncols=ncols, nrows=nrows, width=4.6, height=4.0)
-        axes = list(np.asarray(axes).flat)
-        for ax, r in zip(axes, mats):
-            m = np.asarray(_matrix(r), dtype=float)
-            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            steps = [str(step_value(s)) for s in r["steps"]]
-            ax.set_xticks(range(len(steps)), steps, rotation=90)
-            ax.set_yticks(range(len(steps)), steps)
-            ax.grid(False)
-            ax.set_xlabel(settings.step_axis([r]))
-            ax.set_ylabel(settings.step_axis([r]))
-            ax.set_title(figures.label(r), fontsize="small", color=figures.color(r))
-            fig.colorbar(im, ax=ax, label="overlap ‖P_i P_j‖_F² / k (0–1)", shrink=0.85)
-        for ax in axes[len(mats):]:
-            ax.set_visible(False)
+        fig = figures.step_heatmaps(mats, [_matrix(r) for r in mats], "overlap ‖P_i P_j‖_F² / k (0–1)")
         figures.title(fig, f"top-{mats[0].get('k')} eigenspace overlap between checkpoints",
                       settings.caption("subspace", mats))
         written += figures.write(fig, outdir / "subspace_overlap")

@@ -217,3 +217,18 @@ def test_steps_are_integers_in_features_output(stored, tiny_runs):
     res = run_cli("features", tiny_runs["sam"], "--max-samples", N, "--out", stored, "--json", "--no-plot")
     assert res.code == 0, res.stderr
     assert [x["step"] for x in res.json()["results"]] == [0, 10, 20]
+
+
+def test_a_malformed_unit_warns_and_the_other_tables_still_print(tmp_path):
+    from sam_probe import store
+
+    out = tmp_path / "res"
+    _unit(out, "a", 0, TOP3)
+    store.write_unit(out / "distance" / "runA" / "distance-x.h5", {"run": "/runs/runA", "distance": [1.0]},
+                     {"analysis": "distance", "config": {"ref": "0"}})  # no steps: not what distance writes
+    res = run_cli("report", out, "--html", tmp_path / "r.html")
+    assert res.code == 0, res.stderr
+    assert "distance: table failed" in res.stderr and "distance/runA/distance-x.h5" in res.stderr
+    assert "sharpness (lanczos)" in res.stdout
+    assert "distance: plotting failed" in res.stderr
+    assert "tables of settings group 1 failed" in (tmp_path / "r.html").read_text()

@@ -203,4 +203,5 @@ def test_declutter_thins_colliding_tick_labels(tmp_path):
     assert figures.overlapping_ticks(fig)
     figures.declutter(fig)
     assert figures.overlapping_ticks(fig) == []
-    figures.plt.close(fig)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
