@@ -100,7 +100,7 @@ def provenance(results: list[dict[str, Any]]) -> str:
     if created:
         out.append(f'<p class="note">units computed {html.escape(min(created))} … {html.escape(max(created))}</p>')
     out.append("<details><summary>command lines ({})</summary>{}</details>".format(
-        len(commands), "".join(f"<p><code>{html.escape(c)}</code> ({n} units)</p>" for c, n in commands.items())))
+        len(commands), "".join(f"<p><code>{html.escape(c)}</code> ({n} unit{'s' if n != 1 else ''})</p>" for c, n in commands.items())))
     out.append("<details><summary>checkpoints and sha256 ({})</summary>{}</details>".format(
         len(checkpoints), _kv_table("checkpoints", [[p, s] for p, s in sorted(checkpoints.items())],
                                     ["checkpoint", "sha256"])))
