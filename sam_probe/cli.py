@@ -62,7 +62,7 @@ def _register() -> None:
 
     analysis_cmd.register(app)
     app.command("inspect")(inspect_cmd.inspect)
-    app.command("report")(report_cmd.report)
+    report_cmd.register(app)
     app.command("batch")(batch_cmd.batch)
     app.command("train")(train_cmd.train)
     app.command("merge")(merge_cmd.merge)

@@ -231,8 +231,29 @@ def exists(path: str | Path) -> bool:
         return False
 
 
-def iter_units(source: str | Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """``(name, result, meta)`` of every unit in a results folder or a merged file."""
+def skip_reason(path: str | Path, exc: BaseException) -> str:
+    """Why ``path`` is not a readable unit, in words (for :func:`iter_units`'s ``on_skip``)."""
+    if isinstance(exc, KeyError):
+        try:
+            with h5py.File(path, "r") as f:
+                if any(isinstance(g, h5py.Group) for g in f.values()):
+                    return "a merged results file or a foreign HDF5 file (no top-level 'result' group)"
+        except OSError:
+            pass
+        return "not a sam-probe unit (no 'result' group)"
+    if isinstance(exc, OSError):
+        return f"unreadable HDF5, truncated or corrupt ({str(exc).splitlines()[0][:120]})"
+    return f"unreadable result ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+
+
+def iter_units(source: str | Path, on_skip: Callable[[str, str], None] | None = None
+               ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(name, result, meta)`` of every unit in a results folder or a merged file.
+
+    Files that are not readable units (corrupt, truncated, foreign ``.h5``) are
+    skipped; ``on_skip(name, reason)`` is called for each (hidden ``.*`` files,
+    units still being written, are not reported).
+    """
     src = Path(source)
     if src.is_dir():
         for p in sorted(src.rglob("*.h5")):
@@ -240,7 +261,9 @@ def iter_units(source: str | Path) -> Iterator[tuple[str, dict[str, Any], dict[s
                 continue
             try:
                 res, meta = read_unit(p)
-            except (OSError, KeyError):
+            except (OSError, KeyError, ValueError, TypeError) as exc:
+                if on_skip is not None:
+                    on_skip(str(p.relative_to(src)), skip_reason(p, exc))
                 continue
             yield str(p.relative_to(src)), res, meta
         return

@@ -226,7 +226,7 @@ class FeaturesResult:
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for t, step in enumerate(self.steps):
-            row = {"step": step, "minor_mass": self.minor_mass[t], "dominant_index": self.dominant_index[t],
+            row = {"step": int(step) if float(step).is_integer() else step, "minor_mass": self.minor_mass[t], "dominant_index": self.dominant_index[t],
                    "dominant_strength_rank": self.dominant_strength_rank[t],
                    "spearman_growth_strength": self.spearman_growth_strength[t]}
             if self.background_mass is not None:

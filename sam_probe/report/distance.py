@@ -1,40 +1,60 @@
-"""Tables and figures of stored ``distance`` results."""
+"""Tables and figures of stored ``distance`` results (distance to a reference checkpoint, escape rate)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from . import console, figures
+from . import console, events, figures, settings, tables
+from .tables import Table, step_value
 
 
-def _name(r: dict[str, Any]) -> str:
-    return Path(str(r.get("run", "run"))).name
+def tables_of(results: list[dict[str, Any]]) -> list[Table]:
+    out = []
+    for r in results:
+        kind = settings.step_kind([r])
+        rows = [[step_value(s), d, rel] for s, d, rel in zip(r["steps"], r["distance"], r["relative"])]
+        rate = r.get("escape_rate")
+        note = (f"escape rate {console.fmt(rate)} per {r.get('escape_by', kind)} (slope of log distance over "
+                f"{kind}s {', '.join(console.fmt(step_value(x)) for x in r.get('escape_steps') or [])})")
+        out.append(Table(f"{figures.run_name(r)}: distance to {kind} {console.fmt(step_value(r.get('ref_step')))}",
+                         [kind, "||w - w_ref||", "relative"], rows, [note]))
+    return out
 
 
 def show(results: list[dict[str, Any]]) -> None:
-    for r in results:
-        rows = [[s, d, rel] for s, d, rel in zip(r["steps"], r["distance"], r["relative"])]
-        rate = r.get("escape_rate")
-        console.out.print(console.table(f"{_name(r)}: distance to step {console.fmt(r.get('ref_step'))}",
-                                        ["step", "||w - w_ref||", "relative"], rows))
-        console.out.print(f"escape rate {console.fmt(rate)} per {r.get('escape_by', 'step')} (slope of log distance "
-                          f"over steps {', '.join(console.fmt(x) for x in r.get('escape_steps') or [])})",
-                          highlight=False)
+    tables.show(tables_of(results))
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
-    """Distance to the reference over steps (one line per run), log scale."""
+    """Distance to the reference over steps (rows: one per model), absolute and relative, log with zero kept."""
     if not results:
         return []
-    fig, ax = figures.new_figure()
-    for r in results:
-        pts = [(s, d) for s, d in zip(r["steps"], r["distance"]) if d and d > 0]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{_name(r)} (escape {console.fmt(r.get('escape_rate'))})")
-        if r.get("ref_step") is not None:
-            ax.axvline(r["ref_step"], color="grey", lw=0.8, ls=":")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("||w_t - w_ref||")
-    ax.legend(fontsize="x-small")
-    return [figures.save(fig, outdir / "distance")]
+    figures.runs_of(results)
+    facets = figures.facets(results)
+    fig, axes = figures.facet_grid([f"model: {m}" for m, _ in facets], 2, width=4.6, height=3.4)
+    for row, (model, rs) in zip(axes, facets):
+        vals: dict[int, list[float]] = {0: [], 1: []}
+        refs = []
+        for r in rs:
+            steps = [step_value(s) for s in r["steps"]]
+            lab = f"{figures.label(r)} (escape {console.fmt(r.get('escape_rate'))}/{settings.step_kind([r])})"
+            for j, key in enumerate(("distance", "relative")):
+                pts = [(s, d) for s, d in zip(steps, r[key]) if d is not None]
+                if pts:
+                    row[j].plot(*zip(*pts), marker="o", ms=3.5, color=figures.color(r), label=lab)
+                    vals[j] += [d for _, d in pts]
+            if r.get("ref_step") is not None:
+                refs.append((r["ref_step"], f"reference {step_value(r['ref_step'])}", "0.3"))
+        for j, ax in enumerate(row):
+            figures.log_axis(ax, vals[j])
+            figures.mark_steps(ax, refs, ls="-.")
+            figures.mark_steps(ax, events.switch_marks(rs), ls="--")
+            ax.set_xlabel(settings.step_axis(rs))
+        row[0].set_ylabel("‖w_t − w_ref‖₂ (parameter units)" + figures.scale_note(row[0]))
+        row[1].set_ylabel("‖w_t − w_ref‖ / ‖w_ref‖ (fraction)" + figures.scale_note(row[1]))
+        row[0].set_title("distance", fontsize="small")
+        row[1].set_title("relative distance (comparable across models)", fontsize="small")
+    figures.figure_legend(fig, title="run")
+    note = "one row per model" if len(facets) > 1 else ""
+    figures.title(fig, "distance to the reference checkpoint", settings.caption("distance", results, note))
+    return figures.write(fig, outdir / "distance")

@@ -1,4 +1,4 @@
-"""Tables and figures of stored ``features`` results."""
+"""Tables and figures of stored ``features`` results (which input features a model amplifies, and when)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,61 +6,85 @@ from typing import Any
 
 import numpy as np
 
-from . import console, figures
+from . import console, events, figures, settings, tables
+from .tables import Table, step_value
 
 
-def _name(r: dict[str, Any]) -> str:
-    return Path(str(r.get("run", "run"))).name
-
-
-def show(results: list[dict[str, Any]]) -> None:
+def tables_of(results: list[dict[str, Any]]) -> list[Table]:
+    out = []
     for r in results:
         rows = r.get("results") or []
         has_bg = any("background_mass" in x for x in rows)
-        cols = ["step", "minor mass", "dominant feature", "its strength rank", "Spearman(growth, strength)"] + \
-            (["background mass"] if has_bg else [])
-        body = [[x.get("step"), x.get("minor_mass"), x.get("dominant_index"), x.get("dominant_strength_rank"),
-                 x.get("spearman_growth_strength")] + ([x.get("background_mass")] if has_bg else []) for x in rows]
-        title = (f"{_name(r)}: features ({r.get('method')} importance, {r.get('strength_method')} strength; "
+        cols = [settings.step_kind([r]), "minor mass", "dominant feature", "its strength rank",
+                "Spearman(growth, strength)"] + (["background mass"] if has_bg else [])
+        body = [[step_value(x.get("step")), x.get("minor_mass"), x.get("dominant_index"),
+                 x.get("dominant_strength_rank"), x.get("spearman_growth_strength")]
+                + ([x.get("background_mass")] if has_bg else []) for x in rows]
+        title = (f"{figures.run_name(r)}: features ({r.get('method')} importance, {r.get('strength_method')} strength; "
                  f"rank 0 = strongest; negative Spearman = minor first)")
-        console.out.print(console.table(title, cols, body))
+        out.append(Table(title, cols, body))
+    return out
+
+
+def show(results: list[dict[str, Any]]) -> None:
+    tables.show(tables_of(results))
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
-    """Minor mass over steps (all runs); importance per feature over steps; image heat-maps."""
+    """Minor mass over steps (all runs); importance share per feature at the last checkpoint; image heat-maps."""
     if not results:
         return []
+    figures.runs_of(results)
     written = []
-    fig, axes = figures.new_figure(ncols=2)
+    fig, axes = figures.new_figure(ncols=2, width=4.8, height=3.5)
     axes = list(axes.flat)
+    n_feat = 0
     for r in results:
         rows = r.get("results") or []
-        axes[0].plot([x["step"] for x in rows], [x["minor_mass"] for x in rows], marker="o", label=_name(r))
+        col = figures.color(r)
+        axes[0].plot([step_value(x["step"]) for x in rows], [x["minor_mass"] for x in rows], marker="o", ms=3.5,
+                     color=col, label=figures.label(r))
         imp = np.asarray(r["importance"], dtype=float)
-        order = np.argsort(-np.asarray(r["strength"], dtype=float))  # strongest first
+        order = np.argsort(-np.asarray(r["strength"], dtype=float), kind="stable")  # strongest first
         last = imp[-1][order]
-        axes[1].plot(range(len(last)), last / max(last.sum(), 1e-300), marker=".", label=_name(r))
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("minor mass")
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize="x-small")
-    axes[1].set_xlabel("feature, strongest → weakest")
-    axes[1].set_ylabel("share of importance (last checkpoint)")
-    written.append(figures.save(fig, outdir / "features"))
+        n_feat = max(n_feat, len(last))
+        axes[1].plot(range(len(last)), last / max(np.nansum(last), 1e-300), marker=".", color=col,
+                     label=figures.label(r))
+    figures.mark_steps(axes[0], events.switch_marks(results), ls="--")
+    axes[0].set_xlabel(settings.step_axis(results))
+    frac = results[0].get("minor_fraction")
+    axes[0].set_ylabel("minor mass: importance share of the\n" +
+                       (f"weakest {frac:g} of features (fraction)" if isinstance(frac, (int, float))
+                        else "minor features (fraction)"))
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].set_xlabel("feature rank by input strength (0 = strongest)")
+    axes[1].set_ylabel("share of total importance,\nlast checkpoint (fraction)")
+    if n_feat <= 20:
+        axes[1].set_xticks(range(n_feat))
+    figures.legend_beside(axes[1], title="run")
+    figures.title(fig, "feature amplification (normalised: shares of each model's total importance)",
+                  settings.caption("features", results))
+    written += figures.write(fig, outdir / "features")
     images = [r for r in results if r.get("image_shape")]
     if images:
-        fig, axes = figures.new_figure(ncols=2, nrows=len(images), width=3.2, height=3.0)
+        fig, axes = figures.new_figure(ncols=2, nrows=len(images), width=3.4, height=3.0)
         axes = np.asarray(axes).reshape(len(images), 2)
         for row, r in zip(axes, images):
             shape = tuple(r["image_shape"])
             imp = np.asarray(r["importance"], dtype=float)
-            steps = [x["step"] for x in r.get("results") or []]
+            steps = [step_value(x["step"]) for x in r.get("results") or []]
             for ax, t in zip(row, (1 if len(imp) > 1 else 0, len(imp) - 1)):
-                ax.imshow(imp[t].reshape(shape[-2:]) if len(shape) >= 2 else imp[t].reshape(1, -1), cmap="magma")
+                share = imp[t] / max(np.nansum(imp[t]), 1e-300)
+                im = ax.imshow(share.reshape(shape[-2:]) if len(shape) >= 2 else share.reshape(1, -1), cmap="magma")
                 bg = (r.get("results") or [{}])[t].get("background_mass")
-                ax.set_title(f"{_name(r)} step {console.fmt(steps[t])}" + (f"\nbackground mass {bg:.2f}" if bg is not None else ""),
-                             fontsize="small")
+                ax.set_title(f"{figures.label(r)}, {settings.step_kind([r])} {console.fmt(steps[t])}"
+                             + (f"\nbackground mass {bg:.2f}" if bg is not None else ""), fontsize="small")
                 ax.set_xticks([])
                 ax.set_yticks([])
-        written.append(figures.save(fig, outdir / "features_heatmaps"))
+                ax.grid(False)
+                ax.set_xlabel("pixel column")
+                ax.set_ylabel("pixel row")
+                fig.colorbar(im, ax=ax, label="importance share", shrink=0.85)
+        figures.title(fig, "input importance per pixel", settings.caption("features", images))
+        written += figures.write(fig, outdir / "features_heatmaps")
     return written

@@ -1,12 +1,12 @@
-"""Tables and figures of stored ``ratios`` results."""
+"""Tables and figures of stored ``ratios`` results (categories of r = g̃/g per parameter)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from ..core.categories import CATEGORIES
-from . import console, figures
-
+from . import events, figures, settings, tables
+from .tables import Table, step_value
 
 
 def _bin_label(b: dict[str, Any]) -> str:
@@ -14,72 +14,93 @@ def _bin_label(b: dict[str, Any]) -> str:
     return f"[{b['lo']:g},{'inf' if hi is None else format(hi, 'g')})"
 
 
-def show(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = False) -> None:
+def tables_of(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = False) -> list[Table]:
     if not results:
-        return
+        return []
     r0 = results[0]
-    title = f"ratio categories (% of P; rho={r0.get('rho')}, {r0.get('variant')}" + \
-        (f", m={r0['m']}" if r0.get("m") else "") + (", faithful" if r0.get("faithful") else "") + ")"
-    cols = ["run", "step", "P", "|g|", "|g~|"] + list(CATEGORIES) + ["C1 top-|g| share", "lift"]
+    cfg = settings.config(r0)
+    title = f"ratio categories (% of P; {settings.sam_text(cfg, r0)}" + \
+        (", faithful" if cfg.get("faithful", r0.get("faithful")) else "") + ")"
+    step = settings.step_kind(results)
+    cols = ["run", step, "P", "|g|", "|g~|"] + list(CATEGORIES) + ["C1 top-|g| share", "lift"]
     rows = []
     for label, r in zip(figures.row_labels(results), results):
         fr = r.get("fractions") or {}
         ms = r.get("magnitude_split") or {}
-        rows.append([label, r.get("step"), r.get("n_params"), r.get("grad_norm"),
-                     r.get("perturbed_grad_norm")] + [100 * fr.get(c, 0.0) for c in CATEGORIES]
+        rows.append([label, step_value(r.get("step")), r.get("n_params"), r.get("grad_norm"),
+                     r.get("perturbed_grad_norm")] + [100 * (fr.get(c) or 0.0) for c in CATEGORIES]
                     + [ms.get("share"), ms.get("lift")])
-    console.out.print(console.table(title, cols, rows))
-    if bucket:
+    out = [Table(title, cols, rows)]
+    if bucket and any(r.get("buckets") for r in results):
         labels = [_bin_label(b) for b in r0.get("buckets") or []]
-        brows = [[figures.run_name(r), r.get("step"), r["counts"]["C1"]] + [b["count"] for b in r.get("buckets") or []]
-                 for r in results]
-        console.out.print(console.table("C1 ratio bins (counts)", ["run", "step", "C1"] + labels, brows))
+        brows = [[figures.run_name(r), step_value(r.get("step")), r["counts"]["C1"]]
+                 + [b["count"] for b in r.get("buckets") or []] for r in results]
+        out.append(Table("C1 ratio bins (counts)", ["run", step, "C1"] + labels, brows))
     if per_layer:
         for r in results:
             lrows = [[e["name"], e["n"]] + [100 * e["counts"].get(c, 0) / max(e["n"], 1) for c in CATEGORIES]
                      for e in r.get("per_layer") or []]
-            console.out.print(console.table(f"{figures.run_name(r)} step {r.get('step')}: per tensor (% of tensor)",
-                                            ["layer", "n"] + list(CATEGORIES), lrows))
+            out.append(Table(f"{figures.run_name(r)} {step} {step_value(r.get('step'))}: per tensor (% of tensor)",
+                             ["layer", "n"] + list(CATEGORIES), lrows))
+    return out
+
+
+def show(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = False) -> None:
+    tables.show(tables_of(results, bucket=bucket, per_layer=per_layer))
 
 
 def plot(results: list[dict[str, Any]], outdir: Path, bucket: bool = True) -> list[Path]:
-    """Stacked category fractions over steps (one panel per run); C1 bin histogram."""
+    """Stacked category fractions over steps (one panel per run, % of that run's P); C1 bin shares."""
     if not results:
         return []
-    runs = list(dict.fromkeys(figures.run_name(r) for r in results))
+    runs = figures.runs_of(results)
     written = []
-    fig, axes = figures.new_figure(ncols=len(runs))
-    axes = [axes] if len(runs) == 1 else list(axes.flat)
+    ncols = min(len(runs), 3)
+    nrows = -(-len(runs) // ncols)
+    fig, axes = figures.new_figure(ncols=ncols, nrows=nrows, width=4.4, height=3.3)
+    import numpy as np
+    axes = list(np.asarray(axes).flat)
+    cat_colors = figures.colors_from("colorblind", len(CATEGORIES))
     for ax, run in zip(axes, runs):
-        rs = sorted((r for r in results if figures.run_name(r) == run), key=lambda r: r.get("step") or 0)
-        steps = [r.get("step") for r in rs]
-        ys = [[100 * (r.get("fractions") or {}).get(c, 0.0) for r in rs] for c in CATEGORIES]
+        rs = sorted((r for r in results if figures.run_key(r) == run), key=lambda r: r.get("step") or 0)
+        steps = [step_value(r.get("step")) for r in rs]
+        ys = [[100 * ((r.get("fractions") or {}).get(c) or 0.0) for r in rs] for c in CATEGORIES]
         if len(rs) > 1:
-            ax.stackplot(steps, ys, labels=CATEGORIES, alpha=0.85)
+            ax.stackplot(steps, ys, labels=CATEGORIES, colors=cat_colors, alpha=0.9)
         else:
             bottom = 0.0
-            for c, y in zip(CATEGORIES, ys):
-                ax.bar([str(steps[0])], y, bottom=bottom, label=c)
+            for c, y, col in zip(CATEGORIES, ys, cat_colors):
+                ax.bar([str(steps[0])], y, bottom=bottom, label=c, color=col)
                 bottom += y[0]
-        ax.set_title(run)
-        ax.set_xlabel("step")
-        ax.set_ylabel("% of parameters")
+        figures.mark_steps(ax, events.switch_marks(rs), ls="--")
+        n = rs[0].get("n_params")
+        ax.set_title(figures.label(run) + (f" (P = {int(n):,})" if n else ""), fontsize="small",
+                     color=figures.color(run))
+        ax.set_xlabel(settings.step_axis(rs))
+        ax.set_ylabel("% of the run's parameters")
         ax.set_ylim(0, 100)
-    axes[-1].legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    written.append(figures.save(fig, outdir / "ratios_categories"))
+    for ax in axes[len(runs):]:
+        ax.set_visible(False)
+    figures.legend_beside(axes[min(len(runs), ncols) - 1], title="category")
+    figures.title(fig, "SAM ratio categories of r = g̃/g (normalised: % of each run's parameters)",
+                  settings.caption("ratios", results, "C1 r>1, C2 0<r<1, C3 r<−1, C4 −1<r<0"))
+    written += figures.write(fig, outdir / "ratios_categories")
     if bucket and any(r.get("buckets") for r in results):
-        import pandas as pd
-        import seaborn as sns
-
-        recs = []
-        for run in runs:  # last checkpoint of each run
-            r = max((r for r in results if figures.run_name(r) == run), key=lambda r: r.get("step") or 0)
+        fig, ax = figures.new_figure(width=6.5)
+        labels = None
+        width = 0.8 / len(runs)
+        for j, run in enumerate(runs):  # last checkpoint of each run
+            r = max((r for r in results if figures.run_key(r) == run), key=lambda r: r.get("step") or 0)
             c1 = max(r["counts"]["C1"], 1)
-            recs += [{"run": run, "bin": _bin_label(b), "share of C1 (%)": 100 * b["count"] / c1}
-                     for b in r.get("buckets") or []]
-        fig, ax = figures.new_figure(width=6)
-        sns.barplot(data=pd.DataFrame(recs), x="bin", y="share of C1 (%)", hue="run", ax=ax)
-        ax.set_xlabel("C1 ratio r = g~/g bin (last checkpoint)")
-        ax.tick_params(axis="x", rotation=30)
-        written.append(figures.save(fig, outdir / "ratios_buckets"))
+            bs = r.get("buckets") or []
+            labels = labels or [_bin_label(b) for b in bs]
+            ax.bar(np.arange(len(bs)) + (j - (len(runs) - 1) / 2) * width, [100 * b["count"] / c1 for b in bs],
+                   width=width, color=figures.color(run),
+                   label=f"{figures.label(run)} ({settings.step_kind([r])} {step_value(r.get('step'))})")
+        ax.set_xticks(np.arange(len(labels or [])), labels or [], rotation=30, ha="right")
+        ax.set_xlabel("C1 ratio bin of r = g̃/g (dimensionless)")
+        ax.set_ylabel("share of the C1 parameters (%)")
+        figures.legend_beside(ax, title="run (last checkpoint)")
+        figures.title(fig, "C1 ratio bins at the last checkpoint", settings.caption("ratios", results))
+        written += figures.write(fig, outdir / "ratios_buckets")
     return written
