@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,6 +128,7 @@ class Session:
         self._data: dict[str, Any] = {}
         self._prefix: dict[str, str] = {}
         self._loaded: dict[str, Checkpoint] = {}  # checkpoints read while ordering a run, used once
+        self.used_data: dict[str, Any] | None = None  # the data spec and size the last objective used
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
         from . import distributed as _dist
@@ -271,6 +272,7 @@ class Session:
         pool = CACHE.data if CACHE.enabled else self._data
         if key not in pool:
             pool[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=args)
+        self.used_data = {"data": spec, "data_args": args, "n_samples": len(pool[key])}
         return pool[key]
 
     def loss_name(self, ck: Checkpoint, data) -> str | None:
@@ -294,10 +296,13 @@ class Session:
         return m
 
     def source(self, ck: Checkpoint) -> dict[str, Any]:
-        """Where a result's weights came from: format, layout, stripped/inferred prefix, step source."""
+        """Where a result's weights came from: format, layout, stripped/inferred prefix, step source,
+        and the checkpoint's scalar training hyper-parameters (optimizer, lr, rho, switch_step, ...)."""
         prefixes = list(ck.stripped_prefixes) + ([self._prefix[ck.path]] if self._prefix.get(ck.path) else [])
+        hparams = {str(k)[:64]: (v[:200] if isinstance(v, str) else v) for k, v in list(ck.hparams.items())[:64]
+                   if v is None or isinstance(v, (bool, int, float, str))}
         return {"format": ck.format, "layout": ck.layout, "prefix": "".join(prefixes) or None,
-                "step_source": ck.step_source}
+                "step_source": ck.step_source, "hparams": hparams}
 
     def objective(self, ck: Checkpoint, model: nn.Module | None = None, data=None) -> Objective:
         """The loss of checkpoint ``ck`` over the session's data as an :class:`Objective`."""
@@ -308,7 +313,7 @@ class Session:
                         self.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
                         s.batch_size, s.max_memory, str(self.device)))
             if key in CACHE.objectives:
-                obj = CACHE.objectives[key]
+                obj, self.used_data = CACHE.objectives[key]
                 obj.n_grad = obj.n_hvp = 0
                 return obj
         model = model or self.build_model(ck)
@@ -333,7 +338,7 @@ class Session:
         if key is not None:
             while len(CACHE.objectives) >= CACHE.max_objectives:
                 CACHE.objectives.pop(next(iter(CACHE.objectives)))
-            CACHE.objectives[key] = obj
+            CACHE.objectives[key] = (obj, self.used_data)
         return obj
 
     # ------------------------------------------------------------ store
@@ -346,7 +351,7 @@ class Session:
             "config": config,
             "checkpoint": paths[0] if len(paths) == 1 else paths, "sha256": shas[0] if len(shas) == 1 else shas,
             "step": step if step is not None else -1, "model_spec": model_spec,
-            "data_spec": self.settings.data_identity(), "seed": s.seed, "device": str(self.device),
+            "data_spec": {**self.settings.data_identity(), **(self.used_data or {})}, "seed": s.seed, "device": str(self.device),
             "dtype": s.dtype, "bn_mode": s.bn_mode, "wall_time": seconds, "host": socket.gethostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
             "world_size": _world_size(),
@@ -378,6 +383,10 @@ class Session:
         except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed writes
             self.store_failed = store.describe_write_error(unit, self.settings.out, exc)
             outcome.store_error = self.store_failed
+
+    def _size(self) -> dict[str, Any]:
+        """``n_samples`` of the data the unit used (when it used data)."""
+        return {"n_samples": self.used_data["n_samples"]} if self.used_data else {}
 
     def _done(self, outcome: UnitOutcome) -> UnitOutcome:
         if self.on_unit is not None:
@@ -424,7 +433,8 @@ class Session:
         except (SamProbeError, *COMPUTE_ERRORS) as exc:
             carry.pop("warm", None)
             return failure(path, step, exc)
-        result = {"path": str(path), "step": step, "source": self.source(ck), **result, "seconds": seconds}
+        result = {"path": str(path), "step": step, "source": self.source(ck), **self._size(), **result,
+                  "seconds": seconds}
         outcome = UnitOutcome(str(path), step, "ok", result=result, seconds=seconds)
         meta = self.unit_meta(analysis, config, [str(path)], [sha], step, self.model_spec_or_none(ck), seconds)
         self._write(unit, result, meta, outcome)
@@ -469,7 +479,7 @@ class Session:
         except (SamProbeError, *COMPUTE_ERRORS) as exc:
             return self._done(failure(origin, None, exc))
         seconds = time.perf_counter() - t0
-        result = {**result, "sources": [self.source(c) for c in cks], "seconds": seconds}
+        result = {**self._size(), **result, "sources": [self.source(c) for c in cks], "seconds": seconds}
         outcome = UnitOutcome(origin, None, "ok", result=result, seconds=seconds)
         meta = self.unit_meta(analysis, config, [str(p) for p, _ in files], shas, None,
                               self.model_spec_or_none(cks[0]), seconds)

@@ -36,7 +36,7 @@ ANALYSIS = Analysis(
     ),
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
-        "k": "subspace dimension", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
+        "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
         "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
         "eta_lambda_max": "eta * lambda_max", "warnings": "why a number is not certified", "seconds": "wall time",
@@ -96,7 +96,7 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
                     batch_size=cfg["minibatch_size"], seed=cfg["seed"], rho=cfg["rho"], variant=cfg["variant"],
                     prev_params=prev_params, eta_grid=cfg["eta_grid"])
     out = res.to_dict()
-    out.update(residuals=list(eig.residuals), converged=list(eig.converged), n_hvp=eig.n_hvp)
+    out.update(residuals=list(eig.residuals), converged=list(eig.converged), n_hvp=eig.n_hvp, n_params=obj.n_params)
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged) if not c]
         out["warnings"] = [f"eigenpairs {bad} not converged to --tol {cfg['tol']:g}: the subspace (and chi) is "

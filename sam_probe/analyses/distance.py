@@ -27,7 +27,7 @@ ANALYSIS = Analysis(
         "run": "run directory", "paths": "checkpoint files", "steps": "steps", "distance": "||w_t - w_ref||",
         "relative": "distance / ||w_ref||", "per_tensor": "distance per parameter tensor",
         "escape_rate": "slope of log distance per step", "escape_steps": "steps used for the escape rate",
-        "ref_step": "the reference's step", "ref_norm": "||w_ref||",
+        "ref_step": "the reference's step", "ref_norm": "||w_ref||", "n_params": "parameters compared",
     },
 )
 
@@ -89,4 +89,8 @@ def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
         res = core_distance(states, target, steps=steps, ref_step=ref_step, k=cfg["k"])
     except KeyError as exc:
         raise SpecError(f"--ref: the checkpoints do not hold the reference's tensors ({exc})") from None
-    return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **res.to_dict()}
+    out = res.to_dict()
+    if out.get("ref_step") is not None and float(out["ref_step"]).is_integer():
+        out["ref_step"] = int(out["ref_step"])
+    out["n_params"] = sum(int(t.numel()) for t in states[0].values())
+    return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out}

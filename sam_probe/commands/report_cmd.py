@@ -201,11 +201,6 @@ def report(
     for ws in warnings.values():
         for w in ws:
             console.warn(w)
-    if plot or html is not None:
-        collect.attach_hparams(coll)
-
-    from ..pipeline import jsonable
-    from ..report import figures
 
     if format == "json":
         console.print_json(jsonable({

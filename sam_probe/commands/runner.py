@@ -91,8 +91,19 @@ def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], c
     payload, results = payload_of(analysis, outcomes, len(targets))
     view = analysis.view_impl()
     plot_opts = {k: v for k, v in view_opts.items() if k in _params(view.plot)}
+    meta = figure_meta(analysis, cfg, common)
     finish(common, outcomes, payload, show=lambda: view.show(results, **view_opts),
-           plot=lambda d: view.plot(results, d, **plot_opts))
+           plot=lambda d: view.plot([{**r, META: meta} for r in results], d, **plot_opts))
+
+
+META = "_meta"  # the unit attributes a view reads its settings caption from (sam_probe.report.settings.META)
+
+
+def figure_meta(analysis: Analysis, cfg: dict[str, Any], common: Common) -> dict[str, Any]:
+    """What a command's own figures name in their captions: the settings of the units it made."""
+    s = common.settings
+    return {"analysis": analysis.name, "analysis_version": analysis.version, "config": cfg,
+            "data_spec": s.data_identity(), "dtype": s.dtype, "bn_mode": s.bn_mode}
 
 
 def _params(fn: Any) -> set[str]:

@@ -8,7 +8,6 @@ same checkpoints, analysis and settings) is shown once, the newest.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,67 +113,3 @@ def collect(source: str | Path, only: Sequence[str] | None = None, order: Sequen
 def public(result: dict[str, Any]) -> dict[str, Any]:
     """A result as JSON/CSV show it: without the attached unit attributes."""
     return {k: v for k, v in result.items() if k != META}
-
-
-# ----------------------------------------------------------------- training events from the checkpoints
-MAX_HPARAM_FILE = 256 * 2**20  # a checkpoint read only for its hyper-parameters is at most this large
-
-
-def _checkpoint_of(r: dict[str, Any]) -> tuple[str, str] | None:
-    """``(path, sha256)`` of one checkpoint of a result (the last of a whole-run result)."""
-    m = settings.meta(r)
-    paths, shas = m.get("checkpoint"), m.get("sha256")
-    if isinstance(paths, str) and paths.startswith("["):
-        try:
-            paths, shas = json.loads(paths), json.loads(shas) if isinstance(shas, str) else shas
-        except ValueError:
-            return None
-    if isinstance(paths, list) and isinstance(shas, list) and paths and len(paths) == len(shas):
-        return str(paths[-1]), str(shas[-1])
-    if isinstance(paths, str) and isinstance(shas, str):
-        return paths, shas
-    return None
-
-
-def attach_hparams(coll: Collection) -> int:
-    """Give results whose run stores no training hyper-parameters those of one of its checkpoints.
-
-    Until every result stores its checkpoints' ``source.hparams``, the late-SAM
-    switch step is read from a checkpoint still at its stored path, with the safe
-    loader, only if its sha256 matches the stored one and it is at most
-    :data:`MAX_HPARAM_FILE` bytes; one checkpoint per run.  Returns how many runs
-    got them.
-    """
-    from . import events
-
-    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for name, rs in coll.analyses.items():
-        if name == "interpolate":
-            continue
-        for r in rs:
-            by_run[figures.run_key(r)].append(r)
-    done = 0
-    for run, rs in by_run.items():
-        if any(events.hparams(r) for r in rs):
-            continue
-        hp = _read_hparams([c for c in (_checkpoint_of(r) for r in rs) if c is not None])
-        if hp:
-            for r in rs:
-                r[META]["hparams"] = hp
-            done += 1
-    return done
-
-
-def _read_hparams(candidates: list[tuple[str, str]]) -> dict[str, Any]:
-    from ..errors import SamProbeError
-    from ..loading.checkpoints import file_sha256, load_checkpoint
-
-    for path, sha in dict.fromkeys(candidates):
-        try:
-            if not os.path.isfile(path) or os.path.getsize(path) > MAX_HPARAM_FILE or file_sha256(path) != sha:
-                continue
-            hp = load_checkpoint(path).hparams
-        except (SamProbeError, OSError, ValueError, RuntimeError):
-            continue
-        return {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return {}
