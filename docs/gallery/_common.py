@@ -122,3 +122,13 @@ def write(out: Path, name: str, fig, numbers: dict[str, Any], t0: float) -> dict
     (out / f"{name}.json").write_text(json.dumps(finite(numbers), indent=1) + "\n")
     print(f"{name}: wrote {path} in {numbers['seconds']} s")
     return numbers
+
+
+def plain_log(ax, axis: str = "y") -> None:
+    """Log axis with plain tick labels at 1, 2, 5 x 10^k (no 10^k mathtext, no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())
