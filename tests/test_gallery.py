@@ -28,7 +28,7 @@ def _run(name: str, tmp_path: Path) -> dict:
     numbers = _load(name).main(["--quick", "--out", str(tmp_path)])
     png = tmp_path / f"{name}.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / f"{name}.json").read_text())["figure"] == str(png)
+    assert json.loads((tmp_path / f"{name}.json").read_text())["figure"] == png.name
     return numbers
 
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -118,7 +119,8 @@ def write(out: Path, name: str, fig, numbers: dict[str, Any], t0: float) -> dict
 
     out.mkdir(parents=True, exist_ok=True)
     path = save(fig, out / f"{name}.png", "png")
-    numbers = {**numbers, "figure": str(path), "seconds": round(time.time() - t0, 1)}
+    os.chmod(path, 0o644)  # a figure to share, not a secret (save() writes through mkstemp, 0600)
+    numbers = {**numbers, "figure": path.name, "seconds": round(time.time() - t0, 1)}
     (out / f"{name}.json").write_text(json.dumps(finite(numbers), indent=1) + "\n")
     print(f"{name}: wrote {path} in {numbers['seconds']} s")
     return numbers
