@@ -7,7 +7,7 @@ unpickling (``_reconstruct`` + ``ndarray.__setstate__``, ``dtype.__setstate__``,
 whose state claims object fields or offsets past its item size, reads and writes
 arbitrary memory.  So the pickle's numpy globals name the *recorders* below
 instead; they only remember their arguments and state, and
-:func:`resolve_numpy` then builds, after unpickling, exactly
+the loader then builds with :func:`rebuild`, after unpickling, exactly
 
 - a dtype from a fixed list of plain codes (bool, signed/unsigned integers of
   1-8 bytes, float16/32/64, complex64/128) with byte order ``<``, ``>``, ``=`` or
@@ -20,11 +20,12 @@ Booleans are normalised to 0/1.  Anything else (object, void, structured,
 string, datetime or user dtypes, subclasses, direct ``ndarray(...)`` calls)
 becomes an :class:`UnrebuiltNumpy` placeholder whose ``note`` says why; no
 pickle data ever reaches ``dtype.__setstate__`` or ``ndarray.__setstate__``.
+The loader replaces the recorders in the unpickled object with :func:`rebuild`
+(one pass over the object graph, :mod:`.objgraph`).
 """
 from __future__ import annotations
 
 import math
-from collections import Counter, OrderedDict
 from typing import Any
 
 from .placeholders import Placeholder
@@ -32,7 +33,7 @@ from .placeholders import Placeholder
 PLAIN_CODES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"})
 BYTE_ORDERS = frozenset({"<", ">", "=", "|"})
 MAX_NDIM = 32
-_made = [0]  # recorders created so far (resolve_numpy has nothing to do while it is unchanged)
+_made = [0]  # recorders created so far
 
 
 class _Recorder(Placeholder):
@@ -177,101 +178,10 @@ def rebuild(rec: _Recorder) -> Any:
         return UnrebuiltNumpy(f"numpy {what} not rebuilt: {type(exc).__name__}")
 
 
-_SEQUENCES = (list, tuple, set, frozenset)
-_MAPPINGS = (dict, OrderedDict, Counter)
+def is_recorder(obj: Any) -> bool:
+    return isinstance(obj, _Recorder)
 
 
-def _children(obj: Any) -> list:
-    t = type(obj)
-    if t in _MAPPINGS:
-        return [*obj.keys(), *obj.values()]
-    if t in _SEQUENCES:
-        return list(obj)
-    if isinstance(obj, Placeholder):
-        return [obj.args, obj.state]
-    return []
-
-
-def _hashable(new_key: Any, old_key: Any) -> Any:
-    """``new_key`` if it can key a dict or set, else the (inert) original."""
-    try:
-        hash(new_key)
-        return new_key
-    except TypeError:
-        return old_key
-
-
-def _rebuilt(obj: Any, new: dict[int, Any]) -> Any:
-    """``obj`` with its children replaced by their rebuilt values (lists and dicts in place)."""
-    t = type(obj)
-    get = new.get
-    if t is list:
-        for i, v in enumerate(obj):
-            r = get(id(v), v)
-            if r is not v:
-                obj[i] = r
-        return obj
-    if t in _MAPPINGS:
-        if any(get(id(k), k) is not k for k in obj):
-            items = [(_hashable(get(id(k), k), k), get(id(v), v)) for k, v in obj.items()]
-            obj.clear()
-            for k, v in items:
-                obj[k] = v
-        else:
-            for k, v in obj.items():
-                r = get(id(v), v)
-                if r is not v:
-                    obj[k] = r
-        return obj
-    if t is tuple:
-        items = [get(id(v), v) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else tuple(items)
-    if t in (set, frozenset):
-        items = [_hashable(get(id(v), v), v) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else t(items)
-    if isinstance(obj, Placeholder):
-        for name in ("args", "state"):
-            v = getattr(obj, name)
-            r = get(id(v), v)
-            if r is not v:
-                object.__setattr__(obj, name, r)
-    return obj
-
-
-def resolve_numpy(root: Any, made_before: int) -> tuple[Any, list[str]]:
-    """Replace every recorder reachable from ``root`` by its rebuilt value; return ``(root, notes)``.
-
-    One pass over the object graph, each container visited once (shared
-    references and cycles included), iteratively: linear in the number of
-    distinct objects and references, never recursive.
-    """
-    if _made[0] == made_before:
-        return root, []
-    new: dict[int, Any] = {}
-    open_: set[int] = set()
-    notes: list[str] = []
-    keep: list[Any] = []  # every visited object stays alive, so no id is reused during the walk
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        obj, closing = stack.pop()
-        oid = id(obj)
-        if closing:
-            open_.discard(oid)
-            new[oid] = _rebuilt(obj, new)
-            continue
-        if oid in new or oid in open_:
-            continue
-        if isinstance(obj, _Recorder):
-            value = rebuild(obj)
-            if isinstance(value, UnrebuiltNumpy) and value.note not in notes:
-                notes.append(value.note)
-            new[oid] = value
-            continue
-        kids = _children(obj)
-        if not kids:
-            continue
-        keep.append(obj)
-        open_.add(oid)
-        stack.append((obj, True))
-        stack.extend((k, False) for k in kids if type(k) not in (str, int, float, bool, bytes) and k is not None)
-    return new.get(id(root), root), notes
+def made() -> int:
+    """How many recorders have been created so far (nothing to resolve while it is unchanged)."""
+    return _made[0]

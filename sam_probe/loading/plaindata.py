@@ -102,7 +102,10 @@ def _tensor(t: Any, depth: int, b: _Budget) -> Any:
 
     dense = t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized
     if dense and t.numel() == 1:
-        return _plain(t.item(), depth + 1, b)
+        try:
+            return _plain(t.item(), depth + 1, b)
+        except (RuntimeError, ValueError, TypeError):
+            pass
     return f"<tensor {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}>"
 
 

@@ -40,9 +40,11 @@ from typing import Any, Callable
 
 from .archive import TorchZip
 from .files import MappedFile, RefusedFile, map_file
-from .numpy_safe import RECORDERS, _made, resolve_numpy
+from .numpy_safe import RECORDERS, UnrebuiltNumpy, is_recorder, made, rebuild
+from .objgraph import replace_all
 from .pickle_scan import PickleScan, scan_pickle
 from .placeholders import Placeholder, is_dangerous, make_placeholder, python3_name
+from .rebuild_guard import Guard, UnbuiltTensor
 
 __all__ = ["Placeholder", "RefusedFile", "UnsafePickleError", "globals_in_pickle", "is_dangerous", "load_mapped",
            "make_placeholder", "python3_name", "safe_load"]
@@ -143,7 +145,8 @@ def _classify(exc: BaseException) -> RefusedFile:
     return RefusedFile(f"its pickle cannot be rebuilt ({type(exc).__name__}: {msg[:160]})")
 
 
-def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], Any] | None) -> tuple[Any, list[str]]:
+def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], Any] | None,
+              guard: Guard) -> tuple[Any, list[str]]:
     """Unpickle ``data`` with torch's restricted unpickler; return ``(object, placeholder names)``."""
     import torch
     from torch import _weights_only_unpickler as wou
@@ -161,7 +164,7 @@ def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], An
         unpickler.persistent_load = persistent_load or no_persistent
         extra = [*RECORDERS, *((cls, name) for name, cls in placeholders.items())]
         try:
-            with torch.serialization.safe_globals(extra), warnings.catch_warnings():
+            with guard, torch.serialization.safe_globals(extra), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 obj = unpickler.load()
             return obj, sorted(placeholders)
@@ -174,6 +177,21 @@ def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], An
             _check_globals({m.group(1)})
             placeholders[m.group(1)] = make_placeholder(m.group(1))
     raise RefusedFile("its pickle names globals that cannot be resolved")
+
+
+def _finish(obj: Any, guard: Guard, scan_globals: set[str], made_before: int) -> tuple[Any, list[str]]:
+    """Rebuild numpy values and replace tensors not made from the file (one pass, only when needed)."""
+    if made() == made_before and not guard.constructs_tensors(scan_globals):
+        return obj, []
+    notes: list[str] = []
+
+    def pick(o: Any) -> Any:
+        new = rebuild(o) if is_recorder(o) else guard.pick(o)
+        if isinstance(new, (UnrebuiltNumpy, UnbuiltTensor)) and repr(new)[1:-1] not in notes:
+            notes.append(repr(new)[1:-1])
+        return new
+
+    return replace_all(obj, pick), notes
 
 
 # ------------------------------------------------------------------ storages
@@ -215,6 +233,7 @@ def _load_zip(mf: MappedFile, arc: TorchZip, copy: bool) -> tuple[Any, list[str]
         raise RefusedFile(f"its byteorder record says {order[:16]!r}, not little or big")
     loaded: dict[str, Any] = {}
     base: list = []
+    guard = Guard()
 
     def persistent_load(pid: Any) -> Any:
         key, dtype, numel, _ = _storage_id(pid, 5)
@@ -234,10 +253,13 @@ def _load_zip(mf: MappedFile, arc: TorchZip, copy: bool) -> tuple[Any, list[str]
             storage = storage.clone()
         if order.decode() != sys.byteorder and nbytes:
             storage.byteswap(dtype)
-        loaded[key] = _typed(storage, dtype)
+        loaded[key] = guard.back(_typed(storage, dtype))
         return loaded[key]
 
-    return _unpickle(data, scan, persistent_load)
+    before = made()
+    obj, names = _unpickle(data, scan, persistent_load, guard)
+    obj, notes = _finish(obj, guard, scan.globals, before)
+    return obj, names + notes
 
 
 def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
@@ -245,9 +267,11 @@ def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
 
     mm, size = mf.data, mf.size
 
+    guard = Guard()
+
     def record(pos: int, what: str) -> tuple[Any, int]:
         scan = _scan(mm, pos, what)
-        return _unpickle(mm[pos:scan.end], scan, None)[0], scan.end
+        return _unpickle(mm[pos:scan.end], scan, None, guard)[0], scan.end
 
     magic, pos = record(0, "its magic-number record")
     if type(magic) is not int or magic != MAGIC_NUMBER:
@@ -275,7 +299,7 @@ def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
                                   "holds); re-save or re-copy it")
             buf = bytearray(max(nbytes, 1))
             storage = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()[0:nbytes]
-            storages[key] = (_typed(storage, dtype), buf, numel)
+            storages[key] = (guard.back(_typed(storage, dtype)), buf, numel)
         typed, _, root_numel = storages[key]
         if view is None:
             return typed
@@ -284,10 +308,12 @@ def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
             raise RefusedFile(f"its pickle gives tensor storage {key} an invalid view")
         if view[0] not in views:
             el = torch._utils._element_size(typed.dtype)
-            views[view[0]] = _typed(typed._untyped_storage[view[1] * el:(view[1] + view[2]) * el], typed.dtype)
+            views[view[0]] = guard.back(_typed(typed._untyped_storage[view[1] * el:(view[1] + view[2]) * el],
+                                               typed.dtype))
         return views[view[0]]
 
-    obj, names = _unpickle(mm[pos:main.end], main, persistent_load)
+    before = made()
+    obj, names = _unpickle(mm[pos:main.end], main, persistent_load, guard)
     if set(keys) != set(storages):
         raise RefusedFile("truncated or corrupt file (its storage list does not match the tensors its pickle uses); "
                           "re-save or re-copy it")
@@ -303,7 +329,8 @@ def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
                                   f"says {numel}); re-save or re-copy it")
             memoryview(buf)[:nbytes] = view[raw + 8:raw + 8 + nbytes]
             raw += 8 + nbytes
-    return obj, names
+    obj, notes = _finish(obj, guard, main.globals, before)
+    return obj, names + notes
 
 
 def _trusted(mf: MappedFile) -> Any:
@@ -331,12 +358,10 @@ def load_mapped(mf: MappedFile, *, archive: TorchZip | None = None, mmap: bool =
                               "torch.save(m.state_dict(), ...)", "unsupported")
         if trust:
             return _trusted(mf), []
-        before = _made[0]
         obj, names = _load_zip(mf, arc, copy=not mmap)
     elif head[:1] == b"\x80":
         if trust:
             return _trusted(mf), []
-        before = _made[0]
         obj, names = _load_legacy(mf)
     else:
         raise RefusedFile("not a torch file (neither a zip archive nor a pickle)", "unsupported")
@@ -344,8 +369,7 @@ def load_mapped(mf: MappedFile, *, archive: TorchZip | None = None, mmap: bool =
         torch._utils._validate_loaded_sparse_tensors()
     except Exception as exc:  # noqa: BLE001 - torch's own check of sparse indices
         raise RefusedFile(f"it holds an invalid sparse tensor ({str(exc)[:120]})") from None
-    obj, notes = resolve_numpy(obj, before)
-    return obj, names + notes
+    return obj, names
 
 
 def safe_load(path: str, *, mmap: bool = True, trust: bool = False) -> tuple[Any, list[str]]:

@@ -299,6 +299,16 @@ def corpus(tmp_path_factory, tiny_runs):
     spliced("storage_claim_past_record.pt", tensor(numel * 100, numel * 100), True, "but its pickle claims",
             front=True)
 
+    # torch's own allow-listed constructors, bounded: allocation by size, iteration of a tensor, uninitialised data
+    spliced("alloc_bytearray.pt", CALL(G("builtins", "bytearray"), I(2**31 - 1)), True, "allocation bomb")
+    spliced("alloc_set_of_tensor.pt", CALL(G("builtins", "set"), tensor(numel, numel)), True, "set from",
+            front=True)
+    spliced("alloc_nested_tensor.pt", CALL(G("torch._utils", "_rebuild_nested_tensor"), N, N, N, N), True,
+            "nested tensors")
+    spliced("alloc_uninitialised.pt", LIST(CALL(G("torch", "FloatTensor"), I(4)), CALL(G("torch", "DoubleTensor"),
+                                                                                        I(1))),
+            False, "its data is not in the file")
+
     # 4. corruption: a tensor record overwritten with finite garbage
     _, member = _crc_corrupt(base, d / "crc_corrupt.pt")
     expect["crc_corrupt.pt"] = Expect(True, f"corrupt: member {member} fails its CRC; re-save or re-copy it")
@@ -435,6 +445,13 @@ def test_bombs_and_deep_nesting(inspected, corpus):
     text = json.dumps(ck.hparams)
     assert "more items>" in text and len(text) < 50 * MAX_NODES
     assert "deeper than" in json.dumps(load_checkpoint(d / "deep_lists.pt").hparams)
+
+
+def test_torch_allowlisted_constructors_are_bounded(inspected, corpus):
+    _check(inspected, corpus, "alloc_")
+    _, _, entries = inspected
+    shown = entries["alloc_uninitialised.pt"]["hparams"]["hostile"]
+    assert all(isinstance(v, str) and "not rebuilt" in v for v in shown)  # never the uninitialised bytes
 
 
 def test_zero_stride_overlapping_and_too_small_tensors(inspected, corpus):
