@@ -194,6 +194,11 @@ class Guard:
                 raise RefusedFile(f"it holds {what}, which sam-probe does not read", "unsupported")
             return unsupported
 
+        for fn, name in ((rebuild_tensor, "_rebuild_tensor"), (rebuild_tensor_v2, "_rebuild_tensor_v2"),
+                         (rebuild_tensor_v3, "_rebuild_tensor_v3"), (rebuild_qtensor, "_rebuild_qtensor"),
+                         (from_cpu_tensor, "_rebuild_device_tensor_from_cpu_tensor"), (plain_set, "set"),
+                         (plain_counter, "Counter"), (plain_size, "Size"), (plain_bytearray, "bytearray")):
+            fn.__name__ = fn.__qualname__ = name  # torch's messages name the function the pickle called
         table = dict(wou._get_allowed_globals.__wrapped__() if hasattr(wou._get_allowed_globals, "__wrapped__")
                      else wou._get_allowed_globals())
         table.update({

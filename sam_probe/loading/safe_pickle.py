@@ -120,7 +120,7 @@ def _check_globals(names: set[str]) -> None:
                           f"{MAX_PLACEHOLDERS}); refusing it", "limit")
 
 
-def _classify(exc: BaseException) -> RefusedFile:
+def _classify(exc: BaseException, placeholders: dict[str, type]) -> RefusedFile:
     """A torch unpickler error as a :class:`RefusedFile` with the right kind."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     blocked = _BLOCKED_RE.search(msg)
@@ -134,9 +134,10 @@ def _classify(exc: BaseException) -> RefusedFile:
         return RefusedFile("corrupt: a tensor's size and stride need more bytes than its storage holds; re-save or "
                            "re-copy it")
     if isinstance(exc, pickle.UnpicklingError):
-        if re.search(r"Can only (append|extend|SETITEM)", msg):
-            return RefusedFile("it holds objects of its own list or dict classes, which cannot be rebuilt without "
-                               "running their code", "foreign")
+        target = re.search(r"Can only (?:append|extend|SETITEMS?)\b.* but got <class '([\w.]+)'>", msg)
+        if target and target.group(1) in placeholders:  # a list or dict subclass of the user's own
+            return RefusedFile(f"it holds objects of its own list or dict class {target.group(1)}, which cannot be "
+                               "rebuilt without running their code", "foreign")
         if "Only persistent_load of storage" in msg:
             return RefusedFile("it references pickled modules or objects stored outside its pickle (a whole-model "
                                "torch.save?), which cannot be rebuilt without running code; re-save it as "
@@ -173,7 +174,7 @@ def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], An
         except Exception as exc:  # noqa: BLE001 - classified below
             m = _GLOBAL_RE.search(str(exc))
             if not m or m.group(1) in placeholders:
-                raise _classify(exc) from None
+                raise _classify(exc, placeholders) from None
             _check_globals({m.group(1)})
             placeholders[m.group(1)] = make_placeholder(m.group(1))
     raise RefusedFile("its pickle names globals that cannot be resolved")
