@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .archive import TorchZip
-from .files import RefusedFile, display, map_file, open_regular, read_head
+from .files import RefusedFile, display, map_file, open_regular, printable, read_head
 from .plaindata import key_text, plain
 from .placeholders import Placeholder
 from .safe_pickle import load_mapped
@@ -220,7 +220,7 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
                 cur = cur[part]
             else:
                 have = ", ".join(key_text(k) for k in list(cur)[:12]) if isinstance(cur, dict) else type(cur).__name__
-                raise CheckpointError(f"--key {key}: no entry {part!r} (found: {have})")
+                raise CheckpointError(printable(f"--key {key}: no entry {part!r} (found: {have})"))
         state = _as_state(cur)
         if state is None:
             raise CheckpointError(f"--key {key}: that entry holds no tensors")
@@ -246,14 +246,16 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
                     if k2 in inner and _as_state(inner[k2]) is not None:
                         return _as_state(inner[k2]), f"key:{k}.{k2}"  # type: ignore[return-value]
         keys = ", ".join(key_text(k) for k in list(obj)[:12]) + (", ..." if len(obj) > 12 else "")
-        raise CheckpointError(f"no tensors found (top-level keys: {keys}); point at the weights with --key NAME")
+        raise CheckpointError(printable(f"no tensors found (top-level keys: {keys}); point at the weights with --key "
+                                        "NAME"))
     state = _as_state(obj)
     if state is not None:
         return state, "module" if isinstance(obj, torch.nn.Module) else "state_dict"
     if isinstance(obj, Placeholder):
-        raise CheckpointError(f"no tensors found (the file holds a pickled {obj._sam_probe_global} object, kept as an "
-                              "inert placeholder and not loaded); re-save it as torch.save(model.state_dict(), path), "
-                              "or, if you wrote this file yourself, pass --trust-checkpoint")
+        raise CheckpointError(printable(
+            f"no tensors found (the file holds a pickled {obj._sam_probe_global} object, kept as an inert placeholder "
+            "and not loaded); re-save it as torch.save(model.state_dict(), path), or, if you wrote this file "
+            "yourself, pass --trust-checkpoint"))
     raise CheckpointError(f"no tensors found (the file holds a {type(obj).__name__}); is it a checkpoint?")
 
 
@@ -355,8 +357,9 @@ def check_tensors(path: str | Path, state: dict[str, Tensor]) -> None:
     for name, t in state.items():
         problem = overlap_problem(t)
         if problem:
-            raise CheckpointError(f"{display(path)}: tensor {key_text(name)} {problem}; sam-probe only reads dense "
-                                  "tensors whose entries are stored separately (re-save it with .contiguous())")
+            raise CheckpointError(f"{display(path)}: tensor {printable(key_text(name))} {problem}; sam-probe only "
+                                  "reads dense tensors whose entries are stored separately (re-save it with "
+                                  ".contiguous())")
 
 
 def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:

@@ -21,12 +21,18 @@ from dataclasses import dataclass
 KINDS = ("unsafe", "limit", "corrupt", "unsupported", "foreign")
 
 
+def printable(text: str) -> str:
+    """``text`` on one line with control characters escaped (names from a file cannot drive a terminal)."""
+    text = " ".join(str(text).split())
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class RefusedFile(Exception):
     """A file sam-probe will not load; ``str(exc)`` is a one-line reason without the path."""
 
     def __init__(self, reason: str, kind: str = "corrupt"):
         assert kind in KINDS, kind
-        super().__init__(" ".join(str(reason).split()))
+        super().__init__(printable(reason))
         self.kind = kind
 
 

@@ -76,8 +76,9 @@ class Placeholder:
 
 def make_placeholder(full_name: str) -> type:
     """A :class:`Placeholder` subclass labelled ``full_name`` (``module.qualname``)."""
-    module, _, qualname = full_name.rpartition(".")
-    cls = type(qualname.rsplit(".", 1)[-1] or "Unknown", (Placeholder,), {"_sam_probe_global": full_name})
+    label = full_name.replace("\0", "\\0")  # any text but NUL can be a name in a pickle
+    module, _, qualname = label.rpartition(".")
+    cls = type(qualname.rsplit(".", 1)[-1] or "Unknown", (Placeholder,), {"_sam_probe_global": label})
     cls.__module__ = module or "builtins"
-    cls.__qualname__ = qualname
+    cls.__qualname__ = qualname or "Unknown"
     return cls

@@ -141,21 +141,12 @@ class Guard:
 
         guard = self
 
-        def rebuild_tensor(storage, storage_offset, size, stride, *rest):
-            guard._check(storage, storage_offset, size, stride)
-            return tu._rebuild_tensor(storage, storage_offset, size, stride, *rest)
-
-        def rebuild_tensor_v2(storage, storage_offset, size, stride, *rest):
-            guard._check(storage, storage_offset, size, stride)
-            return tu._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
-
-        def rebuild_tensor_v3(storage, storage_offset, size, stride, *rest):
-            guard._check(storage, storage_offset, size, stride)
-            return tu._rebuild_tensor_v3(storage, storage_offset, size, stride, *rest)
-
-        def rebuild_qtensor(storage, storage_offset, size, stride, *rest):
-            guard._check(storage, storage_offset, size, stride)
-            return tu._rebuild_qtensor(storage, storage_offset, size, stride, *rest)
+        def checked(original):
+            def rebuild(storage, storage_offset, size, stride, *rest):
+                guard._check(storage, storage_offset, size, stride)
+                return original(storage, storage_offset, size, stride, *rest)
+            rebuild.__name__ = rebuild.__qualname__ = original.__name__  # torch's messages name it
+            return rebuild
 
         def from_cpu_tensor(data, dtype, device, requires_grad):
             if not isinstance(data, torch.Tensor) or not guard.is_backed(data) or not isinstance(dtype, torch.dtype):
@@ -194,16 +185,14 @@ class Guard:
                 raise RefusedFile(f"it holds {what}, which sam-probe does not read", "unsupported")
             return unsupported
 
-        for fn, name in ((rebuild_tensor, "_rebuild_tensor"), (rebuild_tensor_v2, "_rebuild_tensor_v2"),
-                         (rebuild_tensor_v3, "_rebuild_tensor_v3"), (rebuild_qtensor, "_rebuild_qtensor"),
-                         (from_cpu_tensor, "_rebuild_device_tensor_from_cpu_tensor"), (plain_set, "set"),
+        for fn, name in ((from_cpu_tensor, "_rebuild_device_tensor_from_cpu_tensor"), (plain_set, "set"),
                          (plain_counter, "Counter"), (plain_size, "Size"), (plain_bytearray, "bytearray")):
             fn.__name__ = fn.__qualname__ = name  # torch's messages name the function the pickle called
         table = dict(wou._get_allowed_globals.__wrapped__() if hasattr(wou._get_allowed_globals, "__wrapped__")
                      else wou._get_allowed_globals())
+        table.update({f"torch._utils.{f.__name__}": checked(f) for f in (
+            tu._rebuild_tensor, tu._rebuild_tensor_v2, tu._rebuild_tensor_v3, tu._rebuild_qtensor)})
         table.update({
-            "torch._utils._rebuild_tensor": rebuild_tensor, "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
-            "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3, "torch._utils._rebuild_qtensor": rebuild_qtensor,
             "torch._utils._rebuild_device_tensor_from_cpu_tensor": from_cpu_tensor,
             "builtins.set": plain_set, "collections.Counter": plain_counter, "torch.Size": plain_size,
             "builtins.bytearray": plain_bytearray,

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import random
 import struct
 import subprocess
@@ -75,13 +76,13 @@ def _bases() -> dict[str, bytes]:
     for name, legacy in (("zip", False), ("legacy", True)):
         buf = io.BytesIO()
         torch.save({"model": state, **extras}, buf, _use_new_zipfile_serialization=not legacy)
-        out[name] = buf.getvalue()
+        out[name] = _stable_legacy(buf.getvalue()) if legacy else buf.getvalue()
     out["safetensors"] = save_safetensors(state, metadata={"step": "12", "hparams": json.dumps({"lr": 0.1})})
     for name, legacy in (("marked-zip", False), ("marked-legacy", True)):
         buf = io.BytesIO()
         torch.save({"model": state, "hparams": {"lr": 0.1, "value": MARKER}}, buf,
                    _use_new_zipfile_serialization=not legacy)
-        out[name] = buf.getvalue()
+        out[name] = _stable_legacy(buf.getvalue()) if legacy else buf.getvalue()
     return out
 
 
@@ -114,11 +115,25 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
 
 
 def _rezip(data: bytes, change) -> bytes:
+    """The zip archive ``data`` rewritten member by member through ``change(name, bytes)`` (same bytes every run)."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
         for info in zin.infolist():
-            zout.writestr(info.filename, change(info.filename, zin.read(info)))
+            zout.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)),
+                          change(info.filename, zin.read(info)))
     return out.getvalue()
+
+
+def _stable_legacy(data: bytes) -> bytes:
+    """A legacy torch file with its storage keys (memory addresses, new every run) renamed 0, 1, ..."""
+    f = io.BytesIO(data)
+    for _ in range(4):  # magic number, protocol, system information, the object: read past, never run
+        for _ in pickletools.genops(f):
+            pass
+    keys = [arg for op, arg, _ in pickletools.genops(f) if op.name == "BINUNICODE"]
+    for i, key in enumerate(keys):
+        data = data.replace(_s(key), _s(str(i).rjust(len(key), "0")))
+    return data
 
 
 def _mutant(rng: random.Random, bases: dict[str, bytes]) -> bytes:
