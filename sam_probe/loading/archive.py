@@ -13,13 +13,15 @@ with finite garbage loads silently.  Here, before unpickling:
   never compresses them, and they are memory-mapped); other members may be
   deflated, inflating to at most ``MAX_PICKLE_BYTES``;
 - the CRC-32 of **every** member is verified, streaming over the memory-mapped
-  file (64 MiB at a time, no copy); a mismatch is reported as
-  ``corrupt: member archive/data/3 fails its CRC``.
+  file (64 MiB at a time, no copy; large members on up to 4 threads); a mismatch
+  is reported as ``corrupt: member archive/data/3 fails its CRC``.  The file is
+  read once, and the tensors later use the same pages.
 
 TorchScript archives are recognised (``constants.pkl`` or a ``code/`` folder).
 """
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 import zlib
@@ -29,6 +31,8 @@ from .files import MappedFile, RefusedFile
 from .pickle_scan import MAX_PICKLE_BYTES
 
 _CHUNK = 64 * 2**20
+_PARALLEL_MEMBER = 2**20  # members this large are verified on several threads...
+_PARALLEL_TOTAL = 64 * 2**20  # ...when they add up to this much
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
 
 
@@ -97,8 +101,7 @@ class TorchZip:
             raise _corrupt(f"member {spans[-1][2]} runs into the zip directory")
         self._inflated: dict[str, bytes] = {}
         if verify:
-            for m in self._by_full.values():
-                self._verify(m)
+            self._verify_all(list(self._by_full.values()))
 
     @staticmethod
     def _member(mm, info: zipfile.ZipInfo, size: int) -> Member:
@@ -129,6 +132,20 @@ class TorchZip:
         if data + info.compress_size > size:
             raise _corrupt(f"member {name} runs past the end of the file")
         return Member(name, data, info.file_size, info.compress_size, stored, info.CRC)
+
+    def _verify_all(self, members: list[Member]) -> None:
+        """Every member's CRC; large stored members on a few threads (``zlib.crc32`` releases the GIL)."""
+        big = [m for m in members if m.stored and m.size >= _PARALLEL_MEMBER]
+        workers = min(4, os.cpu_count() or 1, len(big))
+        if workers > 1 and sum(m.size for m in big) >= _PARALLEL_TOTAL:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(self._verify, sorted(big, key=lambda m: -m.size)):
+                    pass
+            members = [m for m in members if m not in big]
+        for m in members:
+            self._verify(m)
 
     def _verify(self, m: Member) -> None:
         mm = self.mf.data
