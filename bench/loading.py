@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import pickle
-import pickletools
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,6 +34,7 @@ from .archive import TorchZip
 from .files import RefusedFile, display, map_file, open_regular, printable, read_head
 from .plaindata import key_text, plain
 from .placeholders import Placeholder
+from .rebuild_guard import span, strided_problem
 from .safe_pickle import load_mapped
 from .safetensors_file import load_safetensors
 
@@ -93,26 +94,18 @@ class Checkpoint:
 
 def _span(t: Tensor) -> int:
     """Elements of storage from ``t``'s offset to its last entry (0 when empty)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return span(tuple(t.shape), t.stride())
 
 
 def overlap_problem(t: Tensor) -> str | None:
-    """Why ``t``'s geometry is refused, or ``None``: zero or overlapping strides, storage too small."""
+    """Why ``t`` is refused as a weight, or ``None``: not dense CPU data, zero or overlapping strides, storage too small."""
     if t.layout != torch.strided:
         return f"is a {str(t.layout).replace('torch.', '')} tensor, not a dense one"
     if t.device.type != "cpu":
         return "has no data (a meta tensor)" if t.device.type == "meta" else f"is on {t.device}"
-    dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1)
-    if any(s == 0 for s, _ in dims):
-        return f"has a zero stride (shape {tuple(t.shape)}, stride {t.stride()}: an expanded view, many entries " \
-               "stored once)"
-    reach = 0
-    for s, n in dims:
-        if s <= reach:
-            return f"has overlapping entries (shape {tuple(t.shape)}, stride {t.stride()})"
-        reach += (n - 1) * s
+    problem = strided_problem(tuple(t.shape), t.stride())
+    if problem:
+        return problem
     if t.numel() and (t.storage_offset() + _span(t)) * t.element_size() > t.untyped_storage().nbytes():
         return f"needs more storage than it has (shape {tuple(t.shape)}, stride {t.stride()})"
     return None

@@ -43,7 +43,7 @@ _ENCODINGS = {"latin-1", "latin1", "ascii", "utf-8", "utf8"}
 def strided_problem(size: Any, stride: Any) -> str | None:
     """Why a (size, stride) pair is refused, or ``None``: not integers, zero or overlapping strides."""
     if len(size) != len(stride) or len(size) > MAX_NDIM:
-        return "has a size and stride of different lengths"
+        return f"has a size and stride of different lengths or more than {MAX_NDIM} dimensions"
     if not all(type(n) is int and n >= 0 for n in size) or not all(type(s) is int for s in stride):
         return "has a size or stride that is not made of non-negative integers"
     shape, strides = tuple(size), tuple(stride)

@@ -352,6 +352,8 @@ def load_mapped(mf: MappedFile, *, archive: TorchZip | None = None, mmap: bool =
     import torch
 
     head = bytes(mf.data[:4])
+    if hasattr(torch._utils, "_sparse_tensors_to_validate"):  # a failed earlier load may have left some behind
+        torch._utils._sparse_tensors_to_validate.clear()
     if head == b"PK\x03\x04":
         arc = archive or TorchZip(mf)
         if arc.torchscript:
