@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 SEED = 1234
-N_MUTANTS = 600
-N_PROGRAMS = 500
+N_MUTANTS = 1000
+N_PROGRAMS = 800
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
