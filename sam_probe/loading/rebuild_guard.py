@@ -84,6 +84,7 @@ class Guard:
 
     def __init__(self):
         self.backed: set[int] = set()
+        self._saved: list[Any] = []
 
     # ---------------------------------------------------------------- storages and tensors
     def back(self, typed_storage: Any) -> Any:
@@ -205,13 +206,17 @@ class Guard:
         from torch import _weights_only_unpickler as wou
 
         _LOCK.acquire()
-        table = self.table()
-        self._saved = wou._get_allowed_globals
+        try:
+            table = self.table()
+        except BaseException:
+            _LOCK.release()
+            raise
+        self._saved.append(wou._get_allowed_globals)
         wou._get_allowed_globals = lambda: table
         return self
 
     def __exit__(self, *exc: Any) -> None:
         from torch import _weights_only_unpickler as wou
 
-        wou._get_allowed_globals = self._saved
+        wou._get_allowed_globals = self._saved.pop()
         _LOCK.release()

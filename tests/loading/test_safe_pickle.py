@@ -492,3 +492,17 @@ def test_shipped_sample_runs_load_exactly_as_a_full_unpickle():
     assert len(files) > 50
     compared = sum(_same(safe_load(str(f))[0], torch.load(f, weights_only=False)) for f in files)
     assert compared > 20 * len(files)
+
+
+def test_torch_allow_list_is_restored_after_every_load(tmp_path):
+    from torch import _weights_only_unpickler as wou
+
+    original = wou._get_allowed_globals
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"model": _weights(), "s": {1}}, good)
+    torch.save({"model": _weights(), "w": torch.zeros(1).expand(3)}, bad)
+    safe_load(str(good))
+    with pytest.raises(RefusedFile, match="zero stride"):
+        safe_load(str(bad))
+    assert wou._get_allowed_globals is original
+    assert torch.load(good, weights_only=True)["s"] == {1}  # torch's own loads see torch's own table
