@@ -8,15 +8,20 @@
   repeatedly, in any order.
 - Step from the contents (``step``, ``global_step``, ``iteration``, ``epoch``),
   else the file name, else the position in the run.
+
+Every file is hostile input: it is opened without blocking (FIFOs, devices and
+sockets are refused), memory-mapped once, verified (zip CRCs, safetensors
+offsets) and unpickled only by the restricted loader of :mod:`.safe_pickle`;
+the tensors of the state dict must be dense CPU tensors whose entries do not
+overlap, and metadata is converted by the bounded :func:`.plaindata.plain`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 import re
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +30,21 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from .safe_pickle import Placeholder, UnsafePickleError, safe_load
+from .archive import TorchZip
+from .files import RefusedFile, display, map_file, open_regular, printable, read_head
+from .plaindata import key_text, plain
+from .placeholders import Placeholder
+from .rebuild_guard import span, strided_problem
+from .safe_pickle import load_mapped
+from .safetensors_file import load_safetensors
 
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "ema")
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
 HPARAM_KEYS = ("hparams", "hyper_parameters", "hyperparameters", "args", "config", "cfg", "opt")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+MAX_PREFIXES = 16  # more nested wrappers than any real training stack
+MAX_EXTRA_KEYS = 100
+_SCAN_CHUNK = 2**24  # elements per step of the non-finite scan
 _NAME_STEP_RES = (
     re.compile(r"(?:^|[^a-z])step[=_-]?(\d+)", re.IGNORECASE),
     re.compile(r"(?:^|[^a-z])(?:iter|iteration|it)[=_-]?(\d+)", re.IGNORECASE),
@@ -60,11 +74,16 @@ class Checkpoint:
         return sum(t.numel() for t in self.state.values() if t.is_floating_point() or t.is_complex())
 
     def nonfinite(self) -> dict[str, int]:
-        """``{tensor name: number of NaN/Inf entries}`` for tensors that have any."""
+        """``{tensor name: number of NaN/Inf entries}`` for tensors that have any.
+
+        Bounded by the bytes stored, not by the view: in chunks of ``2^24``
+        elements, and a tensor whose entries overlap (zero or overlapping
+        strides) is counted over the storage it spans instead of its expansion.
+        """
         bad = {}
         for name, t in self.state.items():
             if t.is_floating_point() or t.is_complex():
-                n = int((~torch.isfinite(t)).sum())
+                n = _count_nonfinite(t)
                 if n:
                     bad[name] = n
         return bad
@@ -73,93 +92,101 @@ class Checkpoint:
         return file_sha256(self.path)
 
 
+def _span(t: Tensor) -> int:
+    """Elements of storage from ``t``'s offset to its last entry (0 when empty)."""
+    return span(tuple(t.shape), t.stride())
+
+
+def overlap_problem(t: Tensor) -> str | None:
+    """Why ``t`` is refused as a weight, or ``None``: not dense CPU data, zero or overlapping strides, storage too small."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).replace('torch.', '')} tensor, not a dense one"
+    if t.device.type != "cpu":
+        return "has no data (a meta tensor)" if t.device.type == "meta" else f"is on {t.device}"
+    problem = strided_problem(tuple(t.shape), t.stride())
+    if problem:
+        return problem
+    if t.numel() and (t.storage_offset() + _span(t)) * t.element_size() > t.untyped_storage().nbytes():
+        return f"needs more storage than it has (shape {tuple(t.shape)}, stride {t.stride()})"
+    return None
+
+
+def _count_nonfinite(t: Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    if overlap_problem(t) is not None:  # count what is stored, never the expansion
+        span = min(_span(t), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset())
+        t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (max(span, 0),))
+    if t.dim() == 0:
+        return int(not torch.isfinite(t))
+    flat = t.reshape(-1) if t.is_contiguous() else None
+    if flat is not None:
+        return sum(int((~torch.isfinite(flat[i:i + _SCAN_CHUNK])).sum()) for i in range(0, flat.numel(), _SCAN_CHUNK))
+    rows = max(1, _SCAN_CHUNK // max(1, t[0].numel()))
+    return sum(int((~torch.isfinite(t[i:i + rows])).sum()) for i in range(0, t.shape[0], rows))
+
+
 def file_sha256(path: str | Path, chunk: int = 2**20) -> str:
+    """sha256 of a regular file (FIFOs and devices are refused, never read)."""
+    try:
+        fd, _ = open_regular(path)
+    except RefusedFile as exc:
+        raise CheckpointError(f"{display(path)}: {exc}") from None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
 
 
 # ------------------------------------------------------------------ formats
-def detect_format(path: str | Path) -> str:
-    """``torch-zip``, ``truncated-zip``, ``torchscript``, ``torch-legacy``, ``safetensors`` or ``unknown``."""
-    p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(16)
+def _sniff(head: bytes) -> str:
     if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(p) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            return "truncated-zip"
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
         return "torch-zip"
-    if len(head) >= 9 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
-        return "torch-legacy"
-    if len(head) >= 9:
+    if len(head) >= 9:  # before the pickle test: a header length of 640 starts with 0x80 0x02 too
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n < 100 * 2**20 and head[8:9] == b"{":
             return "safetensors"
+    if len(head) >= 9 and head[0] == 0x80 and head[1] in (2, 3, 4, 5):
+        return "torch-legacy"
     return "unknown"
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _refused(path: str | Path, exc: RefusedFile) -> CheckpointError:
+    """The one-line error for a refused file; ``--trust-checkpoint`` is offered only for the user's own objects."""
+    if exc.kind == "foreign":
+        return CheckpointError(f"{display(path)}: cannot be read safely: {exc}; if you wrote this file yourself, "
+                               "pass --trust-checkpoint")
+    return CheckpointError(f"{display(path)}: {exc}")
 
+
+def detect_format(path: str | Path) -> str:
+    """``torch-zip``, ``truncated-zip``, ``torchscript``, ``torch-legacy``, ``safetensors`` or ``unknown``."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        meta = header.get("__metadata__") or {}
-        return load_file(str(path)), meta
-    except (SafetensorError, ValueError, OSError, struct.error) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_short(exc)}); re-export it") from None
-
-
-def _short(exc: BaseException) -> str:
-    """First sentence of an exception's message (library messages can run long)."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return msg.split(". ")[0][:160]
+        fmt = _sniff(read_head(path, 16))
+        if fmt != "torch-zip":
+            return fmt
+        try:
+            return "torchscript" if TorchZip(map_file(path), verify=False).torchscript else "torch-zip"
+        except RefusedFile:
+            return "truncated-zip"
+    except RefusedFile as exc:
+        raise _refused(path, exc) from None
 
 
 def read_object(path: str | Path, *, trust: bool = False) -> tuple[str, Any, list[str], dict[str, str]]:
     """``(format, loaded object, placeholder globals, safetensors metadata)``."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory; give a checkpoint file")
-    if p.stat().st_size == 0:
-        raise CheckpointError(f"{p}: empty file (0 bytes); the save was probably interrupted")
-    fmt = detect_format(p)
-    if fmt == "torchscript":
-        raise CheckpointError(
-            f"{p}: TorchScript archive, not a checkpoint; load it with torch.jit.load and torch.save(m.state_dict(), ...)")
-    if fmt == "unknown":
-        raise CheckpointError(f"{p}: not a checkpoint (neither a torch file nor safetensors)")
-    if fmt == "truncated-zip":
-        raise CheckpointError(f"{p}: truncated or corrupt file (its zip directory is missing); re-save or re-copy it")
-    if fmt == "safetensors":
-        state, meta = _load_safetensors(p)
-        return fmt, state, [], meta
     try:
-        obj, placeholders = safe_load(str(p), mmap=(fmt == "torch-zip"), trust=trust)
-    except UnsafePickleError as exc:
-        raise CheckpointError(
-            f"{p}: refused: its pickle references {exc.global_name}, which would run code on load "
-            "(nothing was executed); if you wrote this file yourself, pass --trust-checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as exc:  # noqa: BLE001
-        text = str(exc)
-        if "central directory" in text or "zip archive" in text or isinstance(exc, (EOFError, zipfile.BadZipFile)):
-            raise CheckpointError(f"{p}: truncated or corrupt file ({_short(exc)}); re-save or re-copy it") from None
-        if "Unsupported operand" in text or "weights_only" in text.lower():
-            raise CheckpointError(
-                f"{p}: cannot be read safely ({_short(exc)}); re-save it as torch.save(model.state_dict(), path), "
-                "or, only if you wrote it yourself, pass --trust-checkpoint") from None
-        raise CheckpointError(f"{p}: cannot be read ({_short(exc)})") from None
+        mf = map_file(path)
+        fmt = _sniff(bytes(mf.data[:16]))
+        if fmt == "unknown":
+            raise RefusedFile("not a checkpoint (neither a torch file nor safetensors)", "unsupported")
+        if fmt == "safetensors":
+            state, meta = load_safetensors(mf)
+            return fmt, state, [], meta
+        obj, placeholders = load_mapped(mf, archive=TorchZip(mf) if fmt == "torch-zip" else None, trust=trust)
+    except RefusedFile as exc:
+        raise _refused(path, exc) from None
     return fmt, obj, placeholders, {}
 
 
@@ -185,8 +212,8 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
             if isinstance(cur, dict) and part in cur:
                 cur = cur[part]
             else:
-                have = ", ".join(map(str, list(cur)[:12])) if isinstance(cur, dict) else type(cur).__name__
-                raise CheckpointError(f"--key {key}: no entry {part!r} (found: {have})")
+                have = ", ".join(key_text(k) for k in list(cur)[:12]) if isinstance(cur, dict) else type(cur).__name__
+                raise CheckpointError(printable(f"--key {key}: no entry {part!r} (found: {have})"))
         state = _as_state(cur)
         if state is None:
             raise CheckpointError(f"--key {key}: that entry holds no tensors")
@@ -211,18 +238,24 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
                 for k2 in STATE_KEYS:
                     if k2 in inner and _as_state(inner[k2]) is not None:
                         return _as_state(inner[k2]), f"key:{k}.{k2}"  # type: ignore[return-value]
-        keys = ", ".join(map(str, list(obj)[:12]))
-        raise CheckpointError(f"no tensors found (top-level keys: {keys}); point at the weights with --key NAME")
+        keys = ", ".join(key_text(k) for k in list(obj)[:12]) + (", ..." if len(obj) > 12 else "")
+        raise CheckpointError(printable(f"no tensors found (top-level keys: {keys}); point at the weights with --key "
+                                        "NAME"))
     state = _as_state(obj)
     if state is not None:
         return state, "module" if isinstance(obj, torch.nn.Module) else "state_dict"
+    if isinstance(obj, Placeholder):
+        raise CheckpointError(printable(
+            f"no tensors found (the file holds a pickled {obj._sam_probe_global} object, kept as an inert placeholder "
+            "and not loaded); re-save it as torch.save(model.state_dict(), path), or, if you wrote this file "
+            "yourself, pass --trust-checkpoint"))
     raise CheckpointError(f"no tensors found (the file holds a {type(obj).__name__}); is it a checkpoint?")
 
 
 def strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Remove leading ``module.`` / ``_orig_mod.`` from every name, repeatedly, any order."""
     stripped: list[str] = []
-    while state:
+    while state and len(stripped) < MAX_PREFIXES:
         for pre in STRIP_PREFIXES:
             if all(k.startswith(pre) for k in state):
                 state = {k[len(pre):]: v for k, v in state.items()}
@@ -238,33 +271,6 @@ def strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[st
 
 
 # ------------------------------------------------------------------ extras
-def plain(obj: Any, depth: int = 0) -> Any:
-    """A JSON-able copy of hyper-parameter-like data (placeholders unwrapped)."""
-    if depth > 6:
-        return repr(obj)[:80]
-    if isinstance(obj, Placeholder):
-        return plain(obj.plain(), depth + 1)
-    if isinstance(obj, dict):
-        return {str(k): plain(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v, depth + 1) for v in obj]
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else f"<tensor {tuple(obj.shape)}>"
-    try:
-        import numpy as np
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist() if obj.size <= 64 else f"<array {obj.shape}>"
-    except ImportError:  # pragma: no cover
-        pass
-    return repr(obj)[:80]
-
-
 def _as_int(v: Any) -> int | None:
     v = plain(v)
     if isinstance(v, bool):
@@ -288,6 +294,10 @@ def step_from_name(path: str | Path) -> int | None:
     return None
 
 
+def _digits(s: str) -> int | None:
+    return int(s) if s.isascii() and s.isdigit() and len(s) <= 19 else None
+
+
 def find_step(obj: Any, meta: dict[str, str], path: str | Path) -> tuple[int | None, str]:
     """Step and where it came from: ``content:<key>``, ``filename`` or ``position``."""
     sources = [obj] if isinstance(obj, dict) else []
@@ -296,7 +306,7 @@ def find_step(obj: Any, meta: dict[str, str], path: str | Path) -> tuple[int | N
     for src in sources:
         for k in STEP_KEYS:
             if k in src:
-                v = _as_int(src[k]) if not isinstance(src[k], str) else (int(src[k]) if src[k].isdigit() else None)
+                v = _digits(src[k]) if isinstance(src[k], str) else _as_int(src[k])
                 if v is not None:
                     return v, f"content:{k}"
     s = step_from_name(path)
@@ -318,32 +328,54 @@ def find_hparams(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _json_meta(meta: dict[str, str], key: str) -> Any:
+    """A JSON value from safetensors metadata as bounded plain data (``None`` when absent or broken)."""
+    if not meta.get(key):
+        return None
+    try:
+        return plain(json.loads(meta[key]))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _extra_keys(obj: Any, holder: str) -> list[str]:
+    if not isinstance(obj, dict):
+        return []
+    keys = [key_text(k) for k, v in obj.items() if not isinstance(v, Tensor) and not (type(k) is str and k == holder)]
+    return keys if len(keys) <= MAX_EXTRA_KEYS else [*keys[:MAX_EXTRA_KEYS], f"... ({len(keys) - MAX_EXTRA_KEYS} more)"]
+
+
+def check_tensors(path: str | Path, state: dict[str, Tensor]) -> None:
+    """Refuse tensors an analysis cannot use as weights: sparse, meta, zero-stride or overlapping ones."""
+    for name, t in state.items():
+        problem = overlap_problem(t)
+        if problem:
+            raise CheckpointError(f"{display(path)}: tensor {printable(key_text(name))} {problem}; sam-probe only "
+                                  "reads dense tensors whose entries are stored separately (re-save it with "
+                                  ".contiguous())")
+
+
 def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
     """Read ``path`` safely and return its tensors with format, layout and step."""
     fmt, obj, placeholders, meta = read_object(path, trust=trust)
     try:
         state, layout = find_state(obj, key)
     except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{display(path)}: {exc}") from None
+    check_tensors(path, state)
     state, stripped = strip_prefixes(state)
     step, source = find_step(obj, meta, path)
     holder = {"lightning": "state_dict"}.get(layout, layout.split(":", 1)[-1].split(".")[0])
-    extra = [str(k) for k, v in obj.items() if not isinstance(v, Tensor) and k != holder] if isinstance(obj, dict) else []
     spec = obj.get("model_spec") if isinstance(obj, dict) else None
     spec = plain(spec) if spec is not None else None
     if meta.get("model_spec"):
-        try:
-            spec = json.loads(meta["model_spec"])
-        except ValueError:
-            spec = None
+        spec = _json_meta(meta, "model_spec")
     hparams = find_hparams(obj)
-    if meta.get("hparams"):
-        try:
-            hparams.update(json.loads(meta["hparams"]))
-        except ValueError:
-            pass
+    meta_hparams = _json_meta(meta, "hparams")
+    if isinstance(meta_hparams, dict):
+        hparams.update(meta_hparams)
     return Checkpoint(
         path=str(path), format=fmt, layout=layout, state=state, step=step, step_source=source,
-        extra_keys=extra, hparams=hparams, model_spec=spec if isinstance(spec, dict) else None,
+        extra_keys=_extra_keys(obj, holder), hparams=hparams, model_spec=spec if isinstance(spec, dict) else None,
         placeholders=placeholders, stripped_prefixes=stripped, trusted=trust,
     )

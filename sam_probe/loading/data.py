@@ -255,7 +255,9 @@ def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection
         raise SpecError(f"--data {spec}: files take no --data-arg options (got {', '.join(options)})")
     try:
         if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            from .safe_pickle import safe_load  # hostile input too: the checkpoint loader's checks and bounds
+
+            obj = safe_load(str(path))[0]
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 obj = {k: z[k] for k in z.files}

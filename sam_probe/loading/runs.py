@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .checkpoints import step_from_name
+from .files import display
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl", ".tar")
 
@@ -16,20 +17,23 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
 
     In a directory every file with a checkpoint suffix is taken (not recursing),
     or those matching ``glob``; the caller orders them by step once loaded.
+    Entries that are not regular files (a FIFO named ``x.pt``) are kept, so that
+    loading reports them instead of skipping them silently; nothing is opened here.
     """
     p = Path(target)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
-    if p.is_file():
+        raise CheckpointError(f"{display(p)}: no such file or directory")
+    if not p.is_dir():  # a file, or a FIFO/device/socket that loading refuses with its own message
         return [p]
-    files = [f for f in sorted(p.iterdir()) if f.is_file()]
+    files = [f for f in sorted(p.iterdir()) if not f.is_dir()]
     if glob:
         files = [f for f in files if fnmatch.fnmatch(f.name, glob)]
     else:
         files = [f for f in files if f.suffix.lower() in CHECKPOINT_SUFFIXES]
     if not files:
         what = f"matching {glob!r} " if glob else ""
-        raise CheckpointError(f"{p}: no checkpoint files {what}in this directory (use --glob PATTERN to choose them)")
+        raise CheckpointError(f"{display(p)}: no checkpoint files {what}in this directory (use --glob PATTERN to "
+                              "choose them)")
     named = [(step_from_name(f), f.name, f) for f in files]
     named.sort(key=lambda t: (t[0] is None, t[0] if t[0] is not None else 0, t[1]))
     return [f for _, _, f in named]

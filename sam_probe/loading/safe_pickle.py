@@ -1,144 +1,90 @@
-"""Loading torch pickles without ever running their code.
+"""Loading torch files without ever running their code, with bounded work.
 
-Every load goes through ``torch.load(weights_only=True)``.  Checkpoints often
-pickle other objects beside their tensors (``argparse.Namespace``
-hyper-parameters, config classes, numpy scalars).  Their globals are replaced by
-*inert placeholders*: dynamically made classes that carry the original
-``module.qualname`` so the restricted unpickler accepts them, record the
-arguments and state they are given, and are never imported or called.  Globals
-in modules that torch blocks outright (``os``, ``sys``, ``subprocess``, ...) are
-refused: such a pickle was written to run code on load.
+Both torch formats are read here, by sam-probe itself, with torch's restricted
+``weights_only`` unpickler doing the unpickling:
 
-Full unpickling (``trust=True``) is the caller's explicit, loud opt-in.
+- **zip** (``torch.save`` since 1.6): the archive is verified first (layout and
+  the CRC-32 of every member, :mod:`.archive`); ``data.pkl`` is pre-scanned
+  (:mod:`.pickle_scan`) and unpickled; each tensor record it references must
+  exist and hold exactly the bytes the pickle claims, and becomes a storage over
+  the memory-mapped file (no copy).
+- **legacy** (``_use_new_zipfile_serialization=False``): the magic number,
+  protocol and system-information pickles, then the main pickle and the list of
+  storage keys, each pre-scanned; the storages the pickle claims must fit in the
+  bytes that follow it, and are filled from the file, each checked against the
+  element count the file records for it.  **Legacy files carry no checksum**:
+  damaged tensor bytes cannot be detected, only bad structure.  Every other bound
+  applies.
+
+Globals the pickle names are resolved before unpickling: torch's own
+allow-list (tensors, storages, ``OrderedDict``, ...), the numpy recorders of
+:mod:`.numpy_safe` (validated rebuild of plain arrays and scalars), and for
+every other name an inert :class:`Placeholder`.  Globals that can run code
+(:func:`is_dangerous`; torch also blocks ``os``/``sys``) refuse the file before
+anything is unpickled.  Storages are never resizable, so a tensor whose storage
+is too small for its size and stride is refused by torch's ``set_``.
+
+Full unpickling (``trust=True``) is the caller's explicit, loud opt-in; zip
+archives are still verified first.
 """
 from __future__ import annotations
 
-import _compat_pickle
 import io
+import pickle
 import pickletools
 import re
-import zipfile
-from typing import Any
+import struct
+import sys
+import warnings
+from typing import Any, Callable
 
-import torch
+from .archive import TorchZip
+from .files import MappedFile, RefusedFile, map_file
+from .numpy_safe import RECORDERS, UnrebuiltNumpy, is_recorder, made, rebuild
+from .objgraph import replace_all
+from .pickle_scan import PickleScan, scan_pickle
+from .placeholders import Placeholder, is_dangerous, make_placeholder, python3_name
+from .rebuild_guard import Guard, UnbuiltTensor
 
+__all__ = ["Placeholder", "RefusedFile", "UnsafePickleError", "globals_in_pickle", "is_dangerous", "load_mapped",
+           "make_placeholder", "python3_name", "safe_load"]
+
+MAX_PLACEHOLDERS = 256
+MAX_STORAGE_KEY = 256
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _BLOCKED_RE = re.compile(r"unsupported GLOBAL ([\w.]+) whose module ([\w.]+) is blocked")
-_MAX_PLACEHOLDERS = 256
-
-# Globals that only a pickle written to run code would reference.
-_DANGEROUS_MODULES = {
-    "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "runpy", "socket",
-    "pty", "webbrowser", "ctypes", "multiprocessing", "code", "codeop", "pickle", "marshal",
-    "tempfile", "pathlib", "io", "_io", "signal", "threading", "platform", "commands",
-}
-_DANGEROUS_BUILTINS = {
-    "eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open",
-    "breakpoint", "input", "globals", "locals", "vars", "apply", "execfile",
-}
+_RECORDER_NAMES = frozenset(name for _, name in RECORDERS)
 
 
-def python3_name(full_name: str) -> str:
-    """Protocol-2 pickles name py2 modules (``__builtin__``, ``commands``); give the py3 name."""
-    module, _, name = full_name.rpartition(".")
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module) or 'builtins'}.{name}"
-
-
-def is_dangerous(full_name: str) -> bool:
-    """Whether a pickled global can run code or touch the system when called."""
-    module, _, name = python3_name(full_name).rpartition(".")
-    root = module.split(".", 1)[0]
-    if module in ("", "builtins", "__builtin__"):
-        return name in _DANGEROUS_BUILTINS
-    return root in _DANGEROUS_MODULES
-
-# Data-only numpy constructors: they build arrays/scalars from bytes and call nothing else.
-_NUMPY_SAFE = (
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "numpy.ndarray", "numpy.dtype",
-)
-
-
-class UnsafePickleError(Exception):
-    """The pickle references a global from a module that can run code (os, sys, ...)."""
+class UnsafePickleError(RefusedFile):
+    """The pickle references a global that can run code (os, sys, subprocess, eval, ...)."""
 
     def __init__(self, global_name: str):
-        super().__init__(global_name)
         self.global_name = python3_name(global_name)
+        super().__init__(f"refused: its pickle references {self.global_name}, a construct sam-probe will not "
+                         "execute (it would run code on load); nothing was executed", "unsafe")
 
 
-class Placeholder:
-    """Inert stand-in for an object whose class was not loaded.
+def globals_in_pickle(data: bytes, max_ops: int = 1_000_000) -> set[str]:
+    """Best-effort ``module.name`` of the globals in a pickle of any protocol (read, never run).
 
-    ``args`` are the constructor arguments the pickle passed and ``state`` the
-    state it set; nothing of the original class is imported or run.
+    Used to classify pickles the restricted unpickler cannot read (e.g. protocol
+    4 ``STACK_GLOBAL``); a partial scan is still useful, so it never raises.
     """
-
-    _sam_probe_global = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "args", args)
-        object.__setattr__(obj, "state", kwargs or None)
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        object.__setattr__(self, "state", state)
-
-    def __repr__(self) -> str:
-        return f"<unloaded {self._sam_probe_global}>"
-
-    def plain(self) -> Any:
-        """The recorded state as plain data (e.g. a Namespace's ``__dict__``)."""
-        st = self.state
-        if isinstance(st, tuple) and len(st) == 2 and isinstance(st[0], dict):
-            st = st[0]
-        if st is not None:
-            return st
-        return list(self.args) if self.args else None
-
-
-def make_placeholder(full_name: str) -> type:
-    """A :class:`Placeholder` subclass whose ``module.qualname`` is ``full_name``."""
-    module, _, qualname = full_name.rpartition(".")
-    cls = type(qualname.rsplit(".", 1)[-1] or "Unknown", (Placeholder,), {"_sam_probe_global": full_name})
-    cls.__module__ = module or "builtins"
-    cls.__qualname__ = qualname
-    return cls
-
-
-def _numpy_globals() -> list[Any]:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return []
-    found = []
-    for path in _NUMPY_SAFE:
-        mod, _, name = path.rpartition(".")
-        try:
-            obj = __import__(mod, fromlist=[name])
-            found.append(getattr(obj, name))
-        except (ImportError, AttributeError):
-            continue
-    found.extend(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))
-    return found
-
-
-def globals_in_pickle(data: bytes) -> set[str]:
-    """``module.name`` of every GLOBAL / STACK_GLOBAL in one pickle (read, never run)."""
     names: set[str] = set()
     strings: list[str] = []
     memo: dict[int, Any] = {}
     try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name == "GLOBAL":
+        for n, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if n > max_ops:
+                break
+            if op.name in ("GLOBAL", "INST"):
                 names.add(str(arg).replace(" ", "."))
-            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING"):
-                strings.append(str(arg))
+            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
+                             "BINSTRING", "STRING"):
+                strings.append(str(arg)[:200])
             elif op.name == "MEMOIZE" and strings:
                 memo[len(memo)] = strings[-1]
             elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
@@ -147,62 +93,292 @@ def globals_in_pickle(data: bytes) -> set[str]:
                 strings.append(memo[int(arg)])
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 names.add(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # noqa: BLE001 - a partial scan is still useful; load() decides
+    except Exception:  # noqa: BLE001 - a partial scan is still useful
         pass
     return names
 
 
-def zip_pickle_globals(path: str) -> set[str]:
-    """Globals referenced by the pickles inside a torch zip archive."""
-    names: set[str] = set()
+def _scan(buf, start: int = 0, what: str = "its pickle") -> PickleScan:
+    """:func:`scan_pickle`, but a pickle we cannot read is refused as hostile when it names code."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith(".pkl") and info.file_size < 512 * 2**20:
-                    names |= globals_in_pickle(zf.read(info))
-    except (zipfile.BadZipFile, OSError):
-        pass
-    return names
+        return scan_pickle(buf, start, what=what)
+    except RefusedFile as exc:
+        if exc.kind != "unsupported":
+            raise
+        for name in sorted(globals_in_pickle(bytes(buf[start:start + 64 * 2**20]))):
+            if is_dangerous(name):
+                raise UnsafePickleError(name) from None
+        raise RefusedFile(f"{exc}; re-save it with torch.save (default pickle protocol 2)", "foreign") from None
 
 
-def _allowed_globals() -> set[str]:
-    try:
-        from torch import _weights_only_unpickler as wou
-        return set(wou._get_allowed_globals())
-    except Exception:  # noqa: BLE001 - private API; fall back to the retry loop
-        return set()
-
-
-def safe_load(path: str, *, mmap: bool = False, trust: bool = False) -> tuple[Any, list[str]]:
-    """Load a torch file; return ``(object, names of globals replaced by placeholders)``.
-
-    Raises :class:`UnsafePickleError` for a pickle that would run code, and
-    lets torch's own errors (corrupt, truncated) propagate.
-    """
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap), []
-    known = set(_allowed_globals())
-    extra = _numpy_globals()
-    known |= {f"{g.__module__}.{g.__qualname__}" for g in extra}
-    wanted = {n for n in zip_pickle_globals(path) if n not in known} if zipfile.is_zipfile(path) else set()
-    for name in sorted(wanted):
+def _check_globals(names: set[str]) -> None:
+    for name in sorted(names):
         if is_dangerous(name):
             raise UnsafePickleError(name)
-    placeholders = {n: make_placeholder(n) for n in wanted}
-    for _ in range(_MAX_PLACEHOLDERS):
+    if len(names) > MAX_PLACEHOLDERS:
+        raise RefusedFile(f"its pickle names {len(names)} different classes and functions (more than "
+                          f"{MAX_PLACEHOLDERS}); refusing it", "limit")
+
+
+def _classify(exc: BaseException, placeholders: dict[str, type]) -> RefusedFile:
+    """A torch unpickler error as a :class:`RefusedFile` with the right kind."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    blocked = _BLOCKED_RE.search(msg)
+    if blocked:
+        return UnsafePickleError(blocked.group(1))
+    if isinstance(exc, MemoryError):
+        return RefusedFile("unpickling it needs more memory than is available", "limit")
+    if isinstance(exc, RecursionError):
+        return RefusedFile("its pickle nests too deeply to rebuild", "limit")
+    if isinstance(exc, RuntimeError) and "not resizable" in msg:
+        return RefusedFile("corrupt: a tensor's size and stride need more bytes than its storage holds; re-save or "
+                           "re-copy it")
+    if isinstance(exc, pickle.UnpicklingError):
+        target = re.search(r"Can only (?:append|extend|SETITEMS?)\b.* but got <class '([\w.]+)'>", msg)
+        if target and target.group(1) in placeholders:  # a list or dict subclass of the user's own
+            return RefusedFile(f"it holds objects of its own list or dict class {target.group(1)}, which cannot be "
+                               "rebuilt without running their code", "foreign")
+        if "Only persistent_load of storage" in msg:
+            return RefusedFile("it references pickled modules or objects stored outside its pickle (a whole-model "
+                               "torch.save?), which cannot be rebuilt without running code; re-save it as "
+                               "torch.save(model.state_dict(), path)", "foreign")
+        return RefusedFile(f"its pickle is malformed ({msg[:160]}); nothing was executed")
+    return RefusedFile(f"its pickle cannot be rebuilt ({type(exc).__name__}: {msg[:160]})")
+
+
+def _unpickle(data: bytes, scan: PickleScan, persistent_load: Callable[[Any], Any] | None,
+              guard: Guard) -> tuple[Any, list[str]]:
+    """Unpickle ``data`` with torch's restricted unpickler; return ``(object, placeholder names)``."""
+    import torch
+    from torch import _weights_only_unpickler as wou
+
+    _check_globals(scan.globals)
+    allowed = wou._get_allowed_globals()
+    placeholders = {n: make_placeholder(n) for n in sorted(scan.globals)
+                    if n not in allowed and n not in _RECORDER_NAMES}
+
+    def no_persistent(pid: Any) -> Any:
+        raise RefusedFile("a record that should hold plain data references tensor storage")
+
+    for _ in range(8):  # the scan finds every global; this only guards against a disagreement with torch
+        unpickler = wou.Unpickler(io.BytesIO(data), encoding="utf-8")
+        unpickler.persistent_load = persistent_load or no_persistent
+        extra = [*RECORDERS, *((cls, name) for name, cls in placeholders.items())]
         try:
-            with torch.serialization.safe_globals(extra + list(placeholders.values())):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            with guard, torch.serialization.safe_globals(extra), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = unpickler.load()
             return obj, sorted(placeholders)
-        except Exception as exc:  # noqa: BLE001 - classify torch's message
-            msg = str(exc)
-            blocked = _BLOCKED_RE.search(msg)
-            if blocked:
-                raise UnsafePickleError(blocked.group(1)) from None
-            m = _GLOBAL_RE.search(msg)
+        except RefusedFile:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            m = _GLOBAL_RE.search(str(exc))
             if not m or m.group(1) in placeholders:
-                raise
-            if is_dangerous(m.group(1)):
-                raise UnsafePickleError(m.group(1)) from None
+                raise _classify(exc, placeholders) from None
+            _check_globals({m.group(1)})
             placeholders[m.group(1)] = make_placeholder(m.group(1))
-    raise UnsafePickleError("too many unknown globals")
+    raise RefusedFile("its pickle names globals that cannot be resolved")
+
+
+def _finish(obj: Any, guard: Guard, scan_globals: set[str], made_before: int) -> tuple[Any, list[str]]:
+    """Rebuild numpy values and replace tensors not made from the file (one pass, only when needed)."""
+    if made() == made_before and not guard.constructs_tensors(scan_globals):
+        return obj, []
+    notes: list[str] = []
+
+    def pick(o: Any) -> Any:
+        new = rebuild(o) if is_recorder(o) else guard.pick(o)
+        if isinstance(new, (UnrebuiltNumpy, UnbuiltTensor)) and repr(new)[1:-1] not in notes:
+            notes.append(repr(new)[1:-1])
+        return new
+
+    return replace_all(obj, pick), notes
+
+
+# ------------------------------------------------------------------ storages
+def _storage_id(pid: Any, n: int) -> tuple:
+    """Validate a persistent id ``('storage', storage_type, key, location, numel[, view])``."""
+    import torch
+
+    if type(pid) is not tuple or len(pid) != n:
+        raise RefusedFile("its pickle references tensor storage with a malformed id")
+    typename, storage_type, key, location, numel = pid[:5]
+    if type(typename) not in (str, bytes) or typename not in ("storage", b"storage"):
+        raise RefusedFile("its pickle references an object stored outside it that is not tensor data")
+    if type(key) is not str or not 0 < len(key) <= MAX_STORAGE_KEY:
+        raise RefusedFile("its pickle references tensor storage under a malformed key")
+    if type(location) not in (str, bytes) or type(numel) is not int or not 0 <= numel < 2**62:
+        raise RefusedFile(f"its pickle gives tensor storage {key} an invalid location or size")
+    if storage_type is torch.UntypedStorage:
+        dtype = torch.uint8
+    elif isinstance(storage_type, torch.serialization.StorageType):
+        dtype = storage_type.dtype
+    else:
+        raise RefusedFile(f"its pickle gives tensor storage {key} an unknown storage type")
+    return key, dtype, numel, pid[5:]
+
+
+def _typed(storage, dtype):
+    import torch
+
+    return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def _load_zip(mf: MappedFile, arc: TorchZip, copy: bool) -> tuple[Any, list[str]]:
+    import torch
+
+    data = arc.read("data.pkl")
+    scan = _scan(data)
+    order = arc.read("byteorder") if arc.member("byteorder") else b"little"
+    if order not in (b"little", b"big"):
+        raise RefusedFile(f"its byteorder record says {order[:16]!r}, not little or big")
+    loaded: dict[str, Any] = {}
+    base: list = []
+    guard = Guard()
+
+    def persistent_load(pid: Any) -> Any:
+        key, dtype, numel, _ = _storage_id(pid, 5)
+        if key in loaded:
+            return loaded[key]
+        m = arc.member(f"data/{key}")
+        if m is None:
+            raise RefusedFile(f"its pickle refers to tensor record {arc.prefix}data/{key}, which the archive lacks")
+        nbytes = numel * torch._utils._element_size(dtype)
+        if nbytes != m.size:
+            raise RefusedFile(f"corrupt: tensor record {m.name} holds {m.size} bytes but its pickle claims "
+                              f"{nbytes}; re-save or re-copy it")
+        if not base:
+            base.append(torch.frombuffer(mf.data, dtype=torch.uint8).untyped_storage())
+        storage = base[0][m.offset:m.offset + nbytes]
+        if copy or m.offset % torch._utils._element_size(dtype):  # torch aligns records; others are copied
+            storage = storage.clone()
+        if order.decode() != sys.byteorder and nbytes:
+            storage.byteswap(dtype)
+        loaded[key] = guard.back(_typed(storage, dtype))
+        return loaded[key]
+
+    before = made()
+    obj, names = _unpickle(data, scan, persistent_load, guard)
+    obj, notes = _finish(obj, guard, scan.globals, before)
+    return obj, names + notes
+
+
+def _load_legacy(mf: MappedFile) -> tuple[Any, list[str]]:
+    import torch
+
+    mm, size = mf.data, mf.size
+
+    guard = Guard()
+
+    def record(pos: int, what: str) -> tuple[Any, int]:
+        scan = _scan(mm, pos, what)
+        return _unpickle(mm[pos:scan.end], scan, None, guard)[0], scan.end
+
+    magic, pos = record(0, "its magic-number record")
+    if type(magic) is not int or magic != MAGIC_NUMBER:
+        raise RefusedFile("not a torch file (a pickle without torch's magic number)", "unsupported")
+    protocol, pos = record(pos, "its protocol record")
+    if type(protocol) is not int or protocol != PROTOCOL_VERSION:
+        raise RefusedFile(f"unsupported legacy torch protocol {protocol!r:.20}", "unsupported")
+    _, pos = record(pos, "its system-information record")
+    main = _scan(mm, pos)
+    keys, raw = record(main.end, "its storage list")
+    if type(keys) is not list or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
+        raise RefusedFile("its storage list is not a list of distinct keys")
+    room = size - raw - 8 * len(keys)
+    storages: dict[str, tuple[Any, bytearray, int]] = {}
+    views: dict[str, Any] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        nonlocal room
+        key, dtype, numel, (view,) = _storage_id(pid, 6)
+        if key not in storages:
+            nbytes = numel * torch._utils._element_size(dtype)
+            room -= nbytes
+            if room < 0:
+                raise RefusedFile("truncated or corrupt file (its pickle claims more tensor data than the file "
+                                  "holds); re-save or re-copy it")
+            buf = bytearray(max(nbytes, 1))
+            storage = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()[0:nbytes]
+            storages[key] = (guard.back(_typed(storage, dtype)), buf, numel)
+        typed, _, root_numel = storages[key]
+        if view is None:
+            return typed
+        if type(view) is not tuple or len(view) != 3 or not all(type(v) is int for v in view[1:]) \
+                or type(view[0]) is not str or not (0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= root_numel):
+            raise RefusedFile(f"its pickle gives tensor storage {key} an invalid view")
+        if view[0] not in views:
+            el = torch._utils._element_size(typed.dtype)
+            views[view[0]] = guard.back(_typed(typed._untyped_storage[view[1] * el:(view[1] + view[2]) * el],
+                                               typed.dtype))
+        return views[view[0]]
+
+    before = made()
+    obj, names = _unpickle(mm[pos:main.end], main, persistent_load, guard)
+    if set(keys) != set(storages):
+        raise RefusedFile("truncated or corrupt file (its storage list does not match the tensors its pickle uses); "
+                          "re-save or re-copy it")
+    with memoryview(mm) as view:
+        for key in keys:
+            typed, buf, numel = storages[key]
+            nbytes = typed._untyped_storage.nbytes()
+            if raw + 8 + nbytes > size:
+                raise RefusedFile("truncated or corrupt file (its tensor data ends early); re-save or re-copy it")
+            (count,) = struct.unpack_from("<q", mm, raw)
+            if count != numel:
+                raise RefusedFile(f"truncated or corrupt file (tensor data {key} has {count} elements, its pickle "
+                                  f"says {numel}); re-save or re-copy it")
+            memoryview(buf)[:nbytes] = view[raw + 8:raw + 8 + nbytes]
+            raw += 8 + nbytes
+    obj, notes = _finish(obj, guard, main.globals, before)
+    return obj, names + notes
+
+
+def _trusted(mf: MappedFile) -> Any:
+    import torch
+
+    with open(mf.path, "rb") as fh:
+        return torch.load(fh, map_location="cpu", weights_only=False)
+
+
+def load_mapped(mf: MappedFile, *, archive: TorchZip | None = None, mmap: bool = True,
+                trust: bool = False) -> tuple[Any, list[str]]:
+    """Load a mapped torch file; return ``(object, placeholder globals and numpy notes)``.
+
+    Raises :class:`RefusedFile` (``kind`` says why: ``unsafe``, ``limit``,
+    ``corrupt``, ``unsupported`` or ``foreign``).  ``mmap=False`` copies the
+    tensors of a zip file out of the mapping.
+    """
+    import torch
+
+    head = bytes(mf.data[:4])
+    if hasattr(torch._utils, "_sparse_tensors_to_validate"):  # a failed earlier load may have left some behind
+        torch._utils._sparse_tensors_to_validate.clear()
+    if head == b"PK\x03\x04":
+        arc = archive or TorchZip(mf)
+        if arc.torchscript:
+            raise RefusedFile("TorchScript archive, not a checkpoint; load it with torch.jit.load and "
+                              "torch.save(m.state_dict(), ...)", "unsupported")
+        if trust:
+            return _trusted(mf), []
+        obj, names = _load_zip(mf, arc, copy=not mmap)
+    elif head[:1] == b"\x80":
+        if trust:
+            return _trusted(mf), []
+        obj, names = _load_legacy(mf)
+    else:
+        raise RefusedFile("not a torch file (neither a zip archive nor a pickle)", "unsupported")
+    try:
+        torch._utils._validate_loaded_sparse_tensors()
+    except Exception as exc:  # noqa: BLE001 - torch's own check of sparse indices
+        raise RefusedFile(f"it holds an invalid sparse tensor ({str(exc)[:120]})") from None
+    return obj, names
+
+
+def safe_load(path: str, *, mmap: bool = True, trust: bool = False) -> tuple[Any, list[str]]:
+    """Load a torch file; return ``(object, names of globals replaced by placeholders)``.
+
+    Raises :class:`UnsafePickleError` for a pickle that would run code and
+    :class:`RefusedFile` for everything else that cannot be loaded safely.
+    """
+    return load_mapped(map_file(path), mmap=mmap, trust=trust)

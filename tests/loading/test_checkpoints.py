@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -466,3 +467,104 @@ def test_find_state_on_non_dicts(tiny_model):
     assert layout == "module" and set(state) == set(tiny_model.state_dict())
     with pytest.raises(CheckpointError, match="holds a int"):
         find_state(5)
+
+
+# ------------------------------------------------------------------ bounded metadata, geometry, non-finite scan
+def test_plain_is_bounded_and_json_able():
+    from sam_probe.loading import plaindata
+    from sam_probe.loading.plaindata import MAX_DEPTH, MAX_NODES, plain
+
+    deep: list = []
+    for _ in range(200_000):  # repr() of this raises RecursionError
+        deep = [deep]
+    shared = [0]
+    for _ in range(60):  # 2^60 values when expanded
+        shared = [shared, shared]
+    cyclic: dict = {"a": 1}
+    cyclic["self"] = cyclic
+    out = plain({"bytes": b"\x00\xff" * 100, "short": b"ab", "big": 2**5000, "surrogate": "x\udcff",
+                 "long": "y" * 100_000, "nan": float("nan"), "arr": np.arange(6).reshape(2, 3),
+                 "big_arr": np.zeros((100, 100)), "obj_arr": np.array([{}, 1], object), "t1": torch.tensor(2.5),
+                 "t": torch.ones(3), "set": {1}, (1, 2): "tuple key", "cx": 1j,
+                 "deep": deep, "cyclic": cyclic, "shared": shared})  # the budget is shared: bombs last
+    text = json.dumps(out, allow_nan=False)
+    assert len(text) < 60 * MAX_NODES
+    assert f"deeper than {MAX_DEPTH} levels" in json.dumps(out["deep"])
+    assert out["bytes"] == "<bytes 200>" and out["short"] == "<bytes 2: 6162>"
+    assert out["big"] == "<int of 5001 bits>" and out["nan"] == "nan"
+    assert out["surrogate"] == "x\\udcff" and len(out["long"]) < plaindata.MAX_STR + 40
+    assert out["arr"] == [[0, 1, 2], [3, 4, 5]] and out["big_arr"] == "<array (100, 100) float64>"
+    assert out["obj_arr"].startswith("<array (2,) object")
+    assert out["t1"] == 2.5 and out["t"] == "<tensor (3,) float32>" and out["set"] == [1] and out["<tuple>"] == "tuple key"
+    assert out["cx"] == "1j" and "more items>" in json.dumps(out["shared"])
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda: torch.ones(3, 4), None),
+    (lambda: torch.ones(3, 4).t(), None),
+    (lambda: torch.ones(6, 6)[::2, 1:4], None),  # gaps are fine
+    (lambda: torch.ones(1, 5).expand(1, 5), None),  # a zero stride on a dimension of size 1
+    (lambda: torch.ones(1).expand(4), "zero stride"),
+    (lambda: torch.arange(10.0).as_strided((3, 3), (2, 1)), "overlapping"),
+    (lambda: torch.ones(2, 2).to_sparse(), "not a dense"),
+    (lambda: torch.ones(2, device="meta"), "meta"),
+])
+def test_overlap_problem(make, problem):
+    from sam_probe.loading.checkpoints import overlap_problem
+
+    got = overlap_problem(make())
+    assert (got is None) if problem is None else (problem in got)
+
+
+def test_nonfinite_scan_in_chunks_matches_full_count(monkeypatch):
+    from sam_probe.loading import checkpoints
+    from sam_probe.loading.checkpoints import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 70, generator=g)
+    base[torch.rand(300, 70, generator=g) < 0.05] = float("nan")
+    base[torch.rand(300, 70, generator=g) < 0.02] = float("-inf")
+    state = {"c": base, "t": base.t(), "s": base[::3, 5:50], "z": torch.empty(0, 3), "x": base[7, 3]}
+    expected = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items()}
+    monkeypatch.setattr(checkpoints, "_SCAN_CHUNK", 97)  # many chunks, ragged last one
+    got = Checkpoint("x", "torch-zip", "state_dict", state).nonfinite()
+    assert got == {k: n for k, n in expected.items() if n}
+
+
+def test_fifo_and_device_are_refused_without_blocking(tmp_path):
+    from sam_probe.loading.checkpoints import file_sha256
+
+    fifo = tmp_path / "ck.pt"
+    os.mkfifo(fifo)
+    for call in (load_checkpoint, file_sha256, detect_format):
+        with pytest.raises(CheckpointError, match="is a FIFO"):
+            call(fifo)
+    with pytest.raises(CheckpointError, match="is a character device"):
+        load_checkpoint("/dev/zero")
+
+
+def test_non_utf8_file_name(tmp_path, tiny_state):
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/step_\xff7.pt")
+    with open(name, "wb") as fh:
+        torch.save({"model": tiny_state, "step": 7}, fh)
+    ck = load_checkpoint(name)
+    assert ck.step == 7 and set(ck.state) == set(tiny_state) and ck.path == name
+    torch.save({"model": tiny_state, "step": torch.zeros(1).expand(5)}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(os.fsdecode(os.fsencode(str(tmp_path)) + b"/x.pt"))
+    _one_line(ei.value)
+
+
+def test_safetensors_with_unaligned_data_and_header_order(tmp_path):
+    import struct
+
+    a = np.arange(3, dtype=np.float64)
+    b = np.arange(2, dtype=np.float32)
+    header = json.dumps({"z": {"dtype": "F64", "shape": [3], "data_offsets": [0, 24]},
+                         "a": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}}).encode() + b" "
+    assert (8 + len(header)) % 8  # the data section starts unaligned
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + a.tobytes() + b.tobytes())
+    ck = load_checkpoint(path)
+    assert list(ck.state) == ["z", "a"]
+    assert ck.state["z"].tolist() == a.tolist() and ck.state["a"].tolist() == b.tolist()
