@@ -52,7 +52,7 @@ def _to_array(value: Any) -> np.ndarray | None:
         pass
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, str) for v in value) and value:
-            return np.array(value, dtype=h5py.string_dtype())
+            return np.array([_text(v) for v in value], dtype=h5py.string_dtype())
         try:
             arr = np.array([np.nan if v is None else v for v in value] if value and not isinstance(value[0], (list, tuple)) else value, dtype=float)
         except (TypeError, ValueError):
@@ -65,20 +65,43 @@ def _to_array(value: Any) -> np.ndarray | None:
     return None
 
 
+def _text(v: str) -> str:
+    """``v`` storable by HDF5: undecodable bytes of file names (lone surrogates) as ``\\xNN``."""
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _key(k: Any) -> str:
+    """A dict key as an HDF5 name: ``/`` would nest groups and ``.`` alone is reserved, so
+    ``%``, ``/`` and a leading ``.`` are percent-escaped (:func:`_unkey` undoes it)."""
+    k = _text(str(k)).replace("%", "%25").replace("/", "%2F")
+    return "%2E" + k[1:] if k.startswith(".") else (k or "%00")
+
+
+def _unkey(k: str) -> str:
+    if "%" not in k:
+        return k
+    return "" if k == "%00" else k.replace("%2E", ".", 1 if k.startswith("%2E") else 0).replace(
+        "%2F", "/").replace("%25", "%")
+
+
 def _plain(v: Any) -> Any:
-    """Builtin scalar for subclasses h5py rejects (e.g. ``torch.__version__``)."""
+    """Builtin scalar for subclasses h5py rejects (e.g. ``torch.__version__``); storable text."""
     if isinstance(v, np.generic):
         return v
     for t in (bool, int, float, str):
         if isinstance(v, t):
-            return t(v)
+            return _text(str(v)) if t is str else t(v)
     return v
 
 
 def _write(group: h5py.Group, data: dict[str, Any]) -> None:
     group.attrs[KIND] = "dict"
     for k, v in data.items():
-        k = str(k)
+        k = _key(k)
         if v is None:
             continue
         if isinstance(v, dict):
@@ -188,15 +211,15 @@ def _read(group: h5py.Group) -> Any:
     out: dict[str, Any] = {}
     for k, v in group.attrs.items():
         if k != KIND:
-            out[k] = _attr(v)
+            out[_unkey(k)] = _attr(v)
     for k, item in group.items():
         if isinstance(item, h5py.Group):
-            out[k] = _read(item)
+            out[_unkey(k)] = _read(item)
         else:
             arr = item[()]
             if item.dtype.kind in "OS":
                 arr = np.array([a.decode() if isinstance(a, bytes) else a for a in np.atleast_1d(arr)], dtype=object)
-            out[k] = arr
+            out[_unkey(k)] = arr
     return out
 
 

@@ -351,3 +351,15 @@ def test_merge_write_failure_is_not_swallowed(tmp_path, monkeypatch):
         store.merge(out, target)
     monkeypatch.undo()
     assert target.read_bytes() == before
+
+
+def test_names_with_slashes_percent_dots_and_undecodable_bytes_round_trip(tmp_path):
+    from sam_probe.store import read_unit, write_unit
+
+    weird = "ckpt_\udcff.pt"  # a non-UTF-8 file name as Python sees it
+    result = {"path": weird, "per_tensor": {"a/b": [1.0], "50%": [2.0], ".hidden": [3.0], "plain.w": [4.0]},
+              "names": [weird, "x"]}
+    p = write_unit(tmp_path / "u.h5", result, {"checkpoint": weird})
+    back, meta = read_unit(p)
+    assert set(back["per_tensor"]) == {"a/b", "50%", ".hidden", "plain.w"}
+    assert back["path"] == meta["checkpoint"] == "ckpt_\\xff.pt"
