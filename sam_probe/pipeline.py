@@ -55,6 +55,7 @@ class Settings:
     store: bool = True
     max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
     distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
+    hvp: str = "rev-rev"  # Hessian-vector products: rev-rev (double backward) or fwd-rev (jvp over grad)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -100,10 +101,13 @@ def _noop(msg: str, done: int, total: int) -> None:
 class Session:
     """Shared state of one command: settings, the cached data selection and models."""
 
-    def __init__(self, settings: Settings, command: list[str] | None = None, progress: Progress | None = None):
+    def __init__(self, settings: Settings, command: list[str] | None = None, progress: Progress | None = None,
+                 quiet: bool = False):
         self.settings = settings
         self.command = command if command is not None else list(sys.argv)
         self.progress = progress or _noop
+        self.quiet = quiet
+        self._noted: set[str] = set()
         self._data: dict[str, Any] = {}
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
@@ -144,6 +148,9 @@ class Session:
         saved = ck.model_spec or {}
         name = s.model or saved.get("name")
         if not name:
+            from .loading.hf import config_path  # a weight file with config.json beside it
+            name = "hf" if config_path(ck.path) is not None else None
+        if not name:
             from .loading.models import ZOO
             raise SpecError(
                 f"{ck.path}: the checkpoint does not name its model; pass --model (zoo: {', '.join(sorted(ZOO))}, "
@@ -156,6 +163,10 @@ class Session:
         from .loading.models import build_model, factory_for
 
         name, args = self.model_spec(ck)
+        from .loading import hf
+        if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
+            torch.manual_seed(self.settings.seed)
+            return hf.build_model(ck.path, name, args, expected_numel=ck.n_params)
         try:
             factory = factory_for(name)
             accepted = inspect.signature(factory).parameters
@@ -181,27 +192,45 @@ class Session:
         return self._data[key]
 
     def matched(self, ck: Checkpoint, model: nn.Module) -> Matched:
-        return match_state(model, ck.state)
+        return match_state(model, ck.state, ck.stripped_prefixes)
+
+    def note(self, message: str) -> None:
+        """A one-line fact on stderr, once per session (not under --quiet, only on rank 0)."""
+        if message in self._noted or self.quiet or not _is_main():
+            return
+        self._noted.add(message)
+        sys.stderr.write(f"note: {message}\n")
 
     def objective(self, ck: Checkpoint, model: nn.Module | None = None, data=None) -> Objective:
         """The loss of checkpoint ``ck`` over the session's data as an :class:`Objective`."""
+        from .core.objective import is_causal_lm
+        from .loading.losses import resolve_loss
+
         s = self.settings
         model = model or self.build_model(ck)
         data = data or self.data(ck)
         m = self.matched(ck, model)
         model.to(self.device)
-        loss = s.loss or (ck.hparams.get("loss") if isinstance(ck.hparams.get("loss"), str) else None) \
-            or (data.meta or {}).get("loss")
+        saved = ck.hparams.get("loss") if isinstance(ck.hparams.get("loss"), str) else None
+        loss = s.loss or saved or ("lm" if is_causal_lm(model) else None) or (data.meta or {}).get("loss")
+        name, fn = resolve_loss(loss)
+        chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
         try:
-            obj = Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
-                            bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
+            obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
+                            params=m.params, buffers=m.buffers, bn_mode=s.bn_mode, chunk_size=chunk,
+                            dtype=self.dtype, device=self.device, hvp_method=s.hvp)
+            obj.check_inputs()
             if s.max_memory:
                 from .core.memory import fit_memory
                 obj = fit_memory(obj, s.max_memory, s.batch_size, self._memory_plans)
-            return obj
-        except RuntimeError as exc:
-            raise SpecError(f"{ck.path}: the model does not accept the data ({str(exc).splitlines()[0][:160]}); "
+        except SamProbeError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            raise SpecError(f"{ck.path}: the model does not accept the data ({_first_line(exc)}){_hint(exc, data)}; "
                             "check --model/--model-arg against --data") from None
+        for n in obj.notes:
+            self.note(n)
+        return obj
 
     # ------------------------------------------------------------ store
     def unit_meta(self, analysis: str, config: dict[str, Any], paths: list[str], shas: list[str],
@@ -308,6 +337,22 @@ class Session:
                                   self.model_spec_or_none(cks[0]), seconds)
             where = str(store.write_unit(unit, result, meta))
         return UnitOutcome(origin, None, "ok", result=result, stored_at=where)
+
+
+STREAM_CHUNK = 64  # chunk of streamed data without --batch-size or a DataLoader's batch_size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def _hint(exc: BaseException, data) -> str:
+    """Why integer inputs may not fit: they are passed as they are (token ids), not cast to floats."""
+    x, msg = (data.inputs if not data.streamed else None), str(exc)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point() and ("dtype" in msg.lower() or "Long" in msg):
+        return "; integer inputs are passed as they are (token ids): store float inputs for other models"
+    return ""
 
 
 def _is_main() -> bool:

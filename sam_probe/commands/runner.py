@@ -16,7 +16,7 @@ from .output import finish, results_of
 def open_session(common: Common, progress=None) -> Session:
     from .. import distributed
 
-    session = Session(common.settings, progress=progress)  # joins the process group under torchrun
+    session = Session(common.settings, progress=progress, quiet=common.output.quiet)  # joins the process group under torchrun
     if common.settings.trust_checkpoint and distributed.is_main():
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
     return session

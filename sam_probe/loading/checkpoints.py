@@ -74,6 +74,9 @@ class Checkpoint:
 
 
 def file_sha256(path: str | Path, chunk: int = 2**20) -> str:
+    if Path(path).is_dir():  # a Hugging Face folder checkpoint (loading/hf.py)
+        from .hf import folder_sha256
+        return folder_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -320,6 +323,9 @@ def find_hparams(obj: Any) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
     """Read ``path`` safely and return its tensors with format, layout and step."""
+    if Path(path).is_dir():  # a Hugging Face folder checkpoint (loading/hf.py)
+        from .hf import load_folder
+        return load_folder(path, key=key, trust=trust)
     fmt, obj, placeholders, meta = read_object(path, trust=trust)
     try:
         state, layout = find_state(obj, key)

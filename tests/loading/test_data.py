@@ -116,7 +116,9 @@ def test_factories(tmp_path):
         "def selection():\n    import sam_probe.loading.data as d\n"
         "    return d.DataSelection(torch.zeros(2, 1), torch.zeros(2), 'mine')\n")
     ds = load_data(f"{f}:dataset")
-    assert ds.inputs.shape == (6, 2) and ds.targets.tolist() == [0, 1, 0, 1, 0, 1] and ds.n_classes == 2
+    assert ds.streamed and len(ds) == 6 and ds.inputs is None and ds.meta["loss"] == "ce"  # read chunk by chunk
+    x, y = next(ds.batches().slices(0, 6, 6))
+    assert x.shape == (6, 2) and y.tolist() == [0, 1, 0, 1, 0, 1]
     assert len(load_data(f"{f}:pair", options={"n": 7})) == 7
     assert isinstance(load_data(f"{f}:selection"), DataSelection)
     with pytest.raises(SpecError, match="did you mean 'pair'"):
