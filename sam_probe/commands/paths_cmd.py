@@ -107,7 +107,8 @@ def interpolate(
     if points < 2:
         raise SpecError("--points must be >= 2")
     for p in (a, b):
-        if not p.is_file():
+        from ..loading.hf import is_folder_checkpoint
+        if not (p.is_file() or is_folder_checkpoint(p)):  # a file, or a Hugging Face folder checkpoint
             raise SpecError(f"{p}: give two checkpoint files")
     cfg = {"points": points, "range": [lo, hi]}
 

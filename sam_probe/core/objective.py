@@ -166,8 +166,9 @@ _NO_SECOND = (re.compile(r"derivative for (?:aten::)?'?([\w.:]+?)'? is not imple
               re.compile(r"forward AD with (?:aten::)?([\w.:]+) that does not support it"))
 
 
-def _graph_ops(t: Tensor | None, limit: int = 20000) -> list[str]:
-    """Names of custom autograd Functions in ``t``'s graph (candidates for a missing double backward)."""
+def _graph_ops(t: Tensor | None, limit: int = 20000, once_only: bool = False) -> list[str]:
+    """Names of custom autograd Functions in ``t``'s graph (candidates for a missing double backward);
+    ``once_only``: only those whose backward is ``@once_differentiable``."""
     seen, out, stack = set(), [], [t.grad_fn] if t is not None and t.grad_fn is not None else []
     while stack and len(seen) < limit:
         fn = stack.pop()
@@ -175,6 +176,10 @@ def _graph_ops(t: Tensor | None, limit: int = 20000) -> list[str]:
             continue
         seen.add(fn)
         if isinstance(fn, torch.autograd.function.BackwardCFunction):
+            fwd = getattr(fn, "_forward_cls", None)
+            if once_only and getattr(getattr(fwd, "backward", None), "__wrapped__", None) is None:
+                stack.extend(f for f, _ in fn.next_functions)
+                continue
             name = type(fn).__name__.removesuffix("Backward")
             if name not in out:
                 out.append(name)
@@ -191,9 +196,12 @@ def _second_order_error(exc: BaseException, method: str, graph_of: Tensor | None
         if m:
             op = m.group(1).removesuffix("_backward")
             break
-    if op is None and "once_differentiable" in msg:
-        ops = _graph_ops(graph_of)
-        op = f"custom autograd function {', '.join(ops)}" if ops else "a custom autograd function (once_differentiable)"
+    if "once_differentiable" in msg:
+        ops = _graph_ops(graph_of, once_only=True) or _graph_ops(graph_of)
+        what = f"custom autograd function {', '.join(ops)}" if ops else "a custom autograd function"
+        return DoubleBackwardError(f"Hessian-vector products need the second derivative of {what}, whose backward "
+                                   "is @once_differentiable (neither --hvp method can differentiate it); remove "
+                                   "that decorator so its backward is differentiable")
     if op is None and "double backward" not in msg.lower():
         return None
     if method == "rev-rev":
@@ -597,6 +605,7 @@ class Objective:
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             except RuntimeError as exc:
                 raise (_second_order_error(exc, "rev-rev", loss) or exc) from None
+        self._check_graph(loss)
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
         return leaves, [g[i] for i in live], live, loss
 
@@ -619,7 +628,19 @@ class Objective:
                     out[j, s] = h.reshape(-1)
         return out
 
+    def _check_graph(self, loss: Tensor) -> None:
+        """Once per objective: refuse ``@once_differentiable`` functions in the loss graph (differentiating
+        their backward silently yields no curvature in either HVP method)."""
+        if getattr(self, "_graph_checked", False):
+            return
+        if _graph_ops(loss, once_only=True):
+            raise _second_order_error(RuntimeError("once_differentiable"), self.hvp_method, loss)
+        self._graph_checked = True
+
     def _hvp_chunk_fwdrev(self, p: Params, V: Params, x: Any, y: Tensor | None) -> Params:
+        if not getattr(self, "_graph_checked", False):
+            with torch.enable_grad():
+                self._check_graph(self._loss_sum({k: t.detach().requires_grad_(True) for k, t in p.items()}, x, y))
         g_fn = grad(self._loss_sum)
 
         def one(v: Params) -> Params:

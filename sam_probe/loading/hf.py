@@ -203,6 +203,7 @@ def _transformers():
     except ImportError:
         raise SpecError("--model hf needs transformers: pip install 'sam-probe[hf]' "
                         "(or pip install torch==<your torch> transformers)") from None
+    transformers.logging.set_verbosity_error()  # its advice lines would interleave with ours
     return transformers
 
 
