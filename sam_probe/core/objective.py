@@ -471,7 +471,12 @@ class Objective:
     def _call(self, params: Params, x: Any, labels: Tensor | None = None) -> Any:
         if isinstance(x, Mapping):
             return functional_call(self.model, (params, self.buffers), (), self._kwargs(x), strict=False)
-        kwargs = {"labels": labels} if labels is not None else None
+        kwargs = None
+        if labels is not None:
+            kwargs = self._kwargs({"labels": labels})
+            if not kwargs:
+                raise LossError("--loss model: the model's forward takes no labels, so it computes no loss; "
+                                "choose --loss ce, lm or a function")
         return functional_call(self.model, (params, self.buffers), (x,), kwargs, strict=False)
 
     @property
