@@ -353,7 +353,14 @@ class Objective:
                 self._denom = float(self.n_samples)
             elif self.is_custom_loss:
                 self.evaluate()  # sets _denom
-            else:
+            elif isinstance(self.data, TensorBatches):  # every rank holds the whole selection: count it all
+                n = 0
+                for s in range(0, self.n_samples, self.chunk_size):
+                    x, y = self._prepare(*next(self.data.slices(s, min(s + self.chunk_size, self.n_samples),
+                                                                self.chunk_size)))
+                    n += _losses.term_count(self.loss_name, y, batch_len(x), self.shift_labels)
+                self._denom = float(n)
+            else:  # streamed: each rank counts its shard
                 n = torch.zeros(1, dtype=torch.float64, device=self.device)
                 for x, y in self.chunks():
                     n += _losses.term_count(self.loss_name, y, batch_len(x), self.shift_labels)
@@ -575,7 +582,7 @@ class Objective:
         total, correct, predicted, terms = self._reduce(sums).tolist()
         if self._denom is None and terms > 0:
             self._denom = terms
-        acc = int(round(correct)) / predicted if has_acc and predicted > 0 else None
+        acc = (int(round(correct)) / predicted if predicted > 0 else 0.0) if has_acc else None
         return total / self.denominator, acc
 
     def grad(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Params:
