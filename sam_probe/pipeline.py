@@ -127,6 +127,7 @@ class Session:
         self.on_unit = on_unit
         self._data: dict[str, Any] = {}
         self._prefix: dict[str, str] = {}
+        self._layout: dict[str, str] = {}
         self._loaded: dict[str, Checkpoint] = {}  # checkpoints read while ordering a run, used once
         self.used_data: dict[str, Any] | None = None  # the data spec and size the last objective used
         self.device = settings.torch_device()
@@ -140,10 +141,10 @@ class Session:
         _warm_up()
 
     def note(self, message: str) -> None:
-        """A warning about the command's settings, said once."""
+        """A one-line fact about the command's settings, said once (rank 0 only)."""
         if message not in self.notes:
             self.notes.append(message)
-            if self._warn is not None:
+            if self._warn is not None and _is_main():
                 self._warn(message)
 
     # ------------------------------------------------------------ inputs
@@ -192,10 +193,13 @@ class Session:
         else:
             name = saved.get("name")
             if not name:
+                from .loading.hf import config_path  # a weight file with config.json beside it
+                name = "hf" if config_path(ck.path) is not None else None
+            if not name:
                 from .loading.models import ZOO
                 raise SpecError(
                     f"{ck.path}: the checkpoint does not name its model; pass --model (zoo: {', '.join(sorted(ZOO))}, "
-                    "or pkg.module:factory / file.py:factory)")
+                    "hf, or pkg.module:factory / file.py:factory)")
             name = str(name)
             if not is_builtin_model(name) and name not in s.allow_models:
                 raise CheckpointError(
@@ -222,6 +226,10 @@ class Session:
         from .loading.models import build_model, factory_for
 
         name, args = self.model_spec(ck)
+        from .loading import hf
+        if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
+            torch.manual_seed(self.settings.seed)
+            return hf.build_model(ck.path, name, args, expected_numel=ck.n_params)
         strict = not self.settings.model  # the checkpoint chose the factory
         factory = factory_for(name)
         try:
@@ -275,8 +283,10 @@ class Session:
         self.used_data = {"data": spec, "data_args": args, "n_samples": len(pool[key])}
         return pool[key]
 
-    def loss_name(self, ck: Checkpoint, data) -> str | None:
-        """``--loss``, else a built-in loss the checkpoint names, else the data's default."""
+    def loss_name(self, ck: Checkpoint, data, model: nn.Module | None = None) -> str | None:
+        """``--loss``, else a built-in loss the checkpoint names, else ``lm`` for causal language
+        models, else the data's default."""
+        from .core.objective import is_causal_lm
         from .loading.models import is_factory_spec
 
         s = self.settings
@@ -288,30 +298,35 @@ class Session:
                 raise CheckpointError(f"{ck.path}: the checkpoint names its loss {saved[:80]!r}; sam-probe never "
                                       "imports code named inside a checkpoint: pass --loss yourself")
             return saved
+        if model is not None and is_causal_lm(model):
+            return "lm"
         return (data.meta or {}).get("loss")
 
     def matched(self, ck: Checkpoint, model: nn.Module) -> Matched:
-        m = match_state(model, ck.state)
+        m = match_state(model, ck.state, ck.stripped_prefixes)
         self._prefix[ck.path] = m.prefix
+        self._layout[ck.path] = m.layout
         return m
 
     def source(self, ck: Checkpoint) -> dict[str, Any]:
-        """Where a result's weights came from: format, layout, stripped/inferred prefix, step source,
+        """Where a result's weights came from: format, layout (prefixes stripped or inferred), step source,
         and the checkpoint's scalar training hyper-parameters (optimizer, lr, rho, switch_step, ...)."""
-        prefixes = list(ck.stripped_prefixes) + ([self._prefix[ck.path]] if self._prefix.get(ck.path) else [])
         hparams = {str(k)[:64]: (v[:200] if isinstance(v, str) else v) for k, v in list(ck.hparams.items())[:64]
                    if v is None or isinstance(v, (bool, int, float, str))}
-        return {"format": ck.format, "layout": ck.layout, "prefix": "".join(prefixes) or None,
+        prefix = self._layout.get(ck.path) or " + ".join(ck.stripped_prefixes) or None
+        return {"format": ck.format, "layout": ck.layout, "prefix": prefix or None,
                 "step_source": ck.step_source, "hparams": hparams}
 
     def objective(self, ck: Checkpoint, model: nn.Module | None = None, data=None) -> Objective:
         """The loss of checkpoint ``ck`` over the session's data as an :class:`Objective`."""
+        from .loading.losses import resolve_loss
+
         s = self.settings
         key = None
         if CACHE.enabled and model is None and data is None:
             key = repr((ck.path, _file_identity(ck.path), s.key, s.model, sorted(s.model_args.items()),
                         self.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
-                        s.batch_size, s.max_memory, str(self.device)))
+                        s.batch_size, s.max_memory, s.hvp, str(self.device)))
             if key in CACHE.objectives:
                 obj, self.used_data = CACHE.objectives[key]
                 obj.n_grad = obj.n_hvp = 0
@@ -325,16 +340,23 @@ class Session:
                       f"{len(data)} samples)")
         m = self.matched(ck, model)
         model.to(self.device)
-        loss = self.loss_name(ck, data)
+        name, fn = resolve_loss(self.loss_name(ck, data, model))
+        chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
         try:
-            obj = Objective(model, data.inputs, data.targets, loss, params=m.params, buffers=m.buffers,
-                            bn_mode=s.bn_mode, chunk_size=s.batch_size, dtype=self.dtype, device=self.device)
+            obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
+                            params=m.params, buffers=m.buffers, bn_mode=s.bn_mode, chunk_size=chunk,
+                            dtype=self.dtype, device=self.device, hvp_method=s.hvp)
+            obj.check_inputs()
             if s.max_memory:
                 from .core.memory import fit_memory
                 obj = fit_memory(obj, s.max_memory, s.batch_size, self._memory_plans)
-        except (RuntimeError, ValueError) as exc:
-            raise SpecError(f"{ck.path}: the model does not accept the data ({str(exc).splitlines()[0][:160]}); "
+        except SamProbeError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            raise SpecError(f"{ck.path}: the model does not accept the data ({_first_line(exc)}){_hint(exc, data)}; "
                             "check --model/--model-arg against --data") from None
+        for n in obj.notes:
+            self.note(n)
         if key is not None:
             while len(CACHE.objectives) >= CACHE.max_objectives:
                 CACHE.objectives.pop(next(iter(CACHE.objectives)))
@@ -528,6 +550,22 @@ def _warm_up() -> None:
     w = torch.zeros(2, requires_grad=False)
     torch.func.grad(lambda p: (p * p).sum())(w)
     torch.func.vmap(lambda p: p * 2)(torch.zeros(2, 2))
+
+
+STREAM_CHUNK = 64  # chunk of streamed data without --batch-size or a DataLoader's batch_size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def _hint(exc: BaseException, data) -> str:
+    """Why integer inputs may not fit: they are passed as they are (token ids), not cast to floats."""
+    x, msg = (data.inputs if not data.streamed else None), str(exc)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point() and ("dtype" in msg.lower() or "Long" in msg):
+        return "; integer inputs are passed as they are (token ids): store float inputs for other models"
+    return ""
 
 
 def _is_main() -> bool:

@@ -51,7 +51,14 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
 
 
 def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ..errors import SpecError
+
     data = session.data(cks[0])
+    if data.streamed or not isinstance(data.inputs, torch.Tensor):  # features are per input coordinate
+        raise SpecError(f"--data {data.name}: features needs in-memory tensor inputs [N, d] (not streamed "
+                        "data or dict batches such as token ids)")
     objectives = (session.objective(ck) for ck in cks)  # one at a time
     out = compute_features(objectives, [ck.step for ck in cks], data, cfg)
     return {"run": str(Path(cks[0].path).parent), "paths": [str(ck.path) for ck in cks], **out}

@@ -45,14 +45,15 @@ def _out_opt(default: Any, *flags: str, help: str) -> Any:
 
 # name -> (annotation, typer.Option)
 ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (Optional[str], _opt(None, "--model", "-m", help="Zoo model (mlp, cnn, resnet18, wrn-D-W, linear, diag-linear) or pkg.module:factory / file.py:factory. Default: the model named in the checkpoint.")),
+    "model": (Optional[str], _opt(None, "--model", "-m", help="Zoo model (mlp, cnn, resnet18, wrn-D-W, linear, diag-linear), hf / hf:ClassName (transformers, from the config.json beside the weights), or pkg.module:factory / file.py:factory. Default: the model named in the checkpoint, hf for Hugging Face folders.")),
     "model_arg": (list[str], _opt([], "--model-arg", help="Model keyword argument key=value (repeatable).")),
-    "data": (Optional[str], _opt(None, "--data", "-d", help="digits, synthetic-minor-major, FILE.pt/.npz/.h5, cifar10:ROOT, or pkg.module:factory / file.py:factory.")),
+    "data": (Optional[str], _opt(None, "--data", "-d", help="digits, synthetic-minor-major, FILE.pt/.npz/.h5, cifar10:ROOT, hf:PATH (datasets save_to_disk), torchvision:CLASS:ROOT, or pkg.module:factory / file.py:factory (tensors, Dataset, IterableDataset or DataLoader).")),
     "data_arg": (list[str], _opt([], "--data-arg", help="Data option key=value (repeatable), e.g. d=10.")),
     "split": (str, _opt("train", "--split", help="Data split: train or test.")),
     "max_samples": (Optional[int], _opt(None, "--max-samples", help="Use a seeded random selection of N samples.")),
     "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size: bounds memory only (losses, gradients and HVPs are exact means over the whole selection) — except with --bn-mode train, where it is the BatchNorm batch and changes results.")),
-    "loss": (Optional[str], _opt(None, "--loss", help="ce, mse or bce (default: ce for integer targets, mse otherwise).")),
+    "loss": (Optional[str], _opt(None, "--loss", help="ce, mse, bce, lm (next-token), model (the model's own loss), or pkg.module:fn / file.py:fn returning one loss per sample. Default: lm for causal LMs, ce for integer targets, mse otherwise.")),
+    "hvp": (str, _opt("rev-rev", "--hvp", help="Hessian-vector products: rev-rev (double backward) or fwd-rev (forward-over-reverse, for ops without double backward).")),
     "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
     "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
     "bn_mode": (str, _opt("eval", "--bn-mode", help="BatchNorm: eval (running stats) or train (batch stats, running stats never updated).")),
@@ -90,12 +91,20 @@ def build_common(values: dict[str, Any]) -> Common:
         allow_models=list(values.get("allow_model") or []),
         allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
         max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
-        distributed=bool(values.get("distributed")),
+        distributed=bool(values.get("distributed")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
     if not distributed.is_main():  # rank 0 alone prints and plots
         output = Output(json=False, quiet=True, debug=values["debug"], plot=False)
     return Common(settings, output)
+
+
+def _checked_hvp(method: str) -> str:
+    from ..core.objective import HVP_METHODS
+
+    if method not in HVP_METHODS:
+        raise SpecError(f"--hvp {method}: choose rev-rev or fwd-rev")
+    return method
 
 
 def _checked_memory(text: str | None, bn_mode: str, batch_size: int | None) -> str | None:

@@ -18,7 +18,7 @@ def open_session(common: Common, progress=None, on_unit=None):
     from ..pipeline import Session
 
     session = Session(common.settings, progress=progress, on_unit=on_unit,
-                      warn=None if common.output.quiet else console.warn)  # joins the process group under torchrun
+                      warn=None if common.output.quiet else console.note_line)  # joins the process group under torchrun
     if common.settings.trust_checkpoint and distributed.is_main():
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
     return session

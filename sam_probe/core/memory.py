@@ -150,11 +150,7 @@ def plan_memory(obj, budget: int | str, *, reserve_vectors: int = 44, probe: tup
 
 def _unsharded(obj, idx: torch.Tensor):
     """``obj`` on samples ``idx`` in this process alone (no collectives), for probing."""
-    from .objective import Objective
-
-    kw = obj._same()
-    kw["shard"] = False
-    return Objective(obj.model, obj.inputs[idx.to(obj.device)], obj.targets[idx.to(obj.device)], obj.loss_name, **kw)
+    return obj.subset(idx, shard=False)
 
 
 def fit_memory(obj, budget: int | str, chunk_size: int | None = None, cache: dict | None = None):

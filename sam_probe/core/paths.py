@@ -171,10 +171,7 @@ def interpolate(obj: Objective, a: State, b: State, alphas: Sequence[float] | No
 
     def at(alpha: float) -> tuple[float, float | None]:
         s = interpolate_state(sa, sb, alpha)
-        o = Objective(obj.model, obj.inputs, obj.targets, obj.loss_name,
-                      params={n: s[n] for n in pnames}, buffers={n: s[n] for n in bnames},
-                      bn_mode=obj.bn_mode, chunk_size=obj.chunk_size, dtype=obj.dtype, device=obj.device)
-        return o.evaluate()
+        return obj.with_params({n: s[n] for n in pnames}, buffers={n: s[n] for n in bnames}).evaluate()
 
     vals = [at(x) for x in al]
     loss = [v[0] for v in vals]

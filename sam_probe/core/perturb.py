@@ -11,7 +11,8 @@ With ``g = ∇L(w)`` on a batch (REFERENCE.md, "SAM perturbations"):
 The perturbed gradient is ``g~ = ∇L(w + e)`` on the SAME batch.  With
 m-sharpness the selection is cut into consecutive sub-batches of ``m`` samples,
 each perturbed with its own gradient; ``g``, ``g~`` and the sharpness are the
-sample-weighted means over sub-batches.  Weight decay is in neither gradient.
+means over sub-batches weighted by their loss terms (samples, or tokens for
+token-level losses), so the weights sum to 1 and undo each sub-batch's division.  Weight decay is in neither gradient.
 """
 from __future__ import annotations
 
@@ -56,19 +57,21 @@ def perturbation(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.
 
 
 def sub_batches(obj: Objective, m: int | None) -> list[tuple[Objective, float]]:
-    """``[(objective on sub-batch, weight n_b / N)]``; the whole selection when ``m`` is None."""
+    """``[(objective on sub-batch, weight T_b / T)]`` with ``T`` the loss terms (``denominator``);
+    the whole selection when ``m`` is None."""
     if not m or m >= obj.n_samples:
         return [(obj, 1.0)]
     out = []
     for s in range(0, obj.n_samples, m):
         idx = torch.arange(s, min(s + m, obj.n_samples), device=obj.device)
-        out.append((obj.subset(idx), len(idx) / obj.n_samples))
+        sub = obj.subset(idx)
+        out.append((sub, sub.denominator / obj.denominator))
     return out
 
 
 @dataclass
 class PerturbedGradient:
-    """``g`` and ``g~ = ∇L(w + e)`` as flat vectors (sample-weighted over sub-batches)."""
+    """``g`` and ``g~ = ∇L(w + e)`` as flat vectors (term-weighted over sub-batches)."""
 
     grad: Tensor
     perturbed_grad: Tensor
@@ -110,7 +113,7 @@ def perturbed_gradient(obj: Objective, rho: float = 0.05, variant: str = "l2", m
 
 def sam_sharpness(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int | None = None,
                   eta: float = 0.01) -> float:
-    """``L(w + e) - L(w)`` (sample-weighted mean over sub-batches of size ``m``)."""
+    """``L(w + e) - L(w)`` (term-weighted mean over sub-batches of size ``m``)."""
     w = obj.flat_params()
     total = 0.0
     for sub, weight in sub_batches(obj, m):

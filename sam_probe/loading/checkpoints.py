@@ -127,7 +127,10 @@ def _count_nonfinite(t: Tensor) -> int:
 
 
 def file_sha256(path: str | Path, chunk: int = 2**20) -> str:
-    """sha256 of a regular file (FIFOs and devices are refused, never read)."""
+    """sha256 of a regular file (FIFOs and devices are refused, never read), or of a Hugging Face folder."""
+    if Path(path).is_dir():  # a Hugging Face folder checkpoint (loading/hf.py)
+        from .hf import folder_sha256
+        return folder_sha256(path)
     try:
         fd, _ = open_regular(path)
     except RefusedFile as exc:
@@ -357,6 +360,9 @@ def check_tensors(path: str | Path, state: dict[str, Tensor]) -> None:
 
 def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
     """Read ``path`` safely and return its tensors with format, layout and step."""
+    if Path(path).is_dir():  # a Hugging Face folder checkpoint (loading/hf.py)
+        from .hf import load_folder
+        return load_folder(path, key=key, trust=trust)
     fmt, obj, placeholders, meta = read_object(path, trust=trust)
     try:
         state, layout = find_state(obj, key)

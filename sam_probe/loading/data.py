@@ -23,11 +23,25 @@
 - ``.npz`` with ``inputs``/``targets`` (or ``x``/``y``), ``allow_pickle=False``;
 - ``.h5``/``.hdf5`` with datasets ``inputs``/``targets`` (or ``x``/``y``);
 - ``cifar10:ROOT`` with torchvision installed and the data already in ROOT (never downloads);
+- files may instead hold model fields (``input_ids``, ``attention_mask``,
+  ``labels``, ``pixel_values``, ...): each batch is then a dict passed to the
+  model as keyword arguments, ``labels`` being the targets; ``{'inputs'}`` alone
+  is token-only data (for ``--loss lm``).  Integer and bool tensors keep their
+  dtype (token ids, masks); floating ones follow ``--dtype``;
 - ``pkg.module:factory`` / ``file.py:factory`` called with the options (plus
-  ``split`` when it takes one), returning a Dataset of ``(x, y)`` pairs, a pair of
-  tensors or a dict with ``inputs``/``targets``.
+  ``split`` when it takes one), returning a pair of tensors or a dict (kept in
+  memory), or a ``Dataset``, an ``IterableDataset`` or a ``DataLoader``, which are
+  *streamed*: items (``(x, y)``, ``x`` or dicts) are read and collated chunk by
+  chunk on every pass (a DataLoader lends its ``dataset``, ``collate_fn`` and
+  ``batch_size`` as the default chunk; its sampler and workers are not used);
+- ``hf:PATH``: a Hugging Face ``datasets`` dataset saved with ``save_to_disk``
+  (``load_from_disk``; a DatasetDict's ``--split``; option ``columns=a,b``),
+  streamed; ``torchvision:CLASS:ROOT``: ``torchvision.datasets.CLASS(ROOT,
+  download=False)`` with ``ToTensor()``, streamed.  Neither ever downloads.
 
-``max_samples``: a seeded random subset without replacement (indices sorted).
+``max_samples``: a seeded random subset without replacement (indices sorted);
+for streamed data only these positions are stored (an iterable without
+``__len__`` is counted by one pass first).
 Problems raise :class:`~sam_probe.errors.SpecError` with a one-line fix.
 """
 from __future__ import annotations
@@ -42,10 +56,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.batches import Batches, DataError, DatasetBatches, StreamBatches, TensorBatches, batch_len, count_items
+from ..core.batches import index_batch
 from ..errors import SpecError, suggest
 from .models import import_factory, is_factory_spec
 
-BUILTIN = ("digits", "synthetic-minor-major", "cifar10:ROOT")
+BUILTIN = ("digits", "synthetic-minor-major", "cifar10:ROOT", "hf:PATH", "torchvision:CLASS:ROOT")
+MODEL_FIELDS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
+STREAM_CHUNK = 64  # default chunk of streamed data without --batch-size
 SPLITS = ("train", "test")
 KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("X", "y"), ("X", "Y"))
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -56,17 +74,27 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 class DataSelection:
     """Inputs and targets of one data selection, with what analyses need to know about them."""
 
-    inputs: Tensor
-    targets: Tensor
+    inputs: Any  # Tensor or dict of tensors in memory; None when streamed
+    targets: Tensor | None
     name: str
     n_classes: int | None = None
     image_shape: tuple[int, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     pixel_means: Tensor | None = None  # [d] mean raw intensity per input feature (images), for background mass
     raw_affine: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # raw = flat inputs * a + b
+    stream: Batches | None = field(default=None, repr=False)  # streamed source (datasets, iterables)
+    chunk_hint: int | None = None  # default chunk of a streamed source (a DataLoader's batch_size)
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return self.stream.n if self.stream is not None else batch_len(self.inputs)
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
+
+    def batches(self) -> Batches:
+        """The samples as a :class:`~sam_probe.core.batches.Batches` source for an Objective."""
+        return self.stream if self.stream is not None else TensorBatches(self.inputs, self.targets)
 
 
 # ------------------------------------------------------------------ public
@@ -91,8 +119,12 @@ def select(sel: DataSelection, max_samples: int | None, seed: int = 0) -> DataSe
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(n, generator=g)[: int(max_samples)].sort().values
     meta = {**sel.meta, "n_before_selection": n, "max_samples": int(max_samples), "selection_seed": int(seed)}
-    inputs = sel.inputs[idx]
-    return DataSelection(inputs, sel.targets[idx], sel.name, sel.n_classes, sel.image_shape, meta,
+    if sel.stream is not None:
+        return DataSelection(None, None, sel.name, sel.n_classes, sel.image_shape, meta,
+                             stream=sel.stream.take(idx), chunk_hint=sel.chunk_hint)
+    inputs = index_batch(sel.inputs, idx)
+    return DataSelection(inputs, None if sel.targets is None else sel.targets[idx], sel.name, sel.n_classes,
+                         sel.image_shape, meta,
                          raw_means(inputs, sel.raw_affine) if sel.raw_affine else sel.pixel_means, sel.raw_affine)
 
 
@@ -121,6 +153,10 @@ def _load(spec: str, split: str, options: dict[str, Any]) -> DataSelection:
         return synthetic_minor_major(split, **_opts(synthetic_minor_major, options, spec))
     if spec.startswith("cifar10:") or spec == "cifar10":
         return cifar10(spec.partition(":")[2], split, **_opts(cifar10, options, spec))
+    if spec.startswith("hf:"):
+        return hf_disk(spec[3:], split, **_opts(hf_disk, options, spec))
+    if spec.startswith("torchvision:"):
+        return torchvision_dataset(spec[len("torchvision:"):], split, **_opts(torchvision_dataset, options, spec))
     suffix = Path(spec).suffix.lower()
     if suffix in (".pt", ".pth", ".npz", ".h5", ".hdf5"):
         return _from_file(spec, suffix, options)
@@ -134,7 +170,7 @@ def _load(spec: str, split: str, options: dict[str, Any]) -> DataSelection:
 
 
 def _opts(fn: Any, options: dict[str, Any], spec: str) -> dict[str, Any]:
-    accepted = [n for n in inspect.signature(fn).parameters if n not in ("split", "root")]
+    accepted = [n for n in inspect.signature(fn).parameters if n not in ("split", "root", "path", "where")]
     for k in options:
         if k not in accepted:
             raise SpecError(f"--data {spec}: unknown option {k!r}{suggest(k, accepted)}; accepted: {', '.join(accepted)}")
@@ -142,11 +178,18 @@ def _opts(fn: Any, options: dict[str, Any], spec: str) -> dict[str, Any]:
 
 
 def _check(sel: DataSelection) -> None:
-    if len(sel.inputs) != len(sel.targets):
-        raise SpecError(f"--data {sel.name}: {len(sel.inputs)} inputs but {len(sel.targets)} targets; "
-                        "give one target per input")
-    if len(sel.inputs) == 0:
+    if sel.stream is None:
+        try:
+            TensorBatches(sel.inputs, sel.targets)
+        except DataError as exc:
+            raise SpecError(f"--data {sel.name}: {exc}; give one target per input") from None
+    if len(sel) == 0:
         raise SpecError(f"--data {sel.name}: no samples; check the file or the split")
+    if sel.stream is not None:
+        try:
+            sel.stream.first(1)
+        except DataError as exc:
+            raise SpecError(f"--data {sel.name}: {exc}") from None
 
 
 # ------------------------------------------------------------------ digits
@@ -276,15 +319,23 @@ def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection
 
 
 def _pair(obj: Any, spec: str) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a dict (inputs/targets or x/y) or a 2-sequence."""
+    """``(inputs, targets)`` from a dict (inputs/targets, x/y, inputs alone, or model fields) or a 2-sequence."""
     if isinstance(obj, dict):
         for a, b in KEY_PAIRS:
             if a in obj and b in obj:
                 return obj[a], obj[b]
-        raise SpecError(f"--data {spec}: expected keys inputs/targets (or x/y), found {', '.join(map(str, obj)) or 'none'}")
+        if "inputs" in obj and len(obj) == 1:
+            return obj["inputs"], None
+        if any(k in obj for k in MODEL_FIELDS):
+            return {str(k): v for k, v in obj.items()}, None
+        raise SpecError(f"--data {spec}: expected keys inputs/targets (or x/y), or model fields such as "
+                        f"input_ids/attention_mask/labels; found {', '.join(map(str, obj)) or 'none'}")
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
     raise SpecError(f"--data {spec}: expected {{'inputs', 'targets'}} or (inputs, targets), got {type(obj).__name__}")
+
+
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _as_tensor(a: Any, what: str, spec: str) -> Tensor:
@@ -292,32 +343,63 @@ def _as_tensor(a: Any, what: str, spec: str) -> Tensor:
         t = torch.as_tensor(np.asarray(a)) if not isinstance(a, Tensor) else a
     except Exception:
         raise SpecError(f"--data {spec}: {what} is not numeric ({type(a).__name__}); store arrays or tensors") from None
-    if t.dtype == torch.bool:
-        t = t.to(torch.float32)
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if not (t.is_floating_point() or t.dtype in INT_DTYPES or t.dtype == torch.bool):
         raise SpecError(f"--data {spec}: {what} has dtype {t.dtype}; store real numbers")
     return t.detach().cpu()
 
 
+def _labels(y: Tensor, name: str) -> tuple[Tensor, int | None]:
+    """Integer targets as int64 class labels (``-100`` = ignored) and the class count."""
+    y = y.long()
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    valid = y[y != -100]
+    if valid.numel() and int(valid.min()) < 0:
+        raise SpecError(f"--data {name}: integer targets must be class indices >= 0 (or -100 to ignore); "
+                        "store float targets for regression")
+    return y, (int(valid.max()) + 1 if valid.numel() else None)
+
+
 def from_tensors(x: Any, y: Any, name: str, meta: dict[str, Any] | None = None) -> DataSelection:
-    """A selection from raw inputs/targets: integer inputs -> float32, integer targets -> int64
-    class labels (``n_classes = max + 1``); image shape from 3-D/4-D inputs."""
-    xi = _as_tensor(x, "inputs", name)
-    yi = _as_tensor(y, "targets", name)
-    if not xi.is_floating_point():
-        xi = xi.float()
-    n_classes = None
-    if not yi.is_floating_point():
-        yi = yi.long().reshape(len(yi), *yi.shape[1:])
-        if yi.dim() == 2 and yi.shape[1] == 1:
-            yi = yi[:, 0]
-        n_classes = int(yi.max()) + 1 if yi.numel() else None
-        if yi.numel() and int(yi.min()) < 0:
-            raise SpecError(f"--data {name}: integer targets must be class indices >= 0; store float targets for regression")
-    if xi.dim() == 0 or yi.dim() == 0:
+    """A selection from raw inputs (a tensor, or a dict of model fields) and targets (or ``None``).
+
+    Integer and bool inputs keep their dtype; integer targets become int64 class labels
+    (``n_classes = max + 1``); a dict's ``labels``/``label`` are its targets; image shape
+    from 3-D/4-D float inputs."""
+    if isinstance(x, dict):
+        xi: Any = {k: _as_tensor(v, f"field {k!r}", name) for k, v in x.items()}
+        lab = next((k for k in ("labels", "label") if k in xi), None)
+        yt = xi[lab] if lab and y is None else None
+    else:
+        xi = _as_tensor(x, "inputs", name)
+        yt = None
+        if xi.dim() == 0:
+            raise SpecError(f"--data {name}: inputs and targets need a leading sample dimension")
+    yi = None if y is None else _as_tensor(y, "targets", name)
+    if yi is not None and yi.dtype == torch.bool:
+        yi = yi.float()
+    if yi is not None and yi.dim() == 0:
         raise SpecError(f"--data {name}: inputs and targets need a leading sample dimension")
-    image_shape = tuple(xi.shape[1:]) if xi.dim() == 4 else ((1, *xi.shape[1:]) if xi.dim() == 3 else None)
-    meta = {**(meta or {}), "loss": "ce" if n_classes is not None else "mse"}
+    n_classes = None
+    labels = yi if yi is not None else yt
+    if labels is not None and not labels.is_floating_point():
+        fixed, n_classes = _labels(labels, name)
+        if yi is not None:
+            yi = fixed
+        else:
+            xi[lab] = fixed.reshape(xi[lab].shape)
+    image_shape = None
+    if isinstance(xi, Tensor) and xi.is_floating_point():
+        image_shape = tuple(xi.shape[1:]) if xi.dim() == 4 else ((1, *xi.shape[1:]) if xi.dim() == 3 else None)
+    tokens = isinstance(xi, dict) and "input_ids" in xi or (isinstance(xi, Tensor) and not xi.is_floating_point()
+                                                              and xi.dim() == 2)
+    if labels is None:
+        loss = "lm" if tokens else None
+    elif labels.is_floating_point():
+        loss = "mse"
+    else:
+        loss = "ce"
+    meta = {**(meta or {}), **({"loss": loss} if loss else {})}
     sel = DataSelection(xi, yi, name, n_classes, image_shape, meta)
     _check(sel)
     return sel
@@ -335,14 +417,16 @@ def _from_factory(spec: str, split: str, options: dict[str, Any]) -> DataSelecti
         pass
     try:
         obj = fn(**kwargs)
+    except SpecError:
+        raise
     except (TypeError, ValueError) as exc:
         raise SpecError(f"--data {spec}: calling it with {kwargs} failed: {exc}") from exc
     if isinstance(obj, DataSelection):
         return obj
-    if isinstance(obj, dict) or _is_tensor_pair(obj):
-        x, y = _pair(obj, spec)
+    if isinstance(obj, dict) or _is_tensor_pair(obj) or isinstance(obj, Tensor):
+        x, y = (obj, None) if isinstance(obj, Tensor) else _pair(obj, spec)
         return from_tensors(x, y, spec, {"factory": spec})
-    return _materialise(obj, spec)
+    return streamed(obj, spec, {"factory": spec})
 
 
 def _is_tensor_pair(obj: Any) -> bool:
@@ -350,18 +434,96 @@ def _is_tensor_pair(obj: Any) -> bool:
             and all(isinstance(o, (Tensor, np.ndarray)) for o in obj))
 
 
-def _materialise(ds: Any, spec: str) -> DataSelection:
-    """Stack the ``(x, y)`` items of a map-style or iterable Dataset."""
+def streamed(obj: Any, name: str, meta: dict[str, Any] | None = None) -> DataSelection:
+    """A streamed selection over a ``Dataset``, ``IterableDataset`` or ``DataLoader`` (module docstring)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    meta = {**(meta or {}), "streamed": True}
+    collate_fn, hint = None, None
+    if isinstance(obj, DataLoader):
+        collate_fn, hint = obj.collate_fn, obj.batch_size
+        meta["dataloader"] = {"batch_size": obj.batch_size, "dataset": type(obj.dataset).__name__}
+        obj = obj.dataset
+    if isinstance(obj, IterableDataset) or not (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
+        if not hasattr(obj, "__iter__"):
+            raise SpecError(f"--data {name}: the factory returned {type(obj).__name__}; return a Dataset, an "
+                            "IterableDataset, a DataLoader, a pair of tensors or {'inputs','targets'}")
+        try:
+            total = len(obj)
+        except TypeError:
+            total = count_items(obj)  # one pass, nothing kept
+        source: Batches = StreamBatches(obj, total, collate_fn=collate_fn)
+    else:
+        source = DatasetBatches(obj, collate_fn=collate_fn)
+    sel = DataSelection(None, None, name, None, None, meta, stream=source, chunk_hint=hint)
+    _check(sel)
     try:
-        items = [ds[i] for i in range(len(ds))] if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") else list(ds)
+        _, y = source.first(1)
+    except DataError as exc:
+        raise SpecError(f"--data {name}: {exc}") from None
+    x0 = source.first(1)[0]
+    if y is None and isinstance(x0, dict):
+        y = next((x0[k] for k in ("labels", "label") if k in x0), None)
+    if y is not None:
+        sel.meta["loss"] = "mse" if y.is_floating_point() else "ce"
+    elif isinstance(x0, dict) and "input_ids" in x0 or isinstance(x0, Tensor) and not x0.is_floating_point():
+        sel.meta["loss"] = "lm"
+    return sel
+
+
+def hf_disk(where: str, split: str = "train", columns: Any = None) -> DataSelection:
+    """A ``datasets`` dataset saved with ``save_to_disk`` at ``where``, streamed (never downloads)."""
+    if not where:
+        raise SpecError("--data hf:PATH needs the folder written by Dataset.save_to_disk")
+    try:
+        import datasets
+    except ImportError:
+        raise SpecError("--data hf:PATH needs the datasets package: pip install datasets") from None
+    path = Path(where).expanduser()
+    if not path.exists():
+        raise SpecError(f"--data hf:{where}: no such folder")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise SpecError(f"--data hf:{where}: not a saved dataset ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        pick = split if split in ds else ("validation" if split == "test" and "validation" in ds else None)
+        if pick is None:
+            raise SpecError(f"--data hf:{where}: no split {split!r} (has {', '.join(names)}); choose --split")
+        ds = ds[pick]
+    if columns:
+        cols = columns if isinstance(columns, list) else [c for c in str(columns).split(",") if c]
+        missing = [c for c in cols if c not in ds.column_names]
+        if missing:
+            raise SpecError(f"--data hf:{where}: no column {missing[0]!r}{suggest(missing[0], ds.column_names)}")
+        ds = ds.select_columns(cols)
+    return streamed(ds.with_format("torch"), f"hf:{where}", {"path": str(path), "split": split})
+
+
+def torchvision_dataset(where: str, split: str = "train") -> DataSelection:
+    """``torchvision.datasets.CLASS(ROOT, train=..., download=False, transform=ToTensor())``, streamed."""
+    cls_name, _, root = where.partition(":")
+    if not cls_name or not root:
+        raise SpecError("--data torchvision:CLASS:ROOT, e.g. torchvision:MNIST:~/data (the data already in ROOT)")
+    try:
+        from torchvision import datasets as tv_datasets
+        from torchvision import transforms
+    except Exception:  # noqa: BLE001 - ImportError, or a torchvision built for another torch
+        raise SpecError("--data torchvision:...: torchvision is not installed (or not built for this torch)") from None
+    cls = getattr(tv_datasets, cls_name, None)
+    if not isinstance(cls, type):
+        names = [n for n in dir(tv_datasets) if n[:1].isupper()]
+        raise SpecError(f"--data torchvision:{where}: no dataset {cls_name!r}{suggest(cls_name, names)}")
+    root = str(Path(root).expanduser())
+    try:
+        ds = cls(root, train=split == "train", download=False, transform=transforms.ToTensor())
     except TypeError:
-        raise SpecError(f"--data {spec}: the factory returned {type(ds).__name__}; return a Dataset of (x, y), "
-                        "a pair of tensors or {'inputs','targets'}") from None
-    if not items:
-        raise SpecError(f"--data {spec}: the dataset is empty")
-    try:
-        xs = torch.stack([torch.as_tensor(np.asarray(it[0])) if not isinstance(it[0], Tensor) else it[0] for it in items])
-        ys = torch.stack([torch.as_tensor(it[1]) for it in items])
-    except Exception as exc:
-        raise SpecError(f"--data {spec}: dataset items must be (x, y) pairs of equal shapes ({exc})") from None
-    return from_tensors(xs, ys, spec, {"factory": spec})
+        try:
+            ds = cls(root, split=split, download=False, transform=transforms.ToTensor())
+        except Exception as exc:  # noqa: BLE001
+            raise SpecError(f"--data torchvision:{where}: cannot open it ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise SpecError(f"--data torchvision:{where}: no {cls_name} in {root} ({type(exc).__name__}); sam-probe "
+                        f"never downloads, fetch it once with torchvision") from None
+    return streamed(ds, f"torchvision:{cls_name}", {"root": root, "split": split})

@@ -1,14 +1,23 @@
-"""Fitting a checkpoint's tensors to a model's parameter and buffer names.
+"""Fitting a checkpoint's tensors to a model's ``state_dict()`` names.
+
+The names a checkpoint must provide are those of ``model.state_dict()``:
+parameters and *persistent* buffers.  Non-persistent buffers (Hugging Face's
+``position_ids``, ``token_type_ids``) are never saved; they keep the model's own
+values, and a checkpoint that holds them anyway (older exports) has them
+ignored.  Tied weights (``lm_head.weight`` sharing the embedding's tensor) are
+one parameter: an alias absent from the checkpoint is fine, and an alias present
+alone stands for its parameter.
 
 A prefix such as Lightning's ``model.`` is inferred by choosing the dotted
 prefix whose removal matches the most of the model's names.  Any remaining
-mismatch is an error listing missing, unexpected and shape-mismatched names,
-each with the closest name on the other side.
+mismatch is an error listing missing, unexpected and shape-mismatched names;
+a missing model name points to the closest *unexpected* checkpoint name and
+vice versa (the likely renames), never to a name that already matched.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,11 +30,26 @@ _OPTIONAL_BUFFERS = ("num_batches_tracked",)
 
 @dataclass
 class Matched:
-    """The checkpoint's tensors split into the model's parameters and buffers."""
+    """The checkpoint's tensors split into the model's parameters and buffers.
+
+    ``prefix``: the attribute prefix removed here (Lightning ``model.``);
+    ``stripped``: wrapper prefixes removed when loading (``module.``, ``_orig_mod.``);
+    ``tied``: tied aliases absent from the checkpoint; ``ignored``: checkpoint tensors
+    naming non-persistent buffers (the model's own values are used).
+    """
 
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     prefix: str
+    stripped: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> str:
+        """One line for tables: the prefixes removed, e.g. ``module. + model.`` (``-`` when none)."""
+        parts = [p for p in self.stripped] + ([self.prefix] if self.prefix else [])
+        return " + ".join(parts) if parts else "-"
 
 
 class KeyMismatchError(CheckpointError):
@@ -44,7 +68,7 @@ def infer_prefix(names: list[str], expected: set[str]) -> str:
         parts = n.split(".")
         for i in range(1, len(parts)):
             candidates.add(".".join(parts[:i]) + ".")
-    for pre in candidates:
+    for pre in sorted(candidates):
         hits = sum(n[len(pre):] in expected for n in names if n.startswith(pre))
         if hits > best_hits:
             best, best_hits = pre, hits
@@ -56,22 +80,53 @@ def _closest(name: str, pool: list[str]) -> str:
     return f"closest: {m[0]}" if m else ""
 
 
-def match_state(model: nn.Module, state: dict[str, Tensor]) -> Matched:
+@dataclass
+class ModelNames:
+    """What a model's state dict consists of (see module docstring)."""
+
+    params: list[str]                   # canonical parameter names (tied ones once)
+    buffers: list[str]                  # persistent buffers
+    transient: dict[str, Tensor]        # non-persistent buffers -> the model's values
+    aliases: dict[str, str]             # tied alias -> canonical parameter name
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelNames":
+        canon = {id(p): n for n, p in model.named_parameters()}
+        sd = model.state_dict(keep_vars=True)
+        params = [n for n, _ in model.named_parameters()]
+        aliases = {k: canon[id(v)] for k, v in sd.items() if isinstance(v, nn.Parameter) and id(v) in canon
+                   and canon[id(v)] != k}
+        buffers = [k for k, v in sd.items() if not isinstance(v, nn.Parameter) and k not in aliases]
+        transient = {n: b for n, b in model.named_buffers() if b is not None and n not in sd}
+        shapes = {k: tuple(v.shape) for k, v in sd.items() if v is not None}
+        return cls(params, buffers, transient, aliases, shapes)
+
+    @property
+    def expected(self) -> set[str]:
+        return set(self.params) | set(self.buffers) | set(self.aliases)
+
+
+def match_state(model: nn.Module, state: dict[str, Tensor], stripped: list[str] | None = None) -> Matched:
     """Split ``state`` into ``model``'s parameters and buffers (copies are not made)."""
-    pnames = [n for n, _ in model.named_parameters()]
-    bnames = [n for n, b in model.named_buffers() if b is not None]
-    expected = set(pnames) | set(bnames)
-    prefix = infer_prefix(list(state), expected)
+    names = ModelNames.of(model)
+    expected = names.expected
+    prefix = infer_prefix(list(state), expected | set(names.transient))
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    model_shapes = {n: t.shape for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None}
-    missing = [n for n in pnames + bnames if n not in state and not n.endswith(_OPTIONAL_BUFFERS)]
+    ignored = [n for n in state if n in names.transient]
+    state = {k: v for k, v in state.items() if k not in names.transient}
+    for alias, canonical in names.aliases.items():  # an alias saved without its parameter stands for it
+        if canonical not in state and alias in state:
+            state[canonical] = state[alias]
+    tied = [a for a in names.aliases if a not in state]
+    missing = [n for n in names.params + names.buffers if n not in state and not n.endswith(_OPTIONAL_BUFFERS)]
     unexpected = [n for n in state if n not in expected]
-    mismatched = [n for n in state if n in model_shapes and tuple(state[n].shape) != tuple(model_shapes[n])]
+    mismatched = [n for n in state if n in names.shapes and tuple(state[n].shape) != names.shapes[n]]
     if missing or unexpected or mismatched:
-        rows = [("missing", n, _closest(n, unexpected or list(state))) for n in missing]
-        rows += [("unexpected", n, _closest(n, missing or pnames)) for n in unexpected]
-        rows += [("shape", n, f"checkpoint {tuple(state[n].shape)} vs model {tuple(model_shapes[n])}") for n in mismatched]
+        rows = [("missing", n, _closest(n, unexpected)) for n in missing]
+        rows += [("unexpected", n, _closest(n, missing)) for n in unexpected]
+        rows += [("shape", n, f"checkpoint {tuple(state[n].shape)} vs model {names.shapes[n]}") for n in mismatched]
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing")
@@ -82,9 +137,11 @@ def match_state(model: nn.Module, state: dict[str, Tensor]) -> Matched:
         raise KeyMismatchError(
             f"checkpoint does not fit the model ({', '.join(parts)} tensors); check --model/--model-arg or use --key",
             rows)
-    params = {n: state[n] for n in pnames}
-    buffers = {n: state[n] for n in bnames if n in state}
-    for n in bnames:
+    params = {n: state[n] for n in names.params}
+    buffers = {n: state[n] for n in names.buffers if n in state}
+    model_buffers = dict(model.named_buffers())
+    for n in names.buffers:
         if n not in buffers:
-            buffers[n] = torch.zeros((), dtype=torch.long) if n.endswith("num_batches_tracked") else dict(model.named_buffers())[n]
-    return Matched(params, buffers, prefix)
+            buffers[n] = torch.zeros((), dtype=torch.long) if n.endswith("num_batches_tracked") else model_buffers[n]
+    buffers.update(names.transient)
+    return Matched(params, buffers, prefix, list(stripped or []), tied, ignored)

@@ -25,6 +25,8 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
         raise CheckpointError(f"{display(p)}: no such file or directory")
     if not p.is_dir():  # a file, or a FIFO/device/socket that loading refuses with its own message
         return [p]
+    if (folders := _hf_run(p)) is not None:  # Hugging Face folder checkpoint or Trainer run
+        return folders
     files = [f for f in sorted(p.iterdir()) if not f.is_dir()]
     if glob:
         files = [f for f in files if fnmatch.fnmatch(f.name, glob)]
@@ -37,6 +39,12 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
     named = [(step_from_name(f), f.name, f) for f in files]
     named.sort(key=lambda t: (t[0] is None, t[0] if t[0] is not None else 0, t[1]))
     return [f for _, _, f in named]
+
+
+def _hf_run(p: Path) -> list[Path] | None:
+    """``save_pretrained`` folder -> [it]; Trainer run -> its ``checkpoint-N/`` folders by N; else None."""
+    from .hf import discover_run
+    return discover_run(p)
 
 
 @dataclass

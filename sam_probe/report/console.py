@@ -56,6 +56,11 @@ def note(message: str) -> None:
     err.print(safe(message), highlight=False, soft_wrap=True)
 
 
+def note_line(message: str) -> None:
+    """``note: <one line>`` on stderr (facts about the settings, e.g. how attention is run)."""
+    err.print(f"[bold]note:[/] {safe(message)}", highlight=False, soft_wrap=True)
+
+
 def unit_line(outcome: Any) -> None:
     """One line per finished unit, for logs and CI where no progress bar is drawn."""
     from pathlib import Path

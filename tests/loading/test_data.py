@@ -116,7 +116,9 @@ def test_factories(tmp_path):
         "def selection():\n    import sam_probe.loading.data as d\n"
         "    return d.DataSelection(torch.zeros(2, 1), torch.zeros(2), 'mine')\n")
     ds = load_data(f"{f}:dataset")
-    assert ds.inputs.shape == (6, 2) and ds.targets.tolist() == [0, 1, 0, 1, 0, 1] and ds.n_classes == 2
+    assert ds.streamed and len(ds) == 6 and ds.inputs is None and ds.meta["loss"] == "ce"  # read chunk by chunk
+    x, y = next(ds.batches().slices(0, 6, 6))
+    assert x.shape == (6, 2) and y.tolist() == [0, 1, 0, 1, 0, 1]
     assert len(load_data(f"{f}:pair", options={"n": 7})) == 7
     assert isinstance(load_data(f"{f}:selection"), DataSelection)
     with pytest.raises(SpecError, match="did you mean 'pair'"):
@@ -134,3 +136,83 @@ def test_unknown_and_cifar_errors(tmp_path):
         load_data(f"cifar10:{tmp_path}")
     with pytest.raises(SpecError, match="cifar10:ROOT"):
         load_data("cifar10")
+
+
+# ----------------------------------------------------------- dict batches, token data, streamed factories
+def test_dict_files_keep_integer_dtypes(tmp_path):
+    ids = torch.randint(0, 9, (6, 4))
+    d = {"input_ids": ids, "attention_mask": torch.ones(6, 4, dtype=torch.bool), "labels": torch.arange(6) % 2}
+    torch.save(d, tmp_path / "tok.pt")
+    np.savez(tmp_path / "tok.npz", **{k: v.numpy() for k, v in d.items()})
+    with h5py.File(tmp_path / "tok.h5", "w") as f:
+        for k, v in d.items():
+            f[k] = v.numpy()
+    for name in ("tok.pt", "tok.npz", "tok.h5"):
+        s = load_data(str(tmp_path / name), max_samples=4)
+        assert isinstance(s.inputs, dict) and s.inputs["input_ids"].dtype == torch.int64
+        assert s.inputs["attention_mask"].dtype == torch.bool and s.n_classes == 2 and s.meta["loss"] == "ce"
+        assert len(s) == 4 and s.targets is None
+    torch.save({"inputs": ids}, tmp_path / "only.pt")  # token-only: a language model's data
+    only = load_data(str(tmp_path / "only.pt"))
+    assert torch.equal(only.inputs, ids) and only.targets is None and only.meta["loss"] == "lm"
+
+
+def test_iterable_and_dataloader_factories_equal_the_data_in_memory(tmp_path):
+    f = tmp_path / "streams.py"
+    f.write_text(
+        "import torch\n"
+        "X = torch.randn(30, 3, generator=torch.Generator().manual_seed(0)); Y = torch.arange(30) % 3\n"
+        "class It(torch.utils.data.IterableDataset):\n"
+        "    def __iter__(self):\n        return iter([(X[i], Y[i]) for i in range(30)])\n"
+        "def iterable():\n    return It()\n"
+        "def loader():\n"
+        "    ds = torch.utils.data.TensorDataset(X, Y)\n"
+        "    return torch.utils.data.DataLoader(ds, batch_size=7, shuffle=True)\n"
+        "def memory():\n    return X, Y\n")
+    mem = load_data(f"{f}:memory", max_samples=11, seed=3)
+    for name in ("iterable", "loader"):
+        s = load_data(f"{f}:{name}", max_samples=11, seed=3)
+        assert s.streamed and len(s) == 11
+        chunks = list(s.batches().slices(0, 11, 4))
+        assert [len(c[0]) for c in chunks] == [4, 4, 3]  # never one tensor of the whole selection
+        assert torch.equal(torch.cat([c[0] for c in chunks]), mem.inputs)
+        assert torch.equal(torch.cat([c[1] for c in chunks]), mem.targets)
+    assert load_data(f"{f}:loader").chunk_hint == 7
+
+
+def test_torchvision_spec_through_a_stand_in(tmp_path, monkeypatch):
+    """torchvision does not install beside torch 2.13 here: a stand-in module checks the streamed path."""
+    import sys
+    import types
+
+    tv, dsm, tr = (types.ModuleType(n) for n in ("torchvision", "torchvision.datasets", "torchvision.transforms"))
+
+    class FakeMNIST(torch.utils.data.Dataset):
+        def __init__(self, root, train=True, download=False, transform=None):
+            assert download is False and root == str(tmp_path)
+            self.n = 5 if train else 2
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return torch.full((1, 2, 2), float(i)), i
+
+    dsm.FakeMNIST, tr.ToTensor = FakeMNIST, lambda: None
+    tv.datasets, tv.transforms = dsm, tr
+    for name, mod in (("torchvision", tv), ("torchvision.datasets", dsm), ("torchvision.transforms", tr)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    s = load_data(f"torchvision:FakeMNIST:{tmp_path}")
+    assert s.streamed and len(s) == 5 and s.meta["loss"] == "ce"
+    assert len(load_data(f"torchvision:FakeMNIST:{tmp_path}", split="test")) == 2
+    with pytest.raises(SpecError, match="no dataset"):
+        load_data(f"torchvision:Nope:{tmp_path}")
+
+
+def test_hf_datasets_from_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")  # optional: pip install datasets
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6]], "label": [0, 1], "text": ["a", "b"]})
+    ds.save_to_disk(str(tmp_path / "d"))
+    s = load_data(f"hf:{tmp_path / 'd'}")
+    x, y = next(s.batches().slices(0, 2, 2))
+    assert s.streamed and set(x) == {"input_ids", "label"} and x["input_ids"].dtype == torch.int64

@@ -120,3 +120,47 @@ def test_mismatch_after_layout_loading(tmp_path, tiny_model, tiny_state):
     with pytest.raises(KeyMismatchError) as ei:
         match_state(type(tiny_model)(d_in=7), ck.state)
     assert ei.value.rows == [("shape", "fc1.weight", "checkpoint (4, 3) vs model (4, 7)")]
+
+
+# ------------------------------------------------------------ state_dict names: transient buffers, tied weights
+class WithTransient(nn.Module):
+    """A persistent and a non-persistent buffer (like BERT's position_ids), and a tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.register_buffer("position_ids", torch.arange(4), persistent=False)
+        self.register_buffer("scale", torch.ones(3))
+
+
+def test_non_persistent_buffers_are_not_required_and_tied_aliases_may_be_absent():
+    m = WithTransient()
+    state = {k: v.clone() for k, v in m.state_dict().items() if k != "head.weight"}  # what save_pretrained writes
+    assert "position_ids" not in state
+    got = match_state(m, state)
+    assert list(got.params) == ["emb.weight"] and got.tied == ["head.weight"] and got.ignored == []
+    assert torch.equal(got.buffers["position_ids"], torch.arange(4)) and "scale" in got.buffers
+    # older exports that saved the transient buffer: ignored (the model's own values are used)
+    old = {**state, "position_ids": torch.zeros(4, dtype=torch.long)}
+    assert match_state(m, old).ignored == ["position_ids"]
+    # a file holding only the alias stands for the tied parameter
+    alias = {"head.weight": state["emb.weight"], "scale": state["scale"]}
+    assert match_state(m, alias).params["emb.weight"] is state["emb.weight"]
+
+
+def test_hints_point_from_missing_to_unexpected_only(tiny_model, tiny_state):
+    state = dict(tiny_state)
+    del state["bn.running_var"]  # missing with no rename: no hint pointing at a name that already matched
+    with pytest.raises(KeyMismatchError) as ei:
+        match_state(tiny_model, state)
+    assert ei.value.rows == [("missing", "bn.running_var", "")]
+
+
+def test_layout_names_every_prefix(tmp_path, tiny_model, tiny_state):
+    ck = load_checkpoint(save_in_layout(tiny_state, tmp_path / "c.pt", "ddp-compiled", step=1))
+    assert match_state(tiny_model, ck.state, ck.stripped_prefixes).layout == "module. + _orig_mod."
+    light = load_checkpoint(save_in_layout(tiny_state, tmp_path / "l.ckpt", "lightning", step=1))
+    assert match_state(tiny_model, light.state, light.stripped_prefixes).layout == "model."
+    assert match_state(tiny_model, tiny_state).layout == "-"
