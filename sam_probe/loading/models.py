@@ -346,8 +346,12 @@ def factory_for(spec: str) -> Callable[..., nn.Module]:
 
 
 def is_builtin_model(spec: str) -> bool:
-    """Zoo names and ``wrn-D-W``: models a checkpoint may name (they run no code of its choosing)."""
-    return spec in ZOO or bool(WRN_PATTERN.match(spec))
+    """Zoo names, ``wrn-D-W`` and ``hf`` / ``hf:ClassName`` (a transformers class from the config.json
+    beside the weights, never remote code): models a checkpoint may name, since they run no code
+    of its choosing."""
+    from .hf import is_hf_spec
+
+    return spec in ZOO or bool(WRN_PATTERN.match(spec)) or is_hf_spec(spec)
 
 
 def check_args(fn: Callable[..., Any], args: dict[str, Any], label: str, strict: bool = False) -> None:
