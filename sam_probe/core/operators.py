@@ -186,22 +186,56 @@ def _batch_size(tree) -> int:
     return int(_leaves(tree)[0].shape[0])
 
 
-def _sample_dot(A: Tensor, B: Tensor) -> Tensor:
-    """``[..., B, M] · [..., B, M]`` summed over the last dimension."""
-    return (A * B).sum(-1)
-
-
 class _OutputSpaceOperator(CurvatureOperator):
-    """``(1/N) Σ_chunks Jᵀ M J`` for an output-space matrix ``M`` of each chunk (subclasses)."""
+    """``(1/N) Σ_chunks Jᵀ M J`` for an output-space matrix ``M`` of each chunk (subclasses).
+
+    Per chunk: one forward with ``vjp`` (``u ↦ Jᵀ u``), ``vmap`` of ``jvp`` for ``J V``, ``M``,
+    ``vmap`` of the ``vjp``.  Inside :meth:`context`, an objective of one chunk keeps that
+    forward graph between products (like the Hessian's kept graph): then ``J V`` is the
+    transpose of ``u ↦ Jᵀ u`` (a double backward) and a product runs no forward at all.
+    """
 
     def __init__(self, name: str, obj):
         super().__init__(name, obj.space.size, obj.dtype, obj.device, obj.space)
         self.obj = obj
         self.vector_block = getattr(obj, "vector_block", None)
+        self._keep = False
+        self._graph: tuple | bool | None = None  # (x, y, out, pull, push) of the single chunk; False: several
 
     def _output_product(self, out, y, JV, offset: int):  # pragma: no cover - abstract
         """``M JV`` for ``JV`` with a leading vector dimension ``b``; ``offset`` = global index of the chunk's first sample."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _kept(self) -> Iterator[None]:
+        prev = self._keep
+        self._keep = True
+        try:
+            yield
+        finally:
+            self._keep = prev
+            if not prev:
+                self._graph = None
+
+    def context(self):
+        return self._kept()
+
+    def _single_chunk_graph(self):
+        if self._graph is None:
+            from torch.func import vjp
+            from torch.utils._pytree import tree_map
+
+            obj = self.obj
+            chunks = list(obj.chunks())
+            if len(chunks) != 1:
+                self._graph = False
+            else:
+                x, y = chunks[0]
+                with obj.mode():
+                    out, pull = vjp(lambda q: obj.outputs(q, x), obj.params)
+                _, push = vjp(pull, tree_map(torch.zeros_like, out))
+                self._graph = (x, y, out, pull, push)
+        return self._graph
 
     def _matmat(self, V: Tensor) -> Tensor:
         vb = self.vector_block
@@ -214,16 +248,21 @@ class _OutputSpaceOperator(CurvatureOperator):
         Vd = space.unflatten(V.T.contiguous())  # {name: [b, *shape]}
         acc = torch.zeros(V.shape[1], self.P, dtype=self.dtype, device=self.device)
         offset = getattr(obj, "lo", 0)
-        with obj.mode():
-            for x, y in obj.chunks():
-                def f(q, x=x):
-                    return obj.outputs(q, x)
+        kept = self._single_chunk_graph() if self._keep else None
+        if kept:
+            x, y, out, pull, push = kept
+            JV = vmap(lambda v: push((v,))[0])(Vd)
+            acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset))[0])
+        else:
+            with obj.mode():
+                for x, y in obj.chunks():
+                    def f(q, x=x):
+                        return obj.outputs(q, x)
 
-                out, pull = vjp(f, p)
-                JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)
-                MJV = self._output_product(out, y, JV, offset)
-                acc += space.flatten_batched(vmap(pull)(MJV)[0])
-                offset += _batch_size(out)
+                    out, pull = vjp(f, p)
+                    JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)
+                    acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset))[0])
+                    offset += _batch_size(out)
         return (obj._reduce(acc) / obj.denominator).T.contiguous()
 
 
@@ -379,6 +418,9 @@ class EmpiricalFisherOperator(_OutputSpaceOperator):
                 self._G = [obj.space.flatten_batched(g(obj.params, x, y)).detach() for x, y in obj.chunks()]
         return self._G
 
+    def context(self):
+        return super().context() if not self.per_sample else contextlib.nullcontext()
+
     def _matmat(self, V: Tensor) -> Tensor:
         if not self.per_sample:
             return super()._matmat(V)
@@ -422,10 +464,3 @@ def as_operator(x) -> CurvatureOperator:
     if hasattr(x, "hvp_block") and hasattr(x, "space"):
         return HessianOperator(x)
     raise TypeError(f"expected a CurvatureOperator or an Objective, got {type(x).__name__}")
-
-
-@contextlib.contextmanager
-def solving(op: CurvatureOperator) -> Iterator[CurvatureOperator]:
-    """``with solving(op):`` enters ``op.context()`` (kept graphs) for the duration of a solve."""
-    with op.context():
-        yield op

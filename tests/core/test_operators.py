@@ -91,6 +91,10 @@ def test_ggn_is_jt_hl_j(loss):
         G = op.matmat(eye(obj.n_params))
         assert op.n_matvec == obj.n_params
         assert torch.allclose(G, ref, atol=1e-13, rtol=0), (closed, float((G - ref).abs().max()))
+        with op.context():  # one chunk: the forward graph is kept between products
+            assert torch.allclose(op.matmat(eye(obj.n_params)), ref, atol=1e-13, rtol=0)
+            assert op._graph
+        assert op._graph is None
     assert float(torch.linalg.eigvalsh(ref).min()) > -1e-12  # PSD for these convex losses
 
 
@@ -103,6 +107,8 @@ def test_empirical_fisher_from_per_sample_gradients(loss):
     outer = curvature_operator(obj, "ef", per_sample=False)
     for op in (cached, outer):
         assert torch.allclose(op.matmat(eye(obj.n_params)), ref, atol=1e-13, rtol=0)
+        with op.context():
+            assert torch.allclose(op.matmat(eye(obj.n_params)), ref, atol=1e-13, rtol=0)
 
 
 def test_ef_with_batchnorm_in_train_mode_keeps_the_chunk_coupling():
