@@ -9,6 +9,10 @@ dependency), installed into the same virtual environment with torch pinned:
 
     pip install torch==2.13.0 curvlinops-for-pytorch
 
+(its dependency backpack-for-pytorch pulls a torchvision that the operators used here do
+not need; when that torchvision does not match the installed torch — ``operator
+torchvision::nms does not exist`` on import — ``pip uninstall torchvision``.)
+
 It writes bench/results/curvature_operators.json: the cost of one product of every
 operator (hessian, ggn, fisher, ef) relative to a gradient and to an HVP; time, products
 and peak torch memory to the top-5 eigenpairs at relative residual 1e-3 for sam-probe's

@@ -1,8 +1,10 @@
 """Curvature operators vs curvlinops, and warm-started solves (run through ``bench/curvature.py --operators``).
 
 Needs ``pip install torch==2.13.0 curvlinops-for-pytorch`` (bench-only).  See the docstring of
-bench/curvature.py for what is measured; every number is a median over ``repeats`` runs
-(seeds 0..r-1), measured side by side in this one process, and the machine load is recorded.
+bench/curvature.py for what is measured; every time is a median over ``repeats`` runs
+(seeds 0..r-1) and every ratio the median of per-round ratios, the compared calls interleaved
+round by round in this one process (a change of machine load hits both sides alike); the
+load average is recorded.
 """
 from __future__ import annotations
 
@@ -31,16 +33,6 @@ CURVLINOPS = {"hessian": "HessianLinearOperator", "ggn": "GGNLinearOperator", "e
 K, TOL = 5, 1e-3
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def curvlinops_operator(name: str, model: nn.Module, X, y):
     import curvlinops
 
@@ -50,33 +42,67 @@ def curvlinops_operator(name: str, model: nn.Module, X, y):
 
 
 # ------------------------------------------------------------------ products
+def _once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def rounds(fns: dict, n: int) -> dict[str, list[float]]:
+    """Seconds of every ``fns[name]()`` in ``n`` interleaved rounds (after one warm-up each), so a
+    change of machine load hits all of them alike; ratios are then taken round by round."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(n):
+        for k, fn in fns.items():
+            out[k].append(_once(fn))
+    return out
+
+
+def _ratio(t: dict, a: str, b: str, per: float = 1.0) -> float:
+    return statistics.median(x / per / y for x, y in zip(t[a], t[b]))
+
+
 def product_costs(model, X, y, repeats: int) -> dict:
-    """Seconds of one product (1 vector; block of 5 per vector), as multiples of one gradient and of one HVP."""
+    """One product (1 vector; block of 5 per vector) as multiples of one gradient and of one
+    kept-graph HVP: medians over interleaved rounds of the per-round ratios."""
     obj = Objective(model, X, y)
     P = obj.n_params
     gen = torch.Generator().manual_seed(0)
     v1, v5 = torch.randn(P, 1, generator=gen), torch.randn(P, 5, generator=gen)
-    r = max(repeats, 7)
-    t_grad = median_time(obj.grad_flat, r)
-    t_plain_grad = median_time(lambda: torch.autograd.grad(
-        nn.functional.cross_entropy(model(X), y), list(model.parameters())), r)
-    out: dict = {"grad_ms": 1e3 * t_grad, "plain_autograd_grad_ms": 1e3 * t_plain_grad, "sam_probe": {}, "curvlinops": {}}
-    hess = curvature_operator(obj, "hessian")
-    with hess.context():
-        t_hvp = median_time(lambda: hess.matmat(v1), r)
+    fns = {"grad": obj.grad_flat,
+           "plain": lambda: torch.autograd.grad(nn.functional.cross_entropy(model(X), y), list(model.parameters()))}
+    ctxs = []
     for name in CURVATURES:
         op = curvature_operator(obj, name)
-        row = {"fresh_per_grad": median_time(lambda: op.matmat(v1), r) / t_grad}
-        with op.context():  # what the solvers use: kept graph / cached per-sample gradients
-            t1 = median_time(lambda: op.matmat(v1), r)
-            t5 = median_time(lambda: op.matmat(v5), r) / 5
-        row.update(kept_per_grad=t1 / t_grad, kept_per_hvp=t1 / t_hvp, block5_per_vec_per_grad=t5 / t_grad)
-        out["sam_probe"][name] = row
+        fns[f"{name}:fresh"] = lambda op=op: op.matmat(v1)
+        kept = curvature_operator(obj, name)
+        ctx = kept.context()
+        ctx.__enter__()  # what the solvers use: kept graph / cached per-sample gradients
+        ctxs.append(ctx)
+        fns[f"{name}:kept"] = lambda op=kept: op.matmat(v1)
+        fns[f"{name}:block5"] = lambda op=kept: op.matmat(v5)
     for name in CURVLINOPS:
         cl = curvlinops_operator(name, model, X, y)
-        t1 = median_time(lambda: cl @ v1[:, 0], r)
-        t5 = median_time(lambda: cl @ v5, r) / 5
-        out["curvlinops"][name] = {"per_grad": t1 / t_grad, "per_hvp": t1 / t_hvp, "block5_per_vec_per_grad": t5 / t_grad}
+        fns[f"cl-{name}:1"] = lambda cl=cl: cl @ v1[:, 0]
+        fns[f"cl-{name}:5"] = lambda cl=cl: cl @ v5
+    try:
+        t = rounds(fns, max(3 * repeats, 9))
+    finally:
+        for ctx in reversed(ctxs):
+            ctx.__exit__(None, None, None)
+    out: dict = {"grad_ms": 1e3 * statistics.median(t["grad"]), "plain_autograd_grad_ms": 1e3 * statistics.median(t["plain"]),
+                 "grad_per_plain_autograd": _ratio(t, "grad", "plain"), "sam_probe": {}, "curvlinops": {}}
+    for name in CURVATURES:
+        out["sam_probe"][name] = {
+            "fresh_per_grad": _ratio(t, f"{name}:fresh", "grad"), "kept_per_grad": _ratio(t, f"{name}:kept", "grad"),
+            "kept_per_hvp": _ratio(t, f"{name}:kept", "hessian:kept"),
+            "block5_per_vec_per_grad": _ratio(t, f"{name}:block5", "grad", 5)}
+    for name in CURVLINOPS:
+        out["curvlinops"][name] = {"per_grad": _ratio(t, f"cl-{name}:1", "grad"),
+                                   "per_hvp": _ratio(t, f"cl-{name}:1", "hessian:kept"),
+                                   "block5_per_vec_per_grad": _ratio(t, f"cl-{name}:5", "grad", 5)}
     return out
 
 
@@ -99,8 +125,8 @@ def top5(model, X, y, repeats: int) -> list[dict]:
         ref = top_eigen(op64, K, tol=1e-9, max_hvp=2000)
         refv = np.asarray(ref.eigenvalues)
 
-        def ours(seed):
-            op = curvature_operator(obj, name, seed=seed)
+        def ours(seed):  # the seed varies the Lanczos start; the operator (MC Fisher draws: seed 0) is fixed
+            op = curvature_operator(obj, name)
             t = time.perf_counter()
             r = top_eigen(op, K, tol=TOL, seed=seed)
             return time.perf_counter() - t, r.eigenvalues, r.eigenvectors.double(), r.n_hvp
@@ -123,22 +149,21 @@ def top5(model, X, y, repeats: int) -> list[dict]:
             return sec, vals[o].tolist(), vecs[:, o], count[0]
 
         tools = [("sam-probe", ours)] + ([("curvlinops", theirs)] if name in CURVLINOPS else [])
+        runs: dict[str, list] = {tool: [] for tool, _ in tools}
+        for s in range(repeats):  # interleaved: load changes hit both tools alike
+            for tool, fn in tools:
+                runs[tool].append(fn(s))
         for tool, fn in tools:
-            secs, hvps, errs, res = [], [], [], []
-            for s in range(repeats):
-                sec, vals, vecs, n = fn(s)
-                secs.append(sec)
-                hvps.append(n)
-                errs.append(float(np.max(np.abs(np.sort(vals)[::-1] - refv) / np.abs(refv))))
-                res.append(max(residuals(op64, vals, vecs)))
-            mem = peak_bytes(lambda: fn(0), "cpu")
-            rows.append({"curvature": name, "tool": tool, "seconds": statistics.median(secs),
-                         "n_products": statistics.median(hvps), "max_rel_err": max(errs),
-                         "max_residual_rechecked": max(res), "peak_torch_bytes": mem,
-                         "reference": ref.eigenvalues})
+            rs = runs[tool]
+            rows.append({"curvature": name, "tool": tool, "seconds": statistics.median(r[0] for r in rs),
+                         "n_products": statistics.median(r[3] for r in rs),
+                         "max_rel_err": max(float(np.max(np.abs(np.sort(r[1])[::-1] - refv) / np.abs(refv)))
+                                            for r in rs),
+                         "max_residual_rechecked": max(max(residuals(op64, r[1], r[2])) for r in rs),
+                         "peak_torch_bytes": peak_bytes(lambda: fn(0), "cpu"), "reference": ref.eigenvalues})
         if name in CURVLINOPS:
-            a, b = rows[-2], rows[-1]
-            rows[-1]["speedup_of_sam_probe"] = b["seconds"] / a["seconds"]
+            rows[-1]["speedup_of_sam_probe"] = statistics.median(
+                b[0] / a[0] for a, b in zip(runs["sam-probe"], runs["curvlinops"]))
     return rows
 
 
@@ -192,7 +217,7 @@ def report(res: dict) -> str:
     for m in res["models"]:
         p = m["products"]
         lines.append(f"== {m['model']}: {m['n_params']:,} parameters, {m['n_samples']} samples, float32 ==")
-        lines.append(f"one gradient {p['grad_ms']:.1f} ms (plain autograd {p['plain_autograd_grad_ms']:.1f} ms); "
+        lines.append(f"one gradient {p['grad_ms']:.1f} ms ({p['grad_per_plain_autograd']:.2f}x a plain autograd gradient); "
                      "one product as multiples of a gradient (fresh / kept graph / block of 5 per vector), "
                      "and of a kept-graph HVP:")
         for name, r in p["sam_probe"].items():
