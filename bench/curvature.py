@@ -1,6 +1,26 @@
-"""Curvature benchmark: sam-probe vs PyHessian 0.1, side by side in one process.
+"""Curvature benchmark: sam-probe vs PyHessian 0.1 (Hessian) and vs curvlinops (every operator),
+side by side in one process.
 
-    python bench/curvature.py [--repeats 3] [--threads 2] [--quick]
+    python bench/curvature.py [--repeats 3] [--threads 2] [--quick]          # vs PyHessian
+    python bench/curvature.py --operators [--repeats 5] [--threads 2]       # vs curvlinops, warm starts
+
+The ``--operators`` part needs curvlinops, a bench-only dependency (not a package
+dependency), installed into the same virtual environment with torch pinned:
+
+    pip install torch==2.13.0 curvlinops-for-pytorch
+
+(its dependency backpack-for-pytorch pulls a torchvision that the operators used here do
+not need; when that torchvision does not match the installed torch — ``operator
+torchvision::nms does not exist`` on import — ``pip uninstall torchvision``.)
+
+It writes bench/results/curvature_operators.json: the cost of one product of every
+operator (hessian, ggn, fisher, ef) relative to a gradient and to an HVP; time, products
+and peak torch memory to the top-5 eigenpairs at relative residual 1e-3 for sam-probe's
+operators + certified Lanczos and for curvlinops' ``HessianLinearOperator`` /
+``GGNLinearOperator`` / ``EFLinearOperator`` + scipy ``eigsh`` (ARPACK, ``tol=1e-3``,
+whose stopping test is the same relative residual), with both results' residuals
+recomputed by our own operator and their eigenvalues against a float64 reference; and
+the warm-start savings over the checkpoints of sample_runs/digits-mlp-sgd.
 
 Models (seeded, float32, all 1797 digits samples, standardised):
   mlp: 64-256-256-10 ReLU (85,002 parameters), briefly trained with SGD
@@ -312,9 +332,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="MLP only, fewer PyHessian tolerances")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "curvature.json"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--operators", action="store_true",
+                    help="curvature operators vs curvlinops, and warm starts (needs curvlinops-for-pytorch)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.operators:
+        from bench.curvature_operators import main as operators_main
+
+        return operators_main(a.repeats, a.out or str(ROOT / "bench" / "results" / "curvature_operators.json"))
+    a.out = a.out or str(ROOT / "bench" / "results" / "curvature.json")
     t_start = time.perf_counter()
     import pyhessian  # noqa: F401  (import cost outside the timings)
 

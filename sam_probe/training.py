@@ -4,7 +4,7 @@ Each step draws a minibatch (seeded ``torch.Generator``: a fresh permutation per
 epoch, the last batch of an epoch may be smaller; ``batch_size`` 0/None or
 ``>= N`` = full batch), computes the exact minibatch gradient ``g`` with
 :class:`~sam_probe.core.objective.Objective` and, for SAM variants, the perturbed
-gradient ``g~ = ∇L_B(w + e)`` on the same batch (REFERENCE.md, "SAM perturbations").
+gradient ``g~ = ∇L_B(w + e)`` on the same batch (docs/metrics.md, "SAM perturbations").
 
 - ``sgd``: direction ``g``; ``sam``: l2 SAM ``g~``; ``asam``, ``usam``, ``linf-sam``:
   the other perturbations; ``late-sam``: SGD for steps ``< switch_step``, then l2 SAM.

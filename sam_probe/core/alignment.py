@@ -1,6 +1,7 @@
-"""Alignment of gradients with the dominant Hessian eigenspace (REFERENCE.md, "Alignment").
+"""Alignment of gradients with the dominant eigenspace (docs/metrics.md, "Alignment").
 
-With ``V_k`` the ``[P, k]`` orthonormal top-k eigenvectors of ``H = ∇²L(w)`` and
+With ``V_k`` the ``[P, k]`` orthonormal top-k eigenvectors of ``H = ∇²L(w)`` (or of
+another curvature operator, :mod:`.operators`, named by ``curvature``) and
 ``P_k = V_k V_kᵀ``:
 
 - ``chi_k(v) = ||P_k v|| / ||v|| = ||V_kᵀ v|| / ||v||`` (NaN for ``v = 0``),
@@ -14,7 +15,8 @@ With ``V_k`` the ``[P, k]`` orthonormal top-k eigenvectors of ``H = ∇²L(w)`` 
 - one-step loss changes at step size ``η`` along ``d = P g`` for
   ``P ∈ {P_k (dom), I - P_k (bulk), I (full)}``:
   ``dL_P = L(w - η P g) - L(w)`` with the second-order prediction
-  ``-η gᵀ P g + η²/2 gᵀ P H P g`` (exact when ``L`` is quadratic in ``w``);
+  ``-η gᵀ P g + η²/2 gᵀ P H P g`` (exact when ``L`` is quadratic in ``w``; always the
+  Hessian, whichever operator gave ``V_k``: it is a Taylor expansion of ``L``);
 - ``eta*_emp`` (:func:`eta_star_empirical`) on a grid of ``η``;
 - ``η λ_max`` (edge of stability at 2) and, for ``usam``, ``η λ (1 + ρ λ)``.
 
@@ -146,6 +148,7 @@ class AlignmentResult:
     variant: str = "l2"
     batch_size: int | None = None
     seed: int = 0
+    curvature: str = "hessian"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats and lists only)."""
@@ -168,6 +171,7 @@ def alignment(
     prev_params: Tensor | None = None,
     eta_grid: Sequence[float] | None = None,
     ortho_tol: float | None = 1e-3,
+    curvature: Any = "hessian",
 ) -> AlignmentResult:
     """Alignment analysis of ``obj`` at its parameters ``w``.
 
@@ -180,6 +184,7 @@ def alignment(
     :func:`minibatch_indices` with ``seed``.  ``sam``: ``∇L(w + e)`` on the whole
     selection with ``rho, variant, m, asam_eta`` (:func:`~.perturb.perturbed_gradient`).
     ``eta_grid``: for ``eta*_emp``; default :func:`default_eta_grid`; empty skips it.
+    ``curvature``: the operator (or its name) whose eigenvectors these are, recorded.
     """
     unknown = set(vectors) - set(VECTORS)
     if unknown:
@@ -221,4 +226,5 @@ def alignment(
         eta_lambda_usam=None if lam is None or variant != "usam" else eta * lam * (1 + rho * lam),
         lambda_max=lam, loss=L0, eta_grid=grid, delta_chi=deltas, rho=float(rho), variant=variant,
         batch_size=batch_size if "minibatch" in vecs else None, seed=int(seed),
+        curvature=str(getattr(curvature, "name", curvature)),
     )

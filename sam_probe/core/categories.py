@@ -1,6 +1,6 @@
 """Per-parameter categories of the SAM gradient ratio ``r_i = g~_i / g_i``.
 
-REFERENCE.md, "Ratio categories": ``r`` is defined only where ``|g_i| > eps``.
+docs/metrics.md, "Ratio categories": ``r`` is defined only where ``|g_i| > eps``.
 
 - ``C1``: r > 1 (same sign, perturbed larger)      code 0
 - ``C2``: 0 < r < 1 (same sign, perturbed smaller) code 1

@@ -1,7 +1,7 @@
-"""Dense Hessian by HVPs against identity blocks (reference for tests and small models).
+"""Dense matrices of curvature operators (references for tests and small models).
 
-``H = [H e_1, ..., H e_P]`` in blocks of ``block_size`` columns (``P`` HVPs in all),
-symmetrised as ``(H + Hᵀ) / 2`` to remove rounding asymmetry.  Use a float64
+``A = [A e_1, ..., A e_P]`` in blocks of ``block_size`` columns (``P`` products in all),
+symmetrised as ``(A + Aᵀ) / 2`` to remove rounding asymmetry.  Use a float64
 :class:`~sam_probe.core.objective.Objective` for a reference; ``P`` above a few
 thousand is slow and ``P²`` memory.
 """
@@ -11,17 +11,26 @@ import torch
 from torch import Tensor
 
 
-def dense_hessian(obj, block_size: int = 64, symmetrize: bool = True) -> Tensor:
-    """The ``[P, P]`` Hessian of ``obj`` in its dtype (``P`` counted HVPs)."""
-    P = obj.n_params
-    H = torch.empty(P, P, dtype=obj.dtype, device=obj.device)
-    with obj.reuse_graph():
+def dense_matrix(op, block_size: int = 64, symmetrize: bool = True) -> Tensor:
+    """The ``[P, P]`` matrix of a :class:`~sam_probe.core.operators.CurvatureOperator` (an
+    objective: its Hessian) in its dtype, inside its context (``P`` counted products)."""
+    from .operators import as_operator
+
+    op = as_operator(op)
+    P = op.P
+    A = torch.empty(P, P, dtype=op.dtype, device=op.device)
+    with op.context():
         for s in range(0, P, block_size):
             e = min(s + block_size, P)
-            E = torch.zeros(P, e - s, dtype=obj.dtype, device=obj.device)
+            E = torch.zeros(P, e - s, dtype=op.dtype, device=op.device)
             E[torch.arange(s, e), torch.arange(e - s)] = 1
-            H[:, s:e] = obj.hvp_block(E)
-    return 0.5 * (H + H.T) if symmetrize else H
+            A[:, s:e] = op.matmat(E)
+    return 0.5 * (A + A.T) if symmetrize else A
+
+
+def dense_hessian(obj, block_size: int = 64, symmetrize: bool = True) -> Tensor:
+    """The ``[P, P]`` Hessian of ``obj`` in its dtype (``P`` counted HVPs)."""
+    return dense_matrix(obj, block_size, symmetrize)
 
 
 def dense_eigh(H: Tensor, which: str = "LA", k: int | None = None) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,9 @@ is then normalised numerically to integrate to 1 on the grid (Lin, Saad, Yang 20
 Ghorbani, Krishnan, Xiao 2019).  The probes run together as one block of HVPs,
 each with its own three-term recurrence and full reorthogonalisation against its
 own basis.  A probe whose recurrence breaks down (``β ≈ 0``) found an invariant
-subspace; its quadrature is then exact and it stops early.
+subspace; its quadrature is then exact and it stops early.  Any
+:class:`~sam_probe.core.operators.CurvatureOperator` works (:func:`curvature_density`;
+``hessian_density`` is the same function).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class DensityResult:
     n_hvp: int
     sigma: float
     steps: int
+    curvature: str = "hessian"
 
     @property
     def mean(self) -> float:
@@ -51,6 +54,7 @@ class DensityResult:
             "grid": self.grid.tolist(), "density": self.density.tolist(),
             "nodes": [t.tolist() for t in self.nodes], "weights": [w.tolist() for w in self.weights],
             "n_hvp": self.n_hvp, "sigma": self.sigma, "steps": self.steps, "mean": self.mean,
+            "curvature": self.curvature,
         }
 
 
@@ -147,10 +151,19 @@ def slq_density(matmat: Matmat, n: int, *, steps: int = 80, n_probes: int = 5, s
     return DensityResult(grid, dens, nodes, weights, counter[0], float(sigma), steps)
 
 
-def hessian_density(obj, *, steps: int = 80, n_probes: int = 5, seed: int = 0, reuse_graph: bool = True,
-                    **kwargs) -> DensityResult:
-    """:func:`slq_density` of the Hessian of an :class:`~sam_probe.core.objective.Objective`."""
-    ctx = obj.reuse_graph() if reuse_graph else contextlib.nullcontext()
+def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, reuse_graph: bool = True,
+                      **kwargs) -> DensityResult:
+    """:func:`slq_density` of a :class:`~sam_probe.core.operators.CurvatureOperator` (an
+    objective: its Hessian), in its dtype/device and context."""
+    from .operators import as_operator
+
+    op = as_operator(op)
+    ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
-        return slq_density(obj.hvp_operator(), obj.n_params, steps=steps, n_probes=n_probes, seed=seed,
-                           dtype=obj.dtype, device=obj.device, **kwargs)
+        res = slq_density(op.matmat, op.P, steps=steps, n_probes=n_probes, seed=seed,
+                          dtype=op.dtype, device=op.device, **kwargs)
+    res.curvature = op.name
+    return res
+
+
+hessian_density = curvature_density

@@ -1,4 +1,4 @@
-"""Minor-first / major-last feature learning (REFERENCE.md, "Features"; Moon, Si, Yun 2026).
+"""Minor-first / major-last feature learning (docs/metrics.md, "Features"; Moon, Si, Yun 2026).
 
 Input features ``j = 1..d`` are the entries of the flattened input ``x ∈ R^d``.
 

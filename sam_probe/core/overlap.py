@@ -1,4 +1,4 @@
-"""Persistence of a category's parameter set across checkpoints (REFERENCE.md, "Overlap across steps").
+"""Persistence of a category's parameter set across checkpoints (docs/metrics.md, "Overlap across steps").
 
 Input: one packed mask per stored step (``np.packbits`` of a length-``P`` bool
 vector, see :mod:`.bitpack`), the set ``S_t`` of parameters in category c.

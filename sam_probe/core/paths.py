@@ -1,4 +1,4 @@
-"""Paths between checkpoints (REFERENCE.md, "Paths between checkpoints").
+"""Paths between checkpoints (docs/metrics.md, "Paths between checkpoints").
 
 Distance to a reference ``w_ref`` (parameters only, float64):
 

@@ -1,6 +1,6 @@
 """SAM perturbations, the perturbed gradient and SAM sharpness.
 
-With ``g = ∇L(w)`` on a batch (REFERENCE.md, "SAM perturbations"):
+With ``g = ∇L(w)`` on a batch (docs/metrics.md, "SAM perturbations"):
 
 - ``l2``   (Foret et al. 2021): ``e = ρ g / ||g||`` (global norm)
 - ``linf``: ``e = ρ sign(g)``

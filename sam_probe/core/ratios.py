@@ -1,4 +1,4 @@
-"""SAM gradient-ratio analysis of one checkpoint (REFERENCE.md, "Ratio categories").
+"""SAM gradient-ratio analysis of one checkpoint (docs/metrics.md, "Ratio categories").
 
 With ``g = ∇L(w)`` and ``g~ = ∇L(w + e)`` on the same data (:mod:`.perturb`),
 ``r_i = g~_i / g_i`` puts every parameter in one of C1..C4, boundary, undefined

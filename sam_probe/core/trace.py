@@ -15,6 +15,12 @@ Chen & Hallman 2023): its ``AQ`` comes with it, so ``r`` HVPs.  Conditional on
 ``Q`` the estimator is unbiased, so the reported SE is that of the residual
 Hutchinson samples alone (honest).
 
+``warm`` (earlier Ritz vectors, e.g. of the previous checkpoint) starts the Krylov
+sketch from :func:`~sam_probe.core.lanczos.warm_start_block` instead of a Gaussian
+vector; ``Q`` is still independent of the probes, so the estimate stays unbiased.
+Every routine takes a :class:`~sam_probe.core.operators.CurvatureOperator` through
+:func:`curvature_trace` (``hessian_trace`` is the same function).
+
 Both stop adaptively once ``se / |estimate| <= tol`` (after at least
 ``min_probes`` probes) or before the HVP count would exceed ``max_hvp``.
 """
@@ -47,6 +53,7 @@ class TraceResult:
     rank: int = 0
     sketch: str = ""  # Hutch++ low-rank part: "krylov" | "gaussian"
     warnings: list[str] = field(default_factory=list)
+    curvature: str = "hessian"
 
     @property
     def relative_se(self) -> float:
@@ -58,6 +65,7 @@ class TraceResult:
             "n_probes": self.n_probes, "n_hvp": self.n_hvp, "method": self.method,
             "converged": self.converged, "tol": self.tol, "exact_part": self.exact_part,
             "rank": self.rank, "sketch": self.sketch, "warnings": list(self.warnings),
+            "curvature": self.curvature,
         }
 
 
@@ -115,13 +123,15 @@ def hutchinson(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000
 
 def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, rank: int = 20,
             sketch: str = "krylov", min_probes: int = 10, block_size: int = 5, seed: int = 0,
-            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> TraceResult:
+            dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+            warm: Tensor | None = None) -> TraceResult:
     """Hutch++: exact ``tr(QᵀAQ)`` on a rank-``rank`` subspace + adaptive Hutchinson on the rest.
 
     ``sketch="gaussian"``: ``Q = orth(A S)`` as in the paper (``2·rank`` HVPs);
     ``sketch="krylov"``: ``Q`` = Lanczos basis of a Gaussian start vector, whose
     products ``AQ`` are already known (``rank`` HVPs, and it captures the top of the
     spectrum far better per HVP).  Either way ``Q`` is independent of the probes.
+    ``warm``: start the Krylov sketch from earlier Ritz vectors (module docstring).
     """
     if sketch not in ("krylov", "gaussian"):
         raise ValueError(f"sketch must be 'krylov' or 'gaussian', got {sketch!r}")
@@ -133,7 +143,7 @@ def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, r
     Q = torch.zeros(n, 0, dtype=dtype, device=device)
     exact, used = 0.0, 0
     if r and sketch == "krylov":
-        Q, AQ = krylov_basis(matmat, n, r, seed=seed + 7919, dtype=dtype, device=device)
+        Q, AQ = krylov_basis(matmat, n, r, seed=seed + 7919, dtype=dtype, device=device, warm=warm)
         exact, used = float((Q * AQ).sum().double()), Q.shape[1]
     elif r:
         S = torch.randn(n, r, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -153,13 +163,23 @@ def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, r
                              Q.shape[1], sketch), max_hvp)
 
 
-def hessian_trace(obj, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: int = 1000, seed: int = 0,
-                  reuse_graph: bool = True, **kwargs) -> TraceResult:
-    """Trace of the Hessian of an :class:`~sam_probe.core.objective.Objective` (its dtype/device)."""
+def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: int = 1000, seed: int = 0,
+                    reuse_graph: bool = True, **kwargs) -> TraceResult:
+    """Trace of a :class:`~sam_probe.core.operators.CurvatureOperator` (an objective: its Hessian),
+    in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`."""
+    from .operators import as_operator
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    op = as_operator(op)
+    if method == "hutchinson":
+        kwargs.pop("warm", None)  # no sketch to warm
     fn = hutchpp if method == "hutch++" else hutchinson
-    ctx = obj.reuse_graph() if reuse_graph else contextlib.nullcontext()
+    ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
-        return fn(obj.hvp_operator(), obj.n_params, tol=tol, max_hvp=max_hvp, seed=seed,
-                  dtype=obj.dtype, device=obj.device, **kwargs)
+        res = fn(op.matmat, op.P, tol=tol, max_hvp=max_hvp, seed=seed, dtype=op.dtype, device=op.device, **kwargs)
+    res.curvature = op.name
+    return res
+
+
+hessian_trace = curvature_trace

@@ -22,7 +22,7 @@ N = 120  # samples
 
 
 def reference_codes(path, rho, variant, faithful=False, eps=1e-12):
-    """Codes (0..5 = C1..C4, boundary, undefined) straight from REFERENCE.md with plain autograd, float64."""
+    """Codes (0..5 = C1..C4, boundary, undefined) straight from docs/metrics.md with plain autograd, float64."""
     ck = torch.load(path, weights_only=True)
     net = build_model(ck["model_spec"]["name"], ck["model_spec"]["args"]).double()
     net.load_state_dict(ck["model"])
