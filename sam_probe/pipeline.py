@@ -383,7 +383,8 @@ class Session:
         s = self.settings
         ident = {"model": s.model, "model_args": s.model_args, "loss": s.loss, "dtype": s.dtype,
                  "bn_mode": s.bn_mode, "key": s.key, **s.data_identity()}
-        return store.config_key(analysis.name, analysis.version, config, ident, shas)
+        keyed = {k: v for k, v in config.items() if k not in analysis.unkeyed}
+        return store.config_key(analysis.name, analysis.version, keyed, ident, shas)
 
     def _stored_result(self, unit: Path) -> dict[str, Any] | None:
         if self.settings.store and not self.settings.force and _stored(unit):
@@ -585,7 +586,7 @@ def _stored(unit: Path) -> bool:
     return bool(distributed.broadcast_object(store.exists(unit)))
 
 
-PACKED_KEYS = ("codes", "ire_flat")  # packed numpy arrays that analyses read back as they are
+PACKED_KEYS = ("codes", "ire_flat", "eigenvectors")  # packed numpy arrays that analyses read back as they are
 
 
 def without_packed(result: dict[str, Any]) -> dict[str, Any]:

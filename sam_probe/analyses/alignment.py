@@ -3,16 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import CHECKPOINTS, Analysis, Option, perturbation_options
+from .base import CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option
 
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=1, order=40, target=CHECKPOINTS,
+    name="alignment", version=2, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(
-        ("P_k", "projector on the certified top-k Hessian eigenvectors V_k (k: --k, default the number of classes)"),
+        ("P_k", "projector on the certified top-k eigenvectors V_k of the curvature (--curvature; k: --k, default "
+                "the number of classes)"),
         ("chi_k", "||P_k v|| / ||v|| for v = full gradient, seeded minibatch gradient, SAM gradient g~, update "
                   "w_t - w_(t-1); chance level sqrt(k/P)"),
         ("dL dom / bulk / full", "L(w - eta P_k g) - L(w), L(w - eta (I - P_k) g) - L(w), L(w - eta g) - L(w)"),
@@ -33,13 +34,16 @@ ANALYSIS = Analysis(
           if o.name in ("rho", "variant")),
         Option("tol", 1e-3, ("--tol",), "Residual tolerance of the eigenvectors."),
         Option("max_hvp", None, ("--max-hvp",), "HVP budget of the eigensolver.", annotation=int),
+        *curvature_options(),
+        warm_start_option(),
     ),
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
         "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
-        "eta_lambda_max": "eta * lambda_max", "warnings": "why a number is not certified", "seconds": "wall time",
+        "eta_lambda_max": "eta * lambda_max", "curvature": "operator of the eigenvectors (hessian, ggn, fisher, ef)",
+        "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )
 
@@ -67,7 +71,8 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--k must be >= 1")
     return {"k": opts["k"], "vectors": chosen, "eta": opts["eta"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
             "minibatch_size": opts["minibatch_size"], "rho": opts["rho"], "variant": opts["variant"],
-            "tol": opts["tol"], "max_hvp": opts["max_hvp"], "seed": settings.seed}
+            "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
+            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}
 
 
 def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
@@ -83,19 +88,33 @@ def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str
     prev = None
     if "update" in cfg["vectors"] and carry.get("prev_path"):
         prev = session.objective(session.load(carry["prev_path"])).flat_params()
-    return compute_alignment(obj, cfg, k, eta, prev)
+    warm = carry.get("warm") if cfg["warm_start"] else None
+    out = compute_alignment(obj, cfg, k, eta, prev, warm=warm, carry=carry)
+    if out.get("warm_start"):
+        out["warm_start_from"] = carry.get("warm_step")
+    carry["warm_step"] = ck.step
+    return out
 
 
-def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None) -> dict[str, Any]:
-    """Certified top-k eigenvectors, then :func:`~sam_probe.core.alignment.alignment` (pure)."""
+def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None, warm=None,
+                      carry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Certified top-k eigenvectors of the chosen curvature, then
+    :func:`~sam_probe.core.alignment.alignment` (pure; the second-order predictions use the Hessian)."""
     from ..core.alignment import alignment
     from ..core.lanczos import top_eigen
+    from ..core.operators import curvature_operator
 
-    eig = top_eigen(obj, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"])
+    op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples", 1),
+                            seed=cfg["seed"])
+    warm = warm if warm is not None and warm.shape[0] == op.P else None
+    eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm)
+    if carry is not None:
+        carry["warm"] = eig.eigenvectors
     res = alignment(obj, eig.eigenvectors, eig.eigenvalues, eta=eta, vectors=cfg["vectors"],
                     batch_size=cfg["minibatch_size"], seed=cfg["seed"], rho=cfg["rho"], variant=cfg["variant"],
-                    prev_params=prev_params, eta_grid=cfg["eta_grid"])
+                    prev_params=prev_params, eta_grid=cfg["eta_grid"], curvature=op.name)
     out = res.to_dict()
+    out["warm_start"] = warm is not None
     out.update(residuals=list(eig.residuals), converged=list(eig.converged), n_hvp=eig.n_hvp, n_params=obj.n_params)
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged) if not c]

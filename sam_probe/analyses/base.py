@@ -23,7 +23,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.names import VARIANTS
+from ..core.names import CURVATURES, VARIANTS
 
 CHECKPOINTS, RUNS, PAIR = "checkpoints", "runs", "pair"
 METRICS_DOC = "docs/metrics.md"
@@ -48,6 +48,7 @@ class Option:
     hidden_flags: tuple[str, ...] = ()
     view: bool = False
     choices: tuple[str, ...] = ()
+    flag_value: Any = None  # the value when the flag is given without one (``--per-layer`` = ``tensor``)
 
     @property
     def type(self) -> Any:
@@ -58,7 +59,7 @@ class Option:
     @property
     def flag(self) -> str:
         """The main long flag, e.g. ``--top-k``."""
-        return next(f for f in self.flags if f.startswith("--"))
+        return next(f for f in self.flags if f.startswith("--")).split("/")[0]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Analysis:
     view: str = ""  # module in sam_probe.report with show() / plot(); default: the analysis name
     module: str = ""  # module with configure/compute/execute; default: sam_probe.analyses.<name>
     view_defaults: dict[str, Any] = field(default_factory=dict)  # view options `report` passes
+    unkeyed: tuple[str, ...] = ()  # config entries that change cost, not results (e.g. warm starts): not in unit keys
 
     @property
     def view_module(self) -> str:
@@ -116,6 +118,22 @@ def perturbation_options(rho: float = 0.05, rho_help: str = "SAM radius rho of t
                "gradient (sample-weighted mean).", annotation=int, hidden_flags=("--m",)),
         Option("eta", 0.01, ("--eta",), "ASAM's eta in T = |w| + eta."),
     )
+
+
+def curvature_options() -> tuple[Option, ...]:
+    """The curvature operator an eigen solve, trace or density runs on."""
+    return (
+        Option("curvature", "hessian", ("--curvature",), "Operator: hessian, ggn (generalised Gauss-Newton "
+               "J'H_l J), fisher (MC Fisher, labels drawn from the model) or ef (empirical Fisher).",
+               choices=CURVATURES),
+        Option("mc_samples", 1, ("--mc-samples",), "fisher: labels drawn per sample (seeded by --seed)."),
+    )
+
+
+def warm_start_option() -> Option:
+    return Option("warm_start", True, ("--warm-start/--no-warm-start",),
+                  "Start each checkpoint's eigen solve from the previous checkpoint's Ritz vectors (same "
+                  "certified residuals; cost only).")
 
 
 def check_choice(value: Any, option: str, choices: tuple[str, ...] | list[str]) -> None:

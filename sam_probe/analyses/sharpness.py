@@ -3,20 +3,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.names import TRACE_METHODS, WHICH
-from .base import CHECKPOINTS, Analysis, Option, check_options, perturbation_options
+from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
+from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
+                   warm_start_option)
 
 ANALYSIS = Analysis(
-    name="sharpness", version=1, order=10, target=CHECKPOINTS,
-    summary="Hessian top-k eigenvalues (certified by residuals), trace, spectral density and SAM sharpness.",
+    name="sharpness", version=2, order=10, target=CHECKPOINTS,
+    summary="Top-k eigenvalues of the Hessian (or GGN, Fisher, empirical Fisher) certified by residuals, trace, "
+            "spectral density, per-layer spectra, and one-step, worst-case and average-case sharpness.",
     definitions=(
-        ("lambda_i", "i-th eigenvalue of the Hessian of the mean loss at the wanted end (--which)"),
-        ("resid", "relative residual ||H v - lambda v|| / |lambda| of each eigenpair, computed from the stored HVPs"),
-        ("trace", "Hutch++/Hutchinson estimate of tr(H) with its standard error (± SE)"),
+        ("lambda_i", "i-th eigenvalue of the curvature (--curvature) of the mean loss at the wanted end (--which)"),
+        ("resid", "relative residual ||A v - lambda v|| / |lambda| of each eigenpair, computed from the stored products"),
+        ("trace", "Hutch++/Hutchinson estimate of tr(A) with its standard error (± SE)"),
         ("density", "stochastic Lanczos quadrature estimate of the eigenvalue density, Gaussian-smoothed"),
+        ("ggn / fisher / ef", "J'H_l J; its MC estimate with labels drawn from the model (expectation = GGN for "
+                              "CE); (1/N) sum_i g_i g_i'"),
+        ("per layer", "top eigenvalue and trace of each diagonal block (parameter tensor or module)"),
         ("SAM sharpness", "L(w + e) - L(w) with e the one-step SAM perturbation of radius rho"),
+        ("worst case", "max over ||e|| <= rho of L(w + e) - L(w) reached by projected ascent (a lower bound)"),
+        ("average case", "mean of L(w + d) - L(w) over Gaussian d of the same radius, with SE"),
     ),
-    json="results[{path, step, loss, accuracy, eigenvalues, residuals, n_hvp, trace, trace_se, sam_sharpness, seconds}]",
+    json="results[{path, step, loss, accuracy, curvature, eigenvalues, residuals, n_hvp, trace, trace_se, "
+         "per_layer, sam_sharpness, worst_case_sharpness, worst_case_steps, average_case_sharpness, "
+         "average_case_se, seconds}]",
+    unkeyed=("warm_start",),
     options=(
         Option("top_k", 5, ("--top-k", "-k"), "Number of eigenvalues (0: none)."),
         Option("tol", 1e-3, ("--tol",), "Relative residual ||Hv - lambda v|| / |lambda| every pair must reach."),
@@ -32,18 +42,41 @@ ANALYSIS = Analysis(
         Option("density", False, ("--density",), "Spectral density by stochastic Lanczos quadrature."),
         Option("density_steps", 80, ("--density-steps",), "Lanczos steps per SLQ probe."),
         Option("density_probes", 5, ("--density-probes",), "SLQ probes."),
+        *curvature_options(),
+        Option("per_layer", None, ("--per-layer",), "Per-layer spectra: top eigenvalue and trace of every "
+               "parameter tensor's block (--per-layer module: every module's).", annotation=str,
+               choices=GROUPINGS, flag_value="tensor"),
+        warm_start_option(),
+        Option("cold_check", False, ("--cold-check",), "Also solve each warm-started checkpoint from a cold "
+               "start and report the HVPs the warm start saved (costs a second solve)."),
         *perturbation_options(rho_help="SAM radius for L(w+e) - L(w) (0: skip)."),
+        Option("worst_case", False, ("--worst-case",), "Worst-case sharpness over the rho-ball by projected "
+               "gradient ascent (Auto-PGD) from the one-step SAM point (--variant l2 or linf)."),
+        Option("ascent_steps", 20, ("--ascent-steps",), "Ascent steps of --worst-case."),
+        Option("adaptive", False, ("--adaptive",), "Worst/average case in the adaptive ball e = T d, "
+               "T = |w| + eta, ||d|| <= rho."),
+        Option("average_case", False, ("--average-case",), "Average-case sharpness over Gaussian perturbations "
+               "of radius rho."),
+        Option("samples", 20, ("--samples",), "Perturbations of --average-case."),
         Option("backend", "lanczos", ("--backend",), "lanczos (sam-probe) or pyhessian (for comparison).",
                choices=("lanczos", "pyhessian")),
     ),
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "loss": "mean loss over the selection", "accuracy": "fraction correct (classification)",
-        "n_params": "parameters P", "eigenvalues": "top-k eigenvalues, descending",
+        "n_params": "parameters P", "curvature": "hessian, ggn, fisher or ef",
+        "eigenvalues": "top-k eigenvalues, descending",
         "residuals": "relative residual of each eigenpair", "converged": "residual <= --tol, per pair",
         "n_hvp": "HVPs of the eigen solve", "which": "LA, SA or LM",
         "trace": "trace estimate (null without --trace)", "trace_se": "its standard error",
+        "per_layer": "[{name, top_eigenvalue, residual, trace, trace_se, n_params}] (null without --per-layer)",
+        "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors",
+        "n_hvp_saved": "HVPs the warm start saved against a cold solve (with --cold-check)",
         "sam_sharpness": "L(w+e) - L(w) (null with --rho 0)", "rho": "SAM radius", "variant": "perturbation",
+        "worst_case_sharpness": "max L(w+e) - L(w) reached over the ball (null without --worst-case)",
+        "worst_case_steps": "ascent steps used", "worst_case_last_improvement": "step of the last improvement",
+        "average_case_sharpness": "mean L(w+d) - L(w) (null without --average-case)",
+        "average_case_se": "its standard error",
         "total_hvp": "every HVP of the unit", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )
@@ -68,19 +101,37 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--top-k, --tol, --trace-tol and --rho must be non-negative (tolerances positive)")
     if opts["m"] is not None and opts["m"] < 1:
         raise SpecError("--m-sharpness must be >= 1")
+    if opts["backend"] == "pyhessian" and (opts["curvature"] != "hessian" or opts["per_layer"]):
+        raise SpecError("--backend pyhessian computes Hessian eigenvalues only: drop --curvature / --per-layer")
+    if opts["mc_samples"] < 1 or opts["ascent_steps"] < 1 or opts["samples"] < 2:
+        raise SpecError("--mc-samples and --ascent-steps must be >= 1, --samples >= 2")
+    if (opts["worst_case"] or opts["average_case"]) and opts["rho"] <= 0:
+        raise SpecError("--worst-case / --average-case need a radius: --rho > 0")
+    if opts["worst_case"] and opts["variant"] not in ("l2", "linf"):
+        raise SpecError(f"--worst-case with --variant {opts['variant']}: the ball is l2 or linf (add --adaptive "
+                        "for the |w| + eta scaling)")
     return {**opts, "seed": settings.seed}
 
 
 def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
-    return compute_sharpness(session.objective(ck), cfg)
+    warm = carry.get("warm") if cfg["warm_start"] else None
+    out = compute_sharpness(session.objective(ck), cfg, warm=warm, carry=carry)
+    if out.get("warm_start"):
+        out["warm_start_from"] = carry.get("warm_step")
+    carry["warm_step"] = ck.step
+    return out
 
 
-def compute_sharpness(obj, cfg: dict[str, Any]) -> dict[str, Any]:
-    """All curvature numbers of one objective (pure: no files, no terminal)."""
-    from ..core.density import hessian_density
+def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All curvature numbers of one objective (pure: no files, no terminal).
+
+    ``warm``: the previous checkpoint's Ritz vectors (a warm start); the new ones are left in
+    ``carry["warm"]`` for the next checkpoint."""
+    from ..core.density import curvature_density
     from ..core.lanczos import top_eigen
+    from ..core.operators import curvature_operator
     from ..core.perturb import sam_sharpness
-    from ..core.trace import hessian_trace
+    from ..core.trace import curvature_trace
 
     out: dict[str, Any] = {}
     warnings: list[str] = []
@@ -88,7 +139,9 @@ def compute_sharpness(obj, cfg: dict[str, Any]) -> dict[str, Any]:
     out["loss"] = loss
     out["accuracy"] = acc
     out["n_params"] = obj.n_params
-    out.update(trace=None, trace_se=None, sam_sharpness=None)
+    out.update(trace=None, trace_se=None, sam_sharpness=None, curvature=cfg["curvature"], per_layer=None,
+               worst_case_sharpness=None, worst_case_steps=None, average_case_sharpness=None, average_case_se=None)
+    op = curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"])
     if cfg["backend"] == "pyhessian":
         from ..core.pyhessian_backend import run_pyhessian
 
@@ -108,10 +161,18 @@ def compute_sharpness(obj, cfg: dict[str, Any]) -> dict[str, Any]:
         out["pyhessian"] = {k: d[k] for k in ("seconds_setup", "seconds_eigen", "seconds_trace")}
         out["limitations"] = d["limitations"]
     elif cfg["top_k"] > 0:
-        res = top_eigen(obj, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
-                        block_size=cfg["block_size"], seed=cfg["seed"])
+        warm = warm if warm is not None and warm.shape[0] == op.P else None
+        res = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
+                        block_size=cfg["block_size"], seed=cfg["seed"], warm=warm)
         vals, resid, conv = _sorted_desc(list(res.eigenvalues), list(res.residuals), list(res.converged))
-        out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"])
+        out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"],
+                   warm_start=warm is not None)
+        if warm is not None and cfg["cold_check"]:
+            cold = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
+                             block_size=cfg["block_size"], seed=cfg["seed"])
+            out.update(n_hvp_cold=cold.n_hvp, n_hvp_saved=cold.n_hvp - res.n_hvp)
+        if carry is not None:
+            carry["warm"] = res.eigenvectors
         warnings += list(res.warnings)
         if not all(conv):
             bad = [i + 1 for i, c in enumerate(conv) if not c]
@@ -119,21 +180,47 @@ def compute_sharpness(obj, cfg: dict[str, Any]) -> dict[str, Any]:
             if msg not in warnings:
                 warnings.append(msg)
     if cfg["trace"] and cfg["backend"] != "pyhessian":
-        tr = hessian_trace(obj, cfg["trace_method"], tol=cfg["trace_tol"], max_hvp=cfg["trace_max_hvp"], seed=cfg["seed"])
+        tr = curvature_trace(op, cfg["trace_method"], tol=cfg["trace_tol"], max_hvp=cfg["trace_max_hvp"],
+                             seed=cfg["seed"])
         out.update(trace=tr.estimate, trace_se=tr.se, trace_probes=tr.n_probes, trace_n_hvp=tr.n_hvp,
                    trace_method=tr.method, trace_converged=tr.converged)
         warnings += list(tr.warnings)
     if cfg["density"]:
-        dens = hessian_density(obj, steps=cfg["density_steps"], n_probes=cfg["density_probes"], seed=cfg["seed"])
+        dens = curvature_density(op, steps=cfg["density_steps"], n_probes=cfg["density_probes"], seed=cfg["seed"])
         out["density"] = {"grid": dens.grid.tolist(), "density": dens.density.tolist(), "sigma": dens.sigma,
                           "n_hvp": dens.n_hvp, "steps": dens.steps, "mean": dens.mean,
                           "n_probes": len(dens.nodes)}
+    if cfg["per_layer"]:
+        from ..core.per_layer import per_layer_spectra
+
+        rows = per_layer_spectra(op, by=cfg["per_layer"], tol=cfg["tol"], trace_tol=cfg["trace_tol"],
+                                 trace_max_hvp=min(cfg["trace_max_hvp"], 300), trace_method=cfg["trace_method"],
+                                 seed=cfg["seed"])
+        out["per_layer"] = [r.to_dict() for r in rows]
+        out["per_layer_by"] = cfg["per_layer"]
+        bad = [r.name for r in rows if not getattr(r, "converged", True)]
+        if bad:
+            warnings.append(f"per-layer top eigenvalue not converged to --tol {cfg['tol']:g} for {', '.join(bad[:5])}"
+                            + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    if cfg["worst_case"]:
+        from ..core.sharpness_measures import worst_case_sharpness
+
+        wc = worst_case_sharpness(obj, cfg["rho"], variant=cfg["variant"], adaptive=cfg["adaptive"], eta=cfg["eta"],
+                                  m=cfg["m"], steps=cfg["ascent_steps"], seed=cfg["seed"])
+        out.update(wc.to_dict())
+    if cfg["average_case"]:
+        from ..core.sharpness_measures import average_case_sharpness
+
+        out.update(average_case_sharpness(obj, cfg["rho"], samples=cfg["samples"], adaptive=cfg["adaptive"],
+                                          eta=cfg["eta"], seed=cfg["seed"]).to_dict())
     if cfg["rho"] > 0:
         out["sam_sharpness"] = sam_sharpness(obj, rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"])
         out.update(rho=cfg["rho"], variant=cfg["variant"])
         if cfg["m"]:
             out["m"] = cfg["m"]
-    out["total_hvp"] = obj.n_hvp
+    out["total_hvp"] = obj.n_hvp  # Hessian-vector products of the unit
+    if cfg["curvature"] != "hessian":
+        out["total_products"] = op.n_matvec  # products with the chosen curvature
     if warnings:
         out["warnings"] = warnings
     return out

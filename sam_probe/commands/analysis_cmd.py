@@ -72,8 +72,32 @@ def make_command(analysis: Analysis):
     return analysis_options(command)
 
 
+def command_class(analysis: Analysis):
+    """A click command for ``analysis`` whose options with a ``flag_value`` may be given bare
+    (``--per-layer`` alone means ``--per-layer tensor``)."""
+    from typer.core import TyperCommand
+
+    bare = {f: o for o in analysis.options if o.flag_value is not None for f in o.flags}
+    if not bare:
+        return TyperCommand
+
+    class Command(TyperCommand):
+        def parse_args(self, ctx, args):  # type: ignore[override]
+            args = list(args)
+            out: list[str] = []
+            for i, a in enumerate(args):
+                out.append(a)
+                o = bare.get(a)
+                if o is not None and (i + 1 >= len(args) or args[i + 1] not in o.choices):
+                    out.append(str(o.flag_value))
+            return super().parse_args(ctx, out)
+
+    return Command
+
+
 def register(app: typer.Typer) -> None:
     from ..analyses import all_analyses
 
     for analysis in all_analyses():
-        app.command(analysis.name, help=analysis.help_text(), short_help=analysis.summary)(make_command(analysis))
+        app.command(analysis.name, help=analysis.help_text(), short_help=analysis.summary,
+                    cls=command_class(analysis))(make_command(analysis))

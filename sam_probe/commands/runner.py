@@ -74,7 +74,9 @@ def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple
 def with_schema(analysis: Analysis, result: dict[str, Any]) -> dict[str, Any]:
     """Every key of the declared schema present (``null`` where not computed), so the JSON of a
     fresh run and of one read back from the store have the same keys."""
-    return {**{k: None for k in analysis.schema if k not in ("warnings",)}, **result}
+    from ..pipeline import PACKED_KEYS
+
+    return {**{k: None for k in analysis.schema if k not in ("warnings", *PACKED_KEYS)}, **result}
 
 
 def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: Common) -> None:

@@ -7,3 +7,5 @@ STRENGTHS = ("mean-abs", "corr")  # feature strengths (core/features.py)
 IMPORTANCES = ("auto", "coef", "column-norm", "saliency")  # feature importances
 WHICH = ("LA", "SA", "LM")  # ends of the spectrum (core/lanczos.py)
 TRACE_METHODS = ("hutchinson", "hutch++")  # trace estimators (core/trace.py)
+CURVATURES = ("hessian", "ggn", "fisher", "ef")  # curvature operators (core/operators.py)
+GROUPINGS = ("tensor", "module")  # per-layer blocks (core/per_layer.py)

@@ -514,7 +514,16 @@ class Objective:
         return unwrap_logits(self._call(params, x))
 
     def loss_sum_from_outputs(self, out: Tensor, y: Tensor | None, x: Any = None) -> Tensor:
-        """``Σ ℓ`` over one chunk's loss terms from its outputs (differentiable in ``out``)."""
+        """``Σ ℓ`` over one chunk's loss terms from its outputs (differentiable in ``out``).
+
+        ``x`` (the chunk's inputs) is only needed by user loss functions; without it the batch
+        length is the outputs' leading dimension.  No term count is taken here, so this is safe
+        under ``vmap`` (the curvature operators call it per sample)."""
+        if self.loss_fn is None and self.loss_name != "model":
+            if y is None:
+                raise LossError(f"--loss {self.loss_name} needs targets; the data has none "
+                                "(token-only data: --loss lm)")
+            return per_sample_loss_sum(self.loss_name, out, y)
         return self._terms_from_outputs(out, y, x)[0]
 
     def mode(self) -> contextlib.AbstractContextManager:
@@ -527,7 +536,8 @@ class Objective:
 
     def _terms_from_outputs(self, out: Tensor, y: Tensor | None, x: Any) -> tuple[Tensor, Any]:
         if self.loss_fn is not None:
-            return _losses.user_terms(self.loss_fn, out, y, x, batch_len(x), self._fn_batch)
+            n = batch_len(x) if x is not None else int(out.shape[0])
+            return _losses.user_terms(self.loss_fn, out, y, x, n, self._fn_batch)
         if self.loss_name == "model":
             raise LossError("--loss model is computed inside the model, not from its outputs; "
                             "choose --loss ce, lm or a function for this analysis")

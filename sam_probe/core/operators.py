@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CURVATURES = ("hessian", "ggn", "fisher", "ef")
+from .names import CURVATURES  # noqa: F401 - re-exported
 _NOISE_BLOCK = 1024  # samples per seeded noise block of the MC Fisher (chunking-invariant draws)
 
 
@@ -202,7 +202,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         self._keep = False
         self._graph: tuple | bool | None = None  # (x, y, out, pull, push) of the single chunk; False: several
 
-    def _output_product(self, out, y, JV, offset: int):  # pragma: no cover - abstract
+    def _output_product(self, out, y, JV, offset: int, x=None):  # pragma: no cover - abstract
         """``M JV`` for ``JV`` with a leading vector dimension ``b``; ``offset`` = global index of the chunk's first sample."""
         raise NotImplementedError
 
@@ -252,7 +252,7 @@ class _OutputSpaceOperator(CurvatureOperator):
         if kept:
             x, y, out, pull, push = kept
             JV = vmap(lambda v: push((v,))[0])(Vd)
-            acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset))[0])
+            acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset, x))[0])
         else:
             with obj.mode():
                 for x, y in obj.chunks():
@@ -261,7 +261,7 @@ class _OutputSpaceOperator(CurvatureOperator):
 
                     out, pull = vjp(f, p)
                     JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)
-                    acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset))[0])
+                    acc += space.flatten_batched(vmap(pull)(self._output_product(out, y, JV, offset, x))[0])
                     offset += _batch_size(out)
         return (obj._reduce(acc) / obj.denominator).T.contiguous()
 
@@ -295,12 +295,12 @@ class GGNOperator(_OutputSpaceOperator):
         if self.closed_form and not ok:
             raise ValueError(f"no closed-form output Hessian for loss {obj.loss_name!r}")
 
-    def _output_product(self, out, y, JV, offset):
+    def _output_product(self, out, y, JV, offset, x=None):
         if self.closed_form and isinstance(out, Tensor):
             return output_hessian_product(self.obj.loss_name, out, JV)
         from torch.func import grad, jvp, vmap
 
-        g = grad(lambda o: self.obj.loss_sum_from_outputs(o, y))
+        g = grad(lambda o: self.obj.loss_sum_from_outputs(o, y, x))
         return vmap(lambda u: jvp(g, (out,), (u,))[1])(JV)
 
 
@@ -370,7 +370,7 @@ class FisherOperator(_OutputSpaceOperator):
         z = _noise(self.seed, offset, offset + B, self.mc_samples, M, kind, out.dtype, out.device)
         return sampled_output_gradients(self.obj.loss_name, out, z)
 
-    def _output_product(self, out, y, JV, offset):
+    def _output_product(self, out, y, JV, offset, x=None):
         q = self.output_gradients(out, offset)
         B = out.shape[0]
         qf, jf = q.reshape(q.shape[0], B, -1), JV.reshape(JV.shape[0], B, -1)
@@ -411,7 +411,7 @@ class EmpiricalFisherOperator(_OutputSpaceOperator):
             def one(p, xi, yi):
                 xb = tree_map(lambda t: t.unsqueeze(0), xi)
                 yb = tree_map(lambda t: t.unsqueeze(0), yi)
-                return obj.loss_sum_from_outputs(obj.outputs(p, xb), yb)
+                return obj.loss_sum_from_outputs(obj.outputs(p, xb), yb, xb)
 
             g = vmap(grad(one), in_dims=(None, 0, 0))
             with obj.mode():
@@ -429,11 +429,11 @@ class EmpiricalFisherOperator(_OutputSpaceOperator):
             acc += G.T @ (G @ V)
         return self.obj._reduce(acc) / self.obj.denominator
 
-    def _output_product(self, out, y, JV, offset):
+    def _output_product(self, out, y, JV, offset, x=None):
         from torch.func import grad
         from torch.utils._pytree import tree_map
 
-        q = grad(lambda o: self.obj.loss_sum_from_outputs(o, y))(tree_map(torch.Tensor.detach, out))
+        q = grad(lambda o: self.obj.loss_sum_from_outputs(o, y, x))(tree_map(torch.Tensor.detach, out))
         return _scaled(_per_sample_dot(q, JV), q)
 
 

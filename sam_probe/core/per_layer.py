@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-GROUPINGS = ("tensor", "module")
+from .names import GROUPINGS  # noqa: F401 - re-exported
 
 
 def module_of(name: str) -> str:

@@ -42,7 +42,7 @@ def value_and_grad(obj, w: Tensor) -> tuple[float, Tensor]:
     p = obj.space.unflatten(w.to(device=obj.device, dtype=obj.dtype))
 
     def chunk_loss(q, x, y):
-        return obj.loss_sum_from_outputs(obj.outputs(q, x), y)
+        return obj.loss_sum_from_outputs(obj.outputs(q, x), y, x)
 
     gv = grad_and_value(chunk_loss)
     acc = torch.zeros(obj.space.size + 1, dtype=obj.dtype, device=obj.device)  # [∇Σℓ, Σℓ]

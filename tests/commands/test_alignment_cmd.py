@@ -62,3 +62,22 @@ def test_alignment_options_and_defaults(tiny_runs):
     assert set(r["chi"]) == {"full", "sam"}
     assert r["eta"] == pytest.approx(0.1)  # the checkpoint's learning rate
     assert run_cli("alignment", ck, "--vectors", "full,weird").code == 2
+
+
+def test_alignment_on_ggn_eigenvectors(tiny_runs, out):
+    """``--curvature ggn``: chi_k of the full gradient on the dense GGN's top-k eigenvectors."""
+    from test_sharpness_curvature_cmd import dense_ggn_ce
+
+    res = run_cli("alignment", tiny_runs["sam"], "--k", "2", "--curvature", "ggn", "--tol", "1e-9", "--eta-grid", "",
+                  "--vectors", "full", "--dtype", "float64", "--max-samples", N, "--out", out, "--json")
+    assert res.code == 0, res.stderr
+    results = res.json()["results"]
+    assert [r["warm_start"] for r in results] == [False, True, True]
+    for r in results:
+        assert r["curvature"] == "ggn"
+        obj = _objective(r["path"])
+        lam, V = torch.linalg.eigh(dense_ggn_ce(obj))
+        lam, V = lam.flip(0)[:2], V.flip(1)[:, :2]
+        np.testing.assert_allclose(sorted(r["eigenvalues"], reverse=True), lam.tolist(), rtol=1e-7)
+        g = obj.grad_flat()
+        assert r["chi"]["full"] == pytest.approx(((V.T @ g).norm() / g.norm()).item(), rel=1e-6)

@@ -1,0 +1,91 @@
+"""``subspace``: does the dominant eigenspace stop moving?  Top-k eigenspaces of every
+checkpoint of a run and their pairwise overlaps (docs/metrics.md, "Subspace overlap")."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import RUNS, Analysis, Option, curvature_options, warm_start_option
+
+ANALYSIS = Analysis(
+    name="subspace", version=1, order=45, target=RUNS, unkeyed=("warm_start",),
+    summary="Persistence of the dominant subspace: the certified top-k eigenspace V_t of every checkpoint and "
+            "the overlap ||V_s' V_t||_F^2 / k between all pairs, against chance k/P.",
+    definitions=(
+        ("V_t", "orthonormal top-k eigenvectors of the curvature (--curvature) at step t, certified by residuals"),
+        ("overlap", "||V_s' V_t||_F^2 / k: mean squared cosine of the principal angles (1 = same subspace, "
+                    "0 = orthogonal)"),
+        ("chance", "k / P: the expected overlap of two independent random k-dimensional subspaces"),
+        ("with previous", "overlap of each checkpoint's subspace with the previous checkpoint's"),
+    ),
+    json="{steps, k, overlap, chance, eigenvalues, previous, residuals, n_hvp, curvature} "
+         "({runs: [...]} for several runs)",
+    options=(
+        Option("k", 10, ("--k", "-k"), "Dimension of the dominant subspace (top-k eigenvectors)."),
+        Option("tol", 1e-3, ("--tol",), "Relative residual ||Av - lambda v|| / |lambda| every pair must reach."),
+        Option("max_hvp", None, ("--max-hvp",), "Product budget of each checkpoint's eigen solve.", annotation=int),
+        *curvature_options(),
+        warm_start_option(),
+    ),
+    schema={
+        "run": "run directory", "paths": "checkpoint files", "steps": "steps", "k": "subspace dimension",
+        "overlap": "T x T matrix ||V_s' V_t||_F^2 / k", "chance": "k / P", "previous": "overlap with the "
+        "previous checkpoint (null for the first)", "eigenvalues": "top-k eigenvalues per checkpoint",
+        "residuals": "their relative residuals", "n_hvp": "products of each checkpoint's solve",
+        "n_params": "P", "curvature": "hessian, ggn, fisher or ef", "warm_start": "solves warm-started",
+        "eigenvectors": "[T, P, k] float16 (in the store only; not in JSON)",
+        "warnings": "why a number is not certified", "seconds": "wall time",
+    },
+)
+
+
+def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
+    from ..errors import SpecError
+    from .base import check_options
+
+    check_options(ANALYSIS, opts)
+    if opts["k"] < 1:
+        raise SpecError("--k must be >= 1")
+    if not opts["tol"] > 0:
+        raise SpecError("--tol must be positive")
+    if opts["mc_samples"] < 1:
+        raise SpecError("--mc-samples must be >= 1")
+    return {"k": opts["k"], "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
+            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}
+
+
+def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Top-k eigenspaces of every checkpoint (each warm-started from the previous one unless
+    ``--no-warm-start``), then the overlap matrix; eigenvectors go to the store as float16."""
+    import numpy as np
+    import torch
+
+    from ..core.operators import curvature_operator
+    from ..core.subspace import subspace_persistence
+    from ..errors import SpecError
+
+    k = cfg["k"]
+    P = session.objective(cks[0]).n_params
+    if k >= P:
+        raise SpecError(f"{cks[0].path}: --k {k} must be below the parameter count {P}")
+
+    def operators():
+        for ck in cks:
+            yield curvature_operator(session.objective(ck), cfg["curvature"], mc_samples=cfg["mc_samples"],
+                                     seed=cfg["seed"])
+
+    res, bases = subspace_persistence(operators(), [c.step for c in cks], k, tol=cfg["tol"],
+                                      max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"])
+    if any(V.shape[0] != P for V in bases):
+        raise SpecError("the checkpoints of this run have different parameter counts")
+    vectors = np.full((len(bases), P, k), np.nan, dtype=np.float16)
+    for t, V in enumerate(bases):
+        vectors[t, :, :V.shape[1]] = V.to(torch.float32).numpy().astype(np.float16)
+    out = res.to_dict()
+    if res.k < k:
+        out.setdefault("warnings", []).append(f"only {res.k} of {k} eigenvectors converged at every step; "
+                                              f"overlaps use k = {res.k}")
+    if not out.get("warnings"):
+        out.pop("warnings", None)
+    return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out,
+            "warm_start": cfg["warm_start"], "eigenvectors": vectors}
