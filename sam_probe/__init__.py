@@ -32,6 +32,11 @@ _EXPORTS = {
     "pack_codes": "core.bitpack", "unpack_codes": "core.bitpack",
     "alignment": "core.alignment", "distance": "core.paths", "interpolate": "core.paths",
     "features": "core.features", "run_pyhessian": "core.pyhessian_backend",
+    "curvature_operator": "core.operators", "CurvatureOperator": "core.operators",
+    "curvature_trace": "core.trace", "curvature_density": "core.density",
+    "per_layer_spectra": "core.per_layer", "subspace_persistence": "core.subspace",
+    "subspace_overlap": "core.subspace", "overlap_matrix": "core.subspace",
+    "worst_case_sharpness": "core.sharpness_measures", "average_case_sharpness": "core.sharpness_measures",
     "iter_units": "store", "read_unit": "store", "Session": "pipeline", "Settings": "pipeline",
 }
 

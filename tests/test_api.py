@@ -45,9 +45,35 @@ def test_analyze_equals_the_command_json(tiny_runs, tmp_path):
                   "--json").json()
     assert api["results"][0]["eigenvalues"] == cli["results"][0]["eigenvalues"]
     assert set(sp.analyses.names()) >= {"sharpness", "ratios", "overlap", "alignment", "distance", "interpolate",
-                                        "features"}
+                                        "features", "subspace"}
     import pytest
     from sam_probe.errors import SpecError
 
     with pytest.raises(SpecError, match="top_kk"):
         sp.analyze("sharpness", ck, top_kk=2)
+
+
+
+def test_curvature_api_in_a_notebook():
+    """The operator API: GGN eigenvalues, trace and per-layer spectra from an objective, against dense matrices."""
+    import pytest
+
+    from sam_probe.core.dense import dense_matrix
+
+    torch.manual_seed(0)
+    net = sp.build_model("mlp", {"in_dim": 64, "hidden": [4], "out_dim": 10})
+    x, y = torch.randn(30, 64, dtype=torch.float64), torch.randint(0, 10, (30,))
+    obj = sp.Objective(net, x, y, "ce", dtype=torch.float64)
+    ggn = sp.curvature_operator(obj, "ggn")
+    G = dense_matrix(ggn)
+    res = sp.top_eigen(ggn, k=2, tol=1e-9)
+    torch.testing.assert_close(torch.tensor(sorted(res.eigenvalues, reverse=True), dtype=torch.float64),
+                               torch.linalg.eigvalsh(G).flip(0)[:2], rtol=1e-7, atol=0)
+    tr = sp.curvature_trace(ggn, "hutch++", tol=1e-3, max_hvp=2000)
+    assert abs(tr.estimate - torch.trace(G).item()) <= 4 * tr.se + 1e-9
+    H = sp.dense_hessian(obj)
+    first = sp.per_layer_spectra(obj, tol=1e-9)[0]  # fc weight block: the leading n x n block of H
+    n = first.n_params
+    assert first.top_eigenvalue == pytest.approx(torch.linalg.eigvalsh(H[:n, :n])[-1].item(), rel=1e-7)
+    ov = sp.subspace_overlap(torch.linalg.eigh(G).eigenvectors[:, -2:], torch.linalg.eigh(H).eigenvectors[:, -2:])
+    assert 0 <= ov <= 1
