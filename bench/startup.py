@@ -66,7 +66,8 @@ def unit_vs_solver() -> dict:
 
 
 def batch_vs_one_process(tmp: Path) -> dict:
-    """12 distance jobs (one per shipped run) via batch vs the same 12 analyses in one process."""
+    """12 distance jobs (one per shipped run) via batch vs the same 12 analyses in one process,
+    both storing their units (the same work: hashing, HDF5 writes, fsync)."""
     runs = sorted(p for p in RUNS.iterdir() if p.is_dir() and p.name.startswith(("digits", "diag")))[:12]
     spec = tmp / "spec.toml"
     spec.write_text("[[analysis]]\ncommand = \"distance\"\nruns = [" + ", ".join(f'"{r}"' for r in runs) + "]\n")
@@ -75,7 +76,7 @@ def batch_vs_one_process(tmp: Path) -> dict:
                    check=True, capture_output=True)
     batch = time.perf_counter() - t0
     code = ("import time, sys\nt0 = time.perf_counter()\nimport sam_probe as sp\n"
-            f"for r in {[str(r) for r in runs]!r}:\n    sp.analyze('distance', r)\n"
+            f"for r in {[str(r) for r in runs]!r}:\n    sp.analyze('distance', r, store=True, out={str(tmp / 'one')!r})\n"
             "print(time.perf_counter() - t0)")
     t0 = time.perf_counter()
     subprocess.run([PY, "-c", code], check=True, capture_output=True)

@@ -69,6 +69,17 @@ def _register() -> None:
 
 
 _register()
+_COMMAND: list = []
+
+
+def command():
+    """The click command tree of :data:`app`, built once per process (a batch worker runs many
+    commands; typer would rebuild every command's options on each call)."""
+    if not _COMMAND:
+        from typer.main import get_command
+
+        _COMMAND.append(get_command(app))
+    return _COMMAND[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:  # not the main thread: KeyboardInterrupt cannot reach this thread anyway
             pass
     try:
-        app(args=argv, prog_name="sam-probe")
+        command().main(args=argv, prog_name="sam-probe")
     except SamProbeError as exc:
         from . import distributed
         from .report.console import error

@@ -138,7 +138,6 @@ class Session:
             _dist.init(self.device)
         self._memory_plans: dict = {}
         self.store_failed: str | None = None  # the first write error: later units are not attempted
-        _warm_up()
 
     def note(self, message: str) -> None:
         """A one-line fact about the command's settings, said once (rank 0 only)."""
@@ -448,6 +447,8 @@ class Session:
                 return UnitOutcome(str(path), step, "skipped", result=stored or None, stored_at=str(unit))
             ck = self._loaded.pop(str(path), None) or self.load(path)
             ck.step = step
+            if analysis.gradients:
+                _warm_up()
             t0 = time.perf_counter()
             result = compute(ck, self, config, carry)
             seconds = time.perf_counter() - t0
@@ -495,6 +496,8 @@ class Session:
                 ck = self._loaded.pop(str(p), None) or self.load(p)
                 ck.step = step
                 cks.append(ck)
+            if analysis.gradients:
+                _warm_up()
             t0 = time.perf_counter()
             result = compute(cks, self, config)
         except KeyboardInterrupt:
@@ -541,8 +544,9 @@ _WARMED: list[bool] = []
 
 
 def _warm_up() -> None:
-    """Import what the first gradient would otherwise import (torch.func and its transforms)
-    once per process, before any unit's clock starts."""
+    """Import what the first ``torch.func`` transform would otherwise import (``torch._dynamo``,
+    ~1 s) once per process, before the first unit's clock starts; analyses that take no
+    gradients (``distance``) never pay it."""
     if _WARMED:
         return
     _WARMED.append(True)

@@ -78,6 +78,7 @@ class Analysis:
     view: str = ""  # module in sam_probe.report with show() / plot(); default: the analysis name
     module: str = ""  # module with configure/compute/execute; default: sam_probe.analyses.<name>
     view_defaults: dict[str, Any] = field(default_factory=dict)  # view options `report` passes
+    gradients: bool = True  # needs torch.func transforms (imported once, before a unit's clock starts)
     unkeyed: tuple[str, ...] = ()  # config entries that change cost, not results (e.g. warm starts): not in unit keys
 
     @property

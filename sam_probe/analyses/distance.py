@@ -9,7 +9,7 @@ from .base import RUNS, Analysis, Option
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 ANALYSIS = Analysis(
-    name="distance", version=1, order=50, target=RUNS,
+    name="distance", version=1, order=50, target=RUNS, gradients=False,
     summary="Distance ||w_t - w_ref|| (global, per tensor, relative) and escape rate.",
     definitions=(
         ("distance", "||w_t - w_ref|| over the model's parameters (BatchNorm statistics excluded)"),

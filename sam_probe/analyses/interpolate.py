@@ -7,7 +7,7 @@ from typing import Any
 from .base import PAIR, Analysis, Option
 
 ANALYSIS = Analysis(
-    name="interpolate", version=2, order=60, target=PAIR,
+    name="interpolate", version=2, order=60, target=PAIR, gradients=False,
     summary="Loss and accuracy along w(a) = (1-a) w_A + a w_B (buffers too) and the barrier above the chord.",
     definitions=(
         ("w(a)", "(1-a) w_A + a w_B for every alpha of the grid (always holding 0 and 1); BatchNorm buffers too"),

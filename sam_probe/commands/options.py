@@ -76,7 +76,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 
 def parse_kv(items: list[str]) -> dict[str, Any]:
-    from ..loading.models import parse_kv as _parse
+    from ..loading.kv import parse_kv as _parse
 
     return _parse(items)
 
@@ -100,7 +100,7 @@ def build_common(values: dict[str, Any]) -> Common:
 
 
 def _checked_hvp(method: str) -> str:
-    from ..core.objective import HVP_METHODS
+    from ..core.names import HVP_METHODS
 
     if method not in HVP_METHODS:
         raise SpecError(f"--hvp {method}: choose rev-rev or fwd-rev")

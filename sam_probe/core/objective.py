@@ -53,7 +53,7 @@ from .losses import LOSSES, LossError, default_loss, per_sample_loss_sum  # noqa
 from .params import ParamSpace
 
 BN_MODES = ("eval", "train")
-HVP_METHODS = ("rev-rev", "fwd-rev")
+from .names import HVP_METHODS  # noqa: E402 - re-exported
 LABEL_KEYS = ("labels", "label")
 _CAUSAL_LM = re.compile(r"(CausalLM|LMHeadModel)$")
 
