@@ -67,8 +67,13 @@ def test_plan_spends_the_budget_and_results_do_not_change():
     assert big.chunk_size == len(x) and big.vector_block == 8
     tiny = plan_memory(obj, 40 * vec)
     assert (tiny.chunk_size, tiny.vector_block, tiny.fits) == (1, 1, False)
-    # an explicit chunk wins over the planned one
+    # an explicit chunk wins over the planned one; graphs of every chunk are kept when all of them fit
     assert fit_memory(obj, budget, chunk_size=7).chunk_size == 7
+    assert not plan.keep_graphs and not fit_memory(obj, budget, chunk_size=7).keep_graphs
+    roomy = fit_memory(obj, "64GB", chunk_size=7)
+    assert big.keep_graphs and roomy.keep_graphs and roomy.chunk_size == 7
+    with roomy.reuse_graph():
+        assert torch.allclose(roomy.hvp_block(V), obj.hvp_block(V), rtol=1e-12, atol=1e-14)
 
 
 def test_cli_max_memory(tmp_path):

@@ -83,7 +83,7 @@ def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
         vectors[t, :, :V.shape[1]] = V.to(torch.float32).numpy().astype(np.float16)
     out = res.to_dict()
     if res.k < k:
-        out.setdefault("warnings", []).append(f"only {res.k} of {k} eigenvectors converged at every step; "
+        out.setdefault("warnings", []).append(f"only {res.k} of {k} eigenvectors exist at every step; "
                                               f"overlaps use k = {res.k}")
     if not out.get("warnings"):
         out.pop("warnings", None)

@@ -25,6 +25,13 @@ half of what is left after ``fixed + R v``; ``c`` takes the rest (at least 1, at
 most the samples of this rank).  Chunk and block sizes are memory-only: losses,
 gradients and HVPs are exact means either way (except BatchNorm in train mode,
 where the chunk is the batch).
+
+When the gradient graphs of *every* chunk fit too (``fixed + R v + 4 b v + a · N ≤ B``
+for the rank's ``N`` samples; ``rev-rev`` only) the plan sets ``keep_graphs``: inside
+:meth:`~sam_probe.core.objective.Objective.reuse_graph` each chunk's graph is built once
+and every further HVP is one double backward per chunk, as for an unchunked objective.
+That matters when the chunks are chosen by the user (``--batch-size``, e.g. BatchNorm
+batches in train mode); a planned chunk is the whole selection whenever it would fit.
 """
 from __future__ import annotations
 
@@ -103,6 +110,7 @@ class MemoryPlan:
     predicted_peak: float
     fits: bool
     probe: list[tuple[int, int]]  # (samples, peak bytes)
+    keep_graphs: bool = False  # every chunk's gradient graph fits beside the vectors: kept between HVPs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,9 +151,11 @@ def plan_memory(obj, budget: int | str, *, reserve_vectors: int = 44, probe: tup
     fits = c >= 1
     c = max(1, min(c, n_avail))
     predicted = fixed + reserve_vectors * vec + BLOCK_VECTORS * b * vec + per_chunk_sample * c
+    # the graphs of all chunks together cost about what one chunk of every sample would
+    keep = not fwdrev and fixed + reserve_vectors * vec + BLOCK_VECTORS * b * vec + a * n_avail <= budget
     return MemoryPlan(chunk_size=c, vector_block=b, budget=budget, per_sample=float(a), fixed=float(fixed),
                       vector_bytes=int(vec), reserve_vectors=reserve_vectors, predicted_peak=float(predicted),
-                      fits=bool(fits), probe=points)
+                      fits=bool(fits), probe=points, keep_graphs=bool(keep))
 
 
 def _unsharded(obj, idx: torch.Tensor):
@@ -172,4 +182,5 @@ def fit_memory(obj, budget: int | str, chunk_size: int | None = None, cache: dic
             cache[key] = plan
     out = obj.rechunked(chunk_size or plan.chunk_size, plan.vector_block)
     out.memory_plan = plan
+    out.keep_graphs = bool(getattr(plan, "keep_graphs", False))
     return out

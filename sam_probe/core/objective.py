@@ -684,10 +684,13 @@ class Objective:
     def reuse_graph(self) -> Iterator[None]:
         """Within this block, ``rev-rev`` HVPs at :attr:`params` of a single-chunk
         objective keep the first-order graph ``∇L(w)`` alive between calls, so each
-        further HVP is one double-backward pass (no forward, no first backward).
+        further HVP is one double-backward pass (no forward, no first backward).  With
+        :attr:`keep_graphs` (set by the memory planner when every chunk's graph fits the
+        ``--max-memory`` budget) the graphs of *all* chunks are kept, so a chunked HVP
+        costs what an unchunked one does.
 
-        Memory: that chunk's activations and gradient graph, held until exit.
-        Objectives with several chunks, ``fwd-rev`` or explicit ``params`` are unaffected.
+        Memory: the kept chunks' activations and gradient graphs, held until exit.
+        Other multi-chunk objectives, ``fwd-rev`` or explicit ``params`` are unaffected.
         """
         prev = getattr(self, "_reuse", False)
         self._reuse = True
@@ -698,14 +701,17 @@ class Objective:
             if not prev:
                 self._graph_cache = None
 
-    def _cached_graph(self) -> tuple | None:
-        if (not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.chunk_size < self.n_local
-                or self.n_local == 0):
+    keep_graphs: bool = False  # keep every chunk's gradient graph inside reuse_graph (memory planner)
+
+    def _cached_graphs(self) -> list[tuple] | None:
+        """The kept first-order graphs (one per chunk) inside :meth:`reuse_graph`, or ``None``."""
+        if not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.n_local == 0:
+            return None
+        if self.chunk_size < self.n_local and not self.keep_graphs:
             return None
         if getattr(self, "_graph_cache", None) is None:
-            x, y = next(iter(self.chunks()))
             with self.mode():
-                self._graph_cache = self._grad_graph(self.params, x, y)
+                self._graph_cache = [self._grad_graph(self.params, x, y) for x, y in self.chunks()]
         return self._graph_cache
 
     def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
@@ -732,9 +738,11 @@ class Objective:
         if vb and b > vb:
             return torch.cat([self.hvp_block(V[:, s:s + vb], params) for s in range(0, b, vb)], dim=1)
         Vt = V.T.contiguous()
-        cached = self._cached_graph() if params is None else None
+        cached = self._cached_graphs() if params is None else None
         if cached is not None:
-            out = self._hvp_from_graph(cached, Vt, retain=True)
+            out = self._hvp_from_graph(cached[0], Vt, retain=True)
+            for graph in cached[1:]:
+                out += self._hvp_from_graph(graph, Vt, retain=True)
         else:
             out = torch.zeros_like(Vt)
             with self.mode():

@@ -140,3 +140,36 @@ def test_reuse_graph_is_scoped():
         assert obj._graph_cache is not None
     assert obj._graph_cache is None
     assert torch.allclose(a, obj.hvp_block(v), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_kept_graphs_of_every_chunk_are_exact_and_skip_forwards(bn):
+    """``keep_graphs``: inside reuse_graph each chunk's gradient graph is built once and reused,
+    giving the same HVPs as rebuilding them (BN in train mode: each chunk stays its own batch)."""
+    model, x, y = bn_cnn()
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        rebuilt = Objective(model, x, y, "ce", bn_mode=bn, dtype=torch.float64, chunk_size=5)
+        kept = Objective(model, x, y, "ce", bn_mode=bn, dtype=torch.float64, chunk_size=5)
+        kept.keep_graphs = True
+        V = torch.randn(kept.n_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        ref = rebuilt.hvp_block(V)
+        n_chunks = len(list(kept.chunks()))
+        assert n_chunks == 3
+        with kept.reuse_graph():
+            calls.clear()
+            first = kept.hvp_block(V)
+            assert len(calls) == n_chunks  # one forward per chunk, once
+            again = kept.hvp_block(V[:, :1])
+            assert len(calls) == n_chunks  # no forward at all for later HVPs
+        assert torch.allclose(first, ref, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(again, ref[:, :1], rtol=1e-12, atol=1e-14)
+        assert kept._graph_cache is None  # released on exit
+        with rebuilt.reuse_graph():  # without keep_graphs a chunked objective rebuilds every time
+            calls.clear()
+            rebuilt.hvp_block(V[:, :1])
+            rebuilt.hvp_block(V[:, :1])
+            assert len(calls) == 2 * n_chunks
+    finally:
+        handle.remove()
