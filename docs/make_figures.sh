@@ -16,6 +16,7 @@ sam-probe interpolate $S/digits-mlp-late-sam/step_000200.pt $S/digits-mlp-late-s
 sam-probe alignment $S/digits-mlp-sgd --vectors full,minibatch,sam,update $q
 sam-probe ratios $S/digits-mlp-sgd $S/digits-mlp-sam $q
 sam-probe overlap $S/digits-mlp-sgd $S/digits-mlp-sam $q
+sam-probe subspace $S/digits-mlp-sgd $S/digits-mlp-sam --k 5 $q
 sam-probe report $R/store -o $R/plots -f json > /dev/null
 cp $R/plots/features.png $F/minor_first_features.png
 cp $R/plots/sharpness.png $F/late_sam_sharpness.png
@@ -24,5 +25,7 @@ cp $R/plots/interpolate.png $F/late_sam_interpolate.png
 cp $R/plots/alignment.png $F/alignment.png
 cp $R/plots/ratios_categories.png $F/ratios_categories.png
 cp $R/plots/overlap_C1.png $F/overlap_C1.png
+cp $R/plots/subspace.png $F/subspace.png
+cp $R/plots/subspace_overlap.png $F/subspace_overlap.png
 chmod 0644 $F/*.png
 echo "figures written to $F"

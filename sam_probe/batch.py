@@ -110,13 +110,25 @@ class Spec:
     items: list[Job] = field(default_factory=list)
 
 
-def _options(opts: dict[str, Any], where: str) -> list[str]:
+def _negatable(command: str) -> set[str]:
+    """Options of ``command`` declared as ``--x/--no-x`` (a spec's ``x = false`` means ``--no-x``)."""
+    from .analyses import get
+
+    try:
+        return {o.flag for o in get(command).options if any("/--no-" in f for f in o.flags)}
+    except SpecError:
+        return set()
+
+
+def _options(opts: dict[str, Any], where: str, negatable: set[str] = frozenset()) -> list[str]:
     argv: list[str] = []
     for key, value in opts.items():
         flag = "--" + str(key).replace("_", "-")
         if isinstance(value, bool):
             if value:
                 argv.append(flag)
+            elif flag in negatable:  # warm_start = false: --no-warm-start (not silently the default)
+                argv.append("--no-" + flag[2:])
         elif isinstance(value, list):
             for v in value:
                 if isinstance(v, (dict, list)):
@@ -195,7 +207,7 @@ def load_spec(path: str | Path, *, trust: bool = False) -> Spec:
             raise SpecError(f"{where}: {TRUST_OPTION} = true in a spec is refused unless the batch command line "
                             "says --trust-checkpoint too (full unpickling runs any code a checkpoint holds)")
         opts = {k: v for k, v in opts.items() if k not in (TRUST_OPTION, TRUST_OPTION.replace("-", "_"))}
-        argv_opts = _options(opts, where) + (["--trust-checkpoint"] if trust else [])
+        argv_opts = _options(opts, where, _negatable(cmd)) + (["--trust-checkpoint"] if trust else [])
         if cmd == "interpolate":
             pairs = a.get("pairs") or []
             if not pairs or any(not isinstance(p, list) or len(p) != 2 for p in pairs):

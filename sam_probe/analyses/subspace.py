@@ -26,6 +26,8 @@ ANALYSIS = Analysis(
         Option("max_hvp", None, ("--max-hvp",), "Product budget of each checkpoint's eigen solve.", annotation=int),
         *curvature_options(),
         warm_start_option(),
+        Option("save_vectors", True, ("--save-vectors/--no-save-vectors",), "Store every checkpoint's "
+               "eigenvectors in the unit (float16, T x P x k x 2 bytes; --no-save-vectors for large models)."),
     ),
     schema={
         "run": "run directory", "paths": "checkpoint files", "steps": "steps", "k": "subspace dimension",
@@ -51,7 +53,8 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     if opts["mc_samples"] < 1:
         raise SpecError("--mc-samples must be >= 1")
     return {"k": opts["k"], "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
-            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}
+            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "save_vectors": opts["save_vectors"],
+            "seed": settings.seed}
 
 
 def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -78,9 +81,11 @@ def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
                                       max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"])
     if any(V.shape[0] != P for V in bases):
         raise SpecError("the checkpoints of this run have different parameter counts")
-    vectors = np.full((len(bases), P, k), np.nan, dtype=np.float16)
-    for t, V in enumerate(bases):
-        vectors[t, :, :V.shape[1]] = V.to(torch.float32).numpy().astype(np.float16)
+    vectors = None
+    if cfg.get("save_vectors", True):
+        vectors = np.full((len(bases), P, k), np.nan, dtype=np.float16)
+        for t, V in enumerate(bases):
+            vectors[t, :, :V.shape[1]] = V.to(torch.float32).numpy().astype(np.float16)
     out = res.to_dict()
     if res.k < k:
         out.setdefault("warnings", []).append(f"only {res.k} of {k} eigenvectors exist at every step; "
@@ -88,4 +93,4 @@ def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
     if not out.get("warnings"):
         out.pop("warnings", None)
     return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out,
-            "warm_start": cfg["warm_start"], "eigenvectors": vectors}
+            "warm_start": cfg["warm_start"], **({"eigenvectors": vectors} if vectors is not None else {})}

@@ -128,3 +128,26 @@ runs = ["{tiny_runs['sgd']}", "{tiny_runs['sam']}"]
     d = res.json()
     assert res.code == 0 and d["shard"] == "2/3" and d["jobs"] == len(parts[1]) and d["jobs_in_spec"] == 5
     assert run_cli("batch", spec, "--shard", "4/3").code == 2
+
+
+def test_spec_booleans_map_to_flags(tmp_path):
+    """``x = true`` is ``--x``; ``x = false`` is ``--no-x`` where the option has one (never silently the default)."""
+    from sam_probe.batch import load_spec
+
+    spec = _spec(tmp_path / "spec.toml", f'''
+runs = ["{ROOT / 'sample_runs' / 'digits-mlp-sgd'}"]
+[[analysis]]
+command = "sharpness"
+warm-start = false
+trace = true
+density = false
+per-layer = true
+[[analysis]]
+command = "subspace"
+save_vectors = false
+''')
+    jobs = load_spec(spec).items
+    sharp, sub = jobs[0].argv, jobs[1].argv
+    assert "--no-warm-start" in sharp and "--trace" in sharp and "--per-layer" in sharp
+    assert not any(a in ("--density", "--no-density") for a in sharp)  # plain flag: false is the default
+    assert "--no-save-vectors" in sub

@@ -67,7 +67,7 @@ def test_subspace_warm_start_changes_cost_not_results(tiny_runs, tmp_path):
 
 def test_subspace_several_runs_and_ggn(tiny_runs, out):
     res = run_cli("subspace", tiny_runs["sgd"], tiny_runs["sam"], "--k", "2", "--curvature", "ggn",
-                  *COMMON, "--out", out, "--json")
+                  "--no-save-vectors", *COMMON, "--out", out, "--json")
     assert res.code == 0, res.stderr
     runs = res.json()["runs"]
     assert len(runs) == 2 and all(r["curvature"] == "ggn" for r in runs)
@@ -76,6 +76,8 @@ def test_subspace_several_runs_and_ggn(tiny_runs, out):
         assert np.allclose(np.diag(m), 1.0, atol=1e-6) and np.allclose(m, m.T)
         assert ((m >= -1e-9) & (m <= 1 + 1e-9)).all()
         assert all(min(e) >= -1e-8 for e in r["eigenvalues"])  # the GGN is PSD
+    units = sorted(out.glob("subspace/*/*.h5"))
+    assert len(units) == 2 and all("eigenvectors" not in store.read_unit(u)[0] for u in units)
 
 
 def test_subspace_k_too_large_is_one_line(tiny_runs, out):
