@@ -123,3 +123,13 @@ def test_gradient_aligned_with_top_space_but_loss_decrease_from_the_bulk():
         assert r["chi"]["full"] > 10 * chance  # the gradient lives largely in the top-10 eigenspace ...
         assert r["dL"]["bulk"] < 0 and abs(r["dL"]["bulk"]) > abs(r["dL"]["dom"])  # ... but the bulk lowers the loss
         assert r["dL"]["full"] == pytest.approx(r["dL_pred"]["full"], rel=0.05)
+
+
+# ------------------------------------------------------------------ 4. the dominant subspace stops moving
+def test_dominant_subspace_rotates_early_then_holds():
+    r = _json("subspace", RUNS / "digits-mlp-sgd", "--k", "5")
+    steps, prev, ov = r["steps"], r["previous"], r["overlap"]
+    assert r["chance"] < 1e-3 and steps[3] == 120
+    assert all(p < 0.8 for p in prev[1:4])  # steps 40-120: the space still turns
+    assert all(p >= 0.97 for p in prev[4:])  # from step 160 on: almost fixed
+    assert ov[-1][3] >= 0.85  # step 400 still shares most of step 120's top-5 space

@@ -118,7 +118,7 @@ def _g(cfg: dict[str, Any], r: dict[str, Any], k: str, default: Any = None) -> A
 
 def sam_text(cfg: dict[str, Any], r: dict[str, Any]) -> str:
     rho, variant, m = _g(cfg, r, "rho"), _g(cfg, r, "variant"), _g(cfg, r, "m")
-    if rho is None:
+    if rho is None or rho == 0:  # --rho 0: no SAM quantity was computed
         return ""
     return f"SAM {variant or 'l2'} ρ={_fmt(rho)}" + (f", m={m}" if m else "")
 

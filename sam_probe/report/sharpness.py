@@ -9,6 +9,12 @@ from .tables import Table, step_value
 
 DENSITY_FLOOR = 1e-5  # the SLQ density is drawn down to this fraction of its peak (Gaussian tails below are noise)
 CURV_UNIT = "loss/param²"
+CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher", "ef": "empirical Fisher"}
+
+
+def curvature_label(r: dict[str, Any]) -> str:
+    """How a result's curvature operator is named on an axis (``Hessian`` when not recorded)."""
+    return CURVATURE_NAMES.get(str(r.get("curvature") or "hessian"), str(r.get("curvature")))
 
 
 def rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -175,7 +181,7 @@ def plot_layers(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         row[0].barh(ypos, lam, color=figures.color(run))
         row[0].set_yticks(ypos, names, fontsize="x-small")
         row[0].invert_yaxis()
-        row[0].set_xlabel(f"λ_max of the layer's Hessian block ({CURV_UNIT})")
+        row[0].set_xlabel(f"λ_max of the layer's {curvature_label(last)} block ({CURV_UNIT})")
         row[0].set_ylabel("layer (parameter tensor)")
         row[0].set_title(f"{figures.label(run)}: {step_name} {step_value(last.get('step'))}", fontsize="small",
                          color=figures.color(run))
@@ -190,15 +196,13 @@ def plot_layers(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
             row[1].set_title("trace per layer", fontsize="small")
         ax = row[-1]
         steps = [step_value(r.get("step")) for r in rs]
-        width = 0.8 / max(len(names), 1)
-        for j, name in enumerate(names):
+        for name in names:  # one line per layer on the step axis (numeric ticks never collide)
             vals = []
             for r in rs:
                 e = next((e for e in r["per_layer"] if e["name"] == name), {})
                 vals.append(e.get("top_eigenvalue") if e.get("top_eigenvalue") is not None else np.nan)
-            ax.bar(np.arange(len(steps)) + (j - (len(names) - 1) / 2) * width, vals, width=width,
-                   color=layer_colors[name], label=name)
-        ax.set_xticks(np.arange(len(steps)), [str(s) for s in steps])
+            ax.plot(steps, vals, marker="o", ms=3, lw=1.4, color=layer_colors[name], label=name)
+        figures.mark_steps(ax, events.switch_marks(rs), ls="--")
         ax.set_xlabel(settings.step_axis(rs))
         ax.set_ylabel(f"λ_max per layer ({CURV_UNIT})")
         ax.set_title("per-layer λ_max over training", fontsize="small")
