@@ -30,6 +30,16 @@ def show(results: list[dict[str, Any]]) -> None:
     tables.show(tables_of(results))
 
 
+COLLAPSE = 1e-3  # total importance below this fraction of its peak over the run: the model has vanished
+
+
+def collapsed(importance) -> Any:
+    """Per checkpoint, whether the model's total importance fell below :data:`COLLAPSE` of its
+    peak over the run (its normalised shares are then rounding noise, e.g. SAM at a tiny init)."""
+    tot = np.nansum(np.abs(np.asarray(importance, dtype=float)), axis=1)
+    return tot < COLLAPSE * max(float(np.nanmax(tot)) if tot.size else 0.0, 1e-300)
+
+
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     """Minor mass over steps (all runs); importance share per feature at the last checkpoint; image heat-maps."""
     if not results:
@@ -39,17 +49,22 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     fig, axes = figures.new_figure(ncols=2, width=4.8, height=3.5)
     axes = list(axes.flat)
     n_feat = 0
+    any_collapsed = False
     for r in results:
         rows = r.get("results") or []
         col = figures.color(r)
-        axes[0].plot([step_value(x["step"]) for x in rows], [x["minor_mass"] for x in rows], marker="o", ms=3.5,
-                     color=col, label=figures.label(r))
         imp = np.asarray(r["importance"], dtype=float)
+        dead = collapsed(imp)
+        any_collapsed |= bool(dead[-1])
+        style = {"ls": "--", "alpha": 0.6} if dead[-1] else {}
+        label = figures.label(r) + (" (collapsed)" if dead[-1] else "")
+        axes[0].plot([step_value(x["step"]) for x in rows], [x["minor_mass"] for x in rows], marker="o", ms=3.5,
+                     color=col, label=label, **style)
         order = np.argsort(-np.asarray(r["strength"], dtype=float), kind="stable")  # strongest first
         last = imp[-1][order]
         n_feat = max(n_feat, len(last))
         axes[1].plot(range(len(last)), last / max(np.nansum(last), 1e-300), marker=".", color=col,
-                     label=figures.label(r))
+                     label=label, **style)
     figures.mark_steps(axes[0], events.switch_marks(results), ls="--")
     axes[0].set_xlabel(settings.step_axis(results))
     frac = results[0].get("minor_fraction")
@@ -62,6 +77,9 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     if n_feat <= 20:
         axes[1].set_xticks(range(n_feat))
     figures.legend_beside(axes[1], title="run")
+    if any_collapsed:
+        axes[1].text(0.98, 0.98, f"dashed: total importance below {COLLAPSE:g} of its peak\n(shares of a vanished "
+                     "model are noise)", transform=axes[1].transAxes, ha="right", va="top", fontsize="x-small")
     figures.title(fig, "feature amplification (normalised: shares of each model's total importance)",
                   settings.caption("features", results))
     written += figures.write(fig, outdir / "features")

@@ -205,3 +205,13 @@ def test_declutter_thins_colliding_tick_labels(tmp_path):
     assert figures.overlapping_ticks(fig) == []
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_a_vanished_model_is_marked_collapsed():
+    import numpy as np
+
+    from sam_probe.report.features import collapsed
+
+    imp = np.array([[1.0, 2.0], [0.5, 0.5], [1e-6, 2e-6]])
+    assert collapsed(imp).tolist() == [False, False, True]
+    assert not collapsed(np.zeros((0, 3))).any()
