@@ -150,6 +150,16 @@ def test_every_analysis_runs_on_a_trainer_run(bert_run, tmp_path):
     assert ds.code == 0 and ds.json()["steps"] == [2, 4]
     ft = run_cli("features", bert_run, *data)
     assert ft.code == 2 and "features needs in-memory tensor inputs" in ft.stderr and "Traceback" not in ft.stderr
+    for curvature in ("hessian", "ggn"):
+        sub = run_cli("subspace", bert_run, "--k", "2", "--curvature", curvature, *data)
+        assert sub.code == 0, sub.stderr
+        r = sub.json()
+        assert r["steps"] == [2, 4] and r["curvature"] == curvature and 0 <= r["previous"][1] <= 1 + 1e-9
+    sh = run_cli("sharpness", bert_run, "--top-k", "2", "--curvature", "ggn", "--per-layer", "module", "--rho", "0.05",
+                 "--worst-case", "--ascent-steps", "3", *data)
+    assert sh.code == 0, sh.stderr
+    for r in sh.json()["results"]:
+        assert r["curvature"] == "ggn" and r["per_layer"] and r["worst_case_sharpness"] >= r["sam_sharpness"] - 1e-7
 
 
 def test_model_that_does_not_take_the_data_is_one_line(bert_run, tmp_path):
