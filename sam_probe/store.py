@@ -205,21 +205,80 @@ def _attr(v: Any) -> Any:
     return v
 
 
-def _read(group: h5py.Group) -> Any:
+class UnsafeResults(ValueError):
+    """A results file holds something a unit never does (links, external or virtual storage,
+    reference or compound types, more data than its size can honestly hold, absurd nesting)."""
+
+
+MAX_DEPTH = 32  # units nest dicts and lists a few levels deep
+EXPANSION = 256  # datasets may declare at most this many times the file's size (compression bombs)
+MIN_BUDGET = 256 << 20  # bytes any file may declare, however small (bit-packed codes of 1B+ parameters)
+_PLAIN_KINDS = "biuf"
+
+
+class _Budget:
+    """Bytes the datasets of one file may still declare: ``max(MIN_BUDGET, EXPANSION × file size)``."""
+
+    def __init__(self, f: h5py.File):
+        try:
+            size = os.path.getsize(f.filename)
+        except OSError:
+            size = 0
+        self.left = max(MIN_BUDGET, EXPANSION * size)
+
+    def take(self, item: h5py.Dataset) -> None:
+        n = int(item.size) * max(int(item.dtype.itemsize), 1)
+        self.left -= n
+        if self.left < 0:
+            raise UnsafeResults(f"{item.name}: declares {n:,} bytes, more than a file of this size can hold "
+                                "(a compression bomb?)")
+
+
+def _member(group: h5py.Group, k: str) -> Any:
+    """``group[k]`` if it is a hard link (soft, external and user-defined links are refused)."""
+    link = group.get(k, getlink=True)
+    if link is None:
+        raise KeyError(k)
+    if not isinstance(link, h5py.HardLink):
+        raise UnsafeResults(f"{group.name}/{k}: a {type(link).__name__} (units hold no links to other objects "
+                            "or files)")
+    return group[k]
+
+
+def _dataset(item: h5py.Dataset, budget: _Budget) -> Any:
+    """A dataset's values after the checks of :class:`UnsafeResults`: plain numbers and strings only."""
+    if item.external or item.is_virtual:
+        raise UnsafeResults(f"{item.name}: stored outside the file (external or virtual storage)")
+    dt = item.dtype
+    is_str = h5py.check_string_dtype(dt) is not None
+    bad = (dt.fields is not None or h5py.check_dtype(ref=dt) is not None
+           or (h5py.check_vlen_dtype(dt) is not None and not is_str) or not (is_str or dt.kind in _PLAIN_KINDS))
+    if bad:
+        raise UnsafeResults(f"{item.name}: a {dt} dataset (units hold plain numbers and strings)")
+    budget.take(item)
+    arr = item[()]
+    if is_str or dt.kind in "OS":
+        arr = np.array([a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in np.atleast_1d(arr)],
+                       dtype=object)
+    return arr
+
+
+def _read(group: h5py.Group, budget: _Budget | None = None, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise UnsafeResults(f"{group.name}: nested more than {MAX_DEPTH} levels deep")
+    budget = budget or _Budget(group.file)
     if group.attrs.get(KIND) == "list":
-        return [_read(group[k]) for k in sorted(group.keys())]
+        return [_read(_member(group, k), budget, depth + 1) for k in sorted(group.keys())]
     out: dict[str, Any] = {}
     for k, v in group.attrs.items():
         if k != KIND:
             out[_unkey(k)] = _attr(v)
-    for k, item in group.items():
+    for k in group.keys():
+        item = _member(group, k)
         if isinstance(item, h5py.Group):
-            out[_unkey(k)] = _read(item)
+            out[_unkey(k)] = _read(item, budget, depth + 1)
         else:
-            arr = item[()]
-            if item.dtype.kind in "OS":
-                arr = np.array([a.decode() if isinstance(a, bytes) else a for a in np.atleast_1d(arr)], dtype=object)
-            out[_unkey(k)] = arr
+            out[_unkey(k)] = _dataset(item, budget)
     return out
 
 
@@ -239,7 +298,7 @@ def read_meta(f: h5py.File | h5py.Group) -> dict[str, Any]:
 def read_unit(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(result, meta)`` of one unit file; arrays come back as numpy arrays."""
     with h5py.File(path, "r") as f:
-        return _read(f[RESULT]), read_meta(f)
+        return _read(_member(f, RESULT)), read_meta(f)
 
 
 def exists(path: str | Path) -> bool:
@@ -264,6 +323,10 @@ def skip_reason(path: str | Path, exc: BaseException) -> str:
         except OSError:
             pass
         return "not a sam-probe unit (no 'result' group)"
+    if isinstance(exc, UnsafeResults):
+        return f"refused: {str(exc)[:200]}"
+    if isinstance(exc, RecursionError):
+        return "refused: nested too deeply"
     if isinstance(exc, OSError):
         return f"unreadable HDF5, truncated or corrupt ({str(exc).splitlines()[0][:120]})"
     return f"unreadable result ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
@@ -284,22 +347,37 @@ def iter_units(source: str | Path, on_skip: Callable[[str, str], None] | None = 
                 continue
             try:
                 res, meta = read_unit(p)
-            except (OSError, KeyError, ValueError, TypeError) as exc:
+            except (OSError, KeyError, ValueError, TypeError, RecursionError) as exc:
                 if on_skip is not None:
                     on_skip(str(p.relative_to(src)), skip_reason(p, exc))
                 continue
             yield str(p.relative_to(src)), res, meta
         return
     with h5py.File(src, "r") as f:
-        def visit(g: h5py.Group, prefix: str) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-            for k, item in g.items():
-                if not isinstance(item, h5py.Group):
+        budget = _Budget(f)
+
+        def skipped(name: str, exc: BaseException) -> None:
+            if on_skip is not None:
+                on_skip(name, skip_reason(src, exc) if not isinstance(exc, KeyError) else f"unreadable result ({exc})")
+
+        def visit(g: h5py.Group, prefix: str, depth: int) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+            for k in g.keys():
+                name = f"{prefix}{k}"
+                try:
+                    if depth >= MAX_DEPTH:
+                        raise UnsafeResults(f"{g.name}: nested more than {MAX_DEPTH} levels deep")
+                    item = _member(g, k)
+                    if not isinstance(item, h5py.Group):
+                        continue
+                    if RESULT not in item:
+                        yield from visit(item, f"{name}/", depth + 1)
+                        continue
+                    unit = (name, _read(_member(item, RESULT), budget), read_meta(item))
+                except (OSError, KeyError, ValueError, TypeError, RecursionError) as exc:
+                    skipped(name, exc)
                     continue
-                if RESULT in item:
-                    yield f"{prefix}{k}", _read(item[RESULT]), read_meta(item)
-                else:
-                    yield from visit(item, f"{prefix}{k}/")
-        yield from list(visit(f, ""))
+                yield unit
+        yield from list(visit(f, "", 0))
 
 
 def merge(source: str | Path, target: str | Path,

@@ -363,3 +363,68 @@ def test_names_with_slashes_percent_dots_and_undecodable_bytes_round_trip(tmp_pa
     back, meta = read_unit(p)
     assert set(back["per_tensor"]) == {"a/b", "50%", ".hidden", "plain.w"}
     assert back["path"] == meta["checkpoint"] == "ckpt_\\xff.pt"
+
+
+# ------------------------------------------------------------------ hostile results files
+def _hostile(tmp_path, name, build):
+    """A results folder holding one good unit and one crafted file built by ``build(f)``."""
+    d = tmp_path / "res"
+    store.write_unit(d / "good.h5", {"x": 1.0}, {"analysis": "sharpness"})
+    with h5py.File(d / name, "w") as f:
+        g = f.create_group("result")
+        g.attrs["__kind__"] = "dict"
+        build(f, g)
+    skipped = []
+    units = list(store.iter_units(d, on_skip=lambda n, why: skipped.append((n, why))))
+    return [u[0] for u in units], skipped
+
+
+def test_links_external_storage_and_cycles_are_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x01" * 64)
+    outside = tmp_path / "other.h5"
+    with h5py.File(outside, "w") as o:
+        o["data"] = np.arange(4.0)
+    builds = {
+        "ext_link.h5": lambda f, g: g.__setitem__("v", h5py.ExternalLink(str(outside), "/data")),
+        "soft_cycle.h5": lambda f, g: g.__setitem__("loop", h5py.SoftLink("/result")),
+        "ext_storage.h5": lambda f, g: g.create_dataset("v", shape=(64,), dtype="u1",
+                                                       external=[(str(secret), 0, 64)]),
+        "hard_cycle.h5": lambda f, g: g.create_group("a").__setitem__("up", g),
+        "reference.h5": lambda f, g: g.create_dataset("v", data=np.array([g.ref], dtype=h5py.ref_dtype)),
+        "compound.h5": lambda f, g: g.create_dataset("v", data=np.zeros(3, dtype=[("a", "i4"), ("b", "f8")])),
+    }
+    for name, build in builds.items():
+        names, skipped = _hostile(tmp_path / name.split(".")[0], name, build)
+        assert names == ["good.h5"], name
+        assert len(skipped) == 1 and skipped[0][0] == name and skipped[0][1].startswith("refused"), (name, skipped)
+
+
+def test_a_compression_bomb_is_refused_before_it_is_read(tmp_path):
+    def bomb(f, g):  # 2 GB of zeros in a file of a few hundred KB (budget: 256 MiB)
+        g.create_dataset("v", shape=(2 ** 31,), dtype="u1", chunks=(2 ** 22,), compression="gzip", fillvalue=0)
+
+    names, skipped = _hostile(tmp_path, "bomb.h5", bomb)
+    assert names == ["good.h5"] and "compression bomb" in skipped[0][1]
+
+
+def test_deep_nesting_is_refused_and_a_merged_file_keeps_its_good_units(tmp_path):
+    def deep(f, g):
+        for _ in range(store.MAX_DEPTH + 5):
+            g = g.create_group("d")
+            g.attrs["__kind__"] = "dict"
+
+    names, skipped = _hostile(tmp_path, "deep.h5", deep)
+    assert names == ["good.h5"] and "nested" in skipped[0][1]
+    merged = tmp_path / "merged.h5"
+    with h5py.File(merged, "w") as f:
+        for name, val in (("a", 1.0), ("b", 2.0)):
+            u = f.create_group(name)
+            u.attrs["analysis"] = "sharpness"
+            r = u.create_group("result")
+            r.attrs["__kind__"] = "dict"
+            r.attrs["x"] = val
+        f["b/result/link"] = h5py.SoftLink("/a")
+    seen = []
+    units = list(store.iter_units(merged, on_skip=lambda n, why: seen.append((n, why))))
+    assert [u[0] for u in units] == ["a"] and seen[0][0] == "b" and seen[0][1].startswith("refused")
