@@ -389,8 +389,8 @@ class Session:
         if self.settings.store and not self.settings.force and _stored(unit):
             try:
                 return from_store(store.read_unit(unit)[0]) if store.exists(unit) else {}
-            except (OSError, KeyError):
-                return None  # unreadable: recompute and overwrite
+            except (OSError, KeyError, ValueError, TypeError, RecursionError):
+                return None  # unreadable or refused (store.UnsafeResults): recompute and overwrite
         return None
 
     def _write(self, unit: Path, result: dict[str, Any], meta: dict[str, Any], outcome: UnitOutcome) -> None:

@@ -428,3 +428,19 @@ def test_deep_nesting_is_refused_and_a_merged_file_keeps_its_good_units(tmp_path
     seen = []
     units = list(store.iter_units(merged, on_skip=lambda n, why: seen.append((n, why))))
     assert [u[0] for u in units] == ["a"] and seen[0][0] == "b" and seen[0][1].startswith("refused")
+
+
+def test_a_refused_stored_unit_is_recomputed_and_overwritten(tiny_runs, tmp_path):
+    from clitools import run_cli
+
+    ck = tiny_runs["sgd"] / "step_000020.pt"
+    args = ("sharpness", ck, "--top-k", "1", "--rho", "0", "--max-samples", "40", "--out", tmp_path, "--json")
+    first = run_cli(*args).json()["results"][0]
+    (unit,) = tmp_path.glob("sharpness/*/*.h5")
+    with h5py.File(unit, "a") as f:  # an attacker swaps a value for a link into another file
+        del f["result/eigenvalues"]
+        f["result/eigenvalues"] = h5py.ExternalLink("/etc/hostname", "/x")
+    again = run_cli(*args)
+    assert again.code == 0, again.stderr
+    assert again.json()["results"][0]["eigenvalues"] == first["eigenvalues"]
+    store.read_unit(unit)  # overwritten with a clean unit
