@@ -154,9 +154,23 @@ def _expand(patterns: list[Any], base: Path, where: str) -> list[str]:
     return out
 
 
+MAX_SPEC_BYTES = 4 << 20  # a spec is a few lines of TOML
+
+
 def _read(path: Path) -> dict[str, Any]:
+    import stat
+
     try:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise SpecError(f"{path}: not a regular file; give a TOML spec file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {st.st_size:,} bytes is not a spec (at most {MAX_SPEC_BYTES:,})")
         return tomllib.loads(path.read_text())
+    except RecursionError:
+        raise SpecError(f"{path}: not valid TOML (nested too deeply)") from None
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
     except IsADirectoryError:

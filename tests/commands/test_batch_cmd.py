@@ -151,3 +151,16 @@ save_vectors = false
     assert "--no-warm-start" in sharp and "--trace" in sharp and "--per-layer" in sharp
     assert not any(a in ("--density", "--no-density") for a in sharp)  # plain flag: false is the default
     assert "--no-save-vectors" in sub
+
+
+def test_hostile_spec_files_are_one_line(tmp_path):
+    import os
+
+    deep = _spec(tmp_path / "deep.toml", "x = " + "[" * 100000 + "]" * 100000 + "\n")
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# " + b"x" * (5 << 20) + b"\n")
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for spec, words in ((deep, "nested too deeply"), (big, "is not a spec"), (fifo, "not a regular file")):
+        res = run_cli("batch", spec)
+        assert res.code == 2 and words in res.stderr and "Traceback" not in res.stderr, (spec, res.stderr)
