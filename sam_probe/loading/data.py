@@ -303,12 +303,20 @@ def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection
             obj = safe_load(str(path))[0]
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
+                _check_inflated(spec, path, sum(i.file_size for i in z.zip.infolist()))
                 obj = {k: z[k] for k in z.files}
         else:
             import h5py
 
+            from ..store import _Budget, _dataset, _member  # the results reader's checks: hard links, plain dtypes
+
             with h5py.File(path, "r") as f:
-                obj = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+                budget = _Budget(f)
+                obj = {}
+                for k in f.keys():
+                    item = _member(f, k)
+                    if isinstance(item, h5py.Dataset):
+                        obj[k] = _dataset(item, budget)
     except SpecError:
         raise
     except Exception as exc:
@@ -316,6 +324,17 @@ def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection
                         "save plain tensors/arrays named inputs and targets") from None
     x, y = _pair(obj, spec)
     return from_tensors(x, y, path.name, {"path": str(path)})
+
+
+INFLATE_FACTOR, INFLATE_FLOOR = 256, 256 << 20  # an archive may inflate to max(floor, factor x its size)
+
+
+def _check_inflated(spec: str, path: Path, inflated: int) -> None:
+    """Refuse an archive whose members inflate far beyond its own size (a zip bomb)."""
+    limit = max(INFLATE_FLOOR, INFLATE_FACTOR * path.stat().st_size)
+    if inflated > limit:
+        raise SpecError(f"--data {spec}: its arrays inflate to {inflated:,} bytes from {path.stat().st_size:,} "
+                        "(a zip bomb?); save the arrays uncompressed")
 
 
 def _pair(obj: Any, spec: str) -> tuple[Any, Any]:

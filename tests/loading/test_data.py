@@ -216,3 +216,22 @@ def test_hf_datasets_from_disk(tmp_path):
     s = load_data(f"hf:{tmp_path / 'd'}")
     x, y = next(s.batches().slices(0, 2, 2))
     assert s.streamed and set(x) == {"input_ids", "label"} and x["input_ids"].dtype == torch.int64
+
+
+def test_hostile_npz_and_h5_data_files(tmp_path):
+    """Data files get the results reader's checks: no zip bombs, no links or external storage."""
+    np.savez_compressed(tmp_path / "bomb.npz", inputs=np.zeros((300, 1 << 20), dtype=np.uint8), targets=np.zeros(300))
+    with pytest.raises(SpecError, match="zip bomb"):
+        load_data(str(tmp_path / "bomb.npz"))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x07" * 32)
+    with h5py.File(tmp_path / "ext.h5", "w") as f:
+        f.create_dataset("inputs", shape=(4, 8), dtype="u1", external=[(str(secret), 0, 32)])
+        f["targets"] = np.zeros(4)
+    with pytest.raises(SpecError, match="outside the file"):
+        load_data(str(tmp_path / "ext.h5"))
+    with h5py.File(tmp_path / "link.h5", "w") as f:
+        f["inputs"] = h5py.ExternalLink(str(tmp_path / "ext.h5"), "/targets")
+        f["targets"] = np.zeros(4)
+    with pytest.raises(SpecError, match="ExternalLink"):
+        load_data(str(tmp_path / "link.h5"))
