@@ -29,7 +29,7 @@ where the chunk is the batch).
 When the gradient graphs of *every* chunk fit too (``fixed + R v + 4 b v + a · N ≤ B``
 for the rank's ``N`` samples; ``rev-rev`` only) the plan sets ``keep_graphs``: inside
 :meth:`~sam_probe.core.objective.Objective.reuse_graph` each chunk's graph is built once
-and every further HVP is one double backward per chunk, as for an unchunked objective.
+(one joint graph) and every further HVP is one double backward, as for an unchunked objective.
 That matters when the chunks are chosen by the user (``--batch-size``, e.g. BatchNorm
 batches in train mode); a planned chunk is the whole selection whenever it would fit.
 """
