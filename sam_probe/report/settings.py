@@ -18,7 +18,7 @@ META = "_meta"  # key of the unit attributes ``report`` attaches to a result (ne
 # meta attributes that change what a number means (the rest -- host, device, time -- do not)
 GROUPING_META = ("config", "data_spec", "dtype", "bn_mode", "analysis_version")
 # config keys that only tune output or bookkeeping, not the quantities
-NON_SETTINGS = frozenset({"pairwise"})
+NON_SETTINGS = frozenset({"pairwise", "warm_start", "cold_check", "save_vectors"})
 
 
 def meta(result: dict[str, Any]) -> dict[str, Any]:
