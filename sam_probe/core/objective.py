@@ -713,15 +713,16 @@ class Objective:
 
     keep_graphs: bool = False  # keep every chunk's gradient graph inside reuse_graph (memory planner)
 
-    def _cached_graphs(self) -> list[tuple] | None:
-        """The kept first-order graphs (one per chunk) inside :meth:`reuse_graph`, or ``None``."""
+    def _cached_graph(self) -> tuple | None:
+        """The kept first-order graph inside :meth:`reuse_graph` (one chunk, or every chunk jointly
+        with :attr:`keep_graphs`), or ``None``."""
         if not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.n_local == 0:
             return None
         if self.chunk_size < self.n_local and not self.keep_graphs:
             return None
         if getattr(self, "_graph_cache", None) is None:
             with self.mode():
-                self._graph_cache = [self._grad_graph_of(self.params, self.chunks())]
+                self._graph_cache = self._grad_graph_of(self.params, self.chunks())
         return self._graph_cache
 
     def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
@@ -748,11 +749,9 @@ class Objective:
         if vb and b > vb:
             return torch.cat([self.hvp_block(V[:, s:s + vb], params) for s in range(0, b, vb)], dim=1)
         Vt = V.T.contiguous()
-        cached = self._cached_graphs() if params is None else None
+        cached = self._cached_graph() if params is None else None
         if cached is not None:
-            out = self._hvp_from_graph(cached[0], Vt, retain=True)
-            for graph in cached[1:]:
-                out += self._hvp_from_graph(graph, Vt, retain=True)
+            out = self._hvp_from_graph(cached, Vt, retain=True)
         else:
             out = torch.zeros_like(Vt)
             with self.mode():
