@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option
+from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option,
+                   warm_started)
 
 VECTORS = ("full", "minibatch", "sam", "update")
 
@@ -88,12 +89,7 @@ def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str
     prev = None
     if "update" in cfg["vectors"] and carry.get("prev_path"):
         prev = session.objective(session.load(carry["prev_path"])).flat_params()
-    warm = carry.get("warm") if cfg["warm_start"] else None
-    out = compute_alignment(obj, cfg, k, eta, prev, warm=warm, carry=carry)
-    if out.get("warm_start"):
-        out["warm_start_from"] = carry.get("warm_step")
-    carry["warm_step"] = ck.step
-    return out
+    return warm_started(ck, cfg, carry, lambda warm: compute_alignment(obj, cfg, k, eta, prev, warm, carry))
 
 
 def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None, warm=None,
@@ -106,7 +102,6 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
 
     op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples", 1),
                             seed=cfg["seed"])
-    warm = warm if warm is not None and warm.shape[0] == op.P else None
     eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm)
     if carry is not None:
         carry["warm"] = eig.eigenvectors
@@ -114,7 +109,7 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
                     batch_size=cfg["minibatch_size"], seed=cfg["seed"], rho=cfg["rho"], variant=cfg["variant"],
                     prev_params=prev_params, eta_grid=cfg["eta_grid"], curvature=op.name)
     out = res.to_dict()
-    out["warm_start"] = warm is not None
+    out["warm_start"] = eig.warm_start
     out.update(residuals=list(eig.residuals), converged=list(eig.converged), n_hvp=eig.n_hvp, n_params=obj.n_params)
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged) if not c]

@@ -131,6 +131,17 @@ def curvature_options() -> tuple[Option, ...]:
     )
 
 
+def warm_started(ck: Any, cfg: dict[str, Any], carry: dict[str, Any], solve: Any) -> dict[str, Any]:
+    """``solve(warm)`` for checkpoint ``ck`` of a run: ``warm`` is the previous checkpoint's Ritz
+    vectors (``carry["warm"]``, which ``solve`` replaces with its own) under ``--warm-start``, else
+    ``None``; a warm-started result records in ``warm_start_from`` the step they came from."""
+    out = solve(carry.get("warm") if cfg["warm_start"] else None)
+    if out.get("warm_start"):
+        out["warm_start_from"] = carry.get("warm_step")
+    carry["warm_step"] = ck.step
+    return out
+
+
 def warm_start_option() -> Option:
     return Option("warm_start", True, ("--warm-start/--no-warm-start",),
                   "Start each checkpoint's eigen solve from the previous checkpoint's Ritz vectors (same "

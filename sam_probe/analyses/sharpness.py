@@ -5,7 +5,7 @@ from typing import Any
 
 from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
 from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
-                   warm_start_option)
+                   warm_start_option, warm_started)
 
 ANALYSIS = Analysis(
     name="sharpness", version=2, order=10, target=CHECKPOINTS,
@@ -114,12 +114,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
 
 
 def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
-    warm = carry.get("warm") if cfg["warm_start"] else None
-    out = compute_sharpness(session.objective(ck), cfg, warm=warm, carry=carry)
-    if out.get("warm_start"):
-        out["warm_start_from"] = carry.get("warm_step")
-    carry["warm_step"] = ck.step
-    return out
+    return warm_started(ck, cfg, carry, lambda warm: compute_sharpness(session.objective(ck), cfg, warm, carry))
 
 
 def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -161,13 +156,12 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
         out["pyhessian"] = {k: d[k] for k in ("seconds_setup", "seconds_eigen", "seconds_trace")}
         out["limitations"] = d["limitations"]
     elif cfg["top_k"] > 0:
-        warm = warm if warm is not None and warm.shape[0] == op.P else None
         res = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
                         block_size=cfg["block_size"], seed=cfg["seed"], warm=warm)
         vals, resid, conv = _sorted_desc(list(res.eigenvalues), list(res.residuals), list(res.converged))
         out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"],
-                   warm_start=warm is not None)
-        if warm is not None and cfg["cold_check"]:
+                   warm_start=res.warm_start)
+        if res.warm_start and cfg["cold_check"]:
             cold = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
                              block_size=cfg["block_size"], seed=cfg["seed"])
             out.update(n_hvp_cold=cold.n_hvp, n_hvp_saved=cold.n_hvp - res.n_hvp)

@@ -323,11 +323,14 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
     :class:`~sam_probe.core.objective.Objective` means its Hessian) in its dtype and device,
     inside the operator's context (the Hessian keeps its gradient graph when it fits one
     chunk; ``reuse_graph=False`` skips the context).  ``warm``: earlier Ritz vectors
-    ``[P, k']`` for a warm start (see module docstring); ``None`` is a cold start.
+    ``[P, k']`` for a warm start (see module docstring); ``None``, or vectors of another
+    length than ``P``, is a cold start (``warm_start`` in the result says which).
     ``n_hvp`` counts the operator's products whatever the curvature."""
     from .operators import as_operator
 
     op = as_operator(op)
+    if warm is not None and warm.shape[0] != op.P:  # vectors of another parameter space: start cold
+        warm = None
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
         res = lanczos(op.matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,

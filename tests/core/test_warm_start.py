@@ -69,3 +69,11 @@ def test_warm_start_with_a_block_and_bad_vectors():
     warm = top_eigen(objs[1], 3, tol=1e-6, block_size=2, warm=junk)
     assert warm.all_converged
     assert torch.allclose(torch.tensor(warm.eigenvalues), torch.tensor(cold.eigenvalues), rtol=2e-6)
+
+
+def test_vectors_of_another_parameter_space_give_the_cold_solve():
+    obj = run(1)[0]
+    cold = top_eigen(obj, 3, tol=1e-6)
+    other = top_eigen(obj, 3, tol=1e-6, warm=torch.randn(obj.n_params + 5, 3, dtype=torch.float64))
+    assert cold.warm_start is False and other.warm_start is False
+    assert other.eigenvalues == cold.eigenvalues and other.n_hvp == cold.n_hvp
