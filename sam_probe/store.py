@@ -216,7 +216,7 @@ MIN_BUDGET = 256 << 20  # bytes any file may declare, however small (bit-packed 
 _PLAIN_KINDS = "biuf"
 
 
-class _Budget:
+class ReadBudget:
     """Bytes the datasets of one file may still declare: ``max(MIN_BUDGET, EXPANSION × file size)``."""
 
     def __init__(self, f: h5py.File):
@@ -234,7 +234,7 @@ class _Budget:
                                 "(a compression bomb?)")
 
 
-def _member(group: h5py.Group, k: str) -> Any:
+def hard_member(group: h5py.Group, k: str) -> Any:
     """``group[k]`` if it is a hard link (soft, external and user-defined links are refused)."""
     link = group.get(k, getlink=True)
     if link is None:
@@ -245,7 +245,7 @@ def _member(group: h5py.Group, k: str) -> Any:
     return group[k]
 
 
-def _dataset(item: h5py.Dataset, budget: _Budget) -> Any:
+def plain_dataset(item: h5py.Dataset, budget: ReadBudget) -> Any:
     """A dataset's values after the checks of :class:`UnsafeResults`: plain numbers and strings only."""
     if item.external or item.is_virtual:
         raise UnsafeResults(f"{item.name}: stored outside the file (external or virtual storage)")
@@ -263,22 +263,22 @@ def _dataset(item: h5py.Dataset, budget: _Budget) -> Any:
     return arr
 
 
-def _read(group: h5py.Group, budget: _Budget | None = None, depth: int = 0) -> Any:
+def _read(group: h5py.Group, budget: ReadBudget | None = None, depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise UnsafeResults(f"{group.name}: nested more than {MAX_DEPTH} levels deep")
-    budget = budget or _Budget(group.file)
+    budget = budget or ReadBudget(group.file)
     if group.attrs.get(KIND) == "list":
-        return [_read(_member(group, k), budget, depth + 1) for k in sorted(group.keys())]
+        return [_read(hard_member(group, k), budget, depth + 1) for k in sorted(group.keys())]
     out: dict[str, Any] = {}
     for k, v in group.attrs.items():
         if k != KIND:
             out[_unkey(k)] = _attr(v)
     for k in group.keys():
-        item = _member(group, k)
+        item = hard_member(group, k)
         if isinstance(item, h5py.Group):
             out[_unkey(k)] = _read(item, budget, depth + 1)
         else:
-            out[_unkey(k)] = _dataset(item, budget)
+            out[_unkey(k)] = plain_dataset(item, budget)
     return out
 
 
@@ -298,7 +298,7 @@ def read_meta(f: h5py.File | h5py.Group) -> dict[str, Any]:
 def read_unit(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(result, meta)`` of one unit file; arrays come back as numpy arrays."""
     with h5py.File(path, "r") as f:
-        return _read(_member(f, RESULT)), read_meta(f)
+        return _read(hard_member(f, RESULT)), read_meta(f)
 
 
 def exists(path: str | Path) -> bool:
@@ -354,7 +354,7 @@ def iter_units(source: str | Path, on_skip: Callable[[str, str], None] | None = 
             yield str(p.relative_to(src)), res, meta
         return
     with h5py.File(src, "r") as f:
-        budget = _Budget(f)
+        budget = ReadBudget(f)
 
         def skipped(name: str, exc: BaseException) -> None:
             if on_skip is not None:
@@ -366,13 +366,13 @@ def iter_units(source: str | Path, on_skip: Callable[[str, str], None] | None = 
                 try:
                     if depth >= MAX_DEPTH:
                         raise UnsafeResults(f"{g.name}: nested more than {MAX_DEPTH} levels deep")
-                    item = _member(g, k)
+                    item = hard_member(g, k)
                     if not isinstance(item, h5py.Group):
                         continue
                     if RESULT not in item:
                         yield from visit(item, f"{name}/", depth + 1)
                         continue
-                    unit = (name, _read(_member(item, RESULT), budget), read_meta(item))
+                    unit = (name, _read(hard_member(item, RESULT), budget), read_meta(item))
                 except (OSError, KeyError, ValueError, TypeError, RecursionError) as exc:
                     skipped(name, exc)
                     continue

@@ -308,15 +308,15 @@ def _from_file(spec: str, suffix: str, options: dict[str, Any]) -> DataSelection
         else:
             import h5py
 
-            from ..store import _Budget, _dataset, _member  # the results reader's checks: hard links, plain dtypes
+            from ..store import ReadBudget, hard_member, plain_dataset  # the results reader's checks
 
             with h5py.File(path, "r") as f:
-                budget = _Budget(f)
+                budget = ReadBudget(f)
                 obj = {}
                 for k in f.keys():
-                    item = _member(f, k)
+                    item = hard_member(f, k)
                     if isinstance(item, h5py.Dataset):
-                        obj[k] = _dataset(item, budget)
+                        obj[k] = plain_dataset(item, budget)
     except SpecError:
         raise
     except Exception as exc:
