@@ -54,11 +54,11 @@ def execute(session, targets: list[Path], cfg: dict[str, Any]):
 
     if len(targets) != 2:
         raise SpecError(f"interpolate takes two checkpoint files A B, got {len(targets)}")
-    from ..loading.hf import is_folder_checkpoint
+    from ..loading.sources import is_checkpoint
 
     a, b = (Path(t) for t in targets)
     for p in (a, b):
-        if not (p.is_file() or is_folder_checkpoint(p)):  # a file, or a Hugging Face folder checkpoint
+        if not is_checkpoint(p):  # a file, or a folder checkpoint (Hugging Face, ...)
             raise SpecError(f"{p}: give two checkpoint files")
 
     def run():

@@ -14,7 +14,11 @@ with finite garbage loads silently.  Here, before unpickling:
   deflated, inflating to at most ``MAX_PICKLE_BYTES``;
 - the CRC-32 of **every** member is verified, streaming over the memory-mapped
   file (64 MiB at a time, no copy; large members on up to 4 threads); a mismatch
-  is reported as ``corrupt: member archive/data/3 fails its CRC``.  The file is
+  is reported as ``corrupt: member archive/data/3 fails its CRC``.  With
+  ``verify="metadata"`` only the members that are not stored tensor records are
+  verified here (the pickle, byte order, version): the records are left in
+  :attr:`TorchZip.unverified` for the one streaming pass of :mod:`.verify`, which
+  checks their CRCs while it hashes the file and scans the weights.  The file is
   read once, and the tensors later use the same pages.
 
 TorchScript archives are recognised (``constants.pkl`` or a ``code/`` folder).
@@ -55,7 +59,7 @@ def _corrupt(reason: str) -> RefusedFile:
 class TorchZip:
     """The verified members of a torch zip checkpoint (see module docstring)."""
 
-    def __init__(self, mf: MappedFile, *, verify: bool = True):
+    def __init__(self, mf: MappedFile, *, verify: bool | str = True):
         self.mf = mf
         mm = mf.data
         try:
@@ -100,8 +104,19 @@ class TorchZip:
         if spans[-1][1] > start_dir:
             raise _corrupt(f"member {spans[-1][2]} runs into the zip directory")
         self._inflated: dict[str, bytes] = {}
+        self.unverified: list[Member] = []
+        members = list(self._by_full.values())
+        if verify == "metadata":
+            self.unverified = [m for m in members if m.stored and self._is_record(m.name)]
+            skip = {m.name for m in self.unverified}
+            members = [m for m in members if m.name not in skip]
         if verify:
-            self._verify_all(list(self._by_full.values()))
+            self._verify_all(members)
+
+    def _is_record(self, name: str) -> bool:
+        """``<archive>/data/<key>``: a tensor record (never deflated, memory-mapped)."""
+        return name.startswith(self.prefix + "data/") and "/" not in name[len(self.prefix) + 5:] \
+            and not name.endswith(".pkl")
 
     @staticmethod
     def _member(mm, info: zipfile.ZipInfo, size: int) -> Member:
@@ -143,7 +158,8 @@ class TorchZip:
             with ThreadPoolExecutor(workers) as pool:
                 for _ in pool.map(self._verify, sorted(big, key=lambda m: -m.size)):
                     pass
-            members = [m for m in members if m not in big]
+            done = {m.name for m in big}
+            members = [m for m in members if m.name not in done]
         for m in members:
             self._verify(m)
 

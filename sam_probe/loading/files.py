@@ -76,6 +76,12 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What identifies a file's bytes between two reads: device, inode, size, mtime and ctime (the last cannot
+    be set back by the file's owner, so a rewrite in place always changes it)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 @dataclass
 class MappedFile:
     """A regular file mapped copy-on-write (``MAP_PRIVATE``): writes never reach the file."""
@@ -83,6 +89,7 @@ class MappedFile:
     path: str
     size: int
     data: mmap.mmap
+    identity: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
 
     def __len__(self) -> int:
         return self.size
@@ -93,6 +100,9 @@ def map_file(path: str | os.PathLike) -> MappedFile:
     fd, st = open_regular(path)
     try:
         if st.st_size == 0:
+            if os.read(fd, 1):  # /proc/self/environ & co: regular, size 0, yet readable
+                raise RefusedFile("is a special file whose size the system does not report (e.g. under /proc), not "
+                                  "a checkpoint", "unsupported")
             raise RefusedFile("empty file (0 bytes); the save was probably interrupted")
         try:
             data = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_COPY)
@@ -100,7 +110,7 @@ def map_file(path: str | os.PathLike) -> MappedFile:
             raise RefusedFile(f"cannot be memory-mapped ({exc})", "unsupported") from None
     finally:
         os.close(fd)
-    return MappedFile(os.fspath(path), st.st_size, data)
+    return MappedFile(os.fspath(path), st.st_size, data, identity(st))
 
 
 def read_head(path: str | os.PathLike, n: int = 16) -> bytes:
@@ -120,3 +130,37 @@ def display(path: str | os.PathLike) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
         if any("\udc80" <= c <= "\udcff" for c in text) else text
 
+
+
+MAX_JSON = 64 * 2**20  # bytes of a JSON side file (config, shard index, trainer state) sam-probe reads
+
+
+def read_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON) -> dict:
+    """A JSON object from a regular file of at most ``limit`` bytes, or a one-line ``CheckpointError``
+    (a FIFO or device named like a side file is refused, never read; deep nesting is an error, not a crash)."""
+    import json
+
+    from ..errors import CheckpointError
+
+    where = display(path)
+    try:
+        fd, st = open_regular(path)
+    except RefusedFile as exc:
+        raise CheckpointError(f"{where}: {what} {str(exc).split(';')[0]}; it must be a regular JSON file") from None
+    try:
+        if st.st_size > limit:
+            raise CheckpointError(f"{where}: {what} is {st.st_size / 2**20:.0f} MiB, over the {limit // 2**20} MiB "
+                                  "limit")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            obj = json.loads(f.read(limit + 1))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: unreadable {what} ({type(exc).__name__}); re-save it") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}: {what} is not a JSON object")
+    return obj

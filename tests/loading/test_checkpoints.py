@@ -517,7 +517,7 @@ def test_overlap_problem(make, problem):
 
 
 def test_nonfinite_scan_in_chunks_matches_full_count(monkeypatch):
-    from sam_probe.loading import checkpoints
+    from sam_probe.loading import state as state_module
     from sam_probe.loading.checkpoints import Checkpoint
 
     g = torch.Generator().manual_seed(0)
@@ -526,7 +526,7 @@ def test_nonfinite_scan_in_chunks_matches_full_count(monkeypatch):
     base[torch.rand(300, 70, generator=g) < 0.02] = float("-inf")
     state = {"c": base, "t": base.t(), "s": base[::3, 5:50], "z": torch.empty(0, 3), "x": base[7, 3]}
     expected = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items()}
-    monkeypatch.setattr(checkpoints, "_SCAN_CHUNK", 97)  # many chunks, ragged last one
+    monkeypatch.setattr(state_module, "_SCAN_CHUNK", 97)  # many chunks, ragged last one
     got = Checkpoint("x", "torch-zip", "state_dict", state).nonfinite()
     assert got == {k: n for k, n in expected.items() if n}
 
