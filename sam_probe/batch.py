@@ -80,13 +80,15 @@ class Job:
         return " ".join(self.targets)
 
     def size(self) -> int:
-        """Checkpoint files this job reads (its share of the work, for sharding)."""
+        """Checkpoints this job reads (its share of the work, for sharding), as run discovery finds them."""
+        from .errors import SamProbeError
+        from .loading.sources import discover
+
         n = 0
         for t in self.targets:
-            p = Path(t)
             try:
-                n += sum(1 for f in p.iterdir() if f.is_file()) if p.is_dir() else 1
-            except OSError:
+                n += len(discover(t))
+            except (SamProbeError, OSError):
                 n += 1
         return max(1, n)
 
@@ -268,14 +270,22 @@ def validate(spec: Spec) -> None:
 
 
 # ------------------------------------------------------------------ sharding
+MAX_SHARDS = 2**31  # --shard i/n: n shards (any n works in time and memory proportional to the jobs)
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` (1 <= i <= n) -> ``(i, n)``."""
+    """``"i/n"`` (1 <= i <= n <= MAX_SHARDS) -> ``(i, n)``."""
     if text is None:
         return None
     try:
-        i, n = (int(x) for x in text.split("/"))
+        parts = text.split("/")
+        if len(parts) != 2 or any(len(x.strip()) > 12 for x in parts):
+            raise ValueError(text)
+        i, n = (int(x) for x in parts)
     except ValueError:
-        raise SpecError(f"--shard {text}: give i/n, e.g. --shard 2/4") from None
+        raise SpecError(f"--shard {text[:40]}: give i/n, e.g. --shard 2/4 (n at most {MAX_SHARDS:,})") from None
+    if n > MAX_SHARDS:
+        raise SpecError(f"--shard {text[:40]}: n must be at most {MAX_SHARDS:,}")
     if not 1 <= i <= n:
         raise SpecError(f"--shard {text}: i must be between 1 and n")
     return i, n
@@ -283,16 +293,26 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
     """Shard ``i`` of ``n``: jobs dealt largest first to the least loaded shard (ties to the
-    lowest shard), so the split depends only on the spec and its files."""
-    load = [0] * n
-    mine: list[tuple[int, Job]] = []
-    order = sorted(range(len(jobs)), key=lambda j: (-jobs[j].size(), j))
-    for j in order:
-        s = min(range(n), key=lambda k: (load[k], k))
-        load[s] += jobs[j].size()
+    lowest shard), so the split depends only on the spec and its files.
+
+    Time and memory grow with the jobs, not with ``n``: only shards that got a job are kept
+    (in a heap by ``(load, shard)``); the untouched ones are all at load 0, the lowest next."""
+    import heapq
+
+    sizes = [job.size() for job in jobs]
+    used: list[tuple[int, int]] = []  # (load, shard) of shards that got a job
+    fresh = 0  # shards fresh..n-1 have no job yet
+    mine: list[int] = []
+    for j in sorted(range(len(jobs)), key=lambda j: (-sizes[j], j)):
+        if fresh < n and (not used or (0, fresh) < used[0]):
+            s, load = fresh, 0
+            fresh += 1
+        else:
+            load, s = heapq.heappop(used)
+        heapq.heappush(used, (load + sizes[j], s))
         if s == i - 1:
-            mine.append((j, jobs[j]))
-    return [job for _, job in sorted(mine, key=lambda t: t[0])]
+            mine.append(j)
+    return [jobs[j] for j in sorted(mine)]
 
 
 # ------------------------------------------------------------------ running
@@ -356,6 +376,29 @@ class Worker:
             self.proc.kill()
         self.log.close()
 
+    def interrupt(self) -> None:
+        """Stop the worker as Ctrl-C stops a command: SIGINT (its job ends at once, stored units stay whole),
+        and no further jobs (its stdin is closed, so it exits)."""
+        import signal
+
+        try:
+            self.proc.send_signal(signal.SIGINT)
+        except OSError:
+            pass
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def reap(self, grace: float = 10.0) -> None:
+        """Wait for an interrupted worker, killing it when it does not end within ``grace`` seconds."""
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
 
 _STATUS_FILES: dict[int, str] = {}
 
@@ -397,19 +440,30 @@ def run_spec(spec: Spec, out: Path, jobs: int = 1, items: list[Job] | None = Non
         todo.put(pair)
     done: dict[int, list[UnitStatus]] = {}
     lock = threading.Lock()
+    stop = threading.Event()
+    live: set[Worker] = set()
 
     def drive() -> None:
         worker: Worker | None = None
         try:
-            while True:
+            while not stop.is_set():
                 try:
                     index, job = todo.get_nowait()
                 except queue.Empty:
                     return
-                worker = worker or Worker(threads)
+                if worker is None:
+                    with lock:
+                        if stop.is_set():
+                            return
+                        worker = Worker(threads)
+                        live.add(worker)
                 rc, stderr = worker.run(job, out)
+                if stop.is_set():
+                    return
                 if rc is None:  # replace a dead worker before the next job
                     worker.log.close()
+                    with lock:
+                        live.discard(worker)
                     worker = None
                 units = _finish_job(job, rc, stderr)
                 with lock:
@@ -417,12 +471,22 @@ def run_spec(spec: Spec, out: Path, jobs: int = 1, items: list[Job] | None = Non
                     if on_done:
                         on_done(job, units, stderr)
         finally:
-            if worker is not None:
+            if worker is not None and not stop.is_set():
                 worker.close()
 
     threads_ = [threading.Thread(target=drive, daemon=True) for _ in range(jobs)]
-    for t in threads_:
-        t.start()
-    for t in threads_:
-        t.join()
+    try:
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+    except BaseException:  # Ctrl-C / SIGINT (or any exit) of this process: its workers stop with it
+        stop.set()
+        with lock:
+            workers = list(live)
+        for w in workers:
+            w.interrupt()
+        for w in workers:
+            w.reap()
+        raise
     return [u for i in sorted(done) for u in done[i]]

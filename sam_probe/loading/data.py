@@ -225,16 +225,23 @@ def digits(split: str = "train", data_seed: int = 0, flatten: bool = True) -> Da
 
 # -------------------------------------------------------- minor / major
 FEATURE_KINDS = ("rademacher", "gaussian", "aligned")
+MAX_SYNTHETIC_VALUES = 2**24  # (n + n_test) x d: ~0.5 GB at the peak of generation; larger sets go in a file
 
 
 def synthetic_minor_major(split: str = "train", n: int = 256, n_test: int | None = None, d: int = 10,
                           decay: float = 0.5, labels: str | None = None, teacher: Any = None,
                           features: str = "rademacher", data_seed: int = 0) -> DataSelection:
     """Features of geometrically decaying scale with a linear teacher (module docstring)."""
-    n, d = int(n), int(d)
-    n_test = n // 4 if n_test is None else int(n_test)
+    try:
+        n, d = int(n), int(d)
+        n_test = n // 4 if n_test is None else int(n_test)
+    except (TypeError, ValueError):
+        raise SpecError("synthetic-minor-major: n, n_test and d must be whole numbers (e.g. n=256 d=10)") from None
     if n <= 0 or d <= 0 or n_test < 0:
         raise SpecError("synthetic-minor-major: n and d must be positive (e.g. n=256 d=10)")
+    if (n + n_test) * d > MAX_SYNTHETIC_VALUES:
+        raise SpecError(f"synthetic-minor-major: (n + n_test) x d = {(n + n_test) * d:,} values, more than the "
+                        f"{MAX_SYNTHETIC_VALUES:,} it generates; save larger data to a .pt/.npz file")
     if features not in FEATURE_KINDS:
         raise SpecError(f"synthetic-minor-major: features={features!r}{suggest(str(features), FEATURE_KINDS)}; "
                         f"choose one of {', '.join(FEATURE_KINDS)}")

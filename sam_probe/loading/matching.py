@@ -60,24 +60,35 @@ class KeyMismatchError(CheckpointError):
         self.rows = rows
 
 
+MAX_PREFIX_PARTS = 32  # a prefix has at most this many dotted parts (checked in one pass over the names)
+MAX_ROWS = 40  # rows per kind (missing / unexpected / shape) in a mismatch table
+MAX_POOL = 2000  # names searched for the closest one
+
+
 def infer_prefix(names: list[str], expected: set[str]) -> str:
-    """The leading ``a.b.`` prefix whose removal matches the most ``expected`` names."""
+    """The leading ``a.b.`` prefix whose removal matches the most ``expected`` names (ties: the first in
+    sorted order); one pass over the names, at most ``MAX_PREFIX_PARTS`` prefixes each."""
     best, best_hits = "", sum(n in expected for n in names)
-    candidates: set[str] = set()
+    hits: dict[str, int] = {}
     for n in names:
-        parts = n.split(".")
-        for i in range(1, len(parts)):
-            candidates.add(".".join(parts[:i]) + ".")
-    for pre in sorted(candidates):
-        hits = sum(n[len(pre):] in expected for n in names if n.startswith(pre))
-        if hits > best_hits:
-            best, best_hits = pre, hits
+        parts = n.split(".", MAX_PREFIX_PARTS)
+        for i in range(1, min(len(parts), MAX_PREFIX_PARTS)):
+            pre = ".".join(parts[:i]) + "."
+            if n[len(pre):] in expected:
+                hits[pre] = hits.get(pre, 0) + 1
+    for pre in sorted(hits):
+        if hits[pre] > best_hits:
+            best, best_hits = pre, hits[pre]
     return best
 
 
 def _closest(name: str, pool: list[str]) -> str:
-    m = difflib.get_close_matches(name, pool, n=1, cutoff=0.4)
+    m = difflib.get_close_matches(name[:200], [p[:200] for p in pool[:MAX_POOL]], n=1, cutoff=0.4)
     return f"closest: {m[0]}" if m else ""
+
+
+def _capped(rows: list[tuple[str, str, str]], kind: str, total: int) -> list[tuple[str, str, str]]:
+    return rows + ([(kind, f"... {total - len(rows):,} more", "")] if total > len(rows) else [])
 
 
 @dataclass
@@ -124,9 +135,11 @@ def match_state(model: nn.Module, state: dict[str, Tensor], stripped: list[str] 
     unexpected = [n for n in state if n not in expected]
     mismatched = [n for n in state if n in names.shapes and tuple(state[n].shape) != names.shapes[n]]
     if missing or unexpected or mismatched:
-        rows = [("missing", n, _closest(n, unexpected)) for n in missing]
-        rows += [("unexpected", n, _closest(n, missing)) for n in unexpected]
-        rows += [("shape", n, f"checkpoint {tuple(state[n].shape)} vs model {names.shapes[n]}") for n in mismatched]
+        rows = _capped([("missing", n, _closest(n, unexpected)) for n in missing[:MAX_ROWS]], "missing", len(missing))
+        rows += _capped([("unexpected", n, _closest(n, missing)) for n in unexpected[:MAX_ROWS]], "unexpected",
+                        len(unexpected))
+        rows += _capped([("shape", n, f"checkpoint {tuple(state[n].shape)} vs model {names.shapes[n]}")
+                         for n in mismatched[:MAX_ROWS]], "shape", len(mismatched))
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing")

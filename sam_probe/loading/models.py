@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import SpecError, suggest
+from ..errors import CheckpointError, SpecError, suggest
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
@@ -381,15 +381,35 @@ def check_args(fn: Callable[..., Any], args: dict[str, Any], label: str, strict:
         raise SpecError(f"{label}: missing argument(s) {', '.join(missing)}; pass them as key=value")
 
 
-def build_model(spec: str, args: dict[str, Any] | None = None, strict: bool = False) -> nn.Module:
+def build_model(spec: str, args: dict[str, Any] | None = None, strict: bool = False,
+                expected_numel: int | None = None, budget: Any = None) -> nn.Module:
     """Build the model of ``spec`` with keyword ``args`` (see module docstring).
 
     Seed with ``torch.manual_seed`` before calling for a reproducible init.
     ``strict``: the arguments came from a checkpoint (see :func:`check_args`).
+    ``budget`` (a :class:`~.bounded_build.Budget`, or only ``expected_numel``): what the weights hold;
+    a zoo model is then first built on the meta device and refused when it cannot fit them
+    (a checkpoint's ``hidden=[25000, 25000]`` never allocates).  User factories are called once.
     """
+    from .bounded_build import Budget, TooLarge, meta_build
+
     args = dict(args or {})
     fn = factory_for(spec)
     check_args(fn, args, f"--model {spec}", strict=strict)
+    if budget is None and expected_numel is not None:
+        budget = Budget.from_numel(expected_numel)
+    if budget is not None and is_builtin_model(spec):
+        try:
+            meta_build(lambda: fn(**args), budget)
+        except TooLarge as exc:
+            shown = ", ".join(f"{k}={str(v)[:40]}" for k, v in args.items()) or "its defaults"
+            raise CheckpointError(f"--model {spec} with {shown} describes {exc}, but the weights hold "
+                                  f"{budget.numel:,} parameters in {budget.tensors:,} tensors; the model arguments "
+                                  "and the weights do not belong together") from None
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"--model {spec}: building it with {args} failed: {exc}") from exc
     try:
         model = fn(**args)
     except SpecError:

@@ -32,12 +32,30 @@ def python3_name(full_name: str) -> str:
 
 
 def is_dangerous(full_name: str) -> bool:
-    """Whether a pickled global can run code or touch the system when called."""
+    """Whether a pickled global can run code or touch the system when called.
+
+    Any part of its dotted path counts, so an alias reached through another module's
+    attribute (``posixpath.os.system``, ``uuid.os.system``, ``torch.serialization.os.system``,
+    ``shutil.os.popen``) is as dangerous as the callable it names."""
     module, _, name = python3_name(full_name).rpartition(".")
-    root = module.split(".", 1)[0]
     if module in ("", "builtins", "__builtin__"):
         return name in _DANGEROUS_BUILTINS
-    return root in _DANGEROUS_MODULES
+    parts = module.split(".")
+    if any(p in _DANGEROUS_MODULES for p in parts):
+        return True
+    return any(p in ("builtins", "__builtin__", "__builtins__") for p in parts[1:]) and name in _DANGEROUS_BUILTINS
+
+
+def names_code(full_name: str) -> bool:
+    """Whether a global looks like a function (lower-case last name) rather than a class: a pickle that calls
+    one runs that code when fully unpickled, so sam-probe never suggests ``--trust-checkpoint`` for it.
+    Builtin types (``set``, ``frozenset``, ...) are classes."""
+    import builtins
+
+    module, _, name = python3_name(full_name).rpartition(".")
+    if module in ("builtins", "__builtin__") and isinstance(getattr(builtins, name, None), type):
+        return False
+    return not name.lstrip("_")[:1].isupper()
 
 
 class Placeholder:

@@ -43,7 +43,7 @@ from .files import MappedFile, RefusedFile, map_file
 from .numpy_safe import RECORDERS, UnrebuiltNumpy, is_recorder, made, rebuild
 from .objgraph import replace_all
 from .pickle_scan import PickleScan, scan_pickle
-from .placeholders import Placeholder, is_dangerous, make_placeholder, python3_name
+from .placeholders import Placeholder, is_dangerous, make_placeholder, names_code, python3_name
 from .rebuild_guard import Guard, UnbuiltTensor
 
 __all__ = ["Placeholder", "RefusedFile", "UnsafePickleError", "globals_in_pickle", "is_dangerous", "load_mapped",
@@ -105,10 +105,24 @@ def _scan(buf, start: int = 0, what: str = "its pickle") -> PickleScan:
     except RefusedFile as exc:
         if exc.kind != "unsupported":
             raise
-        for name in sorted(globals_in_pickle(bytes(buf[start:start + 64 * 2**20]))):
+        names = globals_in_pickle(bytes(buf[start:start + 64 * 2**20]))
+        for name in sorted(names):
             if is_dangerous(name):
                 raise UnsafePickleError(name) from None
+        calls = _code_names(names)
+        if calls:
+            raise RefusedFile(f"{exc}; it calls {calls[0]}, code sam-probe never runs; re-save the weights with "
+                              "torch.save(model.state_dict(), path)", "unsupported") from None
         raise RefusedFile(f"{exc}; re-save it with torch.save (default pickle protocol 2)", "foreign") from None
+
+
+def _code_names(names) -> list[str]:
+    """The function-like globals of ``names`` that torch's allow-list and the numpy recorders do not cover."""
+    from torch import _weights_only_unpickler as wou
+
+    allowed = wou._get_allowed_globals()
+    return sorted(python3_name(n) for n in names
+                  if n not in allowed and n not in _RECORDER_NAMES and names_code(n))
 
 
 def _check_globals(names: set[str]) -> None:
@@ -134,6 +148,11 @@ def _classify(exc: BaseException, placeholders: dict[str, type]) -> RefusedFile:
         return RefusedFile("corrupt: a tensor's size and stride need more bytes than its storage holds; re-save or "
                            "re-copy it")
     if isinstance(exc, pickle.UnpicklingError):
+        calls = _code_names(placeholders)
+        if calls and ("Only persistent_load of storage" in msg or re.search(r"Can only (?:append|extend|SETITEMS?)",
+                                                                             msg)):
+            return RefusedFile(f"it calls {calls[0]}, code sam-probe never runs, to rebuild its objects; re-save the "
+                               "weights with torch.save(model.state_dict(), path)", "unsupported")
         target = re.search(r"Can only (?:append|extend|SETITEMS?)\b.* but got <class '([\w.]+)'>", msg)
         if target and target.group(1) in placeholders:  # a list or dict subclass of the user's own
             return RefusedFile(f"it holds objects of its own list or dict class {target.group(1)}, which cannot be "

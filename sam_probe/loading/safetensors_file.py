@@ -7,7 +7,7 @@ an optional ``__metadata__`` of string values, where each entry's
 ``end - begin == prod(shape) x itemsize`` and the entries, sorted by offset,
 cover the data section exactly: no gaps, no overlaps, nothing out of range.
 Tensors are then views of the memory-mapped file (copied only when their
-offset is not a multiple of the element size).  safetensors has no checksum:
+offset is not a multiple of the element size).  At most ``MAX_TENSORS`` entries.  safetensors has no checksum:
 damaged bytes inside the data section cannot be detected.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .files import MappedFile, RefusedFile
 
 MAX_HEADER = 100 * 2**20
 MAX_NDIM = 64
+MAX_TENSORS = 2**17  # entries of one file (a 671B-parameter model holds ~1,000 per shard)
 _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
            "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
            "F32": "float32", "F64": "float64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
@@ -80,6 +81,9 @@ def load_safetensors(mf: MappedFile) -> tuple[dict[str, Any], dict[str, str]]:
         raise _corrupt(f"its header is not valid JSON: {str(exc)[:80]}") from None
     if type(header) is not dict:
         raise _corrupt("its header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:
+        raise RefusedFile(f"its header lists {len(header):,} tensors, more than the {MAX_TENSORS:,} sam-probe reads from "
+                          "one file", "limit")
     meta = header.pop("__metadata__", None) or {}
     if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
         raise _corrupt("its __metadata__ is not a map of strings")

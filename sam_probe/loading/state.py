@@ -27,8 +27,9 @@ from torch import Tensor
 from ..errors import CheckpointError
 from .files import display, printable
 from .plaindata import key_text, plain
-from .placeholders import Placeholder
+from .placeholders import Placeholder, names_code
 from .rebuild_guard import span, strided_problem
+from .steps import MAX_STEP, as_step, step_from_name  # noqa: F401 - re-exported
 
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net", "module", "ema")
 STEP_KEYS = ("step", "global_step", "iteration", "epoch")
@@ -36,13 +37,7 @@ HPARAM_KEYS = ("hparams", "hyper_parameters", "hyperparameters", "args", "config
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 MAX_PREFIXES = 16  # more nested wrappers than any real training stack
 MAX_EXTRA_KEYS = 100
-MAX_STEP = 2**63 - 1  # steps are stored as int64
 _SCAN_CHUNK = 2**24  # elements per step of the non-finite scan
-_NAME_STEP_RES = (
-    re.compile(r"(?:^|[^a-z])step[=_-]?(\d+)", re.IGNORECASE),
-    re.compile(r"(?:^|[^a-z])(?:iter|iteration|it)[=_-]?(\d+)", re.IGNORECASE),
-    re.compile(r"(\d+)(?!.*\d)"),
-)
 
 
 @dataclass
@@ -201,10 +196,11 @@ def find_state(obj: Any, key: str | None = None) -> tuple[dict[str, Tensor], str
     if state is not None:
         return state, "module" if isinstance(obj, torch.nn.Module) else "state_dict"
     if isinstance(obj, Placeholder):
+        advice = "" if names_code(obj._sam_probe_global) else \
+            ", or, if you wrote this file yourself, pass --trust-checkpoint"
         raise CheckpointError(printable(
             f"no tensors found (the file holds a pickled {obj._sam_probe_global} object, kept as an inert placeholder "
-            "and not loaded); re-save it as torch.save(model.state_dict(), path), or, if you wrote this file "
-            "yourself, pass --trust-checkpoint"))
+            f"and not loaded); re-save it as torch.save(model.state_dict(), path){advice}"))
     raise CheckpointError(f"no tensors found (the file holds a {type(obj).__name__}); is it a checkpoint?")
 
 
@@ -237,32 +233,6 @@ def check_tensors(path: str | Path, state: dict[str, Tensor]) -> None:
 
 
 # ------------------------------------------------------------------ steps
-def as_step(v: Any) -> int | None:
-    """``v`` as a step: an integer (or integral float, or decimal digits) in ``[0, 2^63)``, else ``None``."""
-    if isinstance(v, str):
-        return int(v) if v.isascii() and v.isdigit() and len(v) <= 19 and int(v) <= MAX_STEP else None
-    v = plain(v)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, float) and v.is_integer() and abs(v) < 2.0**63:
-        v = int(v)
-    if isinstance(v, int) and 0 <= v <= MAX_STEP:
-        return v
-    return None
-
-
-def step_from_name(path: str | Path) -> int | None:
-    stem = Path(path).name
-    for ext in (".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-    for rx in _NAME_STEP_RES:
-        m = rx.search(stem)
-        if m:
-            return as_step(m.group(1))
-    return None
-
-
 def find_step(obj: Any, meta: dict[str, str], path: str | Path) -> tuple[int | None, str]:
     """Step and where it came from: ``content:<key>``, ``filename`` or ``position``."""
     sources = [obj] if isinstance(obj, dict) else []

@@ -4,6 +4,13 @@ Each result comes back as its JSON form with the unit's stored attributes under
 :data:`settings.META` (config, specs, versions, command, host, sha256), so
 tables and figures can name the settings they show.  A unit stored twice (the
 same checkpoints, analysis and settings) is shown once, the newest.
+
+Results files are hostile input (:func:`sam_probe.store.iter_units` reads each
+unit within its own budget).  Here a unit whose arrays, outside its packed ones,
+hold more than ``MAX_SHOWN_VALUES`` values is skipped with the reason instead
+of being expanded into Python lists (10-30x its bytes), and every string of a
+result or its attributes has its C0/C1 control characters (terminal escapes,
+OSC 8 links) replaced by ``?`` before any table, CSV, JSON or HTML sees it.
 """
 from __future__ import annotations
 
@@ -18,6 +25,36 @@ from .. import store
 from ..pipeline import jsonable, without_packed
 from . import figures, settings
 from .settings import META
+
+MAX_SHOWN_VALUES = 1 << 21  # array values of one unit that report turns into lists (its packed arrays excepted)
+_CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
+
+
+def shown_values(result: Any) -> int:
+    """Array values a result holds outside its packed arrays (counted without recursion)."""
+    import numpy as np
+
+    n, stack = 0, [without_packed(result) if isinstance(result, dict) else result]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, np.ndarray):
+            n += int(x.size)
+        elif isinstance(x, dict):
+            stack += x.values()
+        elif isinstance(x, (list, tuple)):
+            stack += x
+    return n
+
+
+def clean_text(obj: Any) -> Any:
+    """``obj`` with C0/C1 control characters in every string and key replaced by ``?`` (tabs and newlines kept)."""
+    if isinstance(obj, str):
+        return obj.translate(_CONTROLS)
+    if isinstance(obj, dict):
+        return {clean_text(k): clean_text(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_text(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -84,15 +121,22 @@ def collect(source: str | Path, only: Sequence[str] | None = None, order: Sequen
             on_skip(name, why)
 
     for unit, result, meta in store.iter_units(source, on_skip=skip):
+        unit = clean_text(unit)
         name = meta.get("analysis")
         if not name:
             skip(unit, "no 'analysis' attribute (not written by sam-probe)")
             continue
+        name = clean_text(str(name))
         if only and name not in only:
             continue
+        values = shown_values(result)
+        if values > MAX_SHOWN_VALUES:
+            skip(unit, f"refused: its arrays hold {values:,} values outside its packed arrays, more than the "
+                       f"{MAX_SHOWN_VALUES:,} a report shows per unit (a crafted file?)")
+            continue
         coll.units += 1
-        r = tidy_steps(jsonable(without_packed(result)))
-        r[META] = {**jsonable(meta), "unit": unit}
+        r = clean_text(tidy_steps(jsonable(without_packed(result))))
+        r[META] = {**clean_text(jsonable(meta)), "unit": unit}
         ident = _identity(name, r)
         if ident in seen:
             old_unit, old, _ = seen[ident]

@@ -123,7 +123,7 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
     ``glob``; the caller orders them by step once loaded.  Entries that are not regular files (a FIFO named
     ``x.pt``) are kept, so that loading reports them instead of skipping them silently; nothing is opened here.
     """
-    from ..state import step_from_name
+    from ..steps import step_from_name
 
     p = Path(target)
     if not p.exists():

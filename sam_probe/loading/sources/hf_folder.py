@@ -94,7 +94,7 @@ def claims(path: Path) -> bool:
 
 def trainer_step(folder: Path) -> tuple[int | None, str]:
     """``global_step`` of ``trainer_state.json``, else the ``checkpoint-N`` name, else none."""
-    from ..state import as_step
+    from ..steps import as_step
 
     ts = folder / TRAINER_STATE
     if os.path.lexists(ts):
