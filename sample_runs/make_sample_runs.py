@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from sam_probe.commands.train_cmd import write_run
-from sam_probe.loading.layouts import save_in_layout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from writers import save_in_layout  # noqa: E402 - the tests' checkpoint writers
 
 HERE = Path(__file__).resolve().parent
 

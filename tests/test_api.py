@@ -7,7 +7,7 @@ import sys
 import torch
 
 import sam_probe as sp
-from sam_probe.loading.layouts import save_in_layout
+from writers import save_in_layout
 
 
 def test_every_export_resolves():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clitools import run_cli
-from sam_probe.loading.layouts import save_in_layout
+from writers import save_in_layout
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

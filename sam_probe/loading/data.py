@@ -344,6 +344,9 @@ def _check_inflated(spec: str, path: Path, inflated: int) -> None:
                         "(a zip bomb?); save the arrays uncompressed")
 
 
+MAX_FIELDS = 256  # model fields of one data file (a forward takes a handful)
+
+
 def _pair(obj: Any, spec: str) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a dict (inputs/targets, x/y, inputs alone, or model fields) or a 2-sequence."""
     if isinstance(obj, dict):
@@ -353,9 +356,13 @@ def _pair(obj: Any, spec: str) -> tuple[Any, Any]:
         if "inputs" in obj and len(obj) == 1:
             return obj["inputs"], None
         if any(k in obj for k in MODEL_FIELDS):
+            if len(obj) > MAX_FIELDS:
+                raise SpecError(f"--data {spec}: {len(obj):,} fields, more than the {MAX_FIELDS} model fields "
+                                "sam-probe passes to a forward; keep the model's inputs only")
             return {str(k): v for k, v in obj.items()}, None
+        found = ", ".join(str(k)[:40] for k in list(obj)[:12]) + (f", ... ({len(obj):,} in all)" if len(obj) > 12 else "")
         raise SpecError(f"--data {spec}: expected keys inputs/targets (or x/y), or model fields such as "
-                        f"input_ids/attention_mask/labels; found {', '.join(map(str, obj)) or 'none'}")
+                        f"input_ids/attention_mask/labels; found {found or 'none'}")
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
     raise SpecError(f"--data {spec}: expected {{'inputs', 'targets'}} or (inputs, targets), got {type(obj).__name__}")

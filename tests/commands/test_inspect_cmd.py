@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-from sam_probe.loading.layouts import LAYOUTS, save_in_layout
+from writers import LAYOUTS, save_in_layout
 from clitools import run_cli
 
 INSPECT_KEYS = {"path", "format", "step", "step_source", "n_params", "n_tensors", "tensors", "nonfinite", "extra_keys"}

@@ -22,7 +22,7 @@ from sam_probe.loading.checkpoints import (
     step_from_name,
     strip_prefixes,
 )
-from sam_probe.loading.layouts import LAYOUTS, save_in_layout
+from writers import LAYOUTS, save_in_layout
 
 HP = {"lr": 0.1, "width": 4, "opt": "sam"}
 

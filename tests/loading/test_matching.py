@@ -7,7 +7,7 @@ from torch import nn
 
 from sam_probe.errors import CheckpointError
 from sam_probe.loading.checkpoints import load_checkpoint
-from sam_probe.loading.layouts import LAYOUTS, save_in_layout
+from writers import LAYOUTS, save_in_layout
 from sam_probe.loading.matching import KeyMismatchError, Matched, infer_prefix, match_state
 
 PARAMS = ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"]

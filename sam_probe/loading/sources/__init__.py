@@ -23,7 +23,7 @@ from ..files import RefusedFile, display, read_head
 from .base import FILE, FOLDER, RUN, Source
 
 __all__ = ["FILE", "FOLDER", "RUN", "Source", "checkpoint_files", "digest", "discover", "get", "help_text", "is_checkpoint", "load",
-           "of", "registry", "table"]
+           "markdown_table", "of", "registry", "table"]
 
 _REGISTRY: list[tuple[Source, ...]] = []
 
@@ -133,7 +133,7 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
     if _folder(p) is not None:
         return [p]
     for src in _kind(RUN):
-        members = src.members(p)  # type: ignore[misc]
+        members = src.members(p, lambda d: _folder(d) is not None)  # type: ignore[misc]
         if members:
             return members
     files = [f for f in sorted(p.iterdir()) if not f.is_dir()]
@@ -153,6 +153,13 @@ def discover(target: str | Path, glob: str | None = None) -> list[Path]:
 def table() -> list[tuple[str, str, str, str]]:
     """``(name, kind, what it reads, where its step comes from)`` for every source (README, help)."""
     return [(s.name, s.kind, s.summary, s.step) for s in registry()]
+
+
+def markdown_table() -> str:
+    """The README's table of sources (regenerate with ``python -m sam_probe.loading.sources``)."""
+    rows = ["| source | kind | what it reads | step from |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | {kind} | {summary} | {step or '-'} |" for name, kind, summary, step in table()]
+    return "\n".join(rows)
 
 
 def help_text() -> str:

@@ -9,8 +9,8 @@ generated from its ``name`` and ``summary``.  Three kinds:
   run directory contributes its files whose suffix is in ``suffixes``;
 - ``folder``: a directory that is one checkpoint (``claims(dir)``, cheap: names
   and small files only), read as a whole;
-- ``run``: a directory of checkpoints of another source in step order
-  (``members(dir)``, ``None`` when it is not one).
+- ``run``: a directory of checkpoints of other sources in step order
+  (``members(dir, is_folder_checkpoint)``, ``None`` when it is not one).
 
 ``load(path, key=, trust=)`` returns a :class:`~sam_probe.loading.state.Checkpoint`
 whose ``digest`` (the sha256 keying stored results) and non-finite scan come
@@ -41,7 +41,7 @@ class Source:
     sniff: Callable[[bytes], bool] | None = None  # file sources: first 16 bytes -> whether it is theirs
     suffixes: tuple[str, ...] = ()  # file sources: names a run directory contributes
     claims: Callable[[Path], bool] | None = None  # folder sources: whether a directory is one of theirs
-    members: Callable[[Path], list[Path] | None] | None = None  # run sources: the checkpoints, in step order
+    members: Callable[..., list[Path] | None] | None = None  # run sources: (dir, is_folder_checkpoint) -> in step order
     order: int = 50  # asked in this order (lower first)
     step: str = ""  # where its step comes from (README table)
 
