@@ -95,14 +95,16 @@ class MappedFile:
         return self.size
 
 
+_SPECIAL = "is a special file whose size the system does not report (e.g. under /proc), not a checkpoint"
+
+
 def map_file(path: str | os.PathLike) -> MappedFile:
     """Map ``path`` (a regular, non-empty file) or raise :class:`RefusedFile`."""
     fd, st = open_regular(path)
     try:
         if st.st_size == 0:
             if os.read(fd, 1):  # /proc/self/environ & co: regular, size 0, yet readable
-                raise RefusedFile("is a special file whose size the system does not report (e.g. under /proc), not "
-                                  "a checkpoint", "unsupported")
+                raise RefusedFile(_SPECIAL, "unsupported")
             raise RefusedFile("empty file (0 bytes); the save was probably interrupted")
         try:
             data = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_COPY)
@@ -115,11 +117,14 @@ def map_file(path: str | os.PathLike) -> MappedFile:
 
 def read_head(path: str | os.PathLike, n: int = 16) -> bytes:
     """The first ``n`` bytes of a regular file."""
-    fd, _ = open_regular(path)
+    fd, st = open_regular(path)
     try:
-        return os.read(fd, n)
+        head = os.read(fd, n)
     finally:
         os.close(fd)
+    if head and st.st_size == 0:
+        raise RefusedFile(_SPECIAL, "unsupported")
+    return head
 
 
 def display(path: str | os.PathLike) -> str:

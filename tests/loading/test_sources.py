@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_source_is_one_module_that_declares_itself():
     srcs = sources.registry()
-    assert {s.name for s in srcs} >= {"torch", "safetensors", "hf-folder", "hf-trainer-run"}
+    assert {s.name for s in srcs} >= {"torch", "safetensors", "hf-folder", "folder-run", "deepspeed"}
     assert len({s.name for s in srcs}) == len(srcs)
     for s in srcs:
         assert s.kind in (FILE, FOLDER, RUN) and s.summary and "\n" not in s.summary
