@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -444,3 +445,190 @@ def test_a_refused_stored_unit_is_recomputed_and_overwritten(tiny_runs, tmp_path
     assert again.code == 0, again.stderr
     assert again.json()["results"][0]["eigenvalues"] == first["eigenvalues"]
     store.read_unit(unit)  # overwritten with a clean unit
+
+
+# ------------------------------------------------------------------ hostile results files, round 2 (issue 23)
+def _good_units(d, names=("a", "b")):
+    for n in names:
+        store.write_unit(d / f"{n}.h5", {"x": 1.0, "curve": [1.0, 2.0]}, {"analysis": "sharpness", "config": {"k": 1}})
+
+
+def test_vlen_strings_aliasing_one_heap_object_are_charged_each_time(tmp_path):
+    """20,000 vlen strings pointing at one 8 MiB heap object (160 GiB when read) are refused after the unit's
+    text budget, block by block, in a child whose address space is capped far below what they expand to."""
+    from capped import run_capped
+
+    d = tmp_path / "res"
+    _good_units(d)
+    bad = d / "alias.h5"
+    n = 20_000
+    with h5py.File(bad, "w") as f:
+        g = f.create_group("result")
+        g.attrs["__kind__"] = "dict"
+        data = np.array(["x" * (8 << 20)] + ["y"] * (n - 1), dtype=object)
+        ds = g.create_dataset("names", data=data, dtype=h5py.string_dtype())
+        offset = ds.id.get_offset()
+    with open(bad, "r+b") as fh:  # every element's heap reference := the first one's (16 bytes each)
+        fh.seek(offset)
+        first = fh.read(16)
+        fh.seek(offset)
+        fh.write(first * n)
+    with h5py.File(bad, "r") as f:  # really aliased: two elements read back the same 8 MiB string
+        assert len(f["result/names"][5]) == 8 << 20
+    got = run_capped(r"""
+from sam_probe import store
+skipped = []
+units = [u[0] for u in store.iter_units(ARGS["d"], on_skip=lambda n, why: skipped.append([n, why]))]
+print(json.dumps({"units": units, "skipped": skipped}))
+""", d=str(d), extra=2**30)
+    assert got["units"] == ["a.h5", "b.h5"]
+    assert got["skipped"][0][0] == "alias.h5" and "more text than a file of this size" in got["skipped"][0][1]
+
+
+def test_attributes_are_budgeted_and_must_be_single_plain_values(tmp_path):
+    builds = {
+        "big_attr.h5": lambda g: g.attrs.create("v", np.zeros(100_000)),
+        "compound_attr.h5": lambda g: g.attrs.create("v", np.zeros(2, dtype=[("a", "i4"), ("b", "f8")])),
+        "string_array_attr.h5": lambda g: g.attrs.create("v", ["a"] * 10, dtype=h5py.string_dtype()),
+        "many_attrs.h5": lambda g: [g.attrs.create(f"a{i}", i) for i in range(store.MAX_ITEMS + 1)],
+    }
+    for name, build in builds.items():
+        d = tmp_path / name.split(".")[0]
+        _good_units(d)
+        with h5py.File(d / name, "w", libver="latest") as f:  # dense attribute storage: no 64 KiB limit
+            g = f.create_group("result")
+            g.attrs["__kind__"] = "dict"
+            build(g)
+        skipped = []
+        names = [u[0] for u in store.iter_units(d, on_skip=lambda n, why: skipped.append((n, why)))]
+        assert names == ["a.h5", "b.h5"], name
+        assert skipped[0][0] == name and skipped[0][1].startswith("refused"), (name, skipped)
+
+
+def test_a_fifo_named_like_a_unit_is_skipped_not_opened(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "res"
+    _good_units(d)
+    os.mkfifo(d / "blocker.h5")
+    os.mkfifo(tmp_path / "merged.h5")
+    code = (f"from sam_probe import store; s=[]; u=[x[0] for x in store.iter_units({str(d)!r}, "
+            "on_skip=lambda n, w: s.append((n, w)))]; print(u, s); "
+            f"n = store.merge({str(d)!r}, {str(tmp_path / 'out.h5')!r}); print(n)\n"
+            f"try:\n    list(store.iter_units({str(tmp_path / 'merged.h5')!r}))\nexcept OSError as e:\n    print('OSError', e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "['a.h5', 'b.h5'] [('blocker.h5', 'not read: is a FIFO, not a regular file')]" in proc.stdout
+    assert "\n2\n" in proc.stdout and "OSError is a FIFO" in proc.stdout
+
+
+def test_crafted_structures_are_skipped_per_unit_with_the_reason(tmp_path):
+    def result_dataset(f):
+        f.create_dataset("result", data=np.zeros(3))
+
+    def list_of_datasets(f):
+        g = f.create_group("result")
+        g.attrs["__kind__"] = "list"
+        g.create_dataset("000000", data=np.zeros(2))
+
+    def deep_json(f):
+        g = f.create_group("result")
+        g.attrs["__kind__"] = "dict"
+        f.attrs["analysis"] = "sharpness"
+        f.attrs["config"] = "[" * 950 + "]" * 950
+
+    cases = {"result_dataset.h5": (result_dataset, "where a unit holds a group"),
+             "list_of_datasets.h5": (list_of_datasets, "a list item that is not a group"),
+             "deep_json.h5": (deep_json, "nests JSON")}
+    for name, (build, why) in cases.items():
+        d = tmp_path / name.split(".")[0]
+        _good_units(d)
+        with h5py.File(d / name, "w") as f:
+            build(f)
+        skipped = []
+        names = [u[0] for u in store.iter_units(d, on_skip=lambda n, w: skipped.append((n, w)))]
+        assert names == ["a.h5", "b.h5"], name
+        assert skipped == [(name, skipped[0][1])] and why in skipped[0][1], (name, skipped)
+
+
+def test_a_results_folder_1100_deep_is_walked_without_recursion(tmp_path):
+    d = tmp_path / "res"
+    _good_units(d, ("a",))
+    deep = str(d)
+    for _ in range(1100):  # os.makedirs / Path.mkdir(parents=True) recurse: one level at a time
+        deep += "/d"
+        os.mkdir(deep)
+    deep = Path(deep)
+    store.write_unit(deep / "z.h5", {"x": 2.0}, {"analysis": "sharpness"})
+    names = [u[0] for u in store.iter_units(d)]
+    assert names[0] == "a.h5" and names[1].endswith("/d/z.h5") and names[1].count("/") == 1100
+    assert store.merge(d, tmp_path / "all.h5") == 2
+
+
+def test_in_a_merged_file_each_unit_has_its_own_budget(tmp_path):
+    merged = tmp_path / "merged.h5"
+    with h5py.File(merged, "w") as f:
+        for name in ("a_bomb", "b", "c"):
+            u = f.create_group(name)
+            u.attrs["analysis"] = "sharpness"
+            r = u.create_group("result")
+            r.attrs["__kind__"] = "dict"
+            r.attrs["x"] = 1.0
+            if name == "a_bomb":
+                r.create_dataset("v", shape=(2**31,), dtype="u1", chunks=(2**22,), compression="gzip", fillvalue=0)
+    skipped = []
+    units = [u[0] for u in store.iter_units(merged, on_skip=lambda n, w: skipped.append((n, w)))]
+    assert units == ["b", "c"]  # the bomb first, the good units after it are still reported
+    assert skipped[0][0] == "a_bomb" and "/a_bomb/result/v" in skipped[0][1]
+
+
+def test_merge_copies_only_what_the_hardened_reader_accepts(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x01" * 64)
+    d = tmp_path / "res"
+    _good_units(d)
+    crafted = {
+        "ext_storage.h5": lambda g: g.create_dataset("v", shape=(64,), dtype="u1", external=[(str(secret), 0, 64)]),
+        "ext_link.h5": lambda g: g.__setitem__("v", h5py.ExternalLink(str(d / "a.h5"), "/result")),
+        "compound.h5": lambda g: g.create_dataset("v", data=np.zeros(3, dtype=[("a", "i4"), ("b", "f8")])),
+        "vds.h5": lambda g: g.create_virtual_dataset("v", h5py.VirtualLayout(shape=(4,), dtype="f8")),
+    }
+    for name, build in crafted.items():
+        with h5py.File(d / name, "w") as f:
+            f.attrs["analysis"] = "sharpness"
+            g = f.create_group("result")
+            g.attrs["__kind__"] = "dict"
+            build(g)
+    skipped = []
+    assert store.merge(d, tmp_path / "all.h5", lambda p, why: skipped.append((p.name, why))) == 2
+    assert sorted(n for n, _ in skipped) == sorted(crafted) and all(w.startswith("refused") for _, w in skipped)
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert sorted(f.keys()) == ["a", "b"]
+
+
+def test_big_integers_long_names_and_undecodable_run_names_are_storable(tmp_path):
+    p = store.write_unit(tmp_path / "u.h5", {"step": 2**70, "hp": {"seed": -(2**80)}, "ids": [1, 2**65]},
+                         {"step": 2**64})
+    back, meta = store.read_unit(p)
+    assert back["step"] == str(2**70) and back["hp"]["seed"] == str(-(2**80)) and meta["step"] == str(2**64)
+    unit = store.unit_path(tmp_path, "sharpness", "r" * 250, "c" * 250 + ".pt", "0123456789ab")
+    assert all(len(part.encode()) <= store.MAX_NAME_BYTES + 20 for part in unit.parts[-2:])
+    assert unit != store.unit_path(tmp_path, "sharpness", "r" * 250, "c" * 249 + "d.pt", "0123456789ab")
+    store.write_unit(unit, {"x": 1.0}, {"analysis": "sharpness"})
+    assert store.exists(unit)
+    weird = tmp_path / "res" / "sharpness" / "run_\udcff"
+    store.write_unit(weird / "a.h5", {"x": 1.0}, {"analysis": "sharpness"})
+    assert store.merge(tmp_path / "res", tmp_path / "all.h5") == 1
+    assert [n for n, _, _ in store.iter_units(tmp_path / "all.h5")] == ["sharpness/run_\\xff/a"]
+
+
+def test_a_value_hdf5_cannot_hold_is_one_line_and_keeps_the_result(tmp_path):
+    class Odd:
+        pass
+
+    with pytest.raises(store.UnstorableResult) as ei:
+        store.write_unit(tmp_path / "u.h5", {"x": np.array([Odd()], dtype=object)}, {})
+    line = store.describe_write_error(tmp_path / "u.h5", tmp_path, ei.value)
+    assert "\n" not in line and "computed but not stored" in line
+    assert not (tmp_path / "u.h5").exists()
