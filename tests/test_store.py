@@ -559,11 +559,17 @@ def test_a_results_folder_1100_deep_is_walked_without_recursion(tmp_path):
     for _ in range(1100):  # os.makedirs / Path.mkdir(parents=True) recurse: one level at a time
         deep += "/d"
         os.mkdir(deep)
-    deep = Path(deep)
-    store.write_unit(deep / "z.h5", {"x": 2.0}, {"analysis": "sharpness"})
-    names = [u[0] for u in store.iter_units(d)]
-    assert names[0] == "a.h5" and names[1].endswith("/d/z.h5") and names[1].count("/") == 1100
-    assert store.merge(d, tmp_path / "all.h5") == 2
+    try:
+        store.write_unit(Path(deep) / "z.h5", {"x": 2.0}, {"analysis": "sharpness"})
+        names = [u[0] for u in store.iter_units(d)]
+        assert names[0] == "a.h5" and names[1].endswith("/d/z.h5") and names[1].count("/") == 1100
+        assert store.merge(d, tmp_path / "all.h5") == 2
+    finally:  # shutil.rmtree (pytest's clean-up) recurses: take the tower down one level at a time
+        while deep != str(d):
+            for e in os.listdir(deep):
+                os.unlink(os.path.join(deep, e))
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
 
 
 def test_in_a_merged_file_each_unit_has_its_own_budget(tmp_path):

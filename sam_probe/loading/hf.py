@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import CheckpointError, SpecError
 from .bounded_build import SIZE_SLACK, Budget, TooLarge, meta_build  # noqa: F401 - SIZE_SLACK re-exported
-from .files import display, read_json
+from .files import display, printable, read_json
 
 CONFIG = "config.json"
 MAX_CONFIG = 16 * 2**20  # bytes of config.json
@@ -139,7 +139,7 @@ def build_model(path: str | Path, spec: str = "hf", args: dict[str, Any] | None 
             return mapping[model_type].from_dict(dict(fields))
         except Exception as exc:  # noqa: BLE001 - a bad config is the user's input
             raise SpecError(f"{display(cfg_file)}: cannot build the config ({type(exc).__name__}: "
-                            f"{str(exc)[:160]})") from None
+                            f"{printable(str(exc))[:160]})") from None
 
     kw = {"attn_implementation": attn} if attn else {}
     try:
@@ -154,5 +154,6 @@ def build_model(path: str | Path, spec: str = "hf", args: dict[str, Any] | None 
     except (SpecError, CheckpointError):
         raise
     except Exception as exc:  # noqa: BLE001
-        raise SpecError(f"--model hf: building {name} failed ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise SpecError(f"--model hf: building {name} failed ({type(exc).__name__}: {printable(str(exc))[:160]})") \
+            from None
     return model.eval()

@@ -164,3 +164,91 @@ def test_hostile_spec_files_are_one_line(tmp_path):
     for spec, words in ((deep, "nested too deeply"), (big, "is not a spec"), (fifo, "not a regular file")):
         res = run_cli("batch", spec)
         assert res.code == 2 and words in res.stderr and "Traceback" not in res.stderr, (spec, res.stderr)
+
+
+def test_sigint_to_a_batch_parent_stops_its_workers(tiny_runs, tmp_path):
+    """SIGINT to the batch process alone (not its process group) ends it with 130 and ends its workers: the job
+    blocks in a data factory (a FIFO nobody writes) until the parent is interrupted; waits are on events."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    started, fifo = tmp_path / "started", tmp_path / "never"
+    os.mkfifo(fifo)
+    factory = tmp_path / "blocking.py"
+    factory.write_text(f"def data():\n    open({str(started)!r}, 'w').close()\n    open({str(fifo)!r}).read()\n")
+    spec = _spec(tmp_path / "spec.toml", f'''
+[[analysis]]
+command = "sharpness"
+runs = ["{tiny_runs['sgd']}/step_000000.pt"]
+data = "{factory}:data"
+''')
+    parent = subprocess.Popen([sys.executable, "-m", "sam_probe", "batch", str(spec), "--out", str(tmp_path / "o")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not started.exists():  # the worker reached the job
+            assert parent.poll() is None, parent.communicate()
+            os.sched_yield()
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == parent.pid]
+        assert workers
+        parent.send_signal(signal.SIGINT)
+        out, err = parent.communicate(timeout=240)
+        assert parent.returncode == 130, err
+        assert "interrupted" in err
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("PPid:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line for line in fh)
+    except OSError:
+        return False
+
+
+def test_shard_counts_are_linear_in_the_jobs_and_match_the_greedy_split():
+    import random
+
+    from sam_probe.batch import Job, parse_shard, shard
+    from sam_probe.errors import SpecError
+
+    class Sized(Job):
+        def size(self) -> int:
+            return self.where_size
+
+    rng = random.Random(0)
+    for _ in range(50):
+        jobs = []
+        for j in range(rng.randrange(1, 12)):
+            job = Sized("sharpness", [f"t{j}"], [])
+            job.where_size = rng.randrange(1, 6)
+            jobs.append(job)
+        n = rng.randrange(1, 8)
+        load, want = [0] * n, [[] for _ in range(n)]
+        for j in sorted(range(len(jobs)), key=lambda j: (-jobs[j].size(), j)):  # the documented greedy rule
+            s = min(range(n), key=lambda k: (load[k], k))
+            load[s] += jobs[j].size()
+            want[s].append(j)
+        for i in range(1, n + 1):
+            assert [jobs.index(x) for x in shard(jobs, i, n)] == sorted(want[i - 1])
+    assert [j.targets for j in shard(jobs, 1, 30_000_000)] == [jobs[0].targets] or len(jobs) >= 1
+    assert parse_shard("1/2147483648") == (1, 2**31)
+    for bad in ("1/100000000000", "1/" + "9" * 5000, "0/3", "a/b"):
+        try:
+            parse_shard(bad)
+        except SpecError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 200
+        else:
+            raise AssertionError(bad)
