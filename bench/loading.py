@@ -13,9 +13,17 @@
    process (median); and the previous loader on the same files in a child
    process with a 30 s limit (loaded from git revision ``--old-rev``).
 3. A legit checkpoint of ``--big-mb`` MB of float32 weights: ``load_checkpoint``
-   (layout + CRC-32 of every member + restricted unpickling) against
+   (layout + restricted unpickling + the one pass that checks every CRC-32,
+   hashes the file and scans for NaN/Inf) against
    ``torch.load(mmap=True, weights_only=True)`` followed by one pass over every
    tensor (what any analysis does next), interleaved, medians.
+4. What an analysis does with that checkpoint before and while using it (the
+   pipeline's sequence): load + NaN/Inf scan while ordering the run, the sha256
+   for the unit key, load + scan again for the computation (a large file is not
+   kept between the two), then one read of every weight; this revision in this
+   process against the previous revision (``--old-rev``, the whole package from
+   git, in a child process) and against ``torch.load(mmap=True)`` + one read of
+   every weight; passes over the file counted (``sam_probe.loading.verify``).
 
 Writes bench/results/loading.json.
 """
@@ -210,18 +218,108 @@ def bench_big(mb: int, repeats: int) -> dict:
         return {"size_mb": size, "sam_probe_s": ma, "torch_load_mmap_s": mb_, "ratio": ma / mb_}
 
 
+ANALYSIS_CHILD = r"""
+import sys, time, statistics
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from sam_probe.loading.checkpoints import file_sha256, load_checkpoint
+path, repeats = sys.argv[2], int(sys.argv[3])
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    ck = load_checkpoint(path); ck.nonfinite(); del ck
+    file_sha256(path)
+    ck = load_checkpoint(path); ck.nonfinite()
+    sum(float(t.sum()) for t in ck.state.values())
+    times.append(time.perf_counter() - t0)
+    del ck
+print(statistics.median(times))
+"""
+
+
+def _old_tree(rev: str) -> Path | None:
+    """The whole ``sam_probe`` package of git revision ``rev`` in a temporary folder."""
+    d = Path(tempfile.mkdtemp())
+    try:
+        tar = subprocess.run(["git", "archive", rev, "sam_probe"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(d)], input=tar, check=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return d
+
+
+def bench_analysis_read(mb: int, repeats: int, old_rev: str) -> dict:
+    from sam_probe.loading import verify
+    from sam_probe.loading.checkpoints import file_sha256
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.pt"
+        n = mb * 2**20 // 4 // 64
+        torch.save({"model": {f"layer{i}.weight": torch.randn(n // 64, 64) for i in range(64)}, "step": 1}, path)
+        size = path.stat().st_size / 2**20
+
+        def ours():
+            verify.forget()
+            ck = load_checkpoint(path)
+            ck.nonfinite()
+            del ck
+            file_sha256(path)
+            ck = load_checkpoint(path)
+            ck.nonfinite()
+            return sum(float(t.sum()) for t in ck.state.values())
+
+        def torch_only():
+            obj = torch.load(path, mmap=True, weights_only=True)
+            return sum(float(t.sum()) for t in obj["model"].values())
+
+        passes = verify.PASSES[0]
+        ours()
+        passes = verify.PASSES[0] - passes
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(_median_time(ours, 1))
+            b.append(_median_time(torch_only, 1))
+        ma, mb_ = statistics.median(a), statistics.median(b)
+        old_s = None
+        old = _old_tree(old_rev)
+        if old is not None:
+            r = subprocess.run([sys.executable, "-c", ANALYSIS_CHILD, str(old), str(path), str(repeats)],
+                               capture_output=True, text=True, timeout=3600, cwd=tempfile.gettempdir())
+            old_s = float(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+        print(f"analysis read of a {size:.0f} MB checkpoint: this revision {ma:.3f} s ({passes} pass over the file), "
+              f"previous {old_s if old_s is None else round(old_s, 3)} s, torch.load(mmap) + one read {mb_:.3f} s; "
+              f"ratios {ma / mb_:.2f} (this) and {old_s / mb_ if old_s else float('nan'):.2f} (previous)")
+        return {"size_mb": size, "sam_probe_s": ma, "previous_revision": old_rev, "previous_s": old_s,
+                "torch_load_mmap_plus_one_read_s": mb_, "ratio": ma / mb_,
+                "previous_ratio": (old_s / mb_) if old_s else None, "passes_over_the_file": passes,
+                "sequence": "load + nonfinite (ordering), sha256 (unit key), load + nonfinite (compute), "
+                            "one read of every weight"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--big-mb", type=int, default=512)
     ap.add_argument("--old-rev", default="af3bddd")
+    ap.add_argument("--analysis-old-rev", default="74234c4", help="revision before the one-pass loader")
+    ap.add_argument("--only", choices=("all", "analysis"), default="all")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = {"environment": environment(), "prescan": bench_prescan(args.repeats),
-               "bombs": bench_bombs(max(1, args.repeats // 2), args.old_rev),
-               "big_checkpoint": bench_big(args.big_mb, args.repeats)}
-    write_results(ROOT / "bench" / "results" / "loading.json", results, time.perf_counter() - t0)
+    out = ROOT / "bench" / "results" / "loading.json"
+    if args.only == "analysis":  # refresh only section 4, keep the others as measured
+        import json
+
+        results = json.loads(out.read_text())
+        results.pop("seconds_total", None)
+        results["environment"] = environment()
+    else:
+        results = {"environment": environment(), "prescan": bench_prescan(args.repeats),
+                   "bombs": bench_bombs(max(1, args.repeats // 2), args.old_rev),
+                   "big_checkpoint": bench_big(args.big_mb, args.repeats)}
+    results["analysis_read"] = bench_analysis_read(args.big_mb, args.repeats, args.analysis_old_rev)
+    write_results(out, results, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

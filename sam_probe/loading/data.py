@@ -99,8 +99,23 @@ class DataSelection:
 
 # ------------------------------------------------------------------ public
 def load_data(spec: str, split: str = "train", max_samples: int | None = None, seed: int = 0,
-              options: dict[str, Any] | None = None) -> DataSelection:
-    """The data selection of ``spec`` (see module docstring)."""
+              options: dict[str, Any] | None = None, named_by: str | None = None) -> DataSelection:
+    """The data selection of ``spec`` (see module docstring).
+
+    ``named_by``: the checkpoint that chose this built-in data (the user passed no ``--data``); its errors
+    then say so instead of blaming a ``--data`` the user never typed."""
+    if named_by is None:
+        return _load_data(spec, split, max_samples, seed, options)
+    try:
+        return _load_data(spec, split, max_samples, seed, options)
+    except SpecError as exc:
+        msg = str(exc).removeprefix(f"--data {spec}: ").removeprefix(f"{spec}: ")
+        raise SpecError(f"{named_by}: the data the checkpoint names ({spec} with {options or 'its defaults'}) "
+                        f"cannot be made: {msg}; pass --data to choose the data yourself") from None
+
+
+def _load_data(spec: str, split: str, max_samples: int | None, seed: int,
+               options: dict[str, Any] | None) -> DataSelection:
     options = dict(options or {})
     if split not in SPLITS:
         raise SpecError(f"--split {split}: unknown{suggest(split, SPLITS)}; choose train or test")

@@ -46,10 +46,15 @@ class Matched:
     ignored: list[str] = field(default_factory=list)
 
     @property
-    def layout(self) -> str:
+    def prefixes(self) -> str:
         """One line for tables: the prefixes removed, e.g. ``module. + model.`` (``-`` when none)."""
         parts = [p for p in self.stripped] + ([self.prefix] if self.prefix else [])
         return " + ".join(parts) if parts else "-"
+
+    @property
+    def layout(self) -> str:
+        """Old name of :attr:`prefixes` (it never was a layout), kept for one release."""
+        return self.prefixes
 
 
 class KeyMismatchError(CheckpointError):

@@ -160,7 +160,7 @@ def test_hints_point_from_missing_to_unexpected_only(tiny_model, tiny_state):
 
 def test_layout_names_every_prefix(tmp_path, tiny_model, tiny_state):
     ck = load_checkpoint(save_in_layout(tiny_state, tmp_path / "c.pt", "ddp-compiled", step=1))
-    assert match_state(tiny_model, ck.state, ck.stripped_prefixes).layout == "module. + _orig_mod."
+    assert match_state(tiny_model, ck.state, ck.stripped_prefixes).prefixes == "module. + _orig_mod."
     light = load_checkpoint(save_in_layout(tiny_state, tmp_path / "l.ckpt", "lightning", step=1))
-    assert match_state(tiny_model, light.state, light.stripped_prefixes).layout == "model."
-    assert match_state(tiny_model, tiny_state).layout == "-"
+    assert match_state(tiny_model, light.state, light.stripped_prefixes).prefixes == "model."
+    assert match_state(tiny_model, tiny_state).prefixes == "-" == match_state(tiny_model, tiny_state).layout
