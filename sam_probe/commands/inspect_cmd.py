@@ -7,6 +7,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import SamProbeError
+from ..loading import sources
 from ..report import console
 from ..settings import Settings
 from .options import Common, Output
@@ -20,7 +21,7 @@ def describe(path: Path, key: str | None, trust: bool) -> dict[str, Any]:
     tensors = [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in ck.state.items()]
     nonfinite = ck.nonfinite()
     return {
-        "path": str(path), "format": ck.format, "layout": ck.layout, "step": ck.step, "step_source": ck.step_source,
+        "path": str(path), "source": ck.source, "format": ck.format, "layout": ck.layout, "step": ck.step, "step_source": ck.step_source,
         "n_params": ck.n_params, "n_tensors": len(ck.state), "tensors": tensors,
         "nonfinite": sum(nonfinite.values()), "nonfinite_tensors": nonfinite,
         "extra_keys": ck.extra_keys, "has_optimizer_state": any("optim" in k for k in ck.extra_keys),
@@ -30,7 +31,7 @@ def describe(path: Path, key: str | None, trust: bool) -> dict[str, Any]:
 
 
 def inspect(
-    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint files or run directories.", metavar="CHECKPOINT..."),
+    checkpoints: list[Path] = typer.Argument(..., help=sources.help_text(), metavar="CHECKPOINT..."),
     glob: Optional[str] = typer.Option(None, "--glob", help="In a run directory, only files matching this pattern.",
                                        metavar="PATTERN"),
     key: Optional[str] = typer.Option(None, "--key", help="Dotted key of the state dict inside the checkpoint.",

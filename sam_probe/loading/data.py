@@ -59,9 +59,10 @@ from torch import Tensor
 from ..core.batches import Batches, DataError, DatasetBatches, StreamBatches, TensorBatches, batch_len, count_items
 from ..core.batches import index_batch
 from ..errors import SpecError, suggest
+from . import catalog
 from .models import import_factory, is_factory_spec
 
-BUILTIN = ("digits", "synthetic-minor-major", "cifar10:ROOT", "hf:PATH", "torchvision:CLASS:ROOT")
+BUILTIN = tuple(catalog.DATA)
 MODEL_FIELDS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
 STREAM_CHUNK = 64  # default chunk of streamed data without --batch-size
 SPLITS = ("train", "test")
@@ -157,7 +158,7 @@ def raw_image_means(spec: str, split: str = "train", max_samples: int | None = N
 
 def is_builtin_data(spec: str) -> bool:
     """Data a checkpoint's hyper-parameters may name: built-in generators, never files or factories."""
-    return spec in ("digits", "synthetic-minor-major")
+    return spec in catalog.CHECKPOINT_DATA
 
 
 # ---------------------------------------------------------------- dispatch

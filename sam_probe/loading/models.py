@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, SpecError, suggest
+from . import catalog
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
@@ -267,9 +268,7 @@ def _leaf_param(params: dict[str, Tensor], leaf: str) -> Tensor:
     raise KeyError(f"no parameter named {leaf!r} in {sorted(params)}")
 
 
-ZOO: dict[str, Callable[..., nn.Module]] = {
-    "mlp": mlp, "cnn": cnn, "resnet18": resnet18, "wrn": wrn, "linear": linear, "diag-linear": diag_linear,
-}
+ZOO: dict[str, Callable[..., nn.Module]] = {name: globals()[name.replace("-", "_")] for name in catalog.ZOO}
 
 
 # -------------------------------------------------------------- factories

@@ -141,3 +141,16 @@ def test_help_text_names_every_source():
     text = sources.help_text()
     assert all(s.name in text for s in sources.registry())
     assert re.fullmatch(r"[^\n]+", text)
+
+
+def test_every_builtin_model_and_data_name_is_documented_and_in_help():
+    from sam_probe.loading import catalog
+    from sam_probe.loading.data import BUILTIN
+    from sam_probe.loading.models import ZOO
+
+    readme = (ROOT / "README.md").read_text()
+    assert list(ZOO) == list(catalog.ZOO) and BUILTIN == tuple(catalog.DATA)
+    for name in [*catalog.ZOO, *catalog.DATA]:
+        assert f"`{name}`" in readme, name
+        assert name in catalog.model_help() + catalog.data_help()
+    assert set(catalog.CHECKPOINT_DATA) <= set(catalog.DATA)
