@@ -222,13 +222,14 @@ class Session:
 
         Saved hyper-parameters fill the factory's named arguments the user left open
         (plain values only; never through ``**kwargs``)."""
+        from .loading.bounded_build import Budget
         from .loading.models import build_model, factory_for
 
         name, args = self.model_spec(ck)
         from .loading import hf
         if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
             torch.manual_seed(self.settings.seed)
-            return hf.build_model(ck.path, name, args, expected_numel=ck.n_params)
+            return hf.build_model(ck.path, name, args, budget=Budget.of(ck.state))
         strict = not self.settings.model  # the checkpoint chose the factory
         factory = factory_for(name)
         try:
@@ -243,7 +244,7 @@ class Session:
         if CACHE.enabled and key in CACHE.models:
             return copy.deepcopy(CACHE.models[key])
         torch.manual_seed(self.settings.seed)
-        model = build_model(name, args, strict=strict)
+        model = build_model(name, args, strict=strict, budget=Budget.of(ck.state))
         if CACHE.enabled:
             CACHE.models[key] = copy.deepcopy(model)
         return model
@@ -278,7 +279,8 @@ class Session:
         key = repr((spec, sorted(args.items()), s.split, s.max_samples, s.seed))
         pool = CACHE.data if CACHE.enabled else self._data
         if key not in pool:
-            pool[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=args)
+            pool[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=args,
+                                  named_by=None if s.data or ck is None else ck.path)
         self.used_data = {"data": spec, "data_args": args, "n_samples": len(pool[key])}
         return pool[key]
 
@@ -339,7 +341,19 @@ class Session:
                       f"{len(data)} samples)")
         m = self.matched(ck, model)
         model.to(self.device)
-        name, fn = resolve_loss(self.loss_name(ck, data, model))
+        from .loading.data import check_token_ids, unused_fields
+
+        check_token_ids(data, model)
+        if unused := unused_fields(data, model):
+            self.note(f"data fields {', '.join(unused[:8])} are not arguments of {type(model).__name__}.forward, "
+                      "which takes **kwargs and may ignore them")
+        try:
+            name, fn = resolve_loss(self.loss_name(ck, data, model))
+        except SpecError as exc:
+            if s.loss or not ck.hparams.get("loss"):
+                raise
+            raise SpecError(f"{ck.path}: the loss the checkpoint names cannot be used ({exc}); pass --loss "
+                            "yourself") from None
         chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
         try:
             obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
@@ -402,7 +416,9 @@ class Session:
             return
         try:
             outcome.stored_at = str(store.write_unit(unit, result, meta))
-        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed writes
+        except store.UnstorableResult as exc:  # this unit's values only: later units are still stored
+            outcome.store_error = store.describe_write_error(unit, self.settings.out, exc)
+        except Exception as exc:  # noqa: BLE001 - h5py raises RuntimeError for some failed writes; keep the result
             self.store_failed = store.describe_write_error(unit, self.settings.out, exc)
             outcome.store_error = self.store_failed
 

@@ -135,3 +135,49 @@ def test_zoo_names_and_plain_args_from_a_checkpoint_still_work(tiny_runs, tmp_pa
                   "--no-store", "--json")
     assert res.code == 0, res.stderr
     assert res.json()["results"][0]["eigenvalues"][0] > 0
+
+
+# ---------------------------------------------------------------- issue 23: what a checkpoint chooses, end to end
+def test_a_checkpoint_cannot_choose_model_or_data_sizes_its_weights_do_not_hold(tiny_runs, tmp_path):
+    from capped import run_capped
+
+    ck = tiny_runs["sgd"] / "step_000010.pt"
+    obj = torch.load(ck, weights_only=False)
+    wide = dict(obj, model_spec={"name": "mlp", "args": {"in_dim": 64, "hidden": [25000, 25000], "out_dim": 10}})
+    torch.save(wide, tmp_path / "wide.pt")
+    big_data = dict(obj, hparams={**obj.get("hparams", {}), "data": "synthetic-minor-major",
+                                  "data_args": {"n": 250000, "d": 1000}})
+    torch.save(big_data, tmp_path / "data.pt")
+    got = run_capped(r"""
+import contextlib, io
+from sam_probe.cli import main
+out = {}
+for name, extra in (("wide.pt", ["--data", "digits"]), ("data.pt", [])):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            main(["sharpness", ARGS["d"] + "/" + name, "--max-samples", "40", "--top-k", "1", "--no-store", *extra])
+        except SystemExit as exc:
+            out[name] = [exc.code, err.getvalue()]
+print(json.dumps(out))
+""", d=str(tmp_path))
+    code, err = got["wide.pt"]
+    assert code == 2 and "do not belong together" in err and "Traceback" not in err
+    code, err = got["data.pt"]
+    assert code == 2 and "the data the checkpoint names" in err and "312,500,000 values" in err
+
+
+def test_steps_and_names_that_broke_the_store_are_stored(tiny_runs, tmp_path):
+    from clitools import run_cli
+
+    obj = torch.load(tiny_runs["sgd"] / "step_000010.pt", weights_only=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(dict(obj, step=2**64), run / "huge_step.pt")
+    long = run / ("c" * 240 + ".pt")
+    torch.save(obj, long)
+    res = run_cli("sharpness", run, "--max-samples", "40", "--top-k", "1", "--out", tmp_path / "o", "--json")
+    assert res.code == 0, res.stderr
+    stored = [r for r in res.json()["results"] if r.get("eigenvalues")]
+    assert len(stored) == 2
+    assert len(list((tmp_path / "o").rglob("*.h5"))) == 2

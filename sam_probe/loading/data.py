@@ -576,3 +576,39 @@ def torchvision_dataset(where: str, split: str = "train") -> DataSelection:
         raise SpecError(f"--data torchvision:{where}: no {cls_name} in {root} ({type(exc).__name__}); sam-probe "
                         f"never downloads, fetch it once with torchvision") from None
     return streamed(ds, f"torchvision:{cls_name}", {"root": root, "split": split})
+
+
+# ---------------------------------------------------------------- data against a model
+def check_token_ids(sel: DataSelection, model: Any) -> None:
+    """Refuse token ids the model cannot embed, naming its vocabulary size (instead of torch's
+    ``IndexError: index out of range in self`` deep inside the forward)."""
+    emb = getattr(model, "get_input_embeddings", None)
+    layer = emb() if callable(emb) else None
+    vocab = getattr(layer, "num_embeddings", None)
+    if not isinstance(vocab, int) or sel.streamed:
+        return
+    x = sel.inputs
+    ids = x.get("input_ids") if isinstance(x, dict) else (x if isinstance(x, Tensor) and not x.is_floating_point()
+                                                           else None)
+    if not isinstance(ids, Tensor) or ids.numel() == 0 or ids.is_floating_point():
+        return
+    hi, lo = int(ids.max()), int(ids.min())
+    if hi >= vocab or lo < 0:
+        bad = hi if hi >= vocab else lo
+        raise SpecError(f"--data {sel.name}: token id {bad} is outside the model's vocabulary of {vocab:,} ids "
+                        f"(0..{vocab - 1}); tokenize the data for this model")
+
+
+def unused_fields(sel: DataSelection, model: Any) -> list[str]:
+    """Fields of dict data that the model's ``forward`` does not name when it takes ``**kwargs`` (a model
+    may silently ignore them); ``[]`` otherwise (without ``**kwargs`` a wrong field is an error anyway)."""
+    x = sel.inputs
+    if not isinstance(x, dict):
+        return []
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return []
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in x if k not in params]

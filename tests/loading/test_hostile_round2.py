@@ -240,3 +240,18 @@ def test_prefix_inference_and_mismatch_tables_are_linear(tiny_model):
         match_state(tiny_model, state)
     rows = ei.value.rows
     assert len(rows) <= 3 * (MAX_ROWS + 1) and rows[-1][1].startswith("... ")
+
+
+def test_token_ids_outside_the_vocabulary_and_fields_a_forward_ignores_are_named():
+    from sam_probe.loading.data import check_token_ids, from_tensors, unused_fields
+
+    model = hftiny.gpt2()
+    batch = hftiny.token_batch(labels="lm")
+    check_token_ids(from_tensors(batch, None, "ok.pt"), model)
+    bad = dict(batch, input_ids=batch["input_ids"].clone())
+    bad["input_ids"][0, 0] = hftiny.VOCAB + 5
+    with pytest.raises(SpecError, match=f"token id {hftiny.VOCAB + 5} is outside the model's vocabulary of "
+                                        f"{hftiny.VOCAB} ids"):
+        check_token_ids(from_tensors(bad, None, "bad.pt"), model)
+    extra = from_tensors(dict(batch, pixel_typo=torch.zeros(10, 6)), None, "x.pt")
+    assert unused_fields(extra, model) == ["pixel_typo"]
