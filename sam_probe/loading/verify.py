@@ -12,7 +12,8 @@ from the disk once and is used while it is in memory.  The scan sums each piece
 entries only when the sum is not finite.
 
 What a pass found is remembered per file identity (device, inode, size, mtime
-and ctime, :func:`.files.identity`; at most ``MAX_REMEMBERED`` files): the same
+and ctime, :func:`.files.identity`; at most ``MAX_REMEMBERED`` files and
+``MAX_REMEMBERED_REGIONS`` tensor storages in all): the same
 unchanged file read again in this process (a run is ordered by step, then each
 checkpoint is loaded for its analysis) is not hashed, verified or scanned again.
 A file rewritten in place has a new ctime and is read again.
@@ -30,7 +31,8 @@ from typing import Any, Callable, Sequence
 from .files import MappedFile, RefusedFile, map_file
 
 CHUNK = 16 * 2**20
-MAX_REMEMBERED = 4096
+MAX_REMEMBERED = 4096  # files
+MAX_REMEMBERED_REGIONS = 2**19  # region counts over all files (~50 MB); the oldest files are forgotten first
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,11 @@ def _known(identity: tuple) -> Known:
     k = _KNOWN.get(identity)
     if k is None:
         k = _KNOWN[identity] = Known()
-        while len(_KNOWN) > MAX_REMEMBERED:
-            _KNOWN.popitem(last=False)
+    _KNOWN.move_to_end(identity)
+    regions = sum(len(v.counts) for v in _KNOWN.values())
+    while len(_KNOWN) > 1 and (len(_KNOWN) > MAX_REMEMBERED or regions > MAX_REMEMBERED_REGIONS):
+        _, old = _KNOWN.popitem(last=False)
+        regions -= len(old.counts)
     return k
 
 
