@@ -181,3 +181,12 @@ def test_steps_and_names_that_broke_the_store_are_stored(tiny_runs, tmp_path):
     stored = [r for r in res.json()["results"] if r.get("eigenvalues")]
     assert len(stored) == 2
     assert len(list((tmp_path / "o").rglob("*.h5"))) == 2
+
+
+def test_a_loss_the_checkpoint_names_is_reported_as_the_checkpoints(tiny_runs, tmp_path):
+    from clitools import run_cli
+
+    obj = torch.load(tiny_runs["sgd"] / "step_000010.pt", weights_only=False)
+    torch.save(dict(obj, hparams={**obj.get("hparams", {}), "loss": "hinge"}), tmp_path / "ck.pt")
+    res = run_cli("sharpness", tmp_path / "ck.pt", "--max-samples", "40", "--top-k", "1", "--no-store")
+    assert res.code == 2 and "the loss the checkpoint names cannot be used" in res.stderr and "pass --loss" in res.stderr
