@@ -101,7 +101,7 @@ def save_deepspeed(state: dict[str, Tensor], save_dir: str | Path, *, step: int,
                                cur_scale=65536.0, cur_iter=step) if loss_scaler else None
     if stage == 3:
         pieces: list[list[Tensor]] = [[] for _ in range(world)]
-        for k, v in params:
+        for _, v in params:
             for r, part in enumerate(_zero_partitions(v.reshape(-1), world, world)):
                 pieces[r].append(part)
         flat = [[torch.cat(p)] for p in pieces]

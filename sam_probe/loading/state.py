@@ -119,7 +119,7 @@ def count_nonfinite(t: Tensor) -> int:
         return 0
     if overlap_problem(t) is not None:  # count what is stored, never the expansion
         n = min(_span(t), t.untyped_storage().nbytes() // t.element_size() - t.storage_offset())
-        t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (max(n, 0),))
+        t = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (max(n, 0),), (1,))
     if t.dim() == 0:
         return count_flat(t.reshape(1))
     flat = t.reshape(-1) if t.is_contiguous() else None

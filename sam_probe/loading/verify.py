@@ -120,14 +120,18 @@ def _pass(mf: MappedFile, crcs: Sequence[Any], regions: Sequence[Region], want_s
     scan_walk = _Walk(regions, lambda r: (r.offset, r.offset + r.nbytes), scan_part)
     sha = hashlib.sha256() if want_sha else None
     PASSES[0] += 1
+    def check_and_scan(a: int, b: int) -> None:
+        crc_walk(a, b)
+        scan_walk(a, b)
+
     with ThreadPoolExecutor(1) as pool:
         for a in range(0, mf.size, CHUNK):
             b = min(a + CHUNK, mf.size)
             if sha is not None:  # hash here, check and scan there
-                job = pool.submit(lambda a=a, b=b: (crc_walk(a, b), scan_walk(a, b)))
+                job = pool.submit(check_and_scan, a, b)
                 sha.update(view[a:b])
             else:  # check here, scan there
-                job = pool.submit(scan_walk, a, b)
+                job = pool.submit(scan_walk.__call__, a, b)
                 crc_walk(a, b)
             job.result()
     for m in crcs:

@@ -213,11 +213,12 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
             frags = [s.get("frozen_param_fragments") or {} for s in states]
             for name, s in frozen.items():
                 s = _shape(s)
-                parts = [f.get(name) for f in frags]
-                _need(all(hasattr(p, "dtype") for p in parts), f"frozen parameter {str(name)[:80]} has no fragment")
                 import torch
 
-                whole = torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
+                parts = [f.get(name) for f in frags]
+                tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+                _need(len(tensors) == len(parts), f"frozen parameter {str(name)[:80]} has no fragment")
+                whole = torch.cat([p.reshape(-1) for p in tensors])
                 _need(whole.numel() >= math.prod(s), f"frozen parameter {str(name)[:80]} is short")
                 state[name] = whole[:math.prod(s)].view(s)
         shared = main.get("shared_params") or {}

@@ -72,15 +72,19 @@ def weight_files(folder: Path) -> list[Path]:
     for name in SINGLE:
         if (folder / name).exists():
             return _checked(folder, [folder / name], name)
-    shards = sorted((f for f in folder.iterdir() if SHARD_RE.match(f.name)),
-                    key=lambda f: (SHARD_RE.match(f.name).group(4) != "safetensors", f.name))  # type: ignore[union-attr]
-    if shards:
-        kind = SHARD_RE.match(shards[0].name)
-        files = [f for f in shards if SHARD_RE.match(f.name).group(4) == kind.group(4)]  # type: ignore[union-attr]
-        if len(files) != int(kind.group(3)[:12]):  # type: ignore[union-attr]
-            raise CheckpointError(f"{display(folder)}: {len(files)} of {int(kind.group(3)[:12])} shards present and "
-                                  "no index; copy the whole folder")
-        return _checked(folder, files, "shard")
+    found: list[tuple[bool, str, str, str, Path]] = []  # safetensors first, then by name
+    for f in folder.iterdir():
+        m = SHARD_RE.match(f.name)
+        if m is not None:
+            found.append((m.group(4) != "safetensors", f.name, m.group(4), m.group(3), f))
+    found.sort(key=lambda t: t[:2])
+    if found:
+        _, _, ext, total, _ = found[0]
+        paths = [f for _, _, e, _, f in found if e == ext]
+        if len(paths) != int(total[:12]):
+            raise CheckpointError(f"{display(folder)}: {len(paths)} of {int(total[:12])} shards present and no index; "
+                                  "copy the whole folder")
+        return _checked(folder, paths, "shard")
     return []
 
 
