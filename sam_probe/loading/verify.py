@@ -16,11 +16,14 @@ and ctime, :func:`.files.identity`; at most ``MAX_REMEMBERED`` files and
 ``MAX_REMEMBERED_REGIONS`` tensor storages in all): the same
 unchanged file read again in this process (a run is ordered by step, then each
 checkpoint is loaded for its analysis) is not hashed, verified or scanned again.
-A file rewritten in place has a new ctime and is read again.
+A file rewritten in place has a new ctime and is read again; a file changed less
+than ``RACY_NS`` ago is not remembered at all (a rewrite within one coarse
+timestamp tick would keep its times).
 """
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -140,10 +143,23 @@ def _pass(mf: MappedFile, crcs: Sequence[Any], regions: Sequence[Region], want_s
     return (sha.hexdigest() if sha is not None else None), counts
 
 
+RACY_NS = 50_000_000  # a file changed this recently may change again within one timestamp tick: not remembered
+
+
+def _remember(mf: MappedFile) -> Known:
+    """Where to keep what a pass finds: the file's entry, or a throw-away one for a file changed within
+    ``RACY_NS`` of now (file times have a coarse tick, so a rewrite of the same size in the same tick would
+    look unchanged: such a file is read again next time, as git does with "racily clean" files)."""
+    _, _, _, mtime, ctime = mf.identity
+    if time.time_ns() - max(mtime, ctime) < RACY_NS:
+        return Known()
+    return _known(mf.identity)
+
+
 def verified(mf: MappedFile, crcs: Sequence[Any] = (), regions: Sequence[Region] = ()) -> tuple[str, dict[int, int]]:
     """``(sha256, {region offset: non-finite entries})`` of a mapped file, its CRCs verified; from one pass, or
     from what an earlier pass over the same unchanged file found."""
-    known = _known(mf.identity)
+    known = _remember(mf)
     missing = [r for r in regions if r.offset not in known.counts]
     if known.sha256 is None or (crcs and not known.verified) or (missing and not known.verified):
         sha, counts = _pass(mf, crcs if not known.verified else (), missing, known.sha256 is None)
@@ -195,7 +211,7 @@ def tensor_counts(mf: MappedFile, state: dict[str, Any], counts: dict[int, int])
 def file_sha256(path: str | Path) -> str:
     """sha256 of a regular file (FIFOs and devices are refused, never read), remembered per file identity."""
     mf = map_file(path)
-    known = _known(mf.identity)
+    known = _remember(mf)
     if known.sha256 is None:
         known.sha256 = _pass(mf, (), (), True)[0]
     return known.sha256  # type: ignore[return-value]

@@ -73,6 +73,7 @@ def test_one_pass_hashes_verifies_and_scans_and_is_remembered(tmp_path):
     state["w"][3, 4] = float("nan")
     state["b"][0] = float("inf")
     p = _single_file(tmp_path, state)
+    time.sleep(verify.RACY_NS / 1e9)  # a file changed within a timestamp tick is never remembered
     before = verify.PASSES[0]
     ck = load_checkpoint(p)
     assert verify.PASSES[0] == before + 1  # CRCs, sha256 and the NaN/Inf scan: one pass
@@ -89,16 +90,27 @@ def test_a_file_rewritten_in_place_is_verified_again(tmp_path):
     verify.forget()
     state = {"w": torch.arange(4096, dtype=torch.float32)}
     p = _single_file(tmp_path, state)
+    time.sleep(verify.RACY_NS / 1e9)
     load_checkpoint(p)
+    load_checkpoint(p)
+    assert verify._KNOWN  # remembered: the rewrite below must be noticed anyway
     data = bytearray(p.read_bytes())
     at = data.find(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[4000:4016])
     assert at > 0
     data[at:at + 4] = b"\x00\x00\x80\x7f"  # +inf over a weight: the zip CRC no longer matches
-    time.sleep(0.01)
-    with open(p, "r+b") as fh:  # same inode, new ctime
+    with open(p, "r+b") as fh:  # same inode, same size, new ctime
         fh.write(data)
     with pytest.raises(CheckpointError, match="fails its CRC"):
         load_checkpoint(p)
+
+
+def test_a_file_changed_within_a_timestamp_tick_is_not_remembered(tmp_path):
+    verify.forget()
+    p = _single_file(tmp_path, {"w": torch.ones(64)})
+    before = verify.PASSES[0]
+    load_checkpoint(p)
+    load_checkpoint(p)  # just written: read again rather than trusted by its times
+    assert verify.PASSES[0] - before == 2
 
 
 def test_a_run_is_read_once_per_analysis(tmp_path, monkeypatch):
@@ -110,6 +122,7 @@ def test_a_run_is_read_once_per_analysis(tmp_path, monkeypatch):
     write_run(run, model="mlp", model_args={"in_dim": 64, "hidden": [4], "out_dim": 10}, data="digits",
               max_samples=40, steps=4, lr=0.1, batch_size=20, checkpoint_every=2, seed=0, optimizer="sgd")
     files = sorted(run.glob("*.pt"))
+    time.sleep(verify.RACY_NS / 1e9)  # files changed within a timestamp tick are never remembered
     verify.forget()
     import sam_probe.pipeline as pipeline_pkg
 
