@@ -37,7 +37,8 @@ _EXPORTS = {
     "per_layer_spectra": "core.per_layer", "subspace_persistence": "core.subspace",
     "subspace_overlap": "core.subspace", "overlap_matrix": "core.subspace",
     "worst_case_sharpness": "core.sharpness_measures", "average_case_sharpness": "core.sharpness_measures",
-    "iter_units": "store", "read_unit": "store", "Session": "pipeline", "Settings": "pipeline",
+    "iter_units": "store", "read_unit": "store", "Session": "pipeline.session", "Settings": "settings",
+    "AnalysisSession": "pipeline.protocol",
 }
 
 _SUBPACKAGES = ("analyses",)  # the registry: sp.analyses.names(), sp.analyses.get("sharpness")

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .core.objective import Objective
-from .pipeline import Session, Settings
+from .pipeline.session import Session
+from .settings import Settings
 
 
 def objective(checkpoint: str | Path, *, model: str | None = None, model_args: dict[str, Any] | None = None,
               data: str | None = None, data_args: dict[str, Any] | None = None, **settings: Any) -> Objective:
     """The loss of ``checkpoint`` over a data selection as an :class:`Objective`.
 
-    ``settings`` are :class:`~sam_probe.pipeline.Settings` fields (``split``,
+    ``settings`` are :class:`~sam_probe.settings.Settings` fields (``split``,
     ``max_samples``, ``batch_size``, ``loss``, ``device``, ``dtype``,
     ``bn_mode``, ``seed``, ``key``, ``trust_checkpoint``, ...).
     """
@@ -36,7 +37,7 @@ def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any
     and return what its ``--json`` prints.
 
     ``options`` are the analysis's own options by Python name (``top_k=3``, ``rho=0.1``)
-    and :class:`~sam_probe.pipeline.Settings` fields (``data="digits"``, ``max_samples=500``,
+    and :class:`~sam_probe.settings.Settings` fields (``data="digits"``, ``max_samples=500``,
     ``dtype="float64"``, ...); unknown names raise a :class:`~sam_probe.errors.SpecError`.
     Results are stored under ``out`` only with ``store=True``.
 
@@ -47,7 +48,7 @@ def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any
     from . import analyses
     from .commands.runner import payload_of
     from .errors import SpecError, suggest
-    from .pipeline import Session, run_analysis
+    from .pipeline.units import run_analysis
 
     analysis = analyses.get(name)
     own = {o.name: o.default for o in analysis.compute_options()}

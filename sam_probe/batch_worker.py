@@ -5,7 +5,7 @@ the command runs in-process exactly as ``sam-probe ARGV`` would (its per-unit
 statuses appended to ``status_file``), and one line ``{"rc": CODE, "stderr": TEXT}``
 answers on stdout.  What the command prints on stdout is discarded (statuses
 travel through the file); torch, the data selections, built models and
-objectives stay loaded between requests (:data:`sam_probe.pipeline.CACHE`).
+objectives stay loaded between requests (:data:`sam_probe.pipeline.build.CACHE`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main() -> None:
     threads = int(os.environ.get("SAM_PROBE_THREADS", "0") or 0)
     from .cli import main as cli_main
     from .commands.output import STATUS_FILE_ENV
-    from .pipeline import CACHE
+    from .pipeline.build import CACHE
 
     CACHE.enabled = True
     if threads:

@@ -1,10 +1,13 @@
 """``alignment``: gradients against the dominant Hessian eigenspace, one checkpoint at a time."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option,
                    warm_started)
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 VECTORS = ("full", "minibatch", "sam", "update")
 
@@ -76,7 +79,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
             "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}
 
 
-def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
     from ..errors import SpecError
 
     obj = session.objective(ck)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import RUNS, Analysis, Option
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -54,7 +57,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {"ref": opts["ref"], "k": opts["k"], "ref_sha": file_sha256(value) if kind == "path" else None}
 
 
-def parameters_of(session, ck) -> dict[str, Any]:
+def parameters_of(session: AnalysisSession, ck) -> dict[str, Any]:
     """The model's parameters in ``ck`` (matched against the model when one is known; otherwise
     every floating tensor except BatchNorm statistics)."""
     import torch
@@ -68,7 +71,7 @@ def parameters_of(session, ck) -> dict[str, Any]:
                 if torch.is_floating_point(t) and not n.endswith(BUFFER_SUFFIXES)}
 
 
-def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
     from ..core.paths import distance as core_distance
     from ..errors import SpecError
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import RUNS, Analysis, Option
 
 from ..core.names import IMPORTANCES, STRENGTHS
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="features", version=1, order=70, target=RUNS,
@@ -50,7 +53,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return dict(opts)
 
 
-def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..errors import SpecError

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import PAIR, Analysis, Option
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="interpolate", version=2, order=60, target=PAIR, gradients=False,
@@ -47,10 +50,9 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {"points": opts["points"], "range": [lo, hi]}
 
 
-def execute(session, targets: list[Path], cfg: dict[str, Any]):
+def execute(session: AnalysisSession, targets: list[Path], cfg: dict[str, Any]):
     from ..errors import SpecError
     from ..loading.runs import run_label
-    from ..pipeline import guarded
 
     if len(targets) != 2:
         raise SpecError(f"interpolate takes two checkpoint files A B, got {len(targets)}")
@@ -66,10 +68,10 @@ def execute(session, targets: list[Path], cfg: dict[str, Any]):
         return [session.over_files(ANALYSIS, run_label(a), f"{a.stem}--{b.stem}", files, cfg, compute,
                                    origin=f"{a} -> {b}")]
 
-    return guarded(f"{a} -> {b}", run)
+    return session.guarded(f"{a} -> {b}", run)
 
 
-def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
     from ..core.paths import interpolate as core_interpolate
 
     ca, cb = cks

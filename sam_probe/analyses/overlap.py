@@ -6,12 +6,15 @@ back (never recomputed), missing ones are computed with the same options.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import RUNS, Analysis, Option
 from .ratios import RATIO_OPTIONS, ratio_config
 
 from ..core.names import CATEGORIES as CATEGORY_CHOICES
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="overlap", version=1, order=30, target=RUNS,
@@ -50,21 +53,19 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
             "pairwise": not opts["no_pairwise"]}
 
 
-def execute(session, targets: list[Path], cfg: dict[str, Any]):
-    from ..pipeline import guarded
-
+def execute(session: AnalysisSession, targets: list[Path], cfg: dict[str, Any]):
     outcomes = []
     for run in targets:
-        outcomes += guarded(run, lambda r=run: overlap_of_run(session, r, cfg))
+        outcomes += session.guarded(run, lambda r=run: overlap_of_run(session, r, cfg))
     return outcomes
 
 
-def overlap_of_run(session, target: Path, cfg: dict[str, Any]):
+def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
     """Ratio units of every checkpoint (read back or computed), then the overlap unit of the run."""
     from ..core.bitpack import membership_mask
     from ..core.overlap import flat_mask, overlap_analysis
     from ..loading.runs import run_label
-    from ..pipeline import UnitOutcome
+    from ..errors import SpecError
     from . import get
     from .ratios import compute as ratio_compute
 
@@ -73,13 +74,13 @@ def overlap_of_run(session, target: Path, cfg: dict[str, Any]):
     good = [o for o in units if o.result is not None]
     failed = [o for o in units if o.result is None]
     if not good:
-        return failed or [UnitOutcome(str(target), None, "failed", error=f"{target}: no readable checkpoints")]
+        return failed or [session.failed(target, f"{target}: no readable checkpoints")]
     steps = [o.step for o in good]
     if anchor is not None and anchor not in steps:
-        return failed + [UnitOutcome(str(target), None, "failed",
-                                     error=f"--anchor {anchor}: not a step of {target} (steps: {steps})")]
+        return failed + [session.failed(target, SpecError(f"not a step of {target} (steps: {steps})", option="anchor",
+                                                          value=anchor))]
 
-    def compute(cks, session, _cfg) -> dict[str, Any]:
+    def compute(cks, session: AnalysisSession, _cfg) -> dict[str, Any]:
         by_step = {o.step: o.result for o in good}
         masks, flats = [], []
         for ck in cks:

@@ -7,9 +7,12 @@ a stored checkpoint.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import CHECKPOINTS, Analysis, Option, check_options, perturbation_options
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 DEFAULT_IRE_RANK = 0.9
 DEFAULT_EDGES = "1.2,1.5,2,4,8,16"
@@ -93,7 +96,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return ratio_config(opts)
 
 
-def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
     return compute_ratios(session.objective(ck), cfg)
 
 

@@ -1,11 +1,14 @@
 """``sharpness``: certified top-k eigenvalues, trace, spectral density and SAM sharpness per checkpoint."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
 from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
                    warm_start_option, warm_started)
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="sharpness", version=2, order=10, target=CHECKPOINTS,
@@ -113,7 +116,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {**opts, "seed": settings.seed}
 
 
-def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
     return warm_started(ck, cfg, carry, lambda warm: compute_sharpness(session.objective(ck), cfg, warm, carry))
 
 

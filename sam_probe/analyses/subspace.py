@@ -3,9 +3,12 @@ checkpoint of a run and their pairwise overlaps (docs/metrics.md, "Subspace over
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import RUNS, Analysis, Option, curvature_options, warm_start_option
+
+if TYPE_CHECKING:
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="subspace", version=1, order=45, target=RUNS, unkeyed=("warm_start",),
@@ -57,7 +60,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
             "seed": settings.seed}
 
 
-def compute(cks, session, cfg: dict[str, Any]) -> dict[str, Any]:
+def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
     """Top-k eigenspaces of every checkpoint (each warm-started from the previous one unless
     ``--no-warm-start``), then the overlap matrix; eigenvectors go to the store as float16."""
     import numpy as np

@@ -46,7 +46,7 @@ def inspect(
     if trust_checkpoint:
         console.warn("--trust-checkpoint: fully unpickling; a malicious file can run code on this machine")
     from ..loading.runs import discover
-    from ..pipeline import UnitOutcome, failure, guarded
+    from ..pipeline.outcome import UnitOutcome, failure, guarded
 
     outcomes: list[UnitOutcome] = []
     for target in checkpoints:

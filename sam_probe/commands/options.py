@@ -2,7 +2,7 @@
 
 ``@analysis_options`` adds the model, data, numerics and output options to a
 typer command's signature and hands the command a :class:`Common` with a ready
-:class:`~sam_probe.pipeline.Settings`.
+:class:`~sam_probe.settings.Settings`.
 """
 from __future__ import annotations
 

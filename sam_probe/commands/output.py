@@ -47,7 +47,7 @@ def report_failures(outcomes: list, quiet: bool = False, debug: bool = False) ->
 def finish(common: Common, outcomes: list, payload: dict[str, Any],
            show: Callable[[], None] | None = None, plot: Callable[[Path], list[Path]] | None = None) -> None:
     """Print ``payload`` (JSON) or the tables from ``show``; write plots; exit 2 on any failure."""
-    from ..pipeline import jsonable
+    from ..results import jsonable
 
     out = common.output
     record_statuses(outcomes)

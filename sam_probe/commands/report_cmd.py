@@ -40,7 +40,7 @@ def view_of(analysis: str):
 
 def flatten(result: dict[str, Any], max_list: int = 20) -> dict[str, Any]:
     """Scalars, dotted keys for nested dicts, ``name[i]`` for short lists; long arrays are left out."""
-    from ..pipeline import jsonable
+    from ..results import jsonable
 
     row: dict[str, Any] = {}
 
@@ -167,7 +167,7 @@ def report(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Render every stored analysis: rich tables (one per settings group), JSON or CSV, figures, HTML."""
-    from ..pipeline import jsonable
+    from ..results import jsonable
     from ..report import collect, figures, settings
 
     if format not in ("table", "json", "csv"):

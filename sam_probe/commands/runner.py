@@ -15,7 +15,7 @@ from .output import finish, results_of
 
 def open_session(common: Common, progress=None, on_unit=None):
     from .. import distributed
-    from ..pipeline import Session
+    from ..pipeline.session import Session
 
     session = Session(common.settings, progress=progress, on_unit=on_unit,
                       warn=None if common.output.quiet else console.note_line)  # joins the process group under torchrun
@@ -50,7 +50,7 @@ def session_with_progress(common: Common) -> Iterator[Any]:
 
 def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[str, Any]) -> list[Any]:
     """Every unit of ``analysis`` over ``targets``: read back from the store or computed."""
-    from ..pipeline import run_analysis
+    from ..pipeline.units import run_analysis
 
     with session_with_progress(common) as session:
         return run_analysis(session, analysis, targets, cfg)
@@ -59,7 +59,7 @@ def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[s
 def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The JSON printed and the results shown: ``{"results": [...]}`` per checkpoint; a run's
     (or a pair's) result object, or ``{"runs": [...]}`` for several runs."""
-    from ..pipeline import without_packed
+    from ..results import without_packed
 
     impl = analysis.impl
     is_result = getattr(impl, "is_result", lambda r: True)
@@ -74,7 +74,7 @@ def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple
 def with_schema(analysis: Analysis, result: dict[str, Any]) -> dict[str, Any]:
     """Every key of the declared schema present (``null`` where not computed), so the JSON of a
     fresh run and of one read back from the store have the same keys."""
-    from ..pipeline import PACKED_KEYS
+    from ..results import PACKED_KEYS
 
     return {**{k: None for k in analysis.schema if k not in ("warnings", *PACKED_KEYS)}, **result}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import store
-from ..pipeline import jsonable, without_packed
+from ..results import jsonable, without_packed
 from . import figures, settings
 from .settings import META
 

@@ -1,0 +1,200 @@
+"""Building what a unit computes on: the model, the data selection and the objective.
+
+Each is built from the choices of :mod:`~sam_probe.pipeline.boundary` and, in a
+process that runs many commands (``batch`` workers), kept in the
+:class:`ProcessCache`, keyed by everything it depends on.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import SamProbeError, SpecError, opt
+from . import blame
+from .boundary import saved_factory_args
+
+if TYPE_CHECKING:
+    from ..core.objective import Objective
+    from ..loading.checkpoints import Checkpoint
+    from ..loading.data import DataSelection
+    from .session import Session
+
+
+class ProcessCache:
+    """What may be reused across the commands one process runs (``batch`` workers):
+    data selections, built models and objectives, keyed by everything they depend on.
+    Off by default: a single command needs none of it."""
+
+    def __init__(self, enabled: bool = False, max_objectives: int = 2):
+        self.enabled = enabled
+        self.data: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        self.objectives: dict[str, Any] = {}
+        self.max_objectives = max_objectives
+
+    def clear(self) -> None:
+        self.data.clear()
+        self.models.clear()
+        self.objectives.clear()
+
+
+CACHE = ProcessCache()
+
+
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """``(size, mtime_ns)``: a cheap identity of a file for the process cache (stored keys use sha256)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def build_model(session: Session, ck: Checkpoint) -> nn.Module:
+    """The model of ``ck``: seeded init (the checkpoint's weights are matched on top later)."""
+    from ..loading import hf
+    from ..loading.bounded_build import Budget
+    from ..loading.models import build_model as build, factory_for
+
+    s = session.settings
+    name, args = session.model_spec(ck)
+    if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
+        torch.manual_seed(s.seed)
+        return hf.build_model(ck.path, name, args, budget=Budget.of(ck.state))
+    args = saved_factory_args(factory_for(name), ck.hparams, args)
+    key = repr((name, sorted(args.items(), key=lambda kv: kv[0]), s.seed))
+    if CACHE.enabled and key in CACHE.models:
+        return copy.deepcopy(CACHE.models[key])
+    torch.manual_seed(s.seed)
+    model = build(name, args, strict=not s.model, budget=Budget.of(ck.state))  # strict: the checkpoint chose it
+    if CACHE.enabled:
+        CACHE.models[key] = copy.deepcopy(model)
+    return model
+
+
+def select_data(session: Session, ck: Checkpoint | None) -> DataSelection:
+    """The data selection (loaded once per session, or once per process in ``batch``)."""
+    from ..loading.data import load_data
+
+    s = session.settings
+    spec, args = session.data_spec(ck)
+    key = repr((spec, sorted(args.items()), s.split, s.max_samples, s.seed))
+    pool = CACHE.data if CACHE.enabled else session.data_pool
+    if key not in pool:
+        pool[key] = load_data(spec, split=s.split, max_samples=s.max_samples, seed=s.seed, options=args,
+                              named_by=None if s.data or ck is None else ck.path)
+    session.used_data = {"data": spec, "data_args": args, "n_samples": len(pool[key])}
+    return pool[key]
+
+
+def bn_batch_note(bn_mode: str, has_bn: bool, n: int, batch_size: int | None, world: int) -> str | None:
+    """What the BatchNorm batch is under ``--bn-mode train`` when it is not the whole selection of ``n``
+    samples: the ``--batch-size`` chunks, or each rank's shard when ``world`` ranks split it (with no
+    ``--batch-size``, or fewer chunks than ranks); ``None`` when it is the whole selection."""
+    if bn_mode != "train" or not has_bn:
+        return None
+    if batch_size and batch_size < n:
+        note = (f"{opt('bn_mode', 'train')} with {opt('batch_size', batch_size)}: each chunk of {batch_size} samples "
+                f"is a BatchNorm batch, so results depend on {opt('batch_size')} (drop it for one batch of all "
+                f"{n} samples)")
+        if world > 1 and -(-n // batch_size) < world:
+            note += f"; with {world} ranks and fewer chunks than ranks, each rank's shard is one"
+        return note
+    if world > 1 and n > 1:
+        return (f"{opt('bn_mode', 'train')} over {world} ranks: each rank's shard (about {n // world} of the {n} "
+                "samples) is a BatchNorm batch, so results depend on the number of ranks (run one process for one "
+                "batch of all samples, or pass a batch size that gives every rank whole chunks)")
+    return None
+
+
+def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = None,
+                    data: DataSelection | None = None) -> Objective:
+    """The loss of checkpoint ``ck`` over the session's data as an :class:`Objective` (cached per process)."""
+    from .. import distributed
+    from ..core.objective import Objective
+    from ..loading.data import STREAM_CHUNK
+    from ..loading.losses import resolve_loss as import_loss
+
+    s = session.settings
+    key = None
+    if CACHE.enabled and model is None and data is None:
+        key = repr((ck.path, file_identity(ck.path), s.key, s.model, sorted(s.model_args.items()),
+                    session.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
+                    s.batch_size, s.max_memory, s.hvp, str(session.device)))
+        if key in CACHE.objectives:
+            obj, session.used_data = CACHE.objectives[key]
+            obj.n_grad = obj.n_hvp = 0
+            return obj
+    model = model or session.build_model(ck)
+    data = data or session.data(ck)
+    has_bn = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules())
+    world = distributed.world_size() if distributed.active() else 1
+    note = bn_batch_note(s.bn_mode, has_bn, len(data), s.batch_size, world)
+    if note:
+        session.note(note)
+    m = session.matched(ck, model)
+    model.to(session.device)
+    from ..loading.data import check_token_ids, unused_fields
+
+    check_token_ids(data, model)
+    if unused := unused_fields(data, model):
+        session.note(f"data fields {', '.join(unused[:8])} are not arguments of {type(model).__name__}.forward, "
+                     "which takes **kwargs and may ignore them")
+    try:
+        name, fn = import_loss(session.loss_name(ck, data, model))
+    except SpecError as exc:
+        if s.loss or not ck.hparams.get("loss"):
+            raise
+        raise SpecError(f"{ck.path}: the loss the checkpoint names cannot be used ({exc}); pass {opt('loss')} "
+                        "yourself") from None
+    chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
+    try:
+        obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
+                        params=m.params, buffers=m.buffers, bn_mode=s.bn_mode, chunk_size=chunk,
+                        dtype=session.dtype, device=session.device, hvp_method=s.hvp)
+        obj.check_inputs()
+        if s.max_memory:
+            from ..core.memory import fit_memory
+            obj = fit_memory(obj, s.max_memory, s.batch_size, session.memory_plans)
+    except SamProbeError:
+        raise
+    except Exception as exc:
+        if not blame.blame(exc).users:
+            raise  # sam-probe's own error (or unattributed): the unit runner says so, never "check --model"
+        raise SpecError(f"{ck.path}: the model does not accept the data ({blame.first_line(exc, 160)})"
+                        f"{_integer_hint(exc, data)}; check {opt('model')}/{opt('model_args')} against "
+                        f"{opt('data')}") from None
+    for n in obj.notes:
+        session.note(n)
+    if key is not None:
+        while len(CACHE.objectives) >= CACHE.max_objectives:
+            CACHE.objectives.pop(next(iter(CACHE.objectives)))
+        CACHE.objectives[key] = (obj, session.used_data)
+    return obj
+
+
+def _integer_hint(exc: BaseException, data: DataSelection) -> str:
+    """Why integer inputs may not fit: they are passed as they are (token ids), not cast to floats."""
+    x, msg = (data.inputs if not data.streamed else None), str(exc)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point() and ("dtype" in msg.lower() or "Long" in msg):
+        return "; integer inputs are passed as they are (token ids): store float inputs for other models"
+    return ""
+
+
+_WARMED: list[bool] = []
+
+
+def warm_up() -> None:
+    """Import what the first ``torch.func`` transform would otherwise import (``torch._dynamo``,
+    ~1 s) once per process, before the first unit's clock starts; analyses that take no
+    gradients (``distance``) never pay it."""
+    if _WARMED:
+        return
+    _WARMED.append(True)
+    import torch.func
+
+    w = torch.zeros(2, requires_grad=False)
+    torch.func.grad(lambda p: (p * p).sum())(w)
+    torch.func.vmap(lambda p: p * 2)(torch.zeros(2, 2))
