@@ -36,7 +36,8 @@ def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any
     """Run the analysis ``name`` (any of :func:`sam_probe.analyses.names`) as its command would,
     and return what its ``--json`` prints.
 
-    ``options`` are the analysis's own options by Python name (``top_k=3``, ``rho=0.1``)
+    ``options`` are the analysis's own options by Python name (``top_k=3``, ``rho=0.1``; old names
+    kept for a release, like ``alignment``'s ``eta`` for ``step_size``, still work)
     and :class:`~sam_probe.settings.Settings` fields (``data="digits"``, ``max_samples=500``,
     ``dtype="float64"``, ...); unknown names raise a :class:`~sam_probe.errors.SpecError`.
     Results are stored under ``out`` only with ``store=True``.
@@ -52,6 +53,8 @@ def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any
 
     analysis = analyses.get(name)
     own = {o.name: o.default for o in analysis.compute_options()}
+    old = {f.lstrip("-").replace("-", "_"): o.name for o in analysis.compute_options() for f in o.hidden_flags}
+    options = {(old[k] if k in old and k not in own and old[k] not in options else k): v for k, v in options.items()}
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = [k for k in options if k not in own and k not in fields]
     if unknown:

@@ -99,7 +99,7 @@ class UnitStatus:
     target: str
     unit: str
     step: int | None
-    status: str  # ok | skipped | failed
+    status: str  # ok | reused | failed
     reason: str | None = None
     stored_at: str | None = None
     seconds: float | None = None

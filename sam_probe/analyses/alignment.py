@@ -20,7 +20,8 @@ ANALYSIS = Analysis(
                 "the number of classes)"),
         ("chi_k", "||P_k v|| / ||v|| for v = full gradient, seeded minibatch gradient, SAM gradient g~, update "
                   "w_t - w_(t-1); chance level sqrt(k/P)"),
-        ("dL dom / bulk / full", "L(w - eta P_k g) - L(w), L(w - eta (I - P_k) g) - L(w), L(w - eta g) - L(w)"),
+        ("dL dom / bulk / full", "L(w - eta P_k g) - L(w), L(w - eta (I - P_k) g) - L(w), L(w - eta g) - L(w) "
+                                 "(eta: --step-size)"),
         ("dL_pred", "second-order prediction -eta g'Pg + eta^2/2 g'PHPg of each"),
         ("eta*_emp", "on the --eta-grid, the smallest eta where chi_k's change after one step changes sign"),
         ("eta*lambda_max", "the step size in units of the edge of stability (2)"),
@@ -29,8 +30,8 @@ ANALYSIS = Analysis(
     options=(
         Option("k", None, ("--k",), "Dimension of the dominant subspace (default: number of classes).", annotation=int),
         Option("vectors", "full,minibatch,sam,update", ("--vectors",), "Any of full, minibatch, sam, update."),
-        Option("eta", None, ("--eta",), "Step size of the one-step loss changes (default: the checkpoint's lr, "
-               "else 0.1).", annotation=float),
+        Option("step_size", None, ("--step-size",), "Step size eta of the one-step loss changes (default: the "
+               "checkpoint's lr, else 0.1).", annotation=float, hidden_flags=("--eta",)),
         Option("eta_grid", None, ("--eta-grid",), "Comma-separated etas for eta*_emp (default: around "
                "2/lambda_max; empty string skips).", annotation=str),
         Option("minibatch_size", 128, ("--minibatch-size",), "Samples of the seeded minibatch gradient."),
@@ -73,7 +74,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError(f"--vectors {opts['vectors']}: choose from {', '.join(VECTORS)}")
     if opts["k"] is not None and opts["k"] < 1:
         raise SpecError("--k must be >= 1")
-    return {"k": opts["k"], "vectors": chosen, "eta": opts["eta"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
+    return {"k": opts["k"], "vectors": chosen, "eta": opts["step_size"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
             "minibatch_size": opts["minibatch_size"], "rho": opts["rho"], "variant": opts["variant"],
             "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
             "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}

@@ -17,14 +17,15 @@ ANALYSIS = Analysis(
     definitions=(
         ("distance", "||w_t - w_ref|| over the model's parameters (BatchNorm statistics excluded)"),
         ("relative", "distance / ||w_ref||"),
-        ("escape rate", "least-squares slope of log distance per step over the first --k checkpoints after the "
-                        "reference (> 0: moving away)"),
+        ("escape rate", "least-squares slope of log distance per step over the first --escape-window "
+                        "checkpoints after the reference (> 0: moving away)"),
     ),
     json="{distance, relative, per_tensor, escape_rate, steps} ({runs: [...]} for several runs)",
     options=(
         Option("ref", None, ("--ref",), "Reference: a STEP of the run or a checkpoint PATH (default: the first "
                "checkpoint).", annotation=str),
-        Option("k", 5, ("--k",), "Checkpoints after the reference used for the escape rate."),
+        Option("escape_window", 5, ("--escape-window",), "Checkpoints after the reference used for the escape rate.",
+               hidden_flags=("--k",)),
     ),
     schema={
         "run": "run directory", "paths": "checkpoint files", "steps": "steps", "distance": "||w_t - w_ref||",
@@ -54,7 +55,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     from ..loading.checkpoints import file_sha256
 
     kind, value = parse_ref(opts["ref"])
-    return {"ref": opts["ref"], "k": opts["k"], "ref_sha": file_sha256(value) if kind == "path" else None}
+    return {"ref": opts["ref"], "k": opts["escape_window"], "ref_sha": file_sha256(value) if kind == "path" else None}
 
 
 def parameters_of(session: AnalysisSession, ck) -> dict[str, Any]:

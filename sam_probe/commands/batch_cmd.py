@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -21,15 +21,16 @@ def batch(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Run every analysis of SPEC; print ok / skipped (already stored) / failed per unit; exit 0 only if all succeeded.
+    """Run every analysis of SPEC; print ok / reused (already stored) / failed per unit; exit 0 only if all succeeded.
 
     Every job's options are checked before any job runs. Jobs run on --jobs long-lived worker processes that keep
     torch, data and models loaded; a crashed worker is replaced and its job reported failed. Re-running resumes:
-    stored units are skipped. A spec that names factories runs them, like a script.
+    stored units are reused, not recomputed. A spec that names factories runs them, like a script.
     """
     from ..batch import load_spec, parse_shard, run_spec
     from ..batch import shard as shard_of
     from ..errors import SpecError
+    from ..pipeline.outcome import LEGACY_REUSED, REUSED
 
     which = parse_shard(shard)
     if jobs is not None and jobs < 1:
@@ -59,15 +60,24 @@ def batch(
     if json:
         console.print_json({"out": str(target), "jobs": len(items), "jobs_in_spec": len(parsed.items),
                             "shard": f"{which[0]}/{which[1]}" if which else None,
-                            "units": [asdict(u) for u in statuses],
-                            "counts": {k: counts.get(k, 0) for k in ("ok", "skipped", "failed")}, "exit_code": code})
+                            "units": [_unit_json(u, REUSED, LEGACY_REUSED) for u in statuses],
+                            "counts": {"ok": counts.get("ok", 0), LEGACY_REUSED: counts.get(REUSED, 0),
+                                       "failed": counts.get("failed", 0), REUSED: counts.get(REUSED, 0)},
+                            "exit_code": code})
     else:
         rows = [[u.analysis, _short(u.unit), u.step, u.status, u.reason or ""] for u in statuses]
         console.out.print(console.table(f"batch {spec.name} -> {target}", ["analysis", "unit", "step", "status", "reason"],
                                         rows))
-        console.out.print(f"{counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped (already stored), "
+        console.out.print(f"{counts.get('ok', 0)} ok, {counts.get(REUSED, 0)} reused (already stored), "
                           f"{counts.get('failed', 0)} failed", highlight=False, markup=False)
     raise typer.Exit(code)
+
+
+def _unit_json(u: Any, reused: str, legacy: str) -> dict[str, Any]:
+    """A unit's JSON: ``status`` keeps its old spelling ``skipped`` for reused units (a contract);
+    ``reused`` says it plainly."""
+    d = asdict(u)
+    return {**d, "status": legacy if u.status == reused else u.status, "reused": u.status == reused}
 
 
 def _short(unit: str) -> str:

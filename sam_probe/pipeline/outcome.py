@@ -11,8 +11,8 @@ from . import blame
 
 @dataclass
 class UnitOutcome:
-    """What happened to one unit: ``ok`` (computed), ``skipped`` (reused: already stored under the
-    same key, read back; see :data:`REUSED`) or ``failed``.
+    """What happened to one unit: ``ok`` (computed), ``reused`` (already stored under the same key:
+    read back, not computed) or ``failed``.
 
     ``store_error`` is set when the unit was computed but could not be written
     (its result is still shown); ``trace`` holds the traceback of an unexpected
@@ -30,13 +30,9 @@ class UnitOutcome:
     seconds: float | None = None
     trace: str | None = None
 
-    @property
-    def reused(self) -> bool:
-        """Read back from the store instead of computed (status ``skipped``, kept for scripts)."""
-        return self.status == REUSED
 
-
-OK, REUSED, FAILED = "ok", "skipped", "failed"  # REUSED keeps its old spelling: a JSON contract
+OK, REUSED, FAILED = "ok", "reused", "failed"
+LEGACY_REUSED = "skipped"  # how batch's JSON has always spelled REUSED (a contract: kept beside ``reused``)
 
 Progress = Callable[[str, int, int], None]
 

@@ -1,7 +1,7 @@
 """The unit runner: every unit of an analysis, read back from the store or computed, then stored.
 
 A unit is one checkpoint (``per_checkpoint``) or several checkpoint files
-(``over_files``: a run, a pair).  It is reused (status ``skipped``) when a
+(``over_files``: a run, a pair).  It is reused (status ``reused``) when a
 readable unit is stored under the same key, unless ``--force``.  A failure in
 one unit is recorded (:func:`~sam_probe.pipeline.outcome.failure`) and the
 others still run; a write failure keeps the computed result and is reported once.

@@ -68,16 +68,16 @@ def unit_line(outcome: Any) -> None:
     name = Path(str(outcome.path)).name if " -> " not in str(outcome.path) else outcome.path
     step = f" step {outcome.step}" if outcome.step is not None else ""
     took = f" in {outcome.seconds:.2f} s" if outcome.seconds is not None else ""
-    status = {"skipped": "reused from the store"}.get(outcome.status, outcome.status)
+    status = {"reused": "reused from the store"}.get(outcome.status, outcome.status)
     note(f"{name}{step}: {status}{took}")
 
 
 def summary_line(analysis: str, outcomes: list[Any], seconds: float) -> None:
     """``sharpness: 11 units, 8 computed, 3 reused from the store, 0 failed (12.3 s)``."""
-    n = {k: sum(o.status == k for o in outcomes) for k in ("ok", "skipped", "failed")}
+    n = {k: sum(o.status == k for o in outcomes) for k in ("ok", "reused", "failed")}
     if not outcomes:
         return
-    note(f"{analysis}: {len(outcomes)} units, {n['ok']} computed, {n['skipped']} reused from the store, "
+    note(f"{analysis}: {len(outcomes)} units, {n['ok']} computed, {n['reused']} reused from the store, "
          f"{n['failed']} failed ({seconds:.1f} s)")
 
 
