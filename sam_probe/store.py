@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from .atomic import atomic_write
 
 KIND = "__kind__"
 META = "__meta__"
@@ -146,13 +147,6 @@ def _write(group: h5py.Group, data: dict[str, Any]) -> None:
             group.create_dataset(k, data=arr, compression="gzip" if big else None, shuffle=big)
 
 
-def file_mode() -> int:
-    """``0666`` less the process umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 class UnstorableResult(RuntimeError):
     """A computed value HDF5 cannot hold (the message names it); the result itself is kept and printed."""
 
@@ -193,11 +187,7 @@ def describe_write_error(path: str | Path, out: str | Path, exc: Exception,
 def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -> Path:
     """Atomically write ``result`` with ``meta`` attributes to ``path`` (mode 0644 under the usual umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, file_mode())
-    try:
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             try:
                 for k, v in meta.items():
@@ -210,20 +200,6 @@ def write_unit(path: str | Path, result: dict[str, Any], meta: dict[str, Any]) -
                 raise UnstorableResult(f"a value cannot be stored in HDF5 ({type(exc).__name__}: "
                                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
             f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-            pass
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -616,13 +592,9 @@ def merge(source: str | Path, target: str | Path,
     ``.h5`` file that is not copied (corrupt, truncated, not a sam-probe unit, refused)."""
     src = Path(source)
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, file_mode())
     skip = on_skip or (lambda p, why: None)
     n = 0
-    try:
+    with atomic_write(target) as tmp:
         with h5py.File(tmp, "w") as out:
             for p in walk_h5(src):
                 if p.resolve() == target.resolve():
@@ -651,8 +623,4 @@ def merge(source: str | Path, target: str | Path,
                         g.attrs[k] = v
                     f.copy(f[RESULT], g, name=RESULT)
                     n += 1
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return n

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -301,16 +300,10 @@ def write_html(results: Path, coll, groups, diffs, warnings, written, target: Pa
         everything = [r for rs in coll.analyses.values() for r in rs]
         text = html_page.page(str(results), sections, everything, [src] if src is not None else [], coll.skipped,
                               summary(coll))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp_path, figures.file_mode())  # same permissions as the figures
-        os.replace(tmp_path, target)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+    from ..atomic import atomic_write
+
+    with atomic_write(target, fsync=False) as tmp_path:  # same permissions as the figures
+        Path(tmp_path).write_text(text, encoding="utf-8")
 
 
 def register(app: typer.Typer) -> None:

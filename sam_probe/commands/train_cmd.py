@@ -1,8 +1,6 @@
 """``sam-probe train``: a small honest trainer that writes checkpoints sam-probe can analyse."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,20 +16,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` to a temporary name, fsync, then rename (never a half-written file)."""
     import torch
 
-    from ..store import file_mode
+    from ..atomic import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, file_mode())
-    try:
+    with atomic_write(path, suffix="") as tmp:
         torch.save(payload, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train(

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write
 
 PALETTE = "colorblind"
 DPI = 200
@@ -341,13 +341,6 @@ def overlapping_ticks(fig: Any) -> list[tuple[str, str]]:
     return bad
 
 
-def file_mode() -> int:
-    """Permissions of a normal new file: 0644 less the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o644 & ~mask
-
-
 def write(fig: Any, path: str | Path) -> list[Path]:
     """Write ``fig`` in every active format (see :func:`file_format`) atomically; close it; return the files.
 
@@ -367,16 +360,9 @@ def write(fig: Any, path: str | Path) -> list[Path]:
         declutter(fig)
         for fmt in FORMAT["value"]:
             target = path.parent / f"{stem}.{fmt}"
-            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".{fmt}", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_write(target, suffix=f".{fmt}", fsync=False) as tmp:
                 fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", pad_inches=0.08,
                             metadata={"Date": None} if fmt == "svg" else None)
-                os.chmod(tmp, file_mode())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             out.append(target)
     finally:
         _libs()[0].close(fig)

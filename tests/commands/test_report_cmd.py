@@ -192,7 +192,7 @@ def test_html_report_is_one_self_contained_page(stored, tiny_runs, tmp_path):
     assert file_sha256(tiny_runs["sam"] / "step_000020.pt") in text  # provenance: checkpoints and sha256
     for words in ("sam-probe", "torch", "command lines", "ratio categories", "settings: "):
         assert words in text, words
-    assert (target.stat().st_mode & 0o777) == (0o644 & ~_umask())
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())
 
 
 def _umask():
