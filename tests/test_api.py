@@ -77,3 +77,25 @@ def test_curvature_api_in_a_notebook():
     assert first.top_eigenvalue == pytest.approx(torch.linalg.eigvalsh(H[:n, :n])[-1].item(), rel=1e-7)
     ov = sp.subspace_overlap(torch.linalg.eigh(G).eigenvectors[:, -2:], torch.linalg.eigh(H).eigenvectors[:, -2:])
     assert 0 <= ov <= 1
+
+
+def test_errors_name_settings_as_python_keywords_not_flags(tiny_runs, tmp_path):
+    import pytest
+
+    from sam_probe.errors import CheckpointError
+
+    ck = torch.load(tiny_runs["sgd"] / "step_000010.pt", weights_only=True)
+    ck["model"] = {k: torch.full_like(v, float("nan")) for k, v in ck["model"].items()}
+    torch.save(ck, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError) as e:
+        sp.objective(tmp_path / "nan.pt", data="digits", max_samples=20)
+    assert "pass allow_nonfinite to continue anyway" in str(e.value) and "--" not in str(e.value)
+    assert sp.objective(tmp_path / "nan.pt", data="digits", max_samples=20, allow_nonfinite=True).n_params > 0
+
+
+def test_analyze_accepts_an_old_option_name_for_a_release(tiny_runs):
+    ck = tiny_runs["sgd"] / "step_000020.pt"
+    kw = dict(k=1, vectors="full", eta_grid="", max_samples=40, tol=1e-6)
+    new = sp.analyze("alignment", ck, step_size=0.3, **kw)["results"][0]
+    old = sp.analyze("alignment", ck, eta=0.3, **kw)["results"][0]
+    assert new["eta"] == old["eta"] == 0.3 and new["dL"] == old["dL"]

@@ -61,3 +61,33 @@ def test_inspect_takes_several_paths_and_runs(tiny_runs):
     res = run_cli("inspect", tiny_runs["sgd"], tiny_runs["sam"] / "step_000010.pt", "--json")
     assert res.code == 0
     assert len(res.json()["checkpoints"]) == 4
+
+
+def test_renamed_options_show_the_new_flag_and_keep_the_old_one_hidden(tiny_runs):
+    import re
+
+    def flags(cmd: str) -> set[str]:
+        return set(re.findall(r"--[a-z][a-z-]*", run_cli(cmd, "--help").stdout))
+
+    assert "--step-size" in flags("alignment") and "--eta" not in flags("alignment")
+    assert "--escape-window" in flags("distance") and "--k" not in flags("distance")
+    base = ["--ref", "0", "--no-store", "--json"]
+    new = run_cli("distance", tiny_runs["sgd"], "--escape-window", "1", *base).json()
+    old = run_cli("distance", tiny_runs["sgd"], "--k", "1", *base).json()
+    default = run_cli("distance", tiny_runs["sgd"], *base).json()
+    assert new["escape_steps"] == old["escape_steps"] != default["escape_steps"]
+
+
+def test_error_messages_spell_every_setting_as_its_flag():
+    """A neutral error names settings by Python name; the command line renders each as the flag it has."""
+    from sam_probe.analyses import all_analyses
+    from sam_probe.commands.options import ANALYSIS_OPTIONS
+    from sam_probe.errors import CLI, opt, render
+    from sam_probe.settings import Settings
+
+    shared = {d for _, o in ANALYSIS_OPTIONS.values() for d in o.param_decls}
+    for field in Settings.__dataclass_fields__:
+        assert render(opt(field), CLI) in shared, field
+    for a in all_analyses():
+        for o in a.options:
+            assert render(opt(o.name), CLI) == o.flag, (a.name, o.name)

@@ -138,3 +138,51 @@ def test_sigint_prints_interrupted_exits_130_and_leaves_no_partial_files(tiny_ru
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not [p for p in out.rglob(".*") if p.is_file()]
+
+
+# ------------------------------------------------------------------ the error boundary (whose error is it?)
+def test_a_bug_in_sam_probe_is_never_blamed_on_the_inputs(tiny_runs, monkeypatch):
+    """A KeyError in sam-probe's own code: one line that calls it a sam-probe bug and where (no advice
+    about --model/--data), exit 2; ``--debug`` prints its traceback."""
+    from sam_probe.analyses import sharpness
+
+    configure = sharpness.configure
+    monkeypatch.setattr(sharpness, "configure",  # a config that lacks a key the analysis reads: our bug
+                        lambda opts, settings: {k: v for k, v in configure(opts, settings).items() if k != "warm_start"})
+    ck = tiny_runs["sgd"] / "step_000010.pt"
+    res = run_cli("sharpness", ck, *FAST, "--no-store")
+    assert res.code == 2 and "Traceback" not in res.stderr
+    (line,) = _errors(res.stderr)
+    assert "KeyError: 'warm_start'" in line and "bug in sam-probe" in line and "sam_probe/analyses/base.py:" in line
+    assert "--model" not in line and "--data" not in line and "--debug" in line
+    debug = run_cli("sharpness", ck, *FAST, "--no-store", "--debug")
+    assert debug.code == 2 and "Traceback" in debug.stderr and "warm_started" in debug.stderr
+
+
+FLAKY = '''
+from sam_probe.loading.models import build_model
+
+
+def factory():
+    model = build_model("mlp", {"in_dim": 64, "hidden": [6], "out_dim": 10})
+
+    class Flaky(type(model)):
+        def forward(self, x):
+            if x.shape[0] > 2:  # takes the 2-sample probe, fails on the selection
+                raise KeyError("by_")
+            return super().forward(x)
+
+    model.__class__ = Flaky
+    return model
+'''
+
+
+def test_an_error_in_the_users_forward_names_it_and_the_options(tiny_runs, tmp_path):
+    flaky = tmp_path / "flaky.py"
+    flaky.write_text(FLAKY)
+    res = run_cli("sharpness", tiny_runs["sgd"] / "step_000010.pt", "--model", f"{flaky}:factory", *FAST,
+                  "--no-store")
+    assert res.code == 2 and "Traceback" not in res.stderr
+    (line,) = _errors(res.stderr)
+    assert f"KeyError: 'by_' (in the model's forward at {flaky}:11: check that --model/--model-arg fit --data " \
+           "and --loss)" in line

@@ -8,15 +8,19 @@ Its traceback says where it was raised:
   package the user named (a frame outside sam-probe and the libraries it is built
   on) — a **user error**: one line, naming where, with advice on ``--model`` /
   ``--data`` / ``--loss``;
-- in sam-probe's own code — a **sam-probe bug**: one line that says so and where
+- in sam-probe's own code, as a Python error (``KeyError``, ``AttributeError``,
+  ``TypeError``, ...) — a **sam-probe bug**: one line that says so and where
   (never advice about the inputs), the traceback kept for ``--debug``;
 - in a library (torch, numpy) called by sam-probe itself on the user's tensors —
-  not attributable: one line naming the place, advice stated as a condition.
+  including torch's compiled operations, whose errors (``RuntimeError``,
+  ``IndexError``, ``ValueError``) surface in sam-probe's frame — not attributable:
+  one line naming the place, advice stated as a condition.
 
 Only the first kind is ever worded as the user's mistake.
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -29,6 +33,10 @@ LIBRARIES = frozenset({
     "typer", "click", "rich", "pyhessian", "typing_extensions", "importlib_metadata",
 })
 _FORWARD = ("_call_impl", "_wrapped_call_impl")
+# what only Python code raises (torch's compiled operations raise RuntimeError, IndexError, ValueError,
+# NotImplementedError): raised in sam-probe's own frame, these are sam-probe's bugs
+PYTHON_ERRORS = (KeyError, AttributeError, NameError, TypeError, AssertionError, ZeroDivisionError,
+                 RecursionError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,14 @@ def _frames(tb: TracebackType | None) -> list[tuple[str, str, str, int]]:
     return out
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the sam_probe package folder
+
+
 def _where(frame: tuple[str, str, str, int]) -> str:
+    """``file:line``; sam-probe's files relative to the package's folder (``sam_probe/store.py:12``)."""
     module, _, filename, line = frame
-    if owner(module) == "ours":
-        filename = module.replace(".", "/") + ".py"
+    if owner(module) == "ours" and os.path.abspath(filename).startswith(_ROOT + os.sep):
+        filename = os.path.relpath(os.path.abspath(filename), os.path.dirname(_ROOT))
     return f"{filename}:{line}"
 
 
@@ -78,15 +90,18 @@ def blame(exc: BaseException) -> Blame:
     if isinstance(exc, OSError):
         return Blame("system")
     frames = _frames(exc.__traceback__)
+    kinds = [owner(m) for m, *_ in frames]
+    if "ours" in kinds:  # what sam-probe called: from its outermost frame inwards
+        start = kinds.index("ours")
+        frames, kinds = frames[start:], kinds[start:]
     if not frames:
         return Blame("sam-probe")
-    kinds = [owner(m) for m, *_ in frames]
     in_forward = any(m == "torch.nn.modules.module" and fn in _FORWARD for m, fn, *_ in frames)
     in_data = any(m.startswith("torch.utils.data") for m, *_ in frames)
     users = [f for f, k in zip(frames, kinds) if k == "user"]
-    if kinds[-1] == "ours":
+    if kinds[-1] == "ours" and isinstance(exc, PYTHON_ERRORS):
         return Blame("sam-probe", _where(frames[-1]))
-    if kinds[-1] == "user" or in_forward or in_data or users:
+    if in_forward or in_data or users:
         who = "model" if in_forward else "data" if in_data else "code"
         return Blame(who, _where(users[-1]) if users else None)
     ours = [f for f, k in zip(frames, kinds) if k == "ours"]
