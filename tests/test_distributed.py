@@ -158,6 +158,44 @@ def test_cli_under_torchrun_environment(tmp_path):
     assert meta["world_size"] == 2
 
 
+def test_bn_train_notes_when_the_batchnorm_batch_is_not_the_selection():
+    from sam_probe.errors import CLI, render
+    from sam_probe.pipeline.build import bn_batch_note
+
+    assert bn_batch_note("eval", True, 40, None, 2) is None and bn_batch_note("train", False, 40, None, 2) is None
+    assert bn_batch_note("train", True, 40, None, 1) is None  # one process, one batch: the selection
+    assert bn_batch_note("train", True, 40, 64, 1) is None  # one chunk holds everything
+    ranks = render(bn_batch_note("train", True, 40, None, 2), CLI)
+    assert ranks.startswith("--bn-mode train over 2 ranks: each rank's shard (about 20 of the 40 samples)")
+    chunks = render(bn_batch_note("train", True, 40, 10, 2), CLI)  # 4 whole chunks dealt to 2 ranks: as in one
+    assert chunks.startswith("--bn-mode train with --batch-size 10: each chunk of 10 samples") and "ranks" not in chunks
+    assert "fewer chunks than ranks" in bn_batch_note("train", True, 40, 30, 3)
+    assert "over 2 ranks" in bn_batch_note("train", True, 40, 64, 2)  # one chunk: each shard is its batch
+
+
+def test_torchrun_bn_train_without_batch_size_says_each_shard_is_a_batch(tmp_path):
+    """Issue 27 item 5: under 2 ranks, --bn-mode train with no --batch-size makes each rank's shard the
+    BatchNorm batch (results differ from one process): rank 0 says so, once; one process says nothing."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from clitools import run_cli
+
+    from sam_probe.commands.train_cmd import write_run
+
+    run = tmp_path / "run"
+    write_run(run, optimizer="sgd", model="cnn", model_args={"width": 2}, data="digits", max_samples=41, steps=1,
+              lr=0.1, batch_size=41, checkpoint_every=1, seed=0)
+    ck = sorted(run.glob("*.pt"))[-1]
+    args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "41", "--bn-mode", "train", "--top-k", "1",
+            "--tol", "1e-2", "--rho", "0", "--no-store", "--no-plot", "--json"]
+    one = run_cli(*args)
+    assert one.code == 0 and "BatchNorm batch" not in one.stderr, one.stderr
+    procs = run_ranks([sys.executable, "-m", "sam_probe", *args], 2)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+    notes = [ln for ln in procs[0].stderr.splitlines() if "BatchNorm batch" in ln]
+    assert len(notes) == 1 and "--bn-mode train over 2 ranks" in notes[0], procs[0].stderr
+    assert "BatchNorm batch" not in procs[1].stderr  # rank 0 alone speaks
+
+
 def test_shard_range_covers_selection_once():
     for n, world, chunk in [(37, 2, None), (37, 3, 4), (5, 8, None), (10, 3, 4), (10, 4, 100)]:
         ranges = [distributed.shard_range(n, world, r, chunk) for r in range(world)]
