@@ -64,7 +64,7 @@ def analyze(name: str, *targets: str | Path, store: bool = False, **options: Any
     session = Session(settings, command=["python-api", "analyze", name])
     paths = [Path(t) for t in targets]
     outcomes = run_analysis(session, analysis, paths, cfg)
-    errors = [o.error for o in outcomes if o.status == "failed"]
+    errors = [o.error or "failed" for o in outcomes if o.status == "failed"]
     if errors and not any(o.result for o in outcomes):
         raise SpecError(errors[0])
     payload, _ = payload_of(analysis, outcomes, len(paths))

@@ -122,7 +122,7 @@ def _negatable(command: str) -> set[str]:
         return set()
 
 
-def _options(opts: dict[str, Any], where: str, negatable: set[str] = frozenset()) -> list[str]:
+def _options(opts: dict[str, Any], where: str, negatable: set[str] | frozenset[str] = frozenset()) -> list[str]:
     argv: list[str] = []
     for key, value in opts.items():
         flag = "--" + str(key).replace("_", "-")

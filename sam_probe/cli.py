@@ -28,7 +28,7 @@ def _flags_without_type() -> None:
     def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
         return None if getattr(self, "is_flag", False) else shown(self, ctx)
 
-    TyperOption.display_type_rich = display_type_rich
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 _flags_without_type()

@@ -129,7 +129,7 @@ class SamProbeError(Exception):
         return (_rebuild, (type(self), self.message, self.__dict__))
 
 
-def _rebuild(cls: type, message: str, state: dict[str, Any]) -> SamProbeError:
+def _rebuild(cls: type[SamProbeError], message: str, state: dict[str, Any]) -> SamProbeError:
     exc = cls.__new__(cls)
     Exception.__init__(exc, message)
     exc.__dict__.update(state)

@@ -91,3 +91,13 @@ def test_error_messages_spell_every_setting_as_its_flag():
     for a in all_analyses():
         for o in a.options:
             assert render(opt(o.name), CLI) == o.flag, (a.name, o.name)
+
+
+def test_ci_runs_the_readmes_test_command_with_the_linters():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = root.joinpath(".ci", "run").read_text().strip().splitlines()[-1]
+    assert command in root.joinpath("README.md").read_text()
+    assert "ruff check sam_probe && mypy sam_probe && python -m pytest" in command
+    assert '"ruff' in root.joinpath("pyproject.toml").read_text() and '"mypy' in root.joinpath("pyproject.toml").read_text()

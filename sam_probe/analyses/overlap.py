@@ -5,6 +5,7 @@ back (never recomputed), missing ones are computed with the same options.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
 def execute(session: AnalysisSession, targets: list[Path], cfg: dict[str, Any]):
     outcomes = []
     for run in targets:
-        outcomes += session.guarded(run, lambda r=run: overlap_of_run(session, r, cfg))
+        outcomes += session.guarded(run, functools.partial(overlap_of_run, session, run, cfg))
     return outcomes
 
 
@@ -75,7 +76,7 @@ def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
     failed = [o for o in units if o.result is None]
     if not good:
         return failed or [session.failed(target, f"{target}: no readable checkpoints")]
-    steps = [o.step for o in good]
+    steps = [o.step for o in good if o.step is not None]  # every ratio unit has its step
     if anchor is not None and anchor not in steps:
         return failed + [session.failed(target, SpecError(f"not a step of {target} (steps: {steps})", option="anchor",
                                                           value=anchor))]
@@ -93,7 +94,7 @@ def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
                 flats.append(stored["mask"])
             else:  # a unit stored without its flat mask: one gradient pass
                 flats.append(flat_mask(session.objective(ck).grad_flat().square(), rcfg["ire_rank"]))
-        n = int(good[0].result["n_params"])
+        n = int((good[0].result or {})["n_params"])
         res = overlap_analysis(masks, n, steps=steps, category=category, anchor=anchor, flat_masks=flats,
                                ire_rank=rcfg["ire_rank"], pairwise=cfg["pairwise"])
         return {"run": str(target), **res.to_dict()}

@@ -8,6 +8,7 @@ others still run; a write failure keeps the computed result and is reported once
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,16 +151,16 @@ def run_analysis(session: Session, analysis: Analysis, targets: list[Path], cfg:
     impl = analysis.impl
     if hasattr(impl, "execute"):
         return list(impl.execute(session, targets, cfg))
+
+    def units_of(t: Path) -> list[UnitOutcome]:
+        if analysis.target == CHECKPOINTS:
+            return per_checkpoint(session, analysis, t, cfg, impl.compute)
+        unit, failed = whole_run(session, analysis, t, cfg, impl.compute, name=analysis.name)
+        return failed + [unit]
+
     outcomes: list[UnitOutcome] = []
     for target in targets:
-        if analysis.target == CHECKPOINTS:
-            outcomes += guarded(target, lambda t=target: per_checkpoint(session, analysis, t, cfg, impl.compute))
-        else:
-            def one(t: Path) -> list[UnitOutcome]:
-                unit, failed = whole_run(session, analysis, t, cfg, impl.compute, name=analysis.name)
-                return failed + [unit]
-
-            outcomes += guarded(target, lambda t=target: one(t))
+        outcomes += guarded(target, functools.partial(units_of, target))
     return outcomes
 
 
