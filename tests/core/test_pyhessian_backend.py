@@ -36,7 +36,9 @@ def test_same_hessian_as_objective_and_model_untouched(bn_mode, chunk):
     H = dense_hessian(obj)  # BN train mode: batch statistics per chunk, for both
     lm, _ = dense_eigh(H, "LM", 2)
     obj.n_hvp = 0
-    res = run_pyhessian(obj, 2, tol=1e-10, max_iter=3000, trace=True, trace_max_iter=200, trace_tol=1e-9, seed=0)
+    # its power iteration stops on a relative change of 1e-6: ~1e-5 from the truth here, well inside the
+    # rtol 1e-3 checked (1e-10 took 1.7x the HVPs for nothing); 30 Hutchinson probes test the trace's SE
+    res = run_pyhessian(obj, 2, tol=1e-6, max_iter=3000, trace=True, trace_max_iter=30, trace_tol=1e-9, seed=0)
     assert isinstance(res, PyHessianResult)
     # power iteration converges to the largest-magnitude eigenvalues of the SAME Hessian
     assert torch.allclose(torch.tensor(res.eigenvalues, dtype=torch.float64), lm, rtol=1e-3)
@@ -50,7 +52,7 @@ def test_same_hessian_as_objective_and_model_untouched(bn_mode, chunk):
     exact = float(torch.trace(H))
     assert res.n_hvp_eigen > 2
     # its stopping rule divides by the signed running mean: it stops early once that is negative
-    assert 2 <= res.n_hvp_trace <= 200
+    assert 2 <= res.n_hvp_trace <= 30
     if res.n_hvp_trace >= 10:
         assert abs(res.trace - exact) <= 4 * res.trace_se
     after = state(model)
