@@ -108,6 +108,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["plain", "bn"])
 def test_two_gloo_ranks_match_one_process(two_ranks, case):
     one = analyse(case == "bn")
@@ -127,6 +128,7 @@ def test_two_gloo_ranks_match_one_process(two_ranks, case):
     assert min(abs(v) for v in one["eigenvalues"]) > 1e-3  # non-trivial spectrum compared
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_environment(tmp_path):
     """``sharpness`` launched as 2 ranks (WORLD_SIZE set, as torchrun does): rank 0 alone prints and
     writes one store unit; its numbers equal a one-process run."""
@@ -173,6 +175,7 @@ def test_bn_train_notes_when_the_batchnorm_batch_is_not_the_selection():
     assert "over 2 ranks" in bn_batch_note("train", True, 40, 64, 2)  # one chunk: each shard is its batch
 
 
+@pytest.mark.slow
 def test_torchrun_bn_train_without_batch_size_says_each_shard_is_a_batch(tmp_path):
     """Issue 27 item 5: under 2 ranks, --bn-mode train with no --batch-size makes each rank's shard the
     BatchNorm batch (results differ from one process): rank 0 says so, once; one process says nothing."""

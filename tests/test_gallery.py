@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every gallery script end to end (pytest -m "not slow" skips it)
+
 GALLERY = Path(__file__).resolve().parents[1] / "docs" / "gallery"
 RUNS = Path(__file__).resolve().parents[1] / "sample_runs"
 

@@ -16,6 +16,8 @@ import torch
 from clitools import run_cli
 from sam_probe.commands.train_cmd import write_run
 
+pytestmark = pytest.mark.slow  # end to end on the sample runs (pytest -m "not slow" skips it)
+
 RUNS = Path(__file__).resolve().parents[1] / "sample_runs"
 
 

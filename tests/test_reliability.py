@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import h5py
+import pytest
 import torch
 
 from sam_probe import store
+
+pytestmark = pytest.mark.slow  # batches as processes: kill -9, concurrency (pytest -m "not slow" skips it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_RUN = ROOT / "sample_runs" / "digits-mlp-sgd"  # 11 checkpoints
@@ -40,24 +43,68 @@ def _units(out: Path) -> list[Path]:
     return sorted(out.rglob("*.h5"))
 
 
+GATE = """
+import glob, os, time
+
+from sam_probe.loading.models import build_model
+
+OUT, HOLD, AFTER = {out!r}, {hold!r}, {after}
+
+
+def model():
+    \"\"\"The sample runs' MLP; while HOLD exists, its forward waits as soon as AFTER units are stored.\"\"\"
+    net = build_model("mlp", {{"in_dim": 64, "hidden": [64, 64], "out_dim": 10}})
+
+    class Gated(type(net)):
+        def forward(self, x):
+            while os.path.exists(HOLD) and len(glob.glob(os.path.join(OUT, "**", "*.h5"), recursive=True)) >= AFTER:
+                time.sleep(0.02)
+            return super().forward(x)
+
+    net.__class__ = Gated
+    return net
+"""
+
+
+def _gated(tmp_path: Path, out: Path, after: int) -> tuple[str, Path]:
+    """A ``--model`` that holds the batch inside its next unit once ``after`` units are stored, for as long
+    as the returned hold file exists: the test then acts on a batch known to be mid-run (an event, not a
+    clock), and deleting the file lets it finish."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    gate = tmp_path / "gate.py"
+    gate.write_text(GATE.format(out=str(out), hold=str(hold), after=after))
+    return f"{gate}:model", hold
+
+
+def _wait_for_units(p: subprocess.Popen, out: Path, n: int) -> list[Path]:
+    """The stored units once ``n`` exist (or the batch ended, which the caller's asserts then show)."""
+    while len(_units(out)) < n and p.poll() is None:
+        time.sleep(0.02)
+    return _units(out)
+
+
 def test_kill_9_mid_batch_keeps_every_written_unit_and_resume_completes(tmp_path):
     out = tmp_path / "res"
-    spec = _spec(tmp_path, SLOW_RUN, "top-k = 5\ntol = 1e-6\ntrace = true\ntrace-tol = 0.02\ntrace-max-hvp = 400\n")
+    model, hold = _gated(tmp_path, out, after=2)
+    spec = _spec(tmp_path, SLOW_RUN, f'top-k = 5\nmax-samples = 60\nmodel = "{model}"\n')
     p = _batch(spec, "--out", str(out))
-    deadline = time.time() + 120
-    while len(_units(out)) < 2 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    try:
+        _wait_for_units(p, out, 2)  # the worker now waits inside the third unit
+        assert p.poll() is None, _finish(p)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
     before = _units(out)
-    assert 2 <= len(before) < 11, "the batch must be killed in the middle"
+    assert len(before) == 2, "the batch must be killed in the middle"
     for u in before:  # every unit written before the kill is complete and readable
         result, meta = store.read_unit(u)
         assert len(result["eigenvalues"]) == 5 and meta["analysis"] == "sharpness"
+    hold.unlink()
     code, d = _finish(_batch(spec, "--out", str(out)))
     assert code == 0, d
     assert d["counts"]["failed"] == 0
-    assert d["counts"]["skipped"] >= len(before) and d["counts"]["ok"] + d["counts"]["skipped"] == 11
+    assert d["counts"]["skipped"] == d["counts"]["reused"] == 2 and d["counts"]["ok"] == 9
     assert len(_units(out)) == 11
 
 
@@ -89,7 +136,7 @@ def test_bad_checkpoints_among_good_ones(tmp_path, tiny_runs):
 
 def test_two_batches_into_one_output_directory(tmp_path):
     out = tmp_path / "res"
-    spec = _spec(tmp_path, SLOW_RUN, "top-k = 3\nmax-samples = 400\n")
+    spec = _spec(tmp_path, SLOW_RUN, "top-k = 2\nmax-samples = 100\n")
     a, b = _batch(spec, "--out", str(out)), _batch(spec, "--out", str(out))
     (ca, da), (cb, db) = _finish(a), _finish(b)
     assert ca == cb == 0, (da, db)
@@ -105,17 +152,20 @@ def test_two_batches_into_one_output_directory(tmp_path):
 
 def test_results_readable_from_another_process_while_a_batch_runs(tmp_path):
     out = tmp_path / "res"
-    p = _batch(_spec(tmp_path, SLOW_RUN, "top-k = 5\ntol = 1e-6\ntrace = true\ntrace-tol = 0.02\ntrace-max-hvp = 300\n"),
-               "--out", str(out))
-    reads = 0
-    while p.poll() is None:
-        for u in _units(out):
-            with h5py.File(u, "r") as f:  # this test process is "another process" for the batch
+    model, hold = _gated(tmp_path, out, after=2)
+    p = _batch(_spec(tmp_path, SLOW_RUN, f'top-k = 2\nmax-samples = 60\nmodel = "{model}"\n'), "--out", str(out))
+    try:
+        units = _wait_for_units(p, out, 2)
+        assert p.poll() is None, _finish(p)  # held inside its third unit: still running
+        for u in units:  # this test process is "another process" for the batch
+            with h5py.File(u, "r") as f:
                 assert "result" in f and f.attrs["analysis"] == "sharpness"
-                reads += 1
-        time.sleep(0.02)
+    finally:
+        hold.unlink()  # let it finish
     code, d = _finish(p)
-    assert code == 0 and reads > 0
+    assert code == 0 and d["counts"]["ok"] == 11, d
+    for u in _units(out):  # and every unit it wrote after the reads is whole
+        assert store.read_unit(u)[1]["analysis"] == "sharpness"
 
 
 class _Evil:

@@ -13,6 +13,8 @@ import torch
 from clitools import run_cli
 from writers import save_in_layout
 
+pytestmark = pytest.mark.slow  # the README's commands end to end (pytest -m "not slow" skips it)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 MODELS_PY = """import torch

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from clitools import run_cli
 from sam_probe import store
 
@@ -30,13 +32,14 @@ runs = ["{tiny_runs['sam']}/step_0000[12]0.pt"]
     res = run_cli("batch", spec, "--jobs", "2", "--json")
     assert res.code == 0, res.stderr
     d = res.json()
-    assert d["counts"] == {"ok": 8, "skipped": 0, "failed": 0} and d["exit_code"] == 0
+    assert d["counts"] == {"ok": 8, "skipped": 0, "failed": 0, "reused": 0} and d["exit_code"] == 0
     assert {(u["analysis"], u["step"]) for u in d["units"]} >= {("sharpness", 0), ("ratios", 10), ("ratios", 20)}
     assert len(list(store.iter_units(tmp_path / "res"))) == 8
     again = run_cli("batch", spec, "--json")
-    assert again.code == 0 and again.json()["counts"] == {"ok": 0, "skipped": 8, "failed": 0}
+    assert again.code == 0 and again.json()["counts"] == {"ok": 0, "skipped": 8, "failed": 0, "reused": 8}
+    assert {(u["status"], u["reused"]) for u in again.json()["units"]} == {("skipped", True)}  # the old name kept
     table = run_cli("batch", spec)
-    assert "0 ok, 8 skipped (already stored), 0 failed" in table.stdout
+    assert "0 ok, 8 reused (already stored), 0 failed" in table.stdout
 
 
 def test_batch_spec_errors_are_one_line(tmp_path, tiny_runs):
@@ -50,13 +53,25 @@ def test_batch_spec_errors_are_one_line(tmp_path, tiny_runs):
     assert "not valid TOML" in run_cli("batch", broken).stderr
 
 
+@pytest.mark.slow
 def test_shipped_sample_spec_and_report(tmp_path):
-    """The README's batch: every unit ok, then `report` makes every figure."""
+    """The README's batch, every job of it, at a small size: every unit ok, then `report` makes every figure.
+
+    The shipped spec runs as written (its relative paths resolve to the sample runs) with a
+    ``[defaults]`` table prepended: 64 samples and the checkpoints at round hundreds (2-5 per run)."""
+    shipped = (ROOT / "sample_runs" / "batch.toml").read_text()
+    assert "[defaults]" not in shipped, "the shipped spec has defaults: merge the test's into them"
+    for run in (ROOT / "sample_runs").iterdir():
+        if run.is_dir():
+            (tmp_path / run.name).symlink_to(run)
+    spec = _spec(tmp_path / "batch.toml", '[defaults]\nmax-samples = 64\nglob = "step_000[0-4]00.pt"\n\n' + shipped)
     out = tmp_path / "res"
-    res = run_cli("batch", ROOT / "sample_runs" / "batch.toml", "--out", out, "--jobs", "2", "--json")
+    res = run_cli("batch", spec, "--out", out, "--jobs", "2", "--json")
     assert res.code == 0, res.stdout[-2000:] + res.stderr
     d = res.json()
-    assert d["counts"]["failed"] == 0 and d["counts"]["ok"] > 50
+    assert d["counts"]["failed"] == 0 and d["counts"]["ok"] > 30
+    commands = {line.split('"')[1] for line in shipped.splitlines() if line.startswith("command =")}
+    assert {u["analysis"] for u in d["units"]} == commands  # every job of the shipped spec ran
     rep = run_cli("report", out, "-o", tmp_path / "figs")
     assert rep.code == 0, rep.stderr
     names = {p.stem for p in (tmp_path / "figs").glob("*.png")}

@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # Hugging Face models end to end (pytest -m "not slow" skips it)
 
 import hftiny  # noqa: E402
 from clitools import run_cli  # noqa: E402

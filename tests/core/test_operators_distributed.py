@@ -17,6 +17,8 @@ from sam_probe import distributed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_distributed import close, run_ranks  # noqa: E402
 
+pytestmark = pytest.mark.slow  # gloo ranks as processes (pytest -m "not slow" skips it)
+
 N = 37  # odd: shards of 19 and 18 samples
 
 

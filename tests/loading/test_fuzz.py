@@ -27,8 +27,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save as save_safetensors
+
+pytestmark = pytest.mark.slow  # seeded fuzzing in a child process (pytest -m "not slow" skips it)
 
 SEED = 1234
 N_MUTANTS = 1000
