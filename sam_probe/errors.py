@@ -74,6 +74,11 @@ def style(new: Style) -> Iterator[None]:
         _STYLE.reset(token)
 
 
+def current_style() -> Style:
+    """The style messages render in here (:data:`PYTHON` unless inside :func:`style`)."""
+    return _STYLE.get()
+
+
 def opt(name: str, value: Any = MISSING) -> str:
     """A reference to the setting ``name`` (with ``value``) inside a message; see the module docstring."""
     if value is MISSING:
