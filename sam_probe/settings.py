@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, opt
 
 DTYPES = ("float32", "float64")
 
@@ -41,14 +41,16 @@ class Settings:
     hvp: str = "rev-rev"  # Hessian-vector products: rev-rev (double backward) or fwd-rev (jvp over grad)
     distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
 
-    def torch_dtype(self):
+    def torch_dtype(self) -> Any:
+        """The ``torch.dtype`` of :attr:`dtype`."""
         import torch
 
         if self.dtype not in DTYPES:
-            raise SpecError(f"--dtype {self.dtype}: choose float32 or float64")
+            raise SpecError("choose float32 or float64", option="dtype", value=self.dtype)
         return getattr(torch, self.dtype)
 
-    def torch_device(self):
+    def torch_device(self) -> Any:
+        """The ``torch.device`` of :attr:`device` (``auto``: CUDA when available)."""
         import torch
 
         if self.device == "auto":
@@ -56,9 +58,10 @@ class Settings:
         try:
             dev = torch.device(self.device)
         except RuntimeError:
-            raise SpecError(f"--device {self.device}: use auto, cpu, cuda or cuda:N") from None
+            raise SpecError("use auto, cpu, cuda or cuda:N", option="device", value=self.device) from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SpecError(f"--device {self.device}: CUDA is not available here; use --device cpu")
+            raise SpecError(f"CUDA is not available here; use {opt('device', 'cpu')}", option="device",
+                            value=self.device)
         return dev
 
     def data_identity(self) -> dict[str, Any]:
