@@ -161,8 +161,11 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
     except SamProbeError:
         raise
     except Exception as exc:
-        if not blame.blame(exc).users:
-            raise  # sam-probe's own error (or unattributed): the unit runner says so, never "check --model"
+        # the probe runs the model and the loss on two samples: a failure inside the model or the data, or
+        # of a torch operation on their tensors, is a mismatch of the inputs; a Python error in sam-probe's
+        # own code is its bug (the unit runner says so, never "check --model")
+        if blame.blame(exc).who not in ("model", "data", "code", "library"):
+            raise
         raise SpecError(f"{ck.path}: the model does not accept the data ({blame.first_line(exc, 160)})"
                         f"{_integer_hint(exc, data)}; check {opt('model')}/{opt('model_args')} against "
                         f"{opt('data')}") from None
