@@ -186,3 +186,15 @@ def test_an_error_in_the_users_forward_names_it_and_the_options(tiny_runs, tmp_p
     (line,) = _errors(res.stderr)
     assert f"KeyError: 'by_' (in the model's forward at {flaky}:11: check that --model/--model-arg fit --data " \
            "and --loss)" in line
+
+
+def test_outputs_that_do_not_fit_the_labels_do_not_accept_the_data(tiny_runs, tmp_path):
+    """torch's loss failing on the model's outputs in the two-sample probe is the inputs' mismatch."""
+    odd = tmp_path / "odd.py"
+    odd.write_text(FLAKY.replace('            if x.shape[0] > 2:  # takes the 2-sample probe, fails on the selection\n'
+                                 '                raise KeyError("by_")\n            return super().forward(x)',
+                                 '            return super().forward(x)[:, None, :]  # [B, 1, C] for labels [B]'))
+    res = run_cli("sharpness", tiny_runs["sgd"] / "step_000010.pt", "--model", f"{odd}:factory", *FAST, "--no-store")
+    assert res.code == 2 and "Traceback" not in res.stderr
+    (line,) = _errors(res.stderr)
+    assert "the model does not accept the data" in line and "check --model/--model-arg against --data" in line
