@@ -130,7 +130,7 @@ def test_outcomes_keep_the_traceback_and_user_errors_as_they_are():
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(2)])
-def test_interrupts_are_never_units(exc):
+def test_interrupts_are_never_units(exc, tmp_path):
     from sam_probe.pipeline import units
 
     from sam_probe.settings import Settings
@@ -146,12 +146,10 @@ def test_interrupts_are_never_units(exc):
         name, version, unkeyed, gradients = "x", 1, (), False
 
     with pytest.raises(type(exc)):
-        units.one_checkpoint(Session(), Analysis(), "run", _path(), 1, {}, None, {})
+        units.one_checkpoint(Session(), Analysis(), "run", _checkpoint(tmp_path), 1, {}, None, {})
 
 
-def _path():
-    from pathlib import Path
-
-    import sam_probe
-
-    return Path(sam_probe.__file__)  # any existing file: hashed, then "loaded"
+def _checkpoint(tmp_path):
+    path = tmp_path / "step_1.pt"  # hashed, then "loaded"
+    torch.save({"model": {"w": torch.ones(2)}}, path)
+    return path
