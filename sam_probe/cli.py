@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from . import errors
 from .errors import Interrupted, SamProbeError
 
 
@@ -99,6 +100,15 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:  # not the main thread: KeyboardInterrupt cannot reach this thread anyway
             pass
     try:
+        with errors.style(errors.CLI):  # messages name settings as flags (--batch-size), not Python names
+            _run(argv, debug)
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(argv: list[str], debug: bool) -> None:
+    try:
         command().main(args=argv, prog_name="sam-probe")
     except SamProbeError as exc:
         from . import distributed
@@ -116,9 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         kept = f"{len(KEPT)} units computed by this run are stored; " if KEPT else ""
         note(f"interrupted: {kept}every stored unit is whole (none half-written); re-run the same command to resume")
         sys.exit(130)
-    finally:
-        if signal.getsignal(signal.SIGINT) is interrupt:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":  # pragma: no cover
