@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.registry import CURVATURE_REGISTRY
 from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option,
                    warm_started)
 
@@ -43,7 +44,7 @@ ANALYSIS = Analysis(
         "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
         "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
-        "eta_lambda_max": "eta * lambda_max", "curvature": "operator of the eigenvectors (hessian, ggn, fisher, ef)",
+        "eta_lambda_max": "eta * lambda_max", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
         "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
+from ..core.registry import CURVATURE_REGISTRY
 from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
                    warm_start_option, warm_started)
 
@@ -64,7 +65,7 @@ ANALYSIS = Analysis(
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "loss": "mean loss over the selection", "accuracy": "fraction correct (classification)",
-        "n_params": "parameters P", "curvature": "hessian, ggn, fisher or ef",
+        "n_params": "parameters P", "curvature": CURVATURE_REGISTRY.choices_text(),
         "eigenvalues": "top-k eigenvalues, descending",
         "residuals": "relative residual of each eigenpair", "converged": "residual <= --tol, per pair",
         "n_hvp": "HVPs of the eigen solve", "which": "LA, SA or LM",

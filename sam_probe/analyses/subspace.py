@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..core.registry import CURVATURE_REGISTRY
 from .base import RUNS, Analysis, Option, curvature_options, warm_start_option
 
 ANALYSIS = Analysis(
@@ -34,7 +35,7 @@ ANALYSIS = Analysis(
         "overlap": "T x T matrix ||V_s' V_t||_F^2 / k", "chance": "k / P", "previous": "overlap with the "
         "previous checkpoint (null for the first)", "eigenvalues": "top-k eigenvalues per checkpoint",
         "residuals": "their relative residuals", "n_hvp": "products of each checkpoint's solve",
-        "n_params": "P", "curvature": "hessian, ggn, fisher or ef", "warm_start": "solves warm-started",
+        "n_params": "P", "curvature": CURVATURE_REGISTRY.choices_text(), "warm_start": "solves warm-started",
         "eigenvectors": "[T, P, k] float16 (in the store only; not in JSON)",
         "warnings": "why a number is not certified", "seconds": "wall time",
     },
