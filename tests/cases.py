@@ -12,6 +12,7 @@ Operator tests (and solver tests) import :data:`CASES` and parametrise over them
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -153,6 +154,24 @@ class Case:
         return self.name
 
 
+def hf_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """Hugging Face GPT-2 (260 parameters, padded batch): ``vmap`` cannot trace it (data-dependent control flow)."""
+    import hftiny
+
+    m = hftiny.perturb(hftiny.gpt2()).double()
+    b = hftiny.token_batch(6, seed=3, labels="lm")
+    return m, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]
+
+
+def hf_bert() -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """Hugging Face BERT sequence classifier (298 parameters, padded batch)."""
+    import hftiny
+
+    m = hftiny.perturb(hftiny.bert()).double()
+    b = hftiny.token_batch(8, seed=4, labels="class")
+    return m, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]
+
+
 CASES = [
     Case("mlp-ce", mlp, "ce"),
     Case("bn-cnn-ce", bn_cnn, "ce"),
@@ -161,7 +180,10 @@ CASES = [
     Case("tagger-token-ce", token_tagger, "ce"),
     Case("gpt-lm", tiny_gpt, "lm"),
 ]
-BY_NAME = {c.name: c for c in CASES}
+HF_CASES = [Case("hf-gpt2-lm", hf_gpt2, "lm"), Case("hf-bert-ce", hf_bert, "ce")]
+if importlib.util.find_spec("transformers") is None:  # pragma: no cover - the test extra installs it
+    HF_CASES = []
+BY_NAME = {c.name: c for c in CASES + HF_CASES}
 
 
 def objective(case: Case, **kw):
@@ -222,8 +244,10 @@ class Reference:
         self.model.eval()
         with sdpa_kernel([SDPBackend.MATH]):
             if isinstance(x, dict):
-                return functional_call(self.model, (params, self.buffers), (), x)
-            return functional_call(self.model, (params, self.buffers), (x,))
+                out = functional_call(self.model, (params, self.buffers), (), x)
+            else:
+                out = functional_call(self.model, (params, self.buffers), (x,))
+        return out.logits if hasattr(out, "logits") else out
 
     def _leaves(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         leaves = [self.params[n].clone().requires_grad_(True) for n in self.names]

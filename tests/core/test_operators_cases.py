@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cases import CASES, Reference, objective, rademacher, relative_error  # noqa: E402
+from cases import CASES, HF_CASES, Reference, objective, rademacher, relative_error  # noqa: E402
 
 from sam_probe.core.dense import dense_matrix  # noqa: E402
 from sam_probe.core.operators import curvature_operator  # noqa: E402
@@ -92,3 +92,17 @@ def test_mc_fisher_product_error_covers_the_product():
     err = (op.matmat(v) - r.ggn() @ v).norm(dim=0)
     est = op.product_error(v)
     assert ((err <= 4 * est) & (est <= 10 * err)).all(), (err, est)
+
+
+@pytest.mark.parametrize("case", HF_CASES, ids=str)
+def test_empirical_fisher_on_hugging_face_models_falls_back_to_the_exact_output_space_form(case):
+    """``vmap(grad)`` cannot trace GPT-2/BERT (data-dependent control flow): ``ef`` says so and is exact
+    anyway; ``ef-token`` is the per-token choice."""
+    r = ref(case)
+    obj = objective(case)
+    op = curvature_operator(obj, "ef")
+    assert op.per_sample  # it would fit: the per-sample path is tried first
+    assert relative_error(dense_matrix(op), r.empirical_fisher("sample")) < 1e-11
+    assert not op.per_sample and "vmap cannot trace" in op.notes[0]
+    assert relative_error(dense_matrix(curvature_operator(obj, "ef-token")), r.empirical_fisher("token")) < 1e-11
+    assert relative_error(dense_matrix(curvature_operator(obj, "ggn")), r.ggn()) < 1e-11
