@@ -101,12 +101,13 @@ class FisherOperator(OutputSpaceOperator):
 
     def output_product(self, out: Tensor, y: Tensor | None, JV: Tensor, offset: int, x: Any = None) -> Tensor:
         loss = self.loss
-        acc = torch.zeros_like(loss.terms(JV, out, y))
+        acc: Tensor | None = None
         for s0, s1 in self._draw_blocks(self.mc_samples, out):
             q = self.output_gradients(out, y, offset, s0, s1)
-            coef = self._term_coefficients(q, JV, out, y)
-            acc += torch.einsum("svbr,sbrm->vbrm", coef, loss.terms(q, out, y))
-        return loss.untermed(acc / self.mc_samples, out, y)
+            part = torch.einsum("svbr,sbrm->vbrm", self._term_coefficients(q, JV, out, y), loss.terms(q, out, y))
+            del q
+            acc = part if acc is None else acc.add_(part)
+        return loss.untermed(acc.div_(self.mc_samples), out, y)
 
     # ----------------------------------------------------- sampling error
     def draw_quadratic_forms(self, V: Tensor, n_draws: int, first: int = 0) -> Tensor:

@@ -148,16 +148,17 @@ def _categorical_q(p: Tensor, u: Tensor, mask: Tensor | None) -> Tensor:
     -> ``[S, B, R, C]`` (zero outside ``mask``)."""
     C = p.shape[-1]
     cum = p.cumsum(-1)
-    lab = torch.searchsorted(cum.unsqueeze(0).expand(u.shape[0], *cum.shape).contiguous(),
-                             u.unsqueeze(-1).contiguous()).squeeze(-1).clamp_max(C - 1)
-    q = p.unsqueeze(0) - F.one_hot(lab, C).to(p.dtype)
-    return q if mask is None else q * mask.unsqueeze(-1)
+    q = p.unsqueeze(0) if u.shape[0] == 1 else p.unsqueeze(0).repeat(u.shape[0], *([1] * p.dim()))  # p is ours
+    for s in range(u.shape[0]):  # label = #{c: cum_c < u}: no [S, ..., C] index or one-hot tensors
+        lab = (cum < u[s].unsqueeze(-1)).sum(-1, keepdim=True).clamp_max_(C - 1)
+        q[s].scatter_add_(-1, lab, torch.full_like(lab, -1, dtype=p.dtype))
+    return q if mask is None else q.mul_(mask.unsqueeze(-1))
 
 
 def _softmax_hessian_product(p: Tensor, U: Tensor, mask: Tensor | None) -> Tensor:
     """``(diag p − p pᵀ) U`` per term: ``p`` ``[B, R, C]``, ``U`` ``[b, B, R, C]``, in O(|U|) extra memory."""
     r = U * p
-    r.sub_(p * r.sum(-1, keepdim=True))
+    r.addcmul_(p, r.sum(-1, keepdim=True), value=-1)
     if mask is not None:
         r.mul_(mask.unsqueeze(-1))
     return r
@@ -240,6 +241,17 @@ class CrossEntropy(Loss):
     def output_hessian_product(self, out: Tensor, y: Tensor | None, U: Tensor, x: Any = None) -> Tensor:
         p = self.terms(torch.softmax(out.detach(), dim=-1 if self._class_last(out, y) else 1), out, y)
         return self.untermed(_softmax_hessian_product(p, self.terms(U, out, y), self.term_mask(out, y)), out, y)
+
+    def output_gradient(self, out: Tensor, y: Tensor | None, x: Any = None) -> Tensor:
+        """``softmax(f) − onehot(y)`` per labelled term (0 at ignored labels), in one output-sized tensor."""
+        labels = self._labels(out, y)
+        if labels.is_floating_point():
+            return super().output_gradient(out, y, x)
+        p = self.terms(torch.softmax(out.detach(), dim=-1 if self._class_last(out, y) else 1), out, y)
+        valid = (labels != IGNORE).reshape(p.shape[:-1]).unsqueeze(-1)
+        lab = labels.reshape(p.shape[:-1]).unsqueeze(-1).long().clamp(0, p.shape[-1] - 1)
+        p.scatter_add_(-1, lab, valid.to(p.dtype).neg())
+        return self.untermed(p.mul_(valid), out, y)
 
     def noise_width(self, out: Tensor, y: Tensor | None) -> int:
         return self.n_term_positions(out, y)

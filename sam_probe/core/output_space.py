@@ -96,8 +96,8 @@ class OutputSpaceOperator(CurvatureOperator):
                 def f(q, x=x):
                     return obj.outputs(q, x)
 
+                JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)  # first: its primal is freed before the vjp's
                 out, pull = vjp(f, p)
-                JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)
                 yield x, y, out, JV, pull, offset
                 offset += batch_size(out)
 
