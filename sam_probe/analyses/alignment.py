@@ -10,7 +10,7 @@ from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbatio
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=2, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
+    name="alignment", version=3, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(
@@ -101,7 +101,7 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
     from ..core.lanczos import top_eigen
     from ..core.operators import curvature_operator
 
-    op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples", 1),
+    op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples"), tol=cfg["tol"],
                             seed=cfg["seed"])
     eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm)
     if carry is not None:

@@ -126,7 +126,8 @@ def curvature_options() -> tuple[Option, ...]:
     """The curvature operator an eigen solve, trace or density runs on."""
     return (
         Option("curvature", "hessian", ("--curvature",), CURVATURE_REGISTRY.help("Operator:"), choices=CURVATURES),
-        Option("mc_samples", 1, ("--mc-samples",), "fisher: labels drawn per sample (seeded by --seed)."),
+        Option("mc_samples", None, ("--mc-samples",), "fisher: labels drawn per loss term (seeded by --seed); "
+               "default: enough to reach --tol, within a budget (docs/metrics.md, MC Fisher error).", annotation=int),
     )
 
 

@@ -18,8 +18,8 @@ independent draws (``docs/metrics.md``, "MC Fisher error"):
 - :meth:`FisherOperator.product_error`: ``‖F̂ v − F v‖`` estimated from 8 single-draw products.
 - ``mc_samples=None``: ``S`` is chosen so that the relative sampling error of ``zᵀ F̂ z`` for 4
   seeded Rademacher probes ``z`` reaches ``tol`` (from 64 pilot draws), within a budget that keeps the
-  output-space work of a product at most about 4 Jacobian products (``S ≤ 4P/M``, ``M`` outputs per
-  sample) and 1024; :attr:`FisherOperator.warning` says when the budget stops short of ``tol``.
+  output-space work of a product at most about 4 Jacobian products (``S ≤ max(64, 4P/M)``, ``M`` outputs
+  per sample) and 1024; :attr:`FisherOperator.warning` says when the budget stops short of ``tol``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import render
 from .errors import CurvatureError, opt
 from .output_space import OutputSpaceOperator
 from .protocols import ObjectiveLike
@@ -69,7 +70,7 @@ class FisherOperator(OutputSpaceOperator):
 
     exact = False  # an estimate of the Fisher (its sampling error: quadratic_form_error, product_error)
 
-    def __init__(self, obj: ObjectiveLike, mc_samples: int | None = 1, seed: int = 0, tol: float = 1e-3,
+    def __init__(self, obj: ObjectiveLike, mc_samples: int | None = None, seed: int = 0, tol: float = 1e-3,
                  max_mc_samples: int = MAX_MC_SAMPLES):
         super().__init__("fisher", obj)
         if self.loss.noise is None:
@@ -130,6 +131,15 @@ class FisherOperator(OutputSpaceOperator):
         Q = self.draw_quadratic_forms(V, max(ERROR_DRAWS, self.mc_samples))
         return (Q.std(0) / math.sqrt(self.mc_samples)).cpu()
 
+    def trace_sampling_error(self, n_probes: int = 8) -> float:
+        """Standard error of ``tr(F̂)`` against ``tr(F)``: the spread over single draws of their
+        Hutchinson trace estimates with ``n_probes`` seeded Rademacher probes (conservative: the probes'
+        own noise adds to the spread), over ``√S``."""
+        g = torch.Generator().manual_seed(self.seed + 104729)
+        Z = (torch.randint(0, 2, (self.P, n_probes), generator=g) * 2 - 1).to(self.dtype)
+        Q = self.draw_quadratic_forms(Z, max(ERROR_DRAWS, self.mc_samples))
+        return float(Q.mean(1).std() / math.sqrt(self.mc_samples))
+
     def product_error(self, V: Tensor) -> Tensor:
         """``[b]`` estimates of ``‖F̂ v − F v‖``: the spread of 8 single-draw products over ``√S``."""
         from torch.func import vmap
@@ -159,16 +169,16 @@ class FisherOperator(OutputSpaceOperator):
         mean = Q.mean(0).abs().clamp_min(1e-300)
         rel = float((Q.std(0) / mean).max())
         outputs = self._outputs_per_sample()
-        budget = max(1, min(cap, (4 * self.P) // max(1, outputs)))
+        budget = max(1, min(cap, max(64, (4 * self.P) // max(1, outputs))))
         need = max(1, math.ceil((rel / self.tol) ** 2)) if self.tol > 0 else budget
         S = min(need, budget)
         self.relative_error = rel / math.sqrt(S)
         if self.relative_error > self.tol:
-            self.warning = (f"the MC Fisher's sampling error is about {self.relative_error:.1%} of its quadratic "
-                            f"forms with {S} label draws, above the tolerance {self.tol:g}; its expectation is the "
-                            f"GGN ({opt('curvature', 'ggn')}), exact for this loss" if self.loss.fisher_scale() == 1.0
-                            else f"the MC Fisher's sampling error is about {self.relative_error:.1%} with {S} label "
-                            f"draws, above the tolerance {self.tol:g}; raise {opt('mc_samples')}")
+            head = (f"the MC Fisher's sampling error is about {self.relative_error:.1%} of its quadratic forms with "
+                    f"{S} label draws, above the tolerance {self.tol:g}; ")
+            tail = (f"its expectation is the GGN ({opt('curvature', 'ggn')}), exact for this loss"
+                    if self.loss.fisher_scale() == 1.0 else f"raise {opt('mc_samples')}")
+            self.warning = render(head + tail)
         return S
 
     def _outputs_per_sample(self) -> int:

@@ -106,3 +106,26 @@ def test_empirical_fisher_on_hugging_face_models_falls_back_to_the_exact_output_
     assert not op.per_sample and "vmap cannot trace" in op.notes[0]
     assert relative_error(dense_matrix(curvature_operator(obj, "ef-token")), r.empirical_fisher("token")) < 1e-11
     assert relative_error(dense_matrix(curvature_operator(obj, "ggn")), r.ggn()) < 1e-11
+
+
+def test_sharpness_reports_the_mc_fishers_sampling_error_in_se_and_residuals():
+    """One draw: the solver certifies F̂'s eigenpairs, but against the Fisher (= G here) they are far off; the
+    reported residuals, eigenvalue SEs and trace SE now include the sampling error and a warning says so."""
+    from types import SimpleNamespace
+
+    from sam_probe.analyses.sharpness import ANALYSIS, compute_sharpness, configure
+
+    case = next(c for c in CASES if c.name == "tagger-token-ce")
+    G = ref(case).ggn()
+    opts = {o.name: o.default for o in ANALYSIS.compute_options()}
+    opts.update(curvature="fisher", mc_samples=1, top_k=2, tol=1e-6, trace=True, trace_tol=1e-3, rho=0.0)
+    cfg = configure(opts, SimpleNamespace(seed=0))
+    out = compute_sharpness(objective(case), cfg)
+    exact = torch.linalg.eigvalsh(G).flip(0)[:2]
+    err = (torch.tensor(out["eigenvalues"]) - exact).abs()
+    assert (err > 1e-3 * exact).any()  # far off, as the issue measured
+    assert (err <= 5 * torch.tensor(out["eigenvalue_se"]) + 1e-3 * exact).all(), (err, out["eigenvalue_se"])
+    assert not any(out["converged"]) and min(out["residuals"]) > 1e-6
+    assert any("sampling error" in w for w in out["warnings"])
+    assert abs(out["trace"] - float(torch.trace(G))) <= 4 * out["trace_se"]
+    assert out["trace_sampling_se"] > 0
