@@ -21,7 +21,8 @@ ANALYSIS = Analysis(
         ("dL dom / bulk / full", "L(w - eta P_k g) - L(w), L(w - eta (I - P_k) g) - L(w), L(w - eta g) - L(w)"),
         ("dL_pred", "second-order prediction -eta g'Pg + eta^2/2 g'PHPg of each"),
         ("eta*_emp", "on the --eta-grid, the smallest eta where chi_k's change after one step changes sign"),
-        ("eta*lambda_max", "the step size in units of the edge of stability (2)"),
+        ("eta*lambda_max", "eta times the top eigenvalue of --curvature's operator (lambda_of); for the Hessian "
+                           "the step size in units of the edge of stability (2), for other operators their own scale"),
     ),
     json="results[{path, step, k, eigenvalues, chi, chi_sq, dL{dom, bulk, full}, dL_pred, eta_star, eta_lambda_max}]",
     options=(
@@ -44,7 +45,9 @@ ANALYSIS = Analysis(
         "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
         "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
-        "eta_lambda_max": "eta * lambda_max", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
+        "eta_lambda_max": "eta * lambda_max of the --curvature operator",
+        "lambda_of": "the operator lambda_max belongs to (Hessian, GGN, ...)",
+        "edge_of_stability": "whether eta_lambda_max is the Hessian's (comparable with the edge of stability at 2)", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
         "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )
