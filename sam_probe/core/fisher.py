@@ -74,7 +74,9 @@ class FisherOperator(OutputSpaceOperator):
                  max_mc_samples: int = MAX_MC_SAMPLES):
         super().__init__("fisher", obj)
         if self.loss.noise is None:
-            self.loss.sampled_output_gradients(None, None, None)  # raises: no predictive distribution
+            raise CurvatureError(f"needs a predictive distribution; the loss {self.loss.name!r} has none (ce, lm, "
+                                 f"mse, bce): use {opt('curvature', 'ggn')} or {opt('curvature', 'ef')}",
+                                 option="curvature", value="fisher")
         if mc_samples is not None and mc_samples < 1:
             raise CurvatureError("mc_samples must be >= 1", option="mc_samples", value=mc_samples)
         self.seed = int(seed)
@@ -87,7 +89,8 @@ class FisherOperator(OutputSpaceOperator):
     def output_gradients(self, out: Tensor, y: Tensor | None, offset: int, s0: int, s1: int) -> Tensor:
         """The sampled ``q`` of draws ``s0..s1-1`` of one chunk, ``[s1 - s0, *out.shape]``."""
         width = self.loss.noise_width(out, y)
-        z = noise(self.seed, offset, offset + out.shape[0], s0, s1, width, self.loss.noise, out.dtype, out.device)
+        z = noise(self.seed, offset, offset + out.shape[0], s0, s1, width, self.loss.noise or "u", out.dtype,
+                  out.device)
         return self.loss.sampled_output_gradients(out, y, z)
 
     def _draw_blocks(self, S: int, out: Tensor):
@@ -102,12 +105,13 @@ class FisherOperator(OutputSpaceOperator):
 
     def output_product(self, out: Tensor, y: Tensor | None, JV: Tensor, offset: int, x: Any = None) -> Tensor:
         loss = self.loss
-        acc: Tensor | None = None
+        acc = None
         for s0, s1 in self._draw_blocks(self.mc_samples, out):
             q = self.output_gradients(out, y, offset, s0, s1)
             part = torch.einsum("svbr,sbrm->vbrm", self._term_coefficients(q, JV, out, y), loss.terms(q, out, y))
             del q
             acc = part if acc is None else acc.add_(part)
+        assert acc is not None  # at least one draw
         return loss.untermed(acc.div_(self.mc_samples), out, y)
 
     # ----------------------------------------------------- sampling error
@@ -117,7 +121,7 @@ class FisherOperator(OutputSpaceOperator):
         obj = self.obj
         V = V.to(device=self.device, dtype=self.dtype)
         acc = torch.zeros(n_draws, V.shape[1], dtype=torch.float64, device=self.device)
-        for x, y, out, JV, _, offset in self.jacobian_products(V):
+        for _x, y, out, JV, _, offset in self.jacobian_products(V):
             for s0, s1 in self._draw_blocks(n_draws, out):
                 q = self.output_gradients(out, y, offset, first + s0, first + s1)
                 acc[s0:s1] += self._term_coefficients(q, JV, out, y).double().pow(2).sum((2, 3))
@@ -150,7 +154,7 @@ class FisherOperator(OutputSpaceOperator):
         V = V.to(device=self.device, dtype=self.dtype)
         b = V.shape[1]
         acc = torch.zeros(G, b, self.P, dtype=self.dtype, device=self.device)
-        for x, y, out, JV, pull, offset in self.jacobian_products(V):
+        for _x, y, out, JV, pull, offset in self.jacobian_products(V):
             q = self.output_gradients(out, y, offset, 0, G)
             coef = self._term_coefficients(q, JV, out, y)  # [G, b, B, R]
             U = torch.einsum("svbr,sbrm->svbrm", coef, self.loss.terms(q, out, y))

@@ -85,10 +85,8 @@ class RevRevProducts(HessianProducts):
         leaves = [p[k].detach().requires_grad_(True) for k in obj.space.names]
         with torch.enable_grad():
             named = dict(zip(obj.space.names, leaves))
-            loss = None
-            for x, y in chunks:
-                part = obj.chunk_loss(named, x, y)
-                loss = part if loss is None else loss + part
+            parts = [obj.chunk_loss(named, x, y) for x, y in chunks]
+            loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
             try:
                 g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             except RuntimeError as exc:
@@ -136,7 +134,7 @@ class RevRevProducts(HessianProducts):
         obj = self.obj
         if not self._reuse or obj.n_local == 0:
             return None
-        if getattr(obj, "chunk_size", obj.n_local) < obj.n_local and not self.keep_graphs:
+        if obj.chunk_size < obj.n_local and not self.keep_graphs:
             return None
         if self.graph_cache is None:
             with obj.mode():
@@ -249,10 +247,7 @@ ENGINES: dict[str, type[HessianProducts]] = {"rev-rev": RevRevProducts, "fwd-rev
 
 def double_backward_problem(obj: ObjectiveLike, n: int = 2) -> str | None:
     """Why exact products fail on ``obj`` (one ``rev-rev`` product on its first ``n`` samples), or ``None``."""
-    first = getattr(obj, "first_chunk", None)
-    if first is None:
-        return None
-    x, y = first(n)
+    x, y = obj.first_chunk(n)
     probe = RevRevProducts(obj)
     v = torch.ones(obj.space.size, dtype=obj.dtype, device=obj.device).reshape(1, -1)
     try:

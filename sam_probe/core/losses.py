@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batches import batch_len
 from .errors import CurvatureError, LossError, opt
 from .registry import LOSS_REGISTRY
 
@@ -424,7 +425,7 @@ class UserLoss(Loss):
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None):
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "custom")
+        self.name = str(name or getattr(fn, "__name__", "custom"))
         self.with_batch = takes_batch(fn)
 
     def sum_and_count(self, out: Tensor, y: Tensor | None, x: Any, n: int) -> tuple[Tensor, Tensor | int]:
@@ -451,7 +452,5 @@ class UserLoss(Loss):
         return r.sum(), n
 
     def chunk_sum(self, out: Tensor, y: Tensor | None, x: Any = None) -> Tensor:
-        from .batches import batch_len
-
         n = batch_len(x) if x is not None else int(out.shape[0])
         return self.sum_and_count(out, y, x, n)[0]

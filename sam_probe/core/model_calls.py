@@ -52,7 +52,7 @@ def analysis_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
         model.eval()
         if bn_mode == "train":
             for m in model.modules():
-                if is_batchnorm(m):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
                     # running stats are then neither used nor updated
                     m.track_running_stats = False
@@ -148,11 +148,13 @@ class ModelCall:
     def __init__(self, model: nn.Module, buffers: Params):
         self.model = model
         self.buffers = buffers
-        self._accepted: set[str] | None | bool = False  # not yet inspected
+        self._accepted: set[str] | None = None
+        self._inspected = False
         self.dropped_keys: set[str] = set()
 
     def _kwargs(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if self._accepted is False:
+        if not self._inspected:
+            self._inspected = True
             try:
                 ps = inspect.signature(self.model.forward).parameters.values()
                 self._accepted = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps) \

@@ -97,7 +97,7 @@ class OutputSpaceOperator(CurvatureOperator):
                     return obj.outputs(q, x)
 
                 JV = vmap(lambda v: jvp(f, (p,), (v,))[1])(Vd)  # first: its primal is freed before the vjp's
-                out, pull = vjp(f, p)
+                out, pull = vjp(f, p)  # type: ignore[misc]  # torch.func.vjp without has_aux: (out, pull)
                 yield x, y, out, JV, pull, offset
                 offset += batch_size(out)
 

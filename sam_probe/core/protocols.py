@@ -33,6 +33,7 @@ class ObjectiveLike(Protocol):
     bn_mode: str
     loss_obj: "Loss"  # the loss object (sums, counts, output-space curvature)
     lo: int  # global index of this rank's first sample
+    chunk_size: int  # samples per chunk
     vector_block: int | None  # most vectors one product pass handles
     n_grad: int
     n_hvp: int
@@ -67,8 +68,12 @@ class ObjectiveLike(Protocol):
         """``Σ ℓ`` of one chunk as a function of the parameters (model call included)."""
         ...
 
-    def grad_flat(self, params: Any = None) -> "Tensor":
-        """``∇L(w)`` as a flat ``[P]`` vector."""
+    def grad_flat(self, params: Any = None, count: bool = True) -> "Tensor":
+        """``∇L(w)`` as a flat ``[P]`` vector (``count``: in ``n_grad``)."""
+        ...
+
+    def first_chunk(self, n: int = 2) -> Chunk:
+        """The first ``n`` samples of the selection (probes)."""
         ...
 
     def reduce(self, t: "Tensor") -> "Tensor":

@@ -206,7 +206,9 @@ def write_docs(path: str, registries: tuple[Registry, ...] | None = None) -> boo
         rx = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
         if not rx.search(new):
             raise ValueError(f"{path}: no {start} ... {end} block")
-        new = rx.sub(lambda _m, reg=reg, start=start, end=end: f"{start}\n{reg.markdown()}\n{end}", new)
+        m = rx.search(new)
+        assert m is not None
+        new = new[:m.start()] + f"{start}\n{reg.markdown()}\n{end}" + new[m.end():]
     if new != text:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(new)

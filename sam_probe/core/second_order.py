@@ -10,6 +10,7 @@ works instead; :func:`check_graph` refuses the second before any product is trus
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,7 +24,9 @@ _NO_SECOND = (re.compile(r"derivative for (?:aten::)?'?([\w.:]+?)'? is not imple
 def graph_ops(t: Tensor | None, limit: int = 20000, once_only: bool = False) -> list[str]:
     """Names of custom autograd Functions in ``t``'s graph (candidates for a missing double backward);
     ``once_only``: only those whose backward is ``@once_differentiable``."""
-    seen, out, stack = set(), [], [t.grad_fn] if t is not None and t.grad_fn is not None else []
+    seen: set[Any] = set()
+    out: list[str] = []
+    stack: list[Any] = [t.grad_fn] if t is not None and t.grad_fn is not None else []
     while stack and len(seen) < limit:
         fn = stack.pop()
         if fn is None or fn in seen:

@@ -174,3 +174,12 @@ def test_kept_graphs_of_every_chunk_are_exact_and_skip_forwards(bn):
             assert len(calls) == 2 * n_chunks
     finally:
         handle.remove()
+
+
+def test_objective_meets_the_protocol_operators_rely_on():
+    from sam_probe.core.protocols import ObjectiveLike
+
+    model, x, y = tanh_mlp()
+    obj = Objective(model, x, y, "ce")
+    assert isinstance(obj, ObjectiveLike)
+    assert obj.loss_obj.name == obj.loss_name == "ce" and obj.hvp_method == "rev-rev"
