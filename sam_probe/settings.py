@@ -38,7 +38,7 @@ class Settings:
     allow_nonfinite: bool = False
     store: bool = True
     max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
-    hvp: str = "rev-rev"  # Hessian-vector products: rev-rev (double backward) or fwd-rev (jvp over grad)
+    hvp: str = "rev-rev"  # Hessian-vector products: rev-rev, fwd-rev, fd or auto (core/registry.py HVP_REGISTRY)
     distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
 
     def torch_dtype(self) -> Any:

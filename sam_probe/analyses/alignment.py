@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..core.registry import CURVATURE_REGISTRY
 from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option,
                    warm_started)
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=2, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
+    name="alignment", version=3, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(
@@ -24,7 +25,8 @@ ANALYSIS = Analysis(
                                  "(eta: --step-size)"),
         ("dL_pred", "second-order prediction -eta g'Pg + eta^2/2 g'PHPg of each"),
         ("eta*_emp", "on the --eta-grid, the smallest eta where chi_k's change after one step changes sign"),
-        ("eta*lambda_max", "the step size in units of the edge of stability (2)"),
+        ("eta*lambda_max", "eta times the top eigenvalue of --curvature's operator (lambda_of); for the Hessian "
+                           "the step size in units of the edge of stability (2), for other operators their own scale"),
     ),
     json="results[{path, step, k, eigenvalues, chi, chi_sq, dL{dom, bulk, full}, dL_pred, eta_star, eta_lambda_max}]",
     options=(
@@ -47,7 +49,9 @@ ANALYSIS = Analysis(
         "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
         "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
-        "eta_lambda_max": "eta * lambda_max", "curvature": "operator of the eigenvectors (hessian, ggn, fisher, ef)",
+        "eta_lambda_max": "eta * lambda_max of the --curvature operator",
+        "lambda_of": "the operator lambda_max belongs to (Hessian, GGN, ...)",
+        "edge_of_stability": "whether eta_lambda_max is the Hessian's (comparable with the edge of stability at 2)", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
         "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )
@@ -104,7 +108,7 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
     from ..core.lanczos import top_eigen
     from ..core.operators import curvature_operator
 
-    op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples", 1),
+    op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples"), tol=cfg["tol"],
                             seed=cfg["seed"])
     eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm)
     if carry is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.names import CURVATURES, VARIANTS
+from ..core.registry import CURVATURE_REGISTRY
 
 CHECKPOINTS, RUNS, PAIR = "checkpoints", "runs", "pair"
 METRICS_DOC = "docs/metrics.md"
@@ -124,10 +125,9 @@ def perturbation_options(rho: float = 0.05, rho_help: str = "SAM radius rho of t
 def curvature_options() -> tuple[Option, ...]:
     """The curvature operator an eigen solve, trace or density runs on."""
     return (
-        Option("curvature", "hessian", ("--curvature",), "Operator: hessian, ggn (generalised Gauss-Newton "
-               "J'H_l J), fisher (MC Fisher, labels drawn from the model) or ef (empirical Fisher).",
-               choices=CURVATURES),
-        Option("mc_samples", 1, ("--mc-samples",), "fisher: labels drawn per sample (seeded by --seed)."),
+        Option("curvature", "hessian", ("--curvature",), CURVATURE_REGISTRY.help("Operator:"), choices=CURVATURES),
+        Option("mc_samples", None, ("--mc-samples",), "fisher: labels drawn per loss term (seeded by --seed); "
+               "default: enough to reach --tol, within a budget (docs/metrics.md, MC Fisher error).", annotation=int),
     )
 
 

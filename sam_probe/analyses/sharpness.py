@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
+from ..core.registry import CURVATURE_REGISTRY
 from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
                    warm_start_option, warm_started)
 
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="sharpness", version=2, order=10, target=CHECKPOINTS,
+    name="sharpness", version=3, order=10, target=CHECKPOINTS,
     summary="Top-k eigenvalues of the Hessian (or GGN, Fisher, empirical Fisher) certified by residuals, trace, "
             "spectral density, per-layer spectra, and one-step, worst-case and average-case sharpness.",
     definitions=(
@@ -67,7 +68,7 @@ ANALYSIS = Analysis(
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "loss": "mean loss over the selection", "accuracy": "fraction correct (classification)",
-        "n_params": "parameters P", "curvature": "hessian, ggn, fisher or ef",
+        "n_params": "parameters P", "curvature": CURVATURE_REGISTRY.choices_text(),
         "eigenvalues": "top-k eigenvalues, descending",
         "residuals": "relative residual of each eigenpair", "converged": "residual <= --tol, per pair",
         "n_hvp": "HVPs of the eigen solve", "which": "LA, SA or LM",
@@ -80,6 +81,9 @@ ANALYSIS = Analysis(
         "worst_case_steps": "ascent steps used", "worst_case_last_improvement": "step of the last improvement",
         "average_case_sharpness": "mean L(w+d) - L(w) (null without --average-case)",
         "average_case_se": "its standard error",
+        "eigenvalue_se": "fisher: sampling standard error of each eigenvalue against the exact Fisher",
+        "product_residuals": "inexact products (fisher, --hvp fd): their error / |lambda|, included in residuals",
+        "trace_sampling_se": "fisher: the trace's sampling error, included in trace_se",
         "total_hvp": "every HVP of the unit", "warnings": "why a number is not certified", "seconds": "wall time",
     },
 )
@@ -106,7 +110,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--m-sharpness must be >= 1")
     if opts["backend"] == "pyhessian" and (opts["curvature"] != "hessian" or opts["per_layer"]):
         raise SpecError("--backend pyhessian computes Hessian eigenvalues only: drop --curvature / --per-layer")
-    if opts["mc_samples"] < 1 or opts["ascent_steps"] < 1 or opts["samples"] < 2:
+    if (opts["mc_samples"] is not None and opts["mc_samples"] < 1) or opts["ascent_steps"] < 1 or opts["samples"] < 2:
         raise SpecError("--mc-samples and --ascent-steps must be >= 1, --samples >= 2")
     if (opts["worst_case"] or opts["average_case"]) and opts["rho"] <= 0:
         raise SpecError("--worst-case / --average-case need a radius: --rho > 0")
@@ -129,6 +133,7 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
     from ..core.lanczos import top_eigen
     from ..core.operators import curvature_operator
     from ..core.perturb import sam_sharpness
+    from ..core.product_errors import eigen_errors, trace_errors
     from ..core.trace import curvature_trace
 
     out: dict[str, Any] = {}
@@ -139,7 +144,8 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
     out["n_params"] = obj.n_params
     out.update(trace=None, trace_se=None, sam_sharpness=None, curvature=cfg["curvature"], per_layer=None,
                worst_case_sharpness=None, worst_case_steps=None, average_case_sharpness=None, average_case_se=None)
-    op = curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"])
+    op = curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"], tol=cfg["tol"])
+    warnings += [w for w in (getattr(op, "warning", None),) if w]
     if cfg["backend"] == "pyhessian":
         from ..core.pyhessian_backend import run_pyhessian
 
@@ -161,7 +167,13 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
     elif cfg["top_k"] > 0:
         res = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
                         block_size=cfg["block_size"], seed=cfg["seed"], warm=warm)
-        vals, resid, conv = _sorted_desc(list(res.eigenvalues), list(res.residuals), list(res.converged))
+        inexact = eigen_errors(op, list(res.eigenvalues), res.eigenvectors, list(res.residuals), cfg["tol"])
+        vals, resid, conv = _sorted_desc(list(res.eigenvalues), inexact.pop("residuals", list(res.residuals)),
+                                         inexact.pop("converged", list(res.converged)))
+        for key in ("product_residuals", "eigenvalue_se"):  # an inexact operator's own error (core/product_errors.py)
+            if key in inexact:
+                out[key] = [inexact[key][i] for i in sorted(range(len(vals)), key=lambda i: -res.eigenvalues[i])]
+        warnings += inexact.pop("warnings", [])
         out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"],
                    warm_start=res.warm_start)
         if res.warm_start and cfg["cold_check"]:
@@ -171,8 +183,9 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
         if carry is not None:
             carry["warm"] = res.eigenvectors
         warnings += list(res.warnings)
-        if not all(conv):
-            bad = [i + 1 for i, c in enumerate(conv) if not c]
+        if not all(res.converged):  # the solver's own (an inexact operator's error warns above)
+            bad = [i + 1 for i, c in enumerate(_sorted_desc(list(res.eigenvalues), list(res.residuals),
+                                                            list(res.converged))[2]) if not c]
             msg = f"eigenpairs {bad} not converged to --tol {cfg['tol']:g} (residuals reported; raise --max-hvp)"
             if msg not in warnings:
                 warnings.append(msg)
@@ -182,6 +195,9 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
         out.update(trace=tr.estimate, trace_se=tr.se, trace_probes=tr.n_probes, trace_n_hvp=tr.n_hvp,
                    trace_method=tr.method, trace_converged=tr.converged)
         warnings += list(tr.warnings)
+        sampled = trace_errors(op, tr.estimate, tr.se, cfg["trace_tol"])
+        warnings += sampled.pop("warnings", [])
+        out.update(sampled)
     if cfg["density"]:
         dens = curvature_density(op, steps=cfg["density_steps"], n_probes=cfg["density_probes"], seed=cfg["seed"])
         out["density"] = {"grid": dens.grid.tolist(), "density": dens.density.tolist(), "sigma": dens.sigma,

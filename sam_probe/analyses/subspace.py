@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.registry import CURVATURE_REGISTRY
 from .base import RUNS, Analysis, Option, curvature_options, warm_start_option
 
 if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="subspace", version=1, order=45, target=RUNS, unkeyed=("warm_start",),
+    name="subspace", version=2, order=45, target=RUNS, unkeyed=("warm_start",),
     summary="Persistence of the dominant subspace: the certified top-k eigenspace V_t of every checkpoint and "
             "the overlap ||V_s' V_t||_F^2 / k between all pairs, against chance k/P.",
     definitions=(
@@ -37,7 +38,7 @@ ANALYSIS = Analysis(
         "overlap": "T x T matrix ||V_s' V_t||_F^2 / k", "chance": "k / P", "previous": "overlap with the "
         "previous checkpoint (null for the first)", "eigenvalues": "top-k eigenvalues per checkpoint",
         "residuals": "their relative residuals", "n_hvp": "products of each checkpoint's solve",
-        "n_params": "P", "curvature": "hessian, ggn, fisher or ef", "warm_start": "solves warm-started",
+        "n_params": "P", "curvature": CURVATURE_REGISTRY.choices_text(), "warm_start": "solves warm-started",
         "eigenvectors": "[T, P, k] float16 (in the store only; not in JSON)",
         "warnings": "why a number is not certified", "seconds": "wall time",
     },
@@ -53,7 +54,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--k must be >= 1")
     if not opts["tol"] > 0:
         raise SpecError("--tol must be positive")
-    if opts["mc_samples"] < 1:
+    if opts["mc_samples"] is not None and opts["mc_samples"] < 1:
         raise SpecError("--mc-samples must be >= 1")
     return {"k": opts["k"], "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
             "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "save_vectors": opts["save_vectors"],
@@ -77,7 +78,8 @@ def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any
             obj = session.objective(ck)
             if k >= obj.n_params:
                 raise SpecError(f"{ck.path}: --k {k} must be below the parameter count {obj.n_params}")
-            yield curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"])
+            yield curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"],
+                                     tol=cfg["tol"])
 
     # checkpoints of different parameter counts: subspace_result refuses to compare them (one-line failure)
     res, bases = subspace_persistence(operators(), [c.step for c in cks], k, tol=cfg["tol"],

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from .. import distributed
+from ..core.registry import HVP_REGISTRY, LOSS_REGISTRY
 from ..errors import SpecError
 from ..settings import Settings
 
@@ -52,8 +53,8 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "split": (str, _opt("train", "--split", help="Data split: train or test.")),
     "max_samples": (Optional[int], _opt(None, "--max-samples", help="Use a seeded random selection of N samples.")),
     "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size: bounds memory only (losses, gradients and HVPs are exact means over the whole selection) — except with --bn-mode train, where it is the BatchNorm batch and changes results.")),
-    "loss": (Optional[str], _opt(None, "--loss", help="ce, mse, bce, lm (next-token), model (the model's own loss), or pkg.module:fn / file.py:fn returning one loss per sample. Default: lm for causal LMs, ce for integer targets, mse otherwise.")),
-    "hvp": (str, _opt("rev-rev", "--hvp", help="Hessian-vector products: rev-rev (double backward) or fwd-rev (forward-over-reverse, for ops without double backward).")),
+    "loss": (Optional[str], _opt(None, "--loss", help=LOSS_REGISTRY.help("Loss:")[:-1] + ", or pkg.module:fn / file.py:fn returning one loss per sample. Default: lm for causal LMs, ce for integer targets, mse otherwise.")),
+    "hvp": (str, _opt("rev-rev", "--hvp", help=HVP_REGISTRY.help("Hessian-vector products:"))),
     "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
     "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
     "bn_mode": (str, _opt("eval", "--bn-mode", help="BatchNorm: eval (running stats) or train (batch stats, running stats never updated).")),
@@ -103,7 +104,7 @@ def _checked_hvp(method: str) -> str:
     from ..core.names import HVP_METHODS
 
     if method not in HVP_METHODS:
-        raise SpecError(f"--hvp {method}: choose rev-rev or fwd-rev")
+        raise SpecError(f"--hvp {method}: choose {HVP_REGISTRY.choices_text()}")
     return method
 
 

@@ -18,7 +18,10 @@ another curvature operator, :mod:`.operators`, named by ``curvature``) and
   ``-η gᵀ P g + η²/2 gᵀ P H P g`` (exact when ``L`` is quadratic in ``w``; always the
   Hessian, whichever operator gave ``V_k``: it is a Taylor expansion of ``L``);
 - ``eta*_emp`` (:func:`eta_star_empirical`) on a grid of ``η``;
-- ``η λ_max`` (edge of stability at 2) and, for ``usam``, ``η λ (1 + ρ λ)``.
+- ``η λ_max`` with ``λ_max`` the top eigenvalue of *that* operator (``lambda_of`` names it) and, for
+  ``usam``, ``η λ (1 + ρ λ)``.  The edge of stability at 2 is a statement about the Hessian: only a
+  Hessian result compares ``η λ_max`` with it (``edge_of_stability``); for the GGN, Fisher or
+  empirical Fisher ``η λ_max`` is that operator's own scale.
 
 The eigenvectors are inputs (e.g. from :mod:`.lanczos`); nothing here solves for them.
 """
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from .objective import Objective
 from .perturb import perturbed_gradient
+from .registry import CURVATURE_REGISTRY
 
 VECTORS = ("full", "minibatch", "sam", "update")
 DIRECTIONS = ("dom", "bulk", "full")
@@ -149,6 +153,8 @@ class AlignmentResult:
     batch_size: int | None = None
     seed: int = 0
     curvature: str = "hessian"
+    lambda_of: str = "Hessian"  # the operator λ_max (and η λ_max) belongs to, as axes and tables name it
+    edge_of_stability: bool = True  # η λ_max is the Hessian's: comparable with the edge of stability at 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats and lists only)."""
@@ -198,6 +204,7 @@ def alignment(
     if ortho_tol is not None:
         check_orthonormal(V, ortho_tol)
 
+    op_name = str(getattr(curvature, "name", curvature))
     w = obj.flat_params()
     g = obj.grad_flat()
     L0 = obj.loss()
@@ -226,5 +233,6 @@ def alignment(
         eta_lambda_usam=None if lam is None or variant != "usam" else eta * lam * (1 + rho * lam),
         lambda_max=lam, loss=L0, eta_grid=grid, delta_chi=deltas, rho=float(rho), variant=variant,
         batch_size=batch_size if "minibatch" in vecs else None, seed=int(seed),
-        curvature=str(getattr(curvature, "name", curvature)),
+        curvature=op_name, lambda_of=CURVATURE_REGISTRY.label(op_name.split("[", 1)[0]),
+        edge_of_stability=op_name == "hessian",
     )

@@ -21,9 +21,10 @@ keep theirs.  Outputs may be tensors, tuples (first element) or dicts /
 
 The model is only ever called through :func:`torch.func.functional_call` with an
 explicit parameter dict: the caller's weights, ``.grad`` and BatchNorm running
-statistics are never touched.  Every pass runs attention through PyTorch's math
-scaled-dot-product backend, the one whose derivatives are themselves
-differentiable (fused kernels have no double backward).
+statistics are never touched; every pass runs attention through PyTorch's math
+scaled-dot-product backend (:mod:`sam_probe.core.model_calls`).  The loss is an
+object (:mod:`sam_probe.core.losses`) and Hessian-vector products are made by the
+engine of ``hvp_method`` (:mod:`sam_probe.core.hessian`).
 
 Data parallel (``shard=True``, the default while :mod:`sam_probe.distributed` is
 active): every rank holds the whole selection but sums only over its contiguous
@@ -36,179 +37,24 @@ sub-batches) are taken in global indices and sharded again.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
 
 from .. import distributed
-from ..errors import SpecError
 from . import losses as _losses
 from .batches import Batches, TensorBatches, batch_len, cast
-from .losses import LOSSES, LossError, default_loss, per_sample_loss_sum  # noqa: F401  (re-exported)
+from .errors import DoubleBackwardError, LossError, opt  # noqa: F401 - DoubleBackwardError re-exported
+from .hessian import ENGINES, HessianProducts, resolve_auto
+from .losses import LOSSES, Loss, default_loss  # noqa: F401 - re-exported
+from .model_calls import (BN_MODES, LABEL_KEYS, ModelCall, analysis_mode, has_attention,  # noqa: F401 - re-exported
+                          is_causal_lm, math_attention, split_labels, unwrap_logits, unwrap_loss)
+from .names import HVP_METHODS
 from .params import ParamSpace
 
-BN_MODES = ("eval", "train")
-from .names import HVP_METHODS  # noqa: E402 - re-exported
-LABEL_KEYS = ("labels", "label")
-_CAUSAL_LM = re.compile(r"(CausalLM|LMHeadModel)$")
-
 Params = dict[str, Tensor]
-
-
-class DoubleBackwardError(SpecError):
-    """An operation of the model has no second derivative (or no forward-mode one) in PyTorch."""
-
-
-def correct_count(loss: str, output: Tensor, targets: Tensor) -> Tensor | None:
-    """Number of correct predictions in a chunk, or ``None`` where accuracy is undefined."""
-    c = _losses.correct(loss, output, targets)
-    return None if c is None else c[0]
-
-
-def _is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
-
-
-@contextlib.contextmanager
-def analysis_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
-    """Put ``model`` in evaluation mode (dropout off); with ``bn_mode='train'``
-    BatchNorm layers use batch statistics *without* updating running stats.
-
-    Every module's ``training`` flag and BN's ``track_running_stats`` are
-    restored on exit.
-    """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    try:
-        model.eval()
-        if bn_mode == "train":
-            for m in model.modules():
-                if _is_batchnorm(m):
-                    m.train()
-                    # running stats are then neither used nor updated
-                    m.track_running_stats = False
-        yield
-    finally:
-        for m, training, track in saved:
-            m.training = training
-            if track is not None:
-                m.track_running_stats = track
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """``F.scaled_dot_product_attention`` through the math backend (twice differentiable)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
-
-
-def has_attention(model: nn.Module) -> bool:
-    """Whether ``model`` has attention layers (a class named ``*Attention*`` or ``nn.MultiheadAttention``)."""
-    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A causal language model, whose own loss shifts its labels (``*ForCausalLM``, ``*LMHeadModel``)."""
-    return bool(_CAUSAL_LM.search(type(model).__name__))
-
-
-def unwrap_logits(out: Any) -> Tensor:
-    """The prediction tensor of a model's return: a tensor, ``logits`` of a dict / ``ModelOutput``,
-    or the first element of a tuple (the second when the first is a scalar loss)."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, Mapping) or hasattr(out, "logits"):
-        if isinstance(out, Mapping) and "logits" in out:
-            return out["logits"]
-        if not isinstance(out, Mapping) and getattr(out, "logits", None) is not None:
-            return out.logits
-        if isinstance(out, Mapping):
-            for k, v in out.items():
-                if k != "loss" and isinstance(v, Tensor):
-                    return v
-    if isinstance(out, (tuple, list)) and out:
-        first = out[0]
-        if isinstance(first, Tensor) and first.dim() == 0 and len(out) > 1:
-            return unwrap_logits(out[1])
-        return unwrap_logits(first)
-    raise LossError(f"the model returned {type(out).__name__}; return a tensor, a tuple or a dict with 'logits'")
-
-
-def unwrap_loss(out: Any) -> Tensor:
-    """The scalar loss a model computed itself (``loss`` of a dict / ``ModelOutput``, or a tuple's first)."""
-    loss = None
-    if isinstance(out, Mapping):
-        loss = out.get("loss")
-    elif hasattr(out, "loss"):
-        loss = out.loss
-    elif isinstance(out, (tuple, list)) and out:
-        loss = out[0]
-    elif isinstance(out, Tensor):
-        loss = out
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise LossError("--loss model: the model returned no scalar loss; put labels in the batch "
-                        "(a 'labels' field or targets) or choose --loss ce/lm/...")
-    return loss.reshape(())
-
-
-_NO_SECOND = (re.compile(r"derivative for (?:aten::)?'?([\w.:]+?)'? is not implemented"),
-              re.compile(r"forward AD with (?:aten::)?([\w.:]+) that does not support it"))
-
-
-def _graph_ops(t: Tensor | None, limit: int = 20000, once_only: bool = False) -> list[str]:
-    """Names of custom autograd Functions in ``t``'s graph (candidates for a missing double backward);
-    ``once_only``: only those whose backward is ``@once_differentiable``."""
-    seen, out, stack = set(), [], [t.grad_fn] if t is not None and t.grad_fn is not None else []
-    while stack and len(seen) < limit:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if isinstance(fn, torch.autograd.function.BackwardCFunction):
-            fwd = getattr(fn, "_forward_cls", None)
-            if once_only and getattr(getattr(fwd, "backward", None), "__wrapped__", None) is None:
-                stack.extend(f for f, _ in fn.next_functions)
-                continue
-            name = type(fn).__name__.removesuffix("Backward")
-            if name not in out:
-                out.append(name)
-        stack.extend(f for f, _ in fn.next_functions)
-    return out
-
-
-def _second_order_error(exc: BaseException, method: str, graph_of: Tensor | None = None) -> Exception | None:
-    """A :class:`DoubleBackwardError` naming the op when ``exc`` says a derivative is missing."""
-    msg = str(exc)
-    op = None
-    for rx in _NO_SECOND:
-        m = rx.search(msg)
-        if m:
-            op = m.group(1).removesuffix("_backward")
-            break
-    if "once_differentiable" in msg:
-        ops = _graph_ops(graph_of, once_only=True) or _graph_ops(graph_of)
-        what = f"custom autograd function {', '.join(ops)}" if ops else "a custom autograd function"
-        return DoubleBackwardError(f"Hessian-vector products need the second derivative of {what}, whose backward "
-                                   "is @once_differentiable (neither --hvp method can differentiate it); remove "
-                                   "that decorator so its backward is differentiable")
-    if op is None and "double backward" not in msg.lower():
-        return None
-    if method == "rev-rev":
-        return DoubleBackwardError(f"Hessian-vector products need the second derivative of {op or 'an operation'}, "
-                                   "which PyTorch does not implement; rerun with --hvp fwd-rev (forward-over-reverse)")
-    return DoubleBackwardError(f"--hvp fwd-rev needs the forward-mode derivative of {op or 'an operation'}, which "
-                               "PyTorch does not implement; use the default --hvp rev-rev")
 
 
 class Objective:
@@ -216,10 +62,11 @@ class Objective:
 
     ``inputs``: a tensor or dict of tensors (with ``targets``: a tensor or ``None``),
     or a :class:`~sam_probe.core.batches.Batches` source (``targets=None``).
-    ``loss``: one of :data:`LOSSES` or a callable ``fn(outputs, targets[, batch])``
-    (see :mod:`sam_probe.core.losses`); ``loss_name`` labels a callable.
-    ``shift_labels``: whether ``loss='model'`` shifts labels inside the model (causal
-    LMs; default from the class name).
+    ``loss``: a name of :data:`LOSSES`, a :class:`~sam_probe.core.losses.Loss` or a callable
+    ``fn(outputs, targets[, batch])`` (see :mod:`sam_probe.core.losses`); ``loss_name`` labels a
+    callable.  ``shift_labels``: whether ``loss='model'`` shifts labels inside the model (causal
+    LMs; default from the class name).  ``hvp_method``: ``rev-rev``, ``fwd-rev``, ``fd`` or
+    ``auto`` (:mod:`sam_probe.core.hessian`).
 
     Parameters are copied (``detach().clone()``) at construction into
     :attr:`params`; ``space`` maps them to flat vectors of ``P`` entries.
@@ -234,7 +81,7 @@ class Objective:
         model: nn.Module,
         inputs: Any,
         targets: Tensor | None = None,
-        loss: str | Callable[..., Any] | None = None,
+        loss: str | Loss | Callable[..., Any] | None = None,
         *,
         params: Mapping[str, Tensor] | None = None,
         buffers: Mapping[str, Tensor] | None = None,
@@ -248,6 +95,7 @@ class Objective:
         loss_name: str | None = None,
         shift_labels: bool | None = None,
         _denominator: float | None = None,
+        _hvp_note: str | None = None,
     ):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -255,7 +103,9 @@ class Objective:
             raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
         self.model = model
         self.bn_mode = bn_mode
-        self.hvp_method = hvp_method
+        self._hvp_method = hvp_method
+        self._hvp_note = _hvp_note
+        self._products: HessianProducts | None = None
         src_params = dict(model.named_parameters()) if params is None else dict(params)
         src_buffers = dict(model.named_buffers()) if buffers is None else dict(buffers)
         if device is None:
@@ -273,6 +123,7 @@ class Objective:
         self.params: Params = {k: _cast(v) for k, v in src_params.items()}
         self.buffers: Params = {k: _cast(v) for k, v in src_buffers.items()}
         self.space = ParamSpace(self.params)
+        self.call = ModelCall(model, self.buffers)
         if isinstance(inputs, Batches):
             if targets is not None:
                 raise ValueError("pass targets inside the Batches source")
@@ -289,16 +140,11 @@ class Objective:
         self.n_samples = data.n
         if self.n_samples == 0:
             raise ValueError("the data selection is empty")
-        self.loss_fn: Callable[..., Any] | None = None
-        if callable(loss):
-            self.loss_fn = loss
-            self.loss_name = loss_name or getattr(loss, "__name__", "custom")
-            self._fn_batch = _losses.takes_batch(loss)
-        else:
-            self.loss_name = loss or self._default_loss()
-            if self.loss_name not in LOSSES:
-                raise ValueError(f"unknown loss {self.loss_name!r}; choose one of {', '.join(LOSSES)}")
         self.shift_labels = is_causal_lm(model) if shift_labels is None else bool(shift_labels)
+        if loss is None:
+            loss = self._default_loss()
+        self.loss_obj: Loss = _losses.resolve(loss, loss_name, shift_labels=self.shift_labels)
+        self.loss_name: str = self.loss_obj.name
         self.chunk_size = int(chunk_size) if chunk_size else self.n_samples
         if self.chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -309,8 +155,6 @@ class Objective:
         self.lo, self.hi = distributed.shard_range(self.n_samples, self.world, self.rank,
                                                    int(chunk_size) if chunk_size else None)
         self._denom = _denominator
-        self._accepted: set[str] | None | bool = False  # not yet inspected
-        self.dropped_keys: set[str] = set()
         self.n_grad = 0
         self.n_hvp = 0
 
@@ -335,13 +179,19 @@ class Objective:
 
     def _in_memory(self) -> TensorBatches:
         if not isinstance(self.data, TensorBatches):
-            raise SpecError("this analysis needs the data in memory as tensors; streamed datasets are only read "
-                            "chunk by chunk (load a .pt/.npz file or return tensors from the factory)")
+            raise LossError("this analysis needs the data in memory as tensors; streamed datasets are only read "
+                            "chunk by chunk (load a .pt/.npz file or return tensors from the factory)",
+                            option="data")
         return self.data
 
     @property
+    def loss_fn(self) -> Callable[..., Any] | None:
+        """The user's loss function (``None`` for a built-in loss)."""
+        return self.loss_obj.fn if isinstance(self.loss_obj, _losses.UserLoss) else None
+
+    @property
     def is_custom_loss(self) -> bool:
-        return self.loss_fn is not None
+        return isinstance(self.loss_obj, _losses.UserLoss)
 
     @property
     def denominator(self) -> float:
@@ -349,24 +199,24 @@ class Objective:
         selection (samples; labelled / predicted tokens for token-level losses), summed
         over ranks.  Counted once from the targets (a forward pass for user losses)."""
         if self._denom is None:
-            if self.loss_name in ("mse", "bce") and not self.is_custom_loss:
-                self._denom = float(self.n_samples)
-            elif self.is_custom_loss:
+            loss = self.loss_obj
+            if loss.counted_by_evaluation:
                 self.evaluate()  # sets _denom
             elif isinstance(self.data, TensorBatches):  # every rank holds the whole selection: count it all
                 n = 0
                 for s in range(0, self.n_samples, self.chunk_size):
                     x, y = self._prepare(*next(self.data.slices(s, min(s + self.chunk_size, self.n_samples),
                                                                 self.chunk_size)))
-                    n += _losses.term_count(self.loss_name, y, batch_len(x), self.shift_labels)
+                    n += loss.term_count(y, batch_len(x))
                 self._denom = float(n)
             else:  # streamed: each rank counts its shard
-                n = torch.zeros(1, dtype=torch.float64, device=self.device)
+                t = torch.zeros(1, dtype=torch.float64, device=self.device)
                 for x, y in self.chunks():
-                    n += _losses.term_count(self.loss_name, y, batch_len(x), self.shift_labels)
-                self._denom = float(self._reduce(n).item())
+                    t += loss.term_count(y, batch_len(x))
+                self._denom = float(self.reduce(t).item())
             if not self._denom > 0:
-                raise SpecError(f"--loss {self.loss_name}: the selection has no loss terms (every label is -100?)")
+                raise LossError("the selection has no loss terms (every label is -100?)", option="loss",
+                                value=self.loss_name)
         return self._denom
 
     @property
@@ -375,33 +225,16 @@ class Objective:
         return self.hi - self.lo
 
     def _default_loss(self) -> str:
-        x, y = self._prepare(*self.data.first(1), loss="ce")
-        if y is not None:
-            return default_loss(y)
-        return "lm"
+        x, y = split_labels(cast(self.data.first(1)[0], self.device, self.dtype), self.data.first(1)[1], False)
+        return default_loss(y) if y is not None else "lm"
 
-    def _prepare(self, x: Any, y: Tensor | None, loss: str | None = None) -> tuple[Any, Tensor | None]:
+    def _prepare(self, x: Any, y: Tensor | None) -> tuple[Any, Tensor | None]:
         """Device/dtype, the labels of a dict batch as targets, and ``lm`` targets from the token ids."""
-        loss = loss or self.loss_name
         x = cast(x, self.device, self.dtype)
         y = None if y is None else cast(y, self.device, self.dtype)
-        if isinstance(x, Mapping):
-            key = next((k for k in LABEL_KEYS if k in x), None)
-            if key is not None:
-                if y is None:
-                    y = x[key]
-                if loss != "model":
-                    x = {k: v for k, v in x.items() if k != key}
-                elif key != "labels":
-                    x = {("labels" if k == key else k): v for k, v in x.items()}
-        if loss == "lm" and y is None:
-            ids = x.get("input_ids") if isinstance(x, Mapping) else x
-            if not isinstance(ids, Tensor) or ids.is_floating_point():
-                raise LossError("--loss lm needs integer token ids (inputs, or an 'input_ids' field)")
-            y = ids
-            mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-            if isinstance(mask, Tensor):
-                y = torch.where(mask.bool(), ids, torch.full_like(ids, _losses.IGNORE))
+        x, y = split_labels(x, y, pass_labels=not self.loss_obj.from_outputs)
+        if y is None:
+            y = self.loss_obj.targets_from_inputs(x)
         return x, y
 
     def chunks(self) -> Iterator[tuple[Any, Tensor | None]]:
@@ -409,30 +242,32 @@ class Objective:
         for x, y in self.data.slices(self.lo, self.hi, self.chunk_size):
             yield self._prepare(x, y)
 
-    def _reduce(self, t: Tensor) -> Tensor:
+    def first_chunk(self, n: int = 2) -> tuple[Any, Tensor | None]:
+        """The first ``n`` samples of the selection, prepared (probes)."""
+        return self._prepare(*self.data.first(min(n, self.n_samples)))
+
+    def reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over ranks in place when sharded (identity otherwise)."""
         if self.sharded and self.world > 1:
             distributed.all_reduce_sum(t)
         return t
 
+    _reduce = reduce
+
     def _same(self, **kw) -> dict:
         base = dict(params=self.params, buffers=self.buffers, bn_mode=self.bn_mode, chunk_size=self.chunk_size,
                     dtype=self.dtype, device=self.device, hvp_method=self.hvp_method,
-                    vector_block=self.vector_block, shard=self.sharded, loss_name=self.loss_name,
-                    shift_labels=self.shift_labels)
+                    vector_block=self.vector_block, shard=self.sharded, shift_labels=self.shift_labels,
+                    _hvp_note=self._hvp_note)
         base.update(kw)
         return base
-
-    @property
-    def _loss_arg(self) -> str | Callable[..., Any]:
-        return self.loss_fn if self.loss_fn is not None else self.loss_name
 
     def subset(self, index: Tensor, shard: bool | None = None) -> "Objective":
         """The same objective on the samples ``index`` (e.g. a seeded minibatch)."""
         kw = self._same() if shard is None else self._same(shard=shard)
         chunk = kw["chunk_size"]
         kw["chunk_size"] = chunk if chunk < self.n_samples else None
-        return Objective(self.model, self.data.take(torch.as_tensor(index)), None, self._loss_arg, **kw)
+        return Objective(self.model, self.data.take(torch.as_tensor(index)), None, self.loss_obj, **kw)
 
     def with_params(self, params: Mapping[str, Tensor] | Tensor, buffers: Mapping[str, Tensor] | None = None
                     ) -> "Objective":
@@ -442,12 +277,12 @@ class Objective:
         kw = self._same(params=params, _denominator=self._shared_denominator())
         if buffers is not None:
             kw["buffers"] = buffers
-        return Objective(self.model, self.data, None, self._loss_arg, **kw)
+        return Objective(self.model, self.data, None, self.loss_obj, **kw)
 
     def rechunked(self, chunk_size: int | None, vector_block: int | None = None) -> "Objective":
         """The same objective evaluated in other chunk and vector-block sizes (memory only)."""
         kw = self._same(chunk_size=chunk_size, vector_block=vector_block, _denominator=self._shared_denominator())
-        return Objective(self.model, self.data, None, self._loss_arg, **kw)
+        return Objective(self.model, self.data, None, self.loss_obj, **kw)
 
     def _shared_denominator(self) -> float | None:
         """The term count for an objective on the same data (user losses count their own terms)."""
@@ -460,31 +295,10 @@ class Objective:
             return self.space.unflatten(params)
         return dict(params)
 
-    # ------------------------------------------------------------- the model
-    def _kwargs(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if self._accepted is False:
-            try:
-                ps = inspect.signature(self.model.forward).parameters.values()
-                self._accepted = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps) \
-                    else {p.name for p in ps}
-            except (TypeError, ValueError):
-                self._accepted = None
-        if self._accepted is None:
-            return dict(x)
-        kept = {k: v for k, v in x.items() if k in self._accepted}
-        self.dropped_keys.update(k for k in x if k not in self._accepted)
-        return kept
-
-    def _call(self, params: Params, x: Any, labels: Tensor | None = None) -> Any:
-        if isinstance(x, Mapping):
-            return functional_call(self.model, (params, self.buffers), (), self._kwargs(x), strict=False)
-        kwargs = None
-        if labels is not None:
-            kwargs = self._kwargs({"labels": labels})
-            if not kwargs:
-                raise LossError("--loss model: the model's forward takes no labels, so it computes no loss; "
-                                "choose --loss ce, lm or a function")
-        return functional_call(self.model, (params, self.buffers), (x,), kwargs, strict=False)
+    @property
+    def dropped_keys(self) -> set[str]:
+        """Batch fields the model's ``forward`` does not take (not passed)."""
+        return self.call.dropped_keys
 
     @property
     def notes(self) -> list[str]:
@@ -496,22 +310,28 @@ class Objective:
         if self.dropped_keys:
             out.append(f"batch fields the model's forward does not take are not passed: "
                        f"{', '.join(sorted(self.dropped_keys))}")
+        if self._hvp_note:
+            out.append(self._hvp_note)
         return out
 
     def check_inputs(self, n: int = 2) -> None:
-        """One forward pass (and loss) on the first ``n`` samples: raises if the model does not take the data."""
-        x, y = self._prepare(*self.data.first(n))
+        """One forward pass (and loss) on the first ``n`` samples: raises if the model does not take the data.
+        With ``hvp_method='auto'`` this also picks the product method (one probe product)."""
+        x, y = self.first_chunk(n)
         with self.mode(), torch.no_grad():
             self._terms(self.params, x, y)
+        if self._hvp_method == "auto":
+            self.hessian_products  # noqa: B018 - resolves auto
 
     # ------------------------------------------------------------- hooks
     # A chunk is what :meth:`chunks` yields, ``(x, y)``; curvature operators and
-    # other analyses go through these three hooks only, never through the model.
+    # other analyses go through these hooks only, never through the model
+    # (:class:`~sam_probe.core.protocols.ObjectiveLike`).
     def outputs(self, params: Params, x: Any) -> Tensor:
         """Model outputs ``f(x; w)`` of one chunk's inputs (the logits), differentiable in ``params``.
 
         Call inside :meth:`mode` (the methods of this class do)."""
-        return unwrap_logits(self._call(params, x))
+        return unwrap_logits(self.call(params, x))
 
     def loss_sum_from_outputs(self, out: Tensor, y: Tensor | None, x: Any = None) -> Tensor:
         """``Σ ℓ`` over one chunk's loss terms from its outputs (differentiable in ``out``).
@@ -519,12 +339,7 @@ class Objective:
         ``x`` (the chunk's inputs) is only needed by user loss functions; without it the batch
         length is the outputs' leading dimension.  No term count is taken here, so this is safe
         under ``vmap`` (the curvature operators call it per sample)."""
-        if self.loss_fn is None and self.loss_name != "model":
-            if y is None:
-                raise LossError(f"--loss {self.loss_name} needs targets; the data has none "
-                                "(token-only data: --loss lm)")
-            return per_sample_loss_sum(self.loss_name, out, y)
-        return self._terms_from_outputs(out, y, x)[0]
+        return self.loss_obj.chunk_sum(out, y, x)
 
     def mode(self) -> contextlib.AbstractContextManager:
         """The evaluation context every forward pass of this objective runs in (eval mode, BN mode,
@@ -534,34 +349,28 @@ class Objective:
         stack.enter_context(math_attention())
         return stack
 
-    def _terms_from_outputs(self, out: Tensor, y: Tensor | None, x: Any) -> tuple[Tensor, Any]:
-        if self.loss_fn is not None:
-            n = batch_len(x) if x is not None else int(out.shape[0])
-            return _losses.user_terms(self.loss_fn, out, y, x, n, self._fn_batch)
-        if self.loss_name == "model":
-            raise LossError("--loss model is computed inside the model, not from its outputs; "
-                            "choose --loss ce, lm or a function for this analysis")
-        if y is None:
-            raise LossError(f"--loss {self.loss_name} needs targets; the data has none (token-only data: --loss lm)")
-        return (per_sample_loss_sum(self.loss_name, out, y),
-                _losses.term_count(self.loss_name, y, batch_len(x), self.shift_labels))
-
-    def _terms(self, params: Params, x: Any, y: Tensor | None) -> tuple[Tensor, Any, Tensor]:
+    def _terms(self, params: Params, x: Any, y: Tensor | None) -> tuple[Tensor, Any, Tensor | None]:
         """``(Σ ℓ, #terms, logits)`` of one chunk."""
-        if self.loss_name == "model" and self.loss_fn is None:
-            raw = self._call(params, x, labels=y if not isinstance(x, Mapping) else None)
-            count = _losses.term_count("model", y, batch_len(x), self.shift_labels)
+        loss = self.loss_obj
+        if not loss.from_outputs:  # the model's own loss
+            raw = self.call(params, x, labels=y if not isinstance(x, Mapping) else None)
+            count = loss.term_count(y, batch_len(x))
             try:
                 logits = unwrap_logits(raw)
             except LossError:
                 logits = None
             return unwrap_loss(raw) * count, count, logits
         out = self.outputs(params, x)
-        s, c = self._terms_from_outputs(out, y, x)
-        return s, c, out
+        if isinstance(loss, _losses.UserLoss):
+            s, c = loss.sum_and_count(out, y, x, batch_len(x))
+            return s, c, out
+        return loss.chunk_sum(out, y, x), loss.term_count(y, batch_len(x)), out
 
-    def _loss_sum(self, params: Params, x: Any, y: Tensor | None) -> Tensor:
+    def chunk_loss(self, params: Params, x: Any, y: Tensor | None) -> Tensor:
+        """``Σ ℓ`` of one chunk as a function of the parameters."""
         return self._terms(params, x, y)[0]
+
+    _loss_sum = chunk_loss
 
     def forward(self, x: Any, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
         """Model outputs ``f(x; w)`` (no gradient tracking)."""
@@ -577,19 +386,19 @@ class Objective:
         """``(L(w), accuracy)``; accuracy (over samples or predicted tokens) is ``None`` where undefined."""
         p = self._as_dict(params)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # [Σ loss, Σ correct, Σ predictions, Σ terms]
-        has_acc = self.loss_fn is None and self.loss_name != "mse"
+        has_acc = True
         with self.mode(), torch.no_grad():
             for x, y in self.chunks():
                 s, c, out = self._terms(p, x, y)
                 sums[0] += s.double()
                 sums[3] += float(c)
-                hit = _losses.correct(self.loss_name, out, y, self.shift_labels) if has_acc else None
+                hit = self.loss_obj.correct(out, y) if has_acc else None
                 if hit is None:
                     has_acc = False
                 else:
                     sums[1] += hit[0].double()
                     sums[2] += hit[1]
-        total, correct, predicted, terms = self._reduce(sums).tolist()
+        total, correct, predicted, terms = self.reduce(sums).tolist()
         if self._denom is None and terms > 0:
             self._denom = terms
         acc = (int(round(correct)) / predicted if predicted > 0 else 0.0) if has_acc else None
@@ -599,8 +408,8 @@ class Objective:
         """``∇L(w)`` as a dict, exact mean over all chunks."""
         return self.space.unflatten(self.grad_flat(params))
 
-    def grad_flat(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
-        """``∇L(w)`` as a flat ``[P]`` vector, exact mean over all chunks.
+    def grad_flat(self, params: Mapping[str, Tensor] | Tensor | None = None, count: bool = True) -> Tensor:
+        """``∇L(w)`` as a flat ``[P]`` vector, exact mean over all chunks (``count``: in :attr:`n_grad`).
 
         One reverse pass per chunk with :func:`torch.autograd.grad` on detached leaves
         (no ``torch.func`` transform, no per-tensor accumulation dicts): the same cost as a
@@ -612,118 +421,51 @@ class Objective:
         acc: Tensor | None = None
         with self.mode(), torch.enable_grad():
             for x, y in self.chunks():
-                loss = self._loss_sum(pd, x, y)
+                loss = self.chunk_loss(pd, x, y)
                 gs = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
                 flat = torch.cat([(g if g is not None else torch.zeros_like(w)).reshape(-1)
                                   for g, w in zip(gs, leaves)])
                 acc = flat if acc is None else acc.add_(flat)
-        self.n_grad += 1
+        if count:
+            self.n_grad += 1
         if acc is None:  # an empty shard contributes zeros
             acc = torch.zeros(self.space.size, dtype=self.dtype, device=self.device)
-        acc = self._reduce(acc)
+        acc = self.reduce(acc)
         return acc.div_(self.denominator)
 
-    # ----------------------------------------------------------- curvature
-    def _grad_graph(self, p: Params, x: Any, y: Tensor | None) -> tuple[list[Tensor], list[Tensor], list[int], Tensor]:
-        """Leaves ``w``, the differentiable chunk gradient ``∇Σℓ`` (``create_graph``), the indices
-        of the gradient entries that depend on ``w`` (others are 0 in ``H``), and the chunk loss."""
-        return self._grad_graph_of(p, [(x, y)])
+    # ------------------------------------------------------- Hessian products
+    @property
+    def hvp_method(self) -> str:
+        """The product method (``auto`` resolved once the first product or :meth:`check_inputs` ran)."""
+        return self._products.method if self._products is not None else self._hvp_method
 
-    def _grad_graph_of(self, p: Params, chunks) -> tuple[list[Tensor], list[Tensor], list[int], Tensor]:
-        """:meth:`_grad_graph` of the summed loss of several chunks on shared leaves: each chunk is
-        its own forward pass (its own BatchNorm batch in train mode), and one double backward
-        through the joint graph then gives ``Σ_c H_c v`` (kept graphs, :attr:`keep_graphs`)."""
-        leaves = [p[k].detach().requires_grad_(True) for k in self.space.names]
-        with torch.enable_grad():
-            named = dict(zip(self.space.names, leaves))
-            loss = None
-            for x, y in chunks:
-                part = self._loss_sum(named, x, y)
-                loss = part if loss is None else loss + part
-            try:
-                g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            except RuntimeError as exc:
-                raise (_second_order_error(exc, "rev-rev", loss) or exc) from None
-        self._check_graph(loss)
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        return leaves, [g[i] for i in live], live, loss
+    @property
+    def hessian_products(self) -> HessianProducts:
+        """The product engine of :attr:`hvp_method` (:mod:`sam_probe.core.hessian`), built on first use."""
+        if self._products is None:
+            method = self._hvp_method
+            if method == "auto":
+                method, note = resolve_auto(self)
+                self._hvp_note = note or self._hvp_note
+            self._products = ENGINES[method](self)
+        return self._products
 
-    def _hvp_from_graph(self, graph: tuple, Vt: Tensor, retain: bool) -> Tensor:
-        """``[b, P]`` rows ``(H_chunk v)ᵀ`` by one double-backward pass per row of ``Vt``."""
-        leaves, g, live, loss = graph
-        out = torch.zeros_like(Vt)
-        if not g:
-            return out
-        sl = list(self.space.slices().values())
-        for j in range(Vt.shape[0]):
-            vj = self.space.unflatten(Vt[j])
-            try:
-                hv = torch.autograd.grad(g, leaves, grad_outputs=[vj[self.space.names[i]] for i in live],
-                                         retain_graph=retain or j < Vt.shape[0] - 1, allow_unused=True)
-            except RuntimeError as exc:
-                raise (_second_order_error(exc, "rev-rev", loss) or exc) from None
-            for s, h in zip(sl, hv):
-                if h is not None:
-                    out[j, s] = h.reshape(-1)
-        return out
+    @property
+    def keep_graphs(self) -> bool:
+        """Inside :meth:`reuse_graph`, keep every chunk's gradient graph (``rev-rev``; set by the memory
+        planner when they fit the budget)."""
+        return self.hessian_products.keep_graphs
 
-    def _check_graph(self, loss: Tensor) -> None:
-        """Once per objective: refuse ``@once_differentiable`` functions in the loss graph (differentiating
-        their backward silently yields no curvature in either HVP method)."""
-        if getattr(self, "_graph_checked", False):
-            return
-        if _graph_ops(loss, once_only=True):
-            raise _second_order_error(RuntimeError("once_differentiable"), self.hvp_method, loss)
-        self._graph_checked = True
+    @keep_graphs.setter
+    def keep_graphs(self, value: bool) -> None:
+        self.hessian_products.keep_graphs = bool(value)
 
-    def _hvp_chunk_fwdrev(self, p: Params, V: Params, x: Any, y: Tensor | None) -> Params:
-        if not getattr(self, "_graph_checked", False):
-            with torch.enable_grad():
-                self._check_graph(self._loss_sum({k: t.detach().requires_grad_(True) for k, t in p.items()}, x, y))
-        g_fn = grad(self._loss_sum)
-
-        def one(v: Params) -> Params:
-            return jvp(lambda q: g_fn(q, x, y), (p,), (v,))[1]
-
-        try:
-            return vmap(one)(V)
-        except (RuntimeError, NotImplementedError) as exc:
-            raise (_second_order_error(exc, "fwd-rev") or exc) from None
-
-    @contextlib.contextmanager
-    def reuse_graph(self) -> Iterator[None]:
-        """Within this block, ``rev-rev`` HVPs at :attr:`params` of a single-chunk
-        objective keep the first-order graph ``∇L(w)`` alive between calls, so each
-        further HVP is one double-backward pass (no forward, no first backward).  With
-        :attr:`keep_graphs` (set by the memory planner when every chunk's graph fits the
-        ``--max-memory`` budget) the graphs of *all* chunks are kept as one joint graph, so
-        a chunked HVP is one double backward, as for an unchunked objective.
-
-        Memory: the kept chunks' activations and gradient graphs, held until exit.
-        Other multi-chunk objectives, ``fwd-rev`` or explicit ``params`` are unaffected.
-        """
-        prev = getattr(self, "_reuse", False)
-        self._reuse = True
-        try:
-            yield
-        finally:
-            self._reuse = prev
-            if not prev:
-                self._graph_cache = None
-
-    keep_graphs: bool = False  # keep every chunk's gradient graph inside reuse_graph (memory planner)
-
-    def _cached_graph(self) -> tuple | None:
-        """The kept first-order graph inside :meth:`reuse_graph` (one chunk, or every chunk jointly
-        with :attr:`keep_graphs`), or ``None``."""
-        if not getattr(self, "_reuse", False) or self.hvp_method != "rev-rev" or self.n_local == 0:
-            return None
-        if self.chunk_size < self.n_local and not self.keep_graphs:
-            return None
-        if getattr(self, "_graph_cache", None) is None:
-            with self.mode():
-                self._graph_cache = self._grad_graph_of(self.params, self.chunks())
-        return self._graph_cache
+    def reuse_graph(self) -> contextlib.AbstractContextManager:
+        """Within this block, ``rev-rev`` products at :attr:`params` keep the first-order graph ``∇L(w)``
+        alive between calls (one chunk, or every chunk jointly with :attr:`keep_graphs`), so each further
+        product is one double-backward pass.  Memory: the kept chunks' activations and gradient graphs,
+        held until exit.  Other methods and explicit ``params`` are unaffected."""
+        return self.hessian_products.reuse_graph()
 
     def hvp(self, v: Mapping[str, Tensor] | Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Params | Tensor:
         """``H v`` for one vector (dict in, dict out; flat in, flat out)."""
@@ -733,37 +475,26 @@ class Objective:
         return self.space.unflatten(self.hvp_block(flat, params)[:, 0])
 
     def hvp_block(self, V: Tensor, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
-        """``H V`` for a block ``V`` of shape ``[P, b]`` (``b`` HVPs, counted).
-
-        ``rev-rev``: per chunk, one graph of ``∇Σℓ`` (``create_graph``) and one
-        double-backward pass per vector (inside :meth:`reuse_graph` the graph is
-        kept between calls); ``fwd-rev``: ``vmap`` of ``jvp(grad)`` over the block.
-        Blocks wider than ``vector_block`` are done ``vector_block`` columns at a time.
-        """
-        p = self._as_dict(params)
+        """``H V`` for a block ``V`` of shape ``[P, b]`` (``b`` HVPs, counted), by the engine of
+        :attr:`hvp_method`.  Blocks wider than ``vector_block`` are done ``vector_block`` columns at a
+        time; an inexact engine's error estimates of the block are in ``hessian_products.last_error``."""
         V = V.to(device=self.device, dtype=self.dtype)
         if V.dim() != 2 or V.shape[0] != self.space.size:
             raise ValueError(f"V must be [P={self.space.size}, b], got {tuple(V.shape)}")
-        b = V.shape[1]
-        vb = self.vector_block
+        engine = self.hessian_products
+        p = None if params is None else self._as_dict(params)
+        b, vb = V.shape[1], self.vector_block
         if vb and b > vb:
-            return torch.cat([self.hvp_block(V[:, s:s + vb], params) for s in range(0, b, vb)], dim=1)
-        Vt = V.T.contiguous()
-        cached = self._cached_graph() if params is None else None
-        if cached is not None:
-            out = self._hvp_from_graph(cached, Vt, retain=True)
+            outs, errs = [], []
+            for s in range(0, b, vb):
+                outs.append(engine.matmat(V[:, s:s + vb], p))
+                errs.append(engine.last_error)
+            out = torch.cat(outs, dim=1)
+            engine.last_error = None if any(e is None for e in errs) else torch.cat(errs)
         else:
-            out = torch.zeros_like(Vt)
-            with self.mode():
-                if self.hvp_method == "fwd-rev":
-                    Vd = self.space.unflatten(Vt)
-                    for x, y in self.chunks():
-                        out += self.space.flatten_batched(self._hvp_chunk_fwdrev(p, Vd, x, y))
-                else:
-                    for x, y in self.chunks():
-                        out += self._hvp_from_graph(self._grad_graph(p, x, y), Vt, retain=False)
+            out = engine.matmat(V, p)
         self.n_hvp += b
-        return (self._reduce(out) / self.denominator).T.contiguous()
+        return out
 
     def hvp_operator(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``V ↦ H V`` on flat blocks ``[P, b]`` (or ``[P]``) for the eigensolvers."""
@@ -774,3 +505,4 @@ class Objective:
             return self.hvp_block(V, params)
 
         return matmat
+

@@ -3,7 +3,7 @@
 PyHessian is run on a deep copy of ``obj.model`` holding ``obj.params`` and
 ``obj.buffers`` (in ``obj.dtype``), so the caller's model, ``.grad`` and BatchNorm
 buffers are untouched.  Its criterion is the objective's mean loss
-``per_sample_loss_sum / n`` per batch; with several chunks the chunks are passed as
+``loss.chunk_sum / n`` per batch; with several chunks the chunks are passed as
 PyHessian's "dataloader" (it weights batches by size, so the mean is exact).
 BatchNorm ``train`` mode is kept through PyHessian's ``model.eval()`` by a wrapper
 whose ``train()`` re-enables batch statistics without running-stat updates.
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .objective import per_sample_loss_sum
 
 LIMITATIONS = [
     "eigenvalues: power iteration with deflation finds the eigenvalues of largest MAGNITUDE, "
@@ -120,10 +119,10 @@ def run_pyhessian(obj, top_n: int = 5, *, eigen: bool = True, trace: bool = Fals
     ph_module = importlib.import_module("pyhessian.hessian")  # the module (the package attribute is the class)
     PyHessian = ph_module.hessian
 
-    loss_name, n_total = obj.loss_name, obj.n_samples
+    loss, n_total = obj.loss_obj, obj.n_samples
 
     def criterion(out: Tensor, targets: Tensor) -> Tensor:
-        return per_sample_loss_sum(loss_name, out, targets) / out.shape[0]
+        return loss.chunk_sum(out, targets) / out.shape[0]
 
     model = _model_copy(obj)
     chunks = list(obj.chunks())

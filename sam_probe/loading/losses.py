@@ -1,4 +1,4 @@
-"""``--loss`` specs: a built-in loss name or a user function ``pkg.module:fn`` / ``file.py:fn``.
+"""``--loss`` specs: a registered loss name or a user function ``pkg.module:fn`` / ``file.py:fn``.
 
 The function is called per chunk as ``fn(outputs, targets)`` (or ``fn(outputs,
 targets, batch)`` when it takes three arguments) and returns one loss per sample
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..core.losses import LOSSES
+from ..core.names import LOSSES
 from ..errors import SpecError, suggest
 from .models import import_factory, is_factory_spec
 
@@ -19,5 +19,5 @@ def resolve_loss(spec: str | None) -> tuple[str | None, Callable[..., Any] | Non
         return spec, None
     if is_factory_spec(spec):
         return spec, import_factory(spec, "loss")
-    raise SpecError(f"--loss {spec}: unknown loss{suggest(spec, LOSSES)}; use {', '.join(LOSSES)}, "
-                    "pkg.module:fn or path/to/file.py:fn")
+    raise SpecError(f"unknown loss{suggest(spec, LOSSES)}; use {', '.join(LOSSES)}, pkg.module:fn or "
+                    "path/to/file.py:fn", option="loss", value=spec)

@@ -137,3 +137,17 @@ def test_eta_star_on_diagonal_quadratic():
     res = alignment(obj, V, [4.0], eta=0.1, vectors=("full",), eta_grid=grid)
     assert res.eta_star == pytest.approx(0.42) and res.eta_lambda_max == pytest.approx(0.4)
     assert eta_star_empirical(obj, obj.grad_flat(), V, [0.1, 0.2])[0] is None
+
+
+def test_eta_lambda_max_names_its_operator_and_only_the_hessian_meets_the_edge_of_stability():
+    from sam_probe.core.lanczos import top_eigen
+    from sam_probe.core.operators import curvature_operator
+
+    model, X, y = tanh_mlp()
+    obj = Objective(model, X, y, "ce", dtype=torch.float64)
+    for name, label, eos in (("hessian", "Hessian", True), ("ef", "empirical Fisher", False), ("ggn", "GGN", False)):
+        eig = top_eigen(curvature_operator(obj, name), 2, tol=1e-8)
+        r = alignment(obj, eig.eigenvectors, eig.eigenvalues, eta=0.1, vectors=("full",), eta_grid=[],
+                      curvature=name).to_dict()
+        assert (r["lambda_of"], r["edge_of_stability"]) == (label, eos)
+        assert r["eta_lambda_max"] == pytest.approx(0.1 * max(eig.eigenvalues))

@@ -164,3 +164,33 @@ def test_stream_rereads_and_detects_a_shrinking_iterable():
         list(s.slices(0, 6, 6))
     sub = StreamBatches([(torch.ones(1) * i, 0) for i in range(10)], 10).take(torch.tensor([7, 2, 5]))
     assert torch.cat([c[0] for c in sub.slices(0, 3, 2)])[:, 0].tolist() == [2, 5, 7]
+
+
+def test_core_errors_are_neutral_and_render_as_flags_only_on_the_command_line():
+    """Core messages name settings by option/value (Python names in a notebook, flags in the CLI's style)."""
+    from sam_probe import errors
+
+    float_ids = Objective(TinyForCausalLM(), TensorBatches({"input_ids": torch.rand(3, T)}), None, "lm")
+    with pytest.raises(LossError) as info:
+        float_ids.loss()
+    assert str(info.value).startswith("loss='lm': needs integer token ids") and "--" not in str(info.value)
+    with errors.style(errors.CLI):
+        assert str(info.value).startswith("--loss lm: needs integer token ids")
+
+
+def test_no_core_exception_message_names_a_command_line_flag():
+    """A static check: no string inside a ``raise`` of sam_probe/core names a ``--flag``."""
+    import ast
+    import re
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[2] / "sam_probe" / "core"
+    bad = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for sub in ast.walk(node.exc):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str) \
+                            and re.search(r"(?<![\w-])--[a-z]", sub.value):
+                        bad.append(f"{path.name}:{node.lineno}: {sub.value[:60]}")
+    assert not bad, bad

@@ -5,7 +5,8 @@ from torch import nn
 from torch.func import functional_call
 
 from nets import DiagLinear
-from sam_probe.core.objective import Objective, analysis_mode, per_sample_loss_sum
+from sam_probe.core.losses import resolve
+from sam_probe.core.objective import Objective, analysis_mode
 
 
 def tanh_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def exact_hessian(model, x, y, loss, bn_mode="eval") -> torch.Tensor:
             d[n] = w[o:o + s.numel()].reshape(s)
             o += s.numel()
         out = functional_call(model, (d, buffers), (x.double(),))
-        return per_sample_loss_sum(loss, out, y.double() if y.is_floating_point() else y) / len(x)
+        return resolve(loss).chunk_sum(out, y.double() if y.is_floating_point() else y) / len(x)
 
     with analysis_mode(model, bn_mode):
         return torch.autograd.functional.hessian(f, w0)
@@ -137,8 +138,8 @@ def test_reuse_graph_is_scoped():
     v = torch.randn(obj.n_params, 1, dtype=torch.float64)
     with obj.reuse_graph():
         a = obj.hvp_block(v)
-        assert obj._graph_cache is not None
-    assert obj._graph_cache is None
+        assert obj.hessian_products.graph_cache is not None
+    assert obj.hessian_products.graph_cache is None
     assert torch.allclose(a, obj.hvp_block(v), rtol=1e-12, atol=1e-14)
 
 
@@ -165,7 +166,7 @@ def test_kept_graphs_of_every_chunk_are_exact_and_skip_forwards(bn):
             assert len(calls) == n_chunks  # no forward at all for later HVPs
         assert torch.allclose(first, ref, rtol=1e-12, atol=1e-14)
         assert torch.allclose(again, ref[:, :1], rtol=1e-12, atol=1e-14)
-        assert kept._graph_cache is None  # released on exit
+        assert kept.hessian_products.graph_cache is None  # released on exit
         with rebuilt.reuse_graph():  # without keep_graphs a chunked objective rebuilds every time
             calls.clear()
             rebuilt.hvp_block(V[:, :1])
@@ -173,3 +174,12 @@ def test_kept_graphs_of_every_chunk_are_exact_and_skip_forwards(bn):
             assert len(calls) == 2 * n_chunks
     finally:
         handle.remove()
+
+
+def test_objective_meets_the_protocol_operators_rely_on():
+    from sam_probe.core.protocols import ObjectiveLike
+
+    model, x, y = tanh_mlp()
+    obj = Objective(model, x, y, "ce")
+    assert isinstance(obj, ObjectiveLike)
+    assert obj.loss_obj.name == obj.loss_name == "ce" and obj.hvp_method == "rev-rev"

@@ -41,9 +41,9 @@ def bn_net():
     return m.eval()
 
 
-def objective(loss="ce", model=None, bn_mode="eval", **kw) -> Objective:
-    x, y = data(loss)
-    return Objective(model or mlp(), x, y, loss, bn_mode=bn_mode, dtype=torch.float64, **kw)
+def objective(kind="ce", model=None, bn_mode="eval", loss=None, **kw) -> Objective:
+    x, y = data(kind)
+    return Objective(model or mlp(), x, y, loss or kind, bn_mode=bn_mode, dtype=torch.float64, **kw)
 
 
 def references(obj: Objective) -> dict[str, torch.Tensor]:
@@ -160,8 +160,7 @@ def test_mc_fisher_for_mse_and_bce_has_the_stated_expectation():
 
 
 def test_fisher_needs_a_predictive_distribution():
-    obj = objective("ce")
-    obj.loss_name = "custom"
+    obj = objective("ce", loss=lambda out, y: F.cross_entropy(out, y, reduction="none"))
     with pytest.raises(ValueError, match="predictive distribution"):
         curvature_operator(obj, "fisher")
     with pytest.raises(ValueError, match="unknown curvature"):
@@ -232,3 +231,15 @@ def test_matrix_operator_and_counter():
     assert op.n_matvec > 0
     with pytest.raises(ValueError, match="V must be"):
         op.matmat(torch.zeros(4, 1, dtype=torch.float64))
+
+
+def test_hessian_minus_ggn_is_the_functional_hessian():
+    """H − G from its own operator equals the dense Hessian minus the dense GGN; 0 for a model linear in w."""
+    obj = objective("ce")
+    op = curvature_operator(obj, "hessian-ggn")
+    D = dense_matrix(op)
+    ref = dense_hessian(obj) - references(obj)["ggn"]
+    assert torch.allclose(D, ref, atol=1e-13, rtol=0) and float(ref.abs().max()) > 1e-3
+    assert float(torch.linalg.eigvalsh(ref).min()) < -1e-4  # indefinite
+    lin = objective("ce", model=nn.Linear(4, 3).double())
+    assert float(dense_matrix(curvature_operator(lin, "hessian-ggn")).abs().max()) < 1e-14
