@@ -6,7 +6,7 @@ from sam_probe.core.dense import dense_hessian
 from sam_probe.core.density import (DensityResult, gauss_quadrature, hessian_density, lanczos_tridiagonal,
                                     slq_density)
 from sam_probe.core.objective import Objective
-from sam_probe.core.trace import rademacher
+from sam_probe.core.trace import probes, rademacher
 
 
 def bn_cnn_objective() -> Objective:
@@ -30,7 +30,7 @@ def test_hessian_density_integrates_to_one_and_mean_matches_trace():
     for w in res.weights:
         assert abs(float(w.sum()) - 1) < 1e-10
     # per probe, Σ τ θ = vᵀHv exactly; averaged it estimates tr(H) / P
-    Z = rademacher(P, 8, torch.Generator().manual_seed(0), torch.float64, "cpu")
+    Z = probes(P, 8, torch.Generator().manual_seed(0), torch.float64, "cpu")
     quad = torch.tensor([float((w * t).sum()) for w, t in zip(res.weights, res.nodes)], dtype=torch.float64)
     assert torch.allclose(quad, (Z * (H @ Z)).sum(0) / P, rtol=1e-8, atol=1e-12)
     vals = (Z * (H @ Z)).sum(0) / P
