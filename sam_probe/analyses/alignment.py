@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core.registry import CURVATURE_REGISTRY
-from .base import (CHECKPOINTS, Analysis, Option, curvature_options, perturbation_options, warm_start_option,
-                   warm_started)
+from .base import (CHECKPOINTS, Analysis, Option, basis_where, curvature_options, perturbation_options,
+                   solver_config, solver_options, warm_start_option, warm_started)
 
 if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=3, order=40, target=CHECKPOINTS, unkeyed=("warm_start",),
+    name="alignment", version=3, order=40, target=CHECKPOINTS, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(
@@ -43,6 +43,7 @@ ANALYSIS = Analysis(
         Option("max_hvp", None, ("--max-hvp",), "HVP budget of the eigensolver.", annotation=int),
         *curvature_options(),
         warm_start_option(),
+        *solver_options(),
     ),
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
@@ -81,7 +82,8 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {"k": opts["k"], "vectors": chosen, "eta": opts["step_size"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
             "minibatch_size": opts["minibatch_size"], "rho": opts["rho"], "variant": opts["variant"],
             "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
-            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed}
+            "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "seed": settings.seed,
+            **solver_config(opts, settings)}
 
 
 def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +112,8 @@ def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=
 
     op = curvature_operator(obj, cfg.get("curvature", "hessian"), mc_samples=cfg.get("mc_samples"), tol=cfg["tol"],
                             seed=cfg["seed"])
-    eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm)
+    eig = top_eigen(op, k, tol=cfg["tol"], max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm=warm,
+                    where=basis_where(cfg))
     if carry is not None:
         carry["warm"] = eig.eigenvectors
     res = alignment(obj, eig.eigenvectors, eig.eigenvalues, eta=eta, vectors=cfg["vectors"],

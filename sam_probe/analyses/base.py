@@ -142,10 +142,49 @@ def warm_started(ck: Any, cfg: dict[str, Any], carry: dict[str, Any], solve: Any
     return out
 
 
+BASIS_DEVICES = ("device", "cpu")
+
+
+def solver_options() -> tuple[Option, ...]:
+    """Where the solvers' Krylov bases live (cost and memory only, never the numbers: unkeyed)."""
+    return (
+        Option("basis_device", "device", ("--basis-device",), "Where Krylov bases live: device (beside the "
+               "products) or cpu (host memory, page-locked on CUDA; products stay on the GPU).",
+               choices=BASIS_DEVICES),
+        Option("basis_dir", None, ("--basis-dir",), "Keep Krylov bases in memory-mapped files in this existing "
+               "directory (float32/float64 as the run; removed on exit, also on Ctrl-C; nothing written "
+               "elsewhere).", annotation=str),
+    )
+
+
+def solver_config(opts: dict[str, Any], settings: Any = None) -> dict[str, Any]:
+    """The checked ``basis_device`` / ``basis_dir`` entries of a config."""
+    from pathlib import Path
+
+    from ..errors import SpecError
+
+    out: dict[str, Any] = {"basis_device": opts.get("basis_device") or "device", "basis_dir": None}
+    if out["basis_device"] not in BASIS_DEVICES:
+        raise SpecError(f"--basis-device {out['basis_device']}: choose device or cpu")
+    if opts.get("basis_dir"):
+        d = Path(str(opts["basis_dir"])).expanduser()
+        if not d.is_dir():
+            raise SpecError(f"--basis-dir {opts['basis_dir']}: not an existing directory; create it first")
+        out["basis_dir"] = str(d.resolve())
+    return out
+
+
+def basis_where(cfg: dict[str, Any]) -> Any:
+    """``where`` for the solvers (:mod:`sam_probe.core.vectors`): a directory, ``"cpu"`` or ``None``."""
+    if cfg.get("basis_dir"):
+        return cfg["basis_dir"]
+    return "cpu" if cfg.get("basis_device") == "cpu" else None
+
+
 def warm_start_option() -> Option:
     return Option("warm_start", True, ("--warm-start/--no-warm-start",),
                   "Start each checkpoint's eigen solve from the previous checkpoint's Ritz vectors (same "
-                  "certified residuals; cost only).")
+                  "certificates, residuals and order check: cost only).")
 
 
 def check_choice(value: Any, option: str, choices: tuple[str, ...] | list[str]) -> None:

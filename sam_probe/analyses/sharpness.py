@@ -5,8 +5,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.names import GROUPINGS, TRACE_METHODS, WHICH
 from ..core.registry import CURVATURE_REGISTRY
-from .base import (CHECKPOINTS, Analysis, Option, check_options, curvature_options, perturbation_options,
-                   warm_start_option, warm_started)
+from .base import (CHECKPOINTS, Analysis, Option, basis_where, check_options, curvature_options,
+                   perturbation_options, solver_config, solver_options, warm_start_option, warm_started)
 
 if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
@@ -30,7 +30,7 @@ ANALYSIS = Analysis(
     json="results[{path, step, loss, accuracy, curvature, eigenvalues, residuals, n_hvp, trace, trace_se, "
          "per_layer, sam_sharpness, worst_case_sharpness, worst_case_steps, average_case_sharpness, "
          "average_case_se, seconds}]",
-    unkeyed=("warm_start",),
+    unkeyed=("warm_start", "basis_device", "basis_dir"),
     options=(
         Option("top_k", 5, ("--top-k", "-k"), "Number of eigenvalues (0: none)."),
         Option("tol", 1e-3, ("--tol",), "Relative residual ||Hv - lambda v|| / |lambda| every pair must reach."),
@@ -51,6 +51,7 @@ ANALYSIS = Analysis(
                "parameter tensor's block (--per-layer module: every module's).", annotation=str,
                choices=GROUPINGS, flag_value="tensor"),
         warm_start_option(),
+        *solver_options(),
         Option("cold_check", False, ("--cold-check",), "Also solve each warm-started checkpoint from a cold "
                "start and report the HVPs the warm start saved (costs a second solve)."),
         *perturbation_options(rho_help="SAM radius for L(w+e) - L(w) (0: skip)."),
@@ -69,7 +70,12 @@ ANALYSIS = Analysis(
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "loss": "mean loss over the selection", "accuracy": "fraction correct (classification)",
         "n_params": "parameters P", "curvature": CURVATURE_REGISTRY.choices_text(),
-        "eigenvalues": "top-k eigenvalues, descending",
+        "eigenvalues": "k eigenvalues from the wanted end (--which): LA descending, SA ascending, LM by |lambda| "
+                       "descending",
+        "order_checked": "the order check from a fresh random block found no eigenvalue beyond the k-th",
+        "gap": "relative gap |lambda_k - lambda_(k+1)| / |lambda_k| from the order check",
+        "gap_warning": "lambda_k and lambda_(k+1) too close for the residuals to determine the top-k eigenspace",
+        "solver": "the eigen solve's memory plan: basis rows, stored products, where the basis lives, peak vectors",
         "residuals": "relative residual of each eigenpair", "converged": "residual <= --tol, per pair",
         "n_hvp": "HVPs of the eigen solve", "which": "LA, SA or LM",
         "trace": "trace estimate (null without --trace)", "trace_se": "its standard error",
@@ -89,8 +95,16 @@ ANALYSIS = Analysis(
 )
 
 
-def _sorted_desc(values: list[float], residuals: list[float], converged: list[bool]) -> tuple[list, list, list]:
-    order = sorted(range(len(values)), key=lambda i: -values[i])
+def _order(values: list[float], which: str = "LA") -> list[int]:
+    """Indices from the wanted end (``which``): LA descending, SA ascending, LM by |λ| descending."""
+    key = {"LA": lambda i: -values[i], "SA": lambda i: values[i], "LM": lambda i: -abs(values[i])}[which]
+    return sorted(range(len(values)), key=key)
+
+
+def _sorted_desc(values: list[float], residuals: list[float], converged: list[bool],
+                 which: str = "LA") -> tuple[list, list, list]:
+    """Pairs from the wanted end (``which``), see :func:`_order`."""
+    order = _order(values, which)
     return [values[i] for i in order], [residuals[i] for i in order], [converged[i] for i in order]
 
 
@@ -117,7 +131,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     if opts["worst_case"] and opts["variant"] not in ("l2", "linf"):
         raise SpecError(f"--worst-case with --variant {opts['variant']}: the ball is l2 or linf (add --adaptive "
                         "for the |w| + eta scaling)")
-    return {**opts, "seed": settings.seed}
+    return {**opts, "seed": settings.seed, **solver_config(opts, settings)}
 
 
 def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
@@ -166,32 +180,35 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
         out["limitations"] = d["limitations"]
     elif cfg["top_k"] > 0:
         res = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
-                        block_size=cfg["block_size"], seed=cfg["seed"], warm=warm)
+                        block_size=cfg["block_size"], seed=cfg["seed"], warm=warm, where=basis_where(cfg))
         inexact = eigen_errors(op, list(res.eigenvalues), res.eigenvectors, list(res.residuals), cfg["tol"])
+        order = _order(list(res.eigenvalues), cfg["which"])
         vals, resid, conv = _sorted_desc(list(res.eigenvalues), inexact.pop("residuals", list(res.residuals)),
-                                         inexact.pop("converged", list(res.converged)))
+                                         inexact.pop("converged", list(res.converged)), cfg["which"])
         for key in ("product_residuals", "eigenvalue_se"):  # an inexact operator's own error (core/product_errors.py)
             if key in inexact:
-                out[key] = [inexact[key][i] for i in sorted(range(len(vals)), key=lambda i: -res.eigenvalues[i])]
+                out[key] = [inexact[key][i] for i in order]
         warnings += inexact.pop("warnings", [])
         out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"],
-                   warm_start=res.warm_start)
+                   warm_start=res.warm_start, order_checked=res.order_checked, gap=res.gap,
+                   gap_warning=res.gap_warning, solver=dict(res.plan))
         if res.warm_start and cfg["cold_check"]:
             cold = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],
-                             block_size=cfg["block_size"], seed=cfg["seed"])
+                             block_size=cfg["block_size"], seed=cfg["seed"], where=basis_where(cfg))
             out.update(n_hvp_cold=cold.n_hvp, n_hvp_saved=cold.n_hvp - res.n_hvp)
         if carry is not None:
             carry["warm"] = res.eigenvectors
         warnings += list(res.warnings)
         if not all(res.converged):  # the solver's own (an inexact operator's error warns above)
             bad = [i + 1 for i, c in enumerate(_sorted_desc(list(res.eigenvalues), list(res.residuals),
-                                                            list(res.converged))[2]) if not c]
+                                                            list(res.converged), cfg["which"])[2]) if not c]
             msg = f"eigenpairs {bad} not converged to --tol {cfg['tol']:g} (residuals reported; raise --max-hvp)"
             if msg not in warnings:
                 warnings.append(msg)
     if cfg["trace"] and cfg["backend"] != "pyhessian":
         tr = curvature_trace(op, cfg["trace_method"], tol=cfg["trace_tol"], max_hvp=cfg["trace_max_hvp"],
-                             seed=cfg["seed"])
+                             seed=cfg["seed"], **({"where": basis_where(cfg)} if cfg["trace_method"] == "hutch++"
+                                                  else {}))
         out.update(trace=tr.estimate, trace_se=tr.se, trace_probes=tr.n_probes, trace_n_hvp=tr.n_hvp,
                    trace_method=tr.method, trace_converged=tr.converged)
         warnings += list(tr.warnings)
@@ -208,7 +225,7 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
 
         rows = per_layer_spectra(op, by=cfg["per_layer"], tol=cfg["tol"], trace_tol=cfg["trace_tol"],
                                  trace_max_hvp=min(cfg["trace_max_hvp"], 300), trace_method=cfg["trace_method"],
-                                 seed=cfg["seed"])
+                                 seed=cfg["seed"], where=basis_where(cfg))
         out["per_layer"] = [r.to_dict() for r in rows]
         out["per_layer_by"] = cfg["per_layer"]
         bad = [r.name for r in rows if not getattr(r, "converged", True)]

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.registry import CURVATURE_REGISTRY
-from .base import RUNS, Analysis, Option, curvature_options, warm_start_option
+from .base import (RUNS, Analysis, Option, basis_where, curvature_options, solver_config, solver_options,
+                   warm_start_option)
 
 if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="subspace", version=2, order=45, target=RUNS, unkeyed=("warm_start",),
+    name="subspace", version=2, order=45, target=RUNS, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="Persistence of the dominant subspace: the certified top-k eigenspace V_t of every checkpoint and "
             "the overlap ||V_s' V_t||_F^2 / k between all pairs, against chance k/P.",
     definitions=(
@@ -21,15 +22,24 @@ ANALYSIS = Analysis(
                     "0 = orthogonal)"),
         ("chance", "k / P: the expected overlap of two independent random k-dimensional subspaces"),
         ("with previous", "overlap of each checkpoint's subspace with the previous checkpoint's"),
+        ("k_used / gap_warning", "k is taken past a cluster of nearly equal eigenvalues at the boundary (the "
+                                 "k-dim eigenspace is not determined there); what stays unresolved is flagged"),
     ),
-    json="{steps, k, overlap, chance, eigenvalues, previous, residuals, n_hvp, curvature} "
+    json="{steps, k, overlap, chance, eigenvalues, previous, residuals, n_hvp, curvature, k_used, gap, "
+         "gap_warning, cluster} "
          "({runs: [...]} for several runs)",
     options=(
         Option("k", 10, ("--k", "-k"), "Dimension of the dominant subspace (top-k eigenvectors)."),
         Option("tol", 1e-3, ("--tol",), "Relative residual ||Av - lambda v|| / |lambda| every pair must reach."),
         Option("max_hvp", None, ("--max-hvp",), "Product budget of each checkpoint's eigen solve.", annotation=int),
+        Option("block_size", 1, ("--block-size",), "Lanczos block size: at least the multiplicity of a repeated "
+               "eigenvalue finds its whole eigenspace at once."),
+        Option("extend_cluster", True, ("--extend-cluster/--no-extend-cluster",), "Take k past a cluster of "
+               "nearly equal eigenvalues at the boundary (up to 8 more) so each space is determined; "
+               "--no-extend-cluster only flags it."),
         *curvature_options(),
         warm_start_option(),
+        *solver_options(),
         Option("save_vectors", True, ("--save-vectors/--no-save-vectors",), "Store every checkpoint's "
                "eigenvectors in the unit (float16, T x P x k x 2 bytes; --no-save-vectors for large models)."),
     ),
@@ -39,6 +49,11 @@ ANALYSIS = Analysis(
         "previous checkpoint (null for the first)", "eigenvalues": "top-k eigenvalues per checkpoint",
         "residuals": "their relative residuals", "n_hvp": "products of each checkpoint's solve",
         "n_params": "P", "curvature": CURVATURE_REGISTRY.choices_text(), "warm_start": "solves warm-started",
+        "k_requested": "--k", "k_used": "per checkpoint: k, or more when taken past a cluster at the boundary",
+        "gap": "per checkpoint: relative gap |lambda_k - lambda_(k+1)| / |lambda_k| at k_used",
+        "gap_warning": "per checkpoint: the k_used-dim eigenspace is not determined by the residuals",
+        "subspace_bound": "per checkpoint: Davis-Kahan bound on the sine of the angle to the true eigenspace",
+        "cluster": "per checkpoint: [lambda_k, lambda_(k+1)] when flagged",
         "eigenvectors": "[T, P, k] float16 (in the store only; not in JSON)",
         "warnings": "why a number is not certified", "seconds": "wall time",
     },
@@ -56,9 +71,12 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--tol must be positive")
     if opts["mc_samples"] is not None and opts["mc_samples"] < 1:
         raise SpecError("--mc-samples must be >= 1")
+    if opts["block_size"] < 1:
+        raise SpecError("--block-size must be >= 1")
     return {"k": opts["k"], "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
             "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "save_vectors": opts["save_vectors"],
-            "seed": settings.seed}
+            "block_size": opts["block_size"], "extend_cluster": opts["extend_cluster"],
+            "seed": settings.seed, **solver_config(opts, settings)}
 
 
 def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -83,10 +101,14 @@ def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any
 
     # checkpoints of different parameter counts: subspace_result refuses to compare them (one-line failure)
     res, bases = subspace_persistence(operators(), [c.step for c in cks], k, tol=cfg["tol"],
-                                      max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"])
+                                      max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"],
+                                      block_size=cfg.get("block_size", 1),
+                                      extend_cluster=8 if cfg.get("extend_cluster", True) else 0,
+                                      where=basis_where(cfg))
     vectors = None
     if cfg.get("save_vectors", True):
-        vectors = np.full((len(bases), res.n_params, k), np.nan, dtype=np.float16)
+        kv = max([k] + [V.shape[1] for V in bases])
+        vectors = np.full((len(bases), res.n_params, kv), np.nan, dtype=np.float16)
         for t, V in enumerate(bases):
             vectors[t, :, :V.shape[1]] = V.to(torch.float16).numpy()
     out = res.to_dict()

@@ -16,6 +16,16 @@ own basis.  A probe whose recurrence breaks down (``β ≈ 0``) found an invaria
 subspace; its quadrature is then exact and it stops early.  Any
 :class:`~sam_probe.core.operators.CurvatureOperator` works (:func:`curvature_density`;
 ``hessian_density`` is the same function).
+
+Memory (parameter-sized vectors): with full reorthogonalisation each probe keeps its
+basis, ``b · m + 2b`` for ``b`` probes run together; without it (``reorth=False``, the
+lean default when no memory plan allows the bases) each probe keeps only its last two
+Lanczos vectors and its product, ``3b``, with ``b = ⌊c / 3⌋ = 2`` probes at a time
+(``c`` = :data:`~sam_probe.core.vectors.WORK_VECTORS`).  Without reorthogonalisation the
+recurrence loses orthogonality once Ritz values converge and repeats them ("ghosts"),
+but the Gauss quadrature it defines stays accurate for the moments SLQ uses (the
+weights of a ghost and its original add up; Meurant & Strakoš 2006), and
+``Σ τ_i θ_i = vᵀ A v`` holds exactly either way.
 """
 from __future__ import annotations
 
@@ -26,7 +36,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .trace import rademacher
+from .trace import coldots, probes
+from .vectors import WORK_VECTORS, VectorCount
 
 Matmat = Callable[[Tensor], Tensor]
 
@@ -58,47 +69,88 @@ class DensityResult:
         }
 
 
-def lanczos_tridiagonal(matmat: Matmat, V0: Tensor, steps: int) -> list[tuple[Tensor, Tensor]]:
+def lanczos_tridiagonal(matmat: Matmat, V0: Tensor, steps: int, *, reorth: bool = True,
+                        count: VectorCount | None = None) -> list[tuple[Tensor, Tensor]]:
     """``steps`` Lanczos steps from each column of ``V0 [P, b]`` (normalised here), all
-    columns sharing each block HVP; returns per column ``(α [m], β [m-1])`` of ``T_m``."""
+    columns sharing each block HVP; returns per column ``(α [m], β [m-1])`` of ``T_m``.
+
+    ``reorth``: full reorthogonalisation of each column against its own basis (kept,
+    ``b · m`` vectors); otherwise the plain three-term recurrence (``3b`` vectors)."""
     P, b = V0.shape
     steps = min(steps, P)
-    q = V0 / V0.norm(dim=0, keepdim=True)
-    basis = torch.zeros(b, steps, P, dtype=V0.dtype, device=V0.device)
-    alphas = torch.zeros(b, steps, dtype=torch.float64)
-    betas = torch.zeros(b, steps, dtype=torch.float64)
-    length = [steps] * b
-    active = list(range(b))
-    prev_beta = torch.zeros(b, dtype=V0.dtype, device=V0.device)
-    for j in range(steps):
-        basis[active, j] = q[:, active].T
-        W = torch.zeros_like(q)
-        W[:, active] = matmat(q[:, active]).to(q)
-        a = (W * q).sum(0)
-        alphas[active, j] = a[active].double().cpu()
-        W = W - q * a
-        if j > 0:
-            W = W - basis[:, j - 1].T * prev_beta
-        Bj = basis[:, :j + 1]  # [b, j+1, P]
-        for _ in range(2):  # full reorthogonalisation, each column against its own basis
-            W = W - torch.einsum("bjp,bj->pb", Bj, torch.einsum("bjp,pb->bj", Bj, W))
-        beta = W.norm(dim=0)
-        if j == steps - 1:
-            break
-        still = []
-        for c in active:
-            if float(beta[c]) <= 1e-10 * max(float(alphas[c, :j + 1].abs().max()), 1e-300):
-                length[c] = j + 1  # invariant subspace: quadrature exact
+    count = count if count is not None else VectorCount()
+    held = [0]
+
+    def hold(x: int) -> None:
+        held[0] += x
+        count.add(x)
+
+    def drop(x: int) -> None:
+        held[0] -= x
+        count.sub(x)
+
+    try:
+        q = V0 / V0.norm(dim=0, keepdim=True)
+        hold(b)
+        basis: list[Tensor] = []  # reorth: [b, P] per step, allocated as the steps happen
+        q_prev: Tensor | None = None
+        alphas = torch.zeros(b, steps, dtype=torch.float64)
+        betas = torch.zeros(b, steps, dtype=torch.float64)
+        length = [steps] * b
+        active = list(range(b))
+        prev_beta = torch.zeros(b, dtype=V0.dtype, device=V0.device)
+        for j in range(steps):
+            if reorth:
+                basis.append(q.T.contiguous())
+                hold(b)
+            if len(active) == b:
+                W = matmat(q).to(q)
             else:
-                still.append(c)
-        active = still
-        if not active:
-            break
-        betas[active, j] = beta[active].double().cpu()
-        prev_beta = beta
-        q = torch.zeros_like(W)
-        q[:, active] = W[:, active] / beta[active]
-    return [(alphas[c, :length[c]], betas[c, :length[c] - 1]) for c in range(b)]
+                W = torch.zeros_like(q)
+                W[:, active] = matmat(q[:, active]).to(q)
+            hold(b)
+            a = coldots(W, q).to(q)
+            alphas[active, j] = a[active].double().cpu()
+            for c in range(b):
+                W[:, c].add_(q[:, c], alpha=-float(a[c]))
+                if q_prev is not None:
+                    W[:, c].add_(q_prev[:, c], alpha=-float(prev_beta[c]))
+            if reorth:
+                for _ in range(2):  # full reorthogonalisation, each column against its own basis
+                    for Bi in basis:
+                        for c in range(b):
+                            W[:, c].add_(Bi[c], alpha=-float(Bi[c] @ W[:, c]))
+            else:  # local: once more against the last two vectors (no extra memory)
+                for c in range(b):
+                    W[:, c].add_(q[:, c], alpha=-float(q[:, c] @ W[:, c]))
+                    if q_prev is not None:
+                        W[:, c].add_(q_prev[:, c], alpha=-float(q_prev[:, c] @ W[:, c]))
+            beta = W.norm(dim=0)
+            if j == steps - 1:
+                break
+            still = []
+            for c in active:
+                if float(beta[c]) <= 1e-10 * max(float(alphas[c, :j + 1].abs().max()), 1e-300):
+                    length[c] = j + 1  # invariant subspace: quadrature exact
+                else:
+                    still.append(c)
+            active = still
+            if not active:
+                break
+            betas[active, j] = beta[active].double().cpu()
+            prev_beta = beta
+            for c in active:
+                W[:, c].div_(beta[c])
+            if reorth:
+                q = W
+                drop(b)
+            else:
+                if q_prev is not None:
+                    drop(b)
+                q_prev, q = q, W
+        return [(alphas[c, :length[c]], betas[c, :length[c] - 1]) for c in range(b)]
+    finally:
+        count.sub(held[0])
 
 
 def gauss_quadrature(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,14 +172,24 @@ def smoothed_density(nodes: list[Tensor], weights: list[Tensor], grid: Tensor, s
 
 def slq_density(matmat: Matmat, n: int, *, steps: int = 80, n_probes: int = 5, sigma: float | None = None,
                 grid: Tensor | None = None, n_grid: int = 1000, seed: int = 0,
-                dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> DensityResult:
+                dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                reorth: bool | None = None, block: int | None = None, max_vectors: int | None = None,
+                count: VectorCount | None = None) -> DensityResult:
     """SLQ density with ``n_probes`` seeded Rademacher probes and ``steps`` Lanczos steps each.
 
     Default ``σ`` = 1% of the Ritz-value range; default grid: ``n_grid`` points over
-    ``[min θ - 5σ, max θ + 5σ]``.  HVPs: at most ``steps · n_probes``.
+    ``[min θ - 5σ, max θ + 5σ]``.  HVPs: at most ``steps · n_probes``.  ``reorth`` (default:
+    when ``max_vectors``, default ``c``, holds every probe's basis) and ``block`` (probes run
+    together) set the memory (module docstring); the probes (:func:`~sam_probe.core.trace.probes`)
+    are the same either way.
     """
     gen = torch.Generator().manual_seed(seed)
-    V0 = rademacher(n, n_probes, gen, dtype, device)
+    count = count if count is not None else VectorCount()
+    vectors = WORK_VECTORS if max_vectors is None else int(max_vectors)
+    if reorth is None:
+        reorth = n_probes * (min(steps, n) + 2) <= vectors
+    if block is None:
+        block = n_probes if reorth else max(1, min(n_probes, vectors // 3))
     counter = [0]
 
     def counted(V: Tensor) -> Tensor:
@@ -135,10 +197,16 @@ def slq_density(matmat: Matmat, n: int, *, steps: int = 80, n_probes: int = 5, s
         return matmat(V)
 
     nodes, weights = [], []
-    for alpha, beta in lanczos_tridiagonal(counted, V0, steps):
-        th, tau = gauss_quadrature(alpha, beta)
-        nodes.append(th)
-        weights.append(tau)
+    for a in range(0, n_probes, block):
+        bb = min(block, n_probes - a)
+        with count.hold(bb):
+            V0 = probes(n, bb, gen, dtype, device)  # the same probes whatever the block
+            tri = lanczos_tridiagonal(counted, V0, steps, reorth=reorth, count=count)
+            del V0
+        for alpha, beta in tri:
+            th, tau = gauss_quadrature(alpha, beta)
+            nodes.append(th)
+            weights.append(tau)
     allt = torch.cat(nodes)
     lo, hi = float(allt.min()), float(allt.max())
     span = hi - lo if hi > lo else max(abs(hi), 1.0)
@@ -157,7 +225,12 @@ def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, 
     objective: its Hessian), in its dtype/device and context."""
     from .operators import as_operator
 
+    from .lanczos import _plan_of
+
     op = as_operator(op)
+    plan = _plan_of(op)
+    if plan is not None and "max_vectors" not in kwargs:
+        kwargs["max_vectors"] = max(WORK_VECTORS, int(getattr(plan, "solver_vectors", 0) or 0))
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
         res = slq_density(op.matmat, op.P, steps=steps, n_probes=n_probes, seed=seed,

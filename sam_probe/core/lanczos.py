@@ -1,38 +1,66 @@
-"""Top-k eigenpairs of a symmetric operator by thick-restarted block Lanczos.
+"""Top-k eigenpairs of a symmetric operator by thick-restarted block Lanczos, in O(k·P) memory.
 
-The operator is only seen through ``matmat(V[P, b]) -> A V``.  A block Krylov
-basis ``Q`` (orthonormal, full reorthogonalisation, Gram–Schmidt twice) and the
-products ``AQ`` are kept, so the Rayleigh–Ritz matrix is ``T = Qᵀ A Q`` and a
-Ritz pair ``(θ, y = Q s)`` has the residual
+The operator is only seen through ``matmat(V[P, b]) -> A V``.  A block Krylov basis
+``Q`` (orthonormal, full reorthogonalisation: classical Gram–Schmidt twice) lives in a
+:class:`~sam_probe.core.vectors.VectorStore` (on the device, in host memory, or in
+memory-mapped files).  The projected matrix ``T = Qᵀ A Q`` is built column by column
+from the products themselves (``Qᵀ (A Z)`` for each new block ``Z``), so every Ritz
+value ``θ`` is the Rayleigh quotient of its Ritz vector ``y = Q s`` up to rounding.  The
+next block is ``A Z`` orthogonalised against ``Q``; when the basis would exceed
+``max_basis`` rows it is thick-restarted (Wu & Simon 2000): the wanted end of the Ritz
+vectors ``Q S`` replaces ``Q`` in place, ``T = diag(θ)``, and the pending block
+continues the Krylov sequence.  Each step estimates the residual of every wanted pair
+from the recurrence, ``||B s_last||`` (``B``: coefficients of the next block).
 
-    r = A y - θ y = (AQ) s - θ Q s,       reported as  ||r|| / |θ|,
+**What is certified** (docs/metrics.md, "Eigenpairs and residual certificates"):
 
-computed from the stored HVP results themselves (not from a recurrence), so it is
-an honest ``||Hv - λv|| / |λ||`` up to rounding.  The next block is ``A Z`` of the
-last block ``Z``, orthogonalised against ``Q``; this is block Lanczos.  When the
-basis would exceed ``max_basis`` columns it is thick-restarted (Wu & Simon 2000):
-the wanted Ritz vectors ``Y = Q S`` and ``AY = (AQ) S`` are kept, ``T = diag(θ)``,
-and the pending block continues the Krylov sequence.
+1. *Residuals, from explicit products.*  A pair is converged when
+   ``(||A y - θ y|| + e(y)) / |θ| <= tol`` with ``A y`` an actual product: the stored
+   product rows combined (``keep_products``: ``A y = (AQ) s``), or, in the lean
+   default, one more product ``A y`` per returned pair at the end (``k`` extra products,
+   counted in ``n_hvp``), never the recurrence alone.  ``e(y)`` is the operator's own
+   error bound for a product (``product_error``; zero for exact products).  A residual
+   ``r`` proves that some eigenvalue lies within ``r |θ|`` of ``θ``.
+2. *Order, by a fresh random check.*  A small residual does not say that ``θ_j`` is the
+   j-th eigenvalue: a warm start (or an unlucky cold one, or a multiple eigenvalue,
+   which a single Krylov vector sees once) can converge to ``λ_1, λ_2, λ_4`` and never
+   meet ``λ_3``.  So once the wanted pairs pass, the basis is restarted to those ``k``
+   Ritz vectors ``Y`` and continued from a *fresh* seeded Gaussian block orthogonal to
+   ``Y``: Lanczos on the deflated operator ``(I - YYᵀ) A (I - YYᵀ)``, whose spectrum is
+   ``A``'s without the found pairs.  Any eigenvalue beyond ``θ_k`` that was missed is the
+   deflated operator's own extreme eigenvalue; it enters the Rayleigh–Ritz set (the
+   union's k-th Ritz value moves beyond ``θ_k`` by more than ``tol |θ_k|``) and the solve
+   goes on with it (a new check follows).  The check passes when the extreme Ritz pair of
+   the fresh sequence, the *guard* ``(ξ, x)``, converges (``||B s_last|| <= check_tol |θ_k|``,
+   and at most half its distance to ``θ_k`` unless it is within ``tol |θ_k|``) without entering.  This is a Monte Carlo certificate, not a proof: an eigenvalue
+   beyond ``θ_k`` hides from it only if the fresh Gaussian block is nearly orthogonal to
+   its eigenvector (probability ``~ sqrt(P) · (component)``) or it sits inside the guard's
+   cluster (then within about ``check_tol |θ_k|`` of ``ξ``).
+3. *Gap at the k boundary.*  ``gap = |θ_k - ξ| / |θ_k|`` and the Davis–Kahan bound
+   ``subspace_bound = ||R||_F / (|θ_k - ξ| - ρ_ξ)`` on the sine of the angle between
+   ``span Y`` and the true top-k eigenspace (``R``: the absolute residuals, ``ρ_ξ`` the
+   guard's) are reported; when it exceeds ``gap_tol`` the k-dimensional eigenspace is not
+   determined by these residuals and ``gap_warning`` says so (eigenvalues are still
+   fine: each is within its residual of an eigenvalue, and in order).
+
+**Memory** (``P``-sized vectors; ``c`` = :data:`~sam_probe.core.vectors.WORK_VECTORS` = 8):
+the basis rows (``max_basis``, pending block included) plus the product block ``b``
+(``2b`` for ``b > 1``, whose rows are copied out of the product), plus the stored
+products when ``keep_products`` (one per basis row).  The default basis is
+``k + c - 1`` rows for ``b = 1`` and ``k + c - 2b`` for ``b > 1`` (at least ``k + 2b``),
+so the solver holds at most ``k + c`` vectors (``k + 4b`` when ``b > 2``); the ``k``
+returned eigenvectors are rows of the basis (a view, no copy).  Nothing is allocated
+before it is needed.  ``VectorCount`` in the result (``peak_vectors``) counts them.
 
 ``which``: ``LA`` largest algebraic (descending), ``SA`` smallest algebraic
-(ascending), ``LM`` largest magnitude (by ``|λ|`` descending).  Single-vector
-Lanczos (``block_size=1``) sees one direction of each eigenspace; use a block at
-least as large as an expected multiplicity.  A small residual certifies that ``θ``
-lies within ``||r||`` of *some* eigenvalue, not that it is the j-th largest: a
-Krylov method can stop before a nearby eigenvalue has emerged (seen at tol 1e-2 on
-the digits MLP, whose λ4, λ5 differ by 4%); tighter tolerances make this unlikely.
-Memory: ``2 · max_basis · P``.
+(ascending), ``LM`` largest magnitude (by ``|λ|`` descending).
 
 Warm start (``warm``, e.g. the previous checkpoint's Ritz vectors ``W [P, k']``): the
-start block is ``W C / ||W C|| + G / ||G||`` column by column, ``C`` = equal weights
-(one column) or a seeded orthonormal ``[k', b]``, ``G`` the seeded Gaussian block of a
-cold start.  Its components along the previous top eigenspace are large; along every
-other eigenvector they are those of a cold start up to a factor ``≈ 1/√2``, so an
-eigenvalue that was not in the previous top-k is found as it would be from a cold
-start.  The block keeps ``block_size`` columns (a ``k'``-column block would cost ``k'``
-products per step: measured 1.4× *more* products than cold on the digits MLP run), and
-everything after it (Lanczos steps, thick restarts, the explicit residual test) is the
-cold solver's: a warm result is certified exactly like a cold one.
+start block is ``W C / ||W C|| + G / ||G||`` column by column, ``C`` = equal weights in an
+orthonormal basis of ``span W`` (one column) or a seeded orthonormal ``[k', b]``, ``G``
+the seeded Gaussian block of a cold start.  Everything after it (Lanczos steps, restarts,
+the explicit residuals and the order check from a fresh Gaussian block) is the cold
+solver's, so a warm start changes the cost, not what is certified.
 
 The solvers take any :class:`~sam_probe.core.operators.CurvatureOperator` (or an
 objective, meaning its Hessian); ``curvature`` in the result names the operator.
@@ -40,14 +68,22 @@ objective, meaning its Hessian); ``curvature`` in the result names the operator.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-Matmat = Callable[[Tensor], Tensor]
 from .names import WHICH
+from .vectors import WORK_VECTORS, VectorCount, VectorStore, where_label
+
+Matmat = Callable[[Tensor], Tensor]
+ProductError = Callable[[Tensor, Tensor], Tensor]  # (V [P, b], A V [P, b]) -> [b] bounds on ||error of A v||
+
+CHECK_TOL = 1e-2  # guard convergence of the order check, relative to |θ_k|
+GAP_TOL = 0.1  # Davis–Kahan bound above which the top-k eigenspace is flagged as not determined
+CHECK_SEED = 104_729  # offset of the order check's seeds (independent of the start block's)
 
 
 @dataclass
@@ -65,10 +101,27 @@ class EigenResult:
     warnings: list[str] = field(default_factory=list)
     curvature: str = "hessian"
     warm_start: bool = False
+    order_checked: bool = False  # the fresh-block order check passed (module docstring, 2.)
+    n_checks: int = 0  # order checks run (one more after each eigenvalue the check found)
+    n_missed: int = 0  # eigenvalues the order check found beyond θ_k (then solved for)
+    guard: float | None = None  # ξ: the extreme Ritz value of the deflated operator at the last check
+    guard_residual: float | None = None  # its residual estimate ||B s_last|| / |θ_k|
+    gap: float | None = None  # |θ_k - ξ| / |θ_k|
+    subspace_bound: float | None = None  # Davis–Kahan sin∠(span Y, top-k eigenspace) bound
+    gap_warning: bool = False
+    cluster: list[float] = field(default_factory=list)  # θ_k and the guard when the boundary is not resolved
+    k_requested: int | None = None  # k asked for (``k`` may grow with ``extend_cluster``)
+    n_certify: int = 0  # products spent on the explicit residual certificate
+    plan: dict[str, Any] = field(default_factory=dict)  # basis size, where vectors live, peak vectors
 
     @property
     def all_converged(self) -> bool:
         return all(self.converged)
+
+    @property
+    def certified(self) -> bool:
+        """Every residual passes and the order check passed."""
+        return self.all_converged and self.order_checked
 
     def to_dict(self) -> dict:
         """JSON-ready summary (eigenvectors left out)."""
@@ -77,6 +130,11 @@ class EigenResult:
             "converged": list(self.converged), "n_hvp": self.n_hvp, "n_restarts": self.n_restarts,
             "which": self.which, "tol": self.tol, "warnings": list(self.warnings),
             "curvature": self.curvature, "warm_start": self.warm_start,
+            "order_checked": self.order_checked, "n_checks": self.n_checks, "n_missed": self.n_missed,
+            "guard": self.guard, "guard_residual": self.guard_residual, "gap": self.gap,
+            "subspace_bound": self.subspace_bound, "gap_warning": self.gap_warning,
+            "cluster": list(self.cluster), "k_requested": self.k_requested, "n_certify": self.n_certify,
+            "plan": dict(self.plan),
         }
 
 
@@ -91,58 +149,67 @@ def order(theta: Tensor, which: str) -> Tensor:
     raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
 
 
-def _orthogonalise(W: Tensor, Q: Tensor, gen: torch.Generator, passes: int = 2,
-                   scales: Tensor | None = None) -> Tensor:
-    """Orthonormal columns spanning ``W`` minus its part in ``span(Q)``.
+def _key(x: float, which: str) -> float:
+    """How far toward the wanted end ``x`` lies (larger = more wanted)."""
+    return x if which == "LA" else -x if which == "SA" else abs(x)
 
-    Classical Gram–Schmidt (``passes`` times) against ``Q`` and the earlier new
-    columns; a column whose norm falls below ``1e-10`` of its ``scales`` entry (default:
-    its own norm) means an invariant subspace was found and is replaced by a random
-    direction orthogonal to everything so far.  Columns beyond the remaining
-    dimension ``P - rank(Q)`` are dropped.
-    """
-    P = W.shape[0]
-    out: list[Tensor] = []
-    for j in range(min(W.shape[1], P - Q.shape[1])):
+
+def default_basis(k: int, b: int = 1, vectors: int | None = None, keep_products: bool = False) -> int:
+    """Basis rows (pending block included) that fit ``vectors`` parameter-sized vectors
+    (default ``k + c``) beside the product block (module docstring, Memory)."""
+    vectors = k + WORK_VECTORS if vectors is None else int(vectors)
+    work = 1 if b == 1 else 2 * b
+    m = (vectors - work) // (2 if keep_products else 1)
+    return max(m, k + 2 * b)
+
+
+def vectors_needed(k: int, b: int, max_basis: int, keep_products: bool) -> int:
+    """Peak parameter-sized vectors of :func:`lanczos` with these settings (the formula the
+    memory test checks)."""
+    return max_basis * (2 if keep_products else 1) + (1 if b == 1 else 2 * b)
+
+
+# ------------------------------------------------------------------ blocks
+def _orthonormalise_block(W: Tensor, Q: VectorStore, gen: torch.Generator, scales: Tensor | None = None,
+                          passes: int = 2) -> tuple[Tensor, Tensor]:
+    """In place: ``W [P, b]`` minus its part in ``span Q`` (``passes`` classical Gram–Schmidt
+    sweeps), then its columns orthonormalised among themselves; returns ``(Z, B)`` with
+    ``W ≈ Z B`` beyond ``span Q`` (``B [b', b]`` upper triangular, float64 on CPU; ``Z`` is
+    ``W``'s memory).
+
+    A column whose norm falls below ``1e-10`` of its ``scales`` entry (default: its own
+    norm) found an invariant subspace: it is replaced by a seeded random direction
+    orthogonal to everything so far (its diagonal ``B`` entry is zero).  Columns beyond the
+    remaining dimension ``P - len(Q)`` are dropped (``b' < b``)."""
+    P, b = W.shape
+    room = P - len(Q)
+    scales = (W.norm(dim=0) if scales is None else scales).double().cpu().clone()
+    for _ in range(passes):
+        Q.subtract(W, Q.dots(W))
+    B = torch.zeros(b, b, dtype=torch.float64)
+    keep: list[int] = []
+    for j in range(min(b, room)):
         w = W[:, j]
-        scale = float(w.norm()) if scales is None else float(scales[j])
         for attempt in range(3):
-            for _ in range(passes if attempt == 0 else 2):
-                if Q.shape[1]:
-                    w = w - Q @ (Q.T @ w)
-                for u in out:
-                    w = w - u * (u @ w)
+            for _ in range(2 if keep else 0):
+                for i in keep:
+                    c = float(W[:, i] @ w)
+                    w.add_(W[:, i], alpha=-c)
+                    if attempt == 0:
+                        B[i, j] += c
             nrm = float(w.norm())
-            if nrm > 1e-10 * scale and nrm > 0:
+            if nrm > 1e-10 * float(scales[j]) and nrm > 0:
                 break
-            w = torch.randn(P, generator=gen, dtype=torch.float64).to(W)  # breakdown: fresh direction
-            scale = float(w.norm())
-        out.append(w / w.norm())
-    return torch.stack(out, dim=1) if out else W[:, :0]
-
-
-def krylov_basis(matmat: Matmat, n: int, r: int, *, block_size: int = 1, seed: int = 0,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 warm: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Orthonormal basis ``Q [n, r]`` of the block Krylov space of a seeded Gaussian
-    start block (or the warm start block of ``warm``, :func:`warm_start_block`) and
-    ``A Q`` (exactly ``r`` HVPs; full reorthogonalisation)."""
-    gen = torch.Generator().manual_seed(seed)
-    r = min(r, n)
-    Qt = torch.empty(r, n, device=device, dtype=dtype)  # rows = basis vectors (contiguous)
-    AQt = torch.empty_like(Qt)
-    nq = 0
-    b = max(1, min(block_size, r))
-    Z0 = warm_start_block(warm, n, b, gen, dtype, device) if warm is not None else \
-        torch.randn(n, b, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    Z = _orthogonalise(Z0, Qt[:0].T, gen)
-    while nq < r and Z.shape[1]:
-        Z = Z[:, :r - nq]
-        AZ = matmat(Z).to(device=device, dtype=dtype)
-        Qt[nq:nq + Z.shape[1]], AQt[nq:nq + Z.shape[1]] = Z.T, AZ.T
-        nq += Z.shape[1]
-        Z = _orthogonalise(AZ, Qt[:nq].T, gen)
-    return Qt[:nq].T, AQt[:nq].T
+            w.copy_(_gaussian(P, 1, gen, w.dtype, w.device)[:, 0])  # breakdown: a fresh direction
+            for _ in range(2):
+                Q.subtract(w[:, None], Q.dots(w[:, None]))
+            scales[j] = float(w.norm())
+        B[j, j] = nrm if attempt == 0 else 0.0
+        w.div_(w.norm())
+        keep.append(j)
+    if len(keep) < b:
+        return W[:, keep], B[keep]
+    return W, B
 
 
 def warm_start_block(warm: Tensor, n: int, b: int, gen: torch.Generator, dtype: torch.dtype,
@@ -150,38 +217,109 @@ def warm_start_block(warm: Tensor, n: int, b: int, gen: torch.Generator, dtype: 
     """The ``[n, b]`` start block of a warm start from ``warm [n, k']`` (module docstring).
 
     Columns of ``warm`` that are not finite (unconverged placeholders) are ignored; with
-    none left this is the cold start block.  ``gen`` draws ``C`` and then the Gaussian ``G``."""
-    W = warm.detach().reshape(n, -1).to(device=device, dtype=torch.float64)
-    W = W[:, torch.isfinite(W).all(0)]
-    G = torch.randn(n, b, generator=gen, dtype=torch.float64).to(device)
-    G = G / G.norm(dim=0, keepdim=True)
+    none left this is the cold start block.  ``gen`` draws ``C`` and then the Gaussian ``G``.
+    Only the ``b`` output columns are new vectors: the orthonormal basis of ``span W`` is
+    applied through the ``k' × k'`` Gram matrix, never formed."""
+    W = warm.detach().reshape(n, -1)
+    good = torch.isfinite(W).all(0)
+    if not bool(good.all()):
+        W = W[:, good]
+    G = _gaussian(n, b, gen, dtype, device)
+    G = G.div_(G.norm(dim=0, keepdim=True))
     if W.shape[1] == 0:
-        return G.to(dtype)
-    Wq, _ = torch.linalg.qr(W)
-    kw = Wq.shape[1]
+        return G
+    kw = W.shape[1]
+    gram = (W.T @ W).double().cpu()  # W = Wq R (QR) with R from the Gram matrix: Wq C = W R⁻¹ C
+    L, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and float(L.diagonal().min()) > 1e-6 * float(L.diagonal().max()):
+        Rinv = torch.linalg.inv(L.T)
+    else:  # dependent columns: an orthonormal basis of their span from the eigenvectors of the Gram matrix
+        evals, evecs = torch.linalg.eigh(gram)
+        ok = evals > 1e-12 * float(evals.max())
+        Rinv = evecs[:, ok] / evals[ok].sqrt()
+    kw = Rinv.shape[1]
     if b == 1:
         C = torch.ones(kw, 1, dtype=torch.float64)
     else:
         C = torch.zeros(kw, b, dtype=torch.float64)
         R, _ = torch.linalg.qr(torch.randn(kw, max(kw, b), generator=gen, dtype=torch.float64))
         C[:, :min(kw, b)] = R[:, :min(kw, b)]
-    A = Wq @ C.to(device)
+    coef = (Rinv @ C).to(device=W.device, dtype=W.dtype)
+    A = (W @ coef).to(device=device, dtype=dtype)
     nrm = A.norm(dim=0, keepdim=True)
     A = torch.where(nrm > 0, A / nrm.clamp_min(1e-300), A)
-    return (A + G).to(dtype)
+    return A.add_(G)
 
 
-def _inner(A: Tensor, B: Tensor) -> Tensor:
-    """``Aᵀ B`` for tall ``[P, a]``, ``[P, b]`` (elementwise for single columns: much faster on CPU)."""
-    if A.shape[1] == 1 or B.shape[1] == 1:
-        return (A[:, :, None] * B[:, None, :]).sum(0)
-    return A.T @ B
+def krylov_sketch(matmat: Matmat, n: int, r: int, *, block_size: int = 1, seed: int = 0,
+                  dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                  warm: Tensor | None = None, where=None, count: VectorCount | None = None,
+                  ) -> tuple[VectorStore, float, int]:
+    """An orthonormal basis ``Q`` (``r`` rows of a :class:`VectorStore`) of the block Krylov
+    space of a seeded Gaussian block (or the warm start block of ``warm``), ``tr(Qᵀ A Q)``
+    and the products used (exactly ``rank Q``; full reorthogonalisation).
+
+    Holds ``r`` rows plus one product block: the products are not kept (``tr(Qᵀ A Q)`` is
+    accumulated as they come)."""
+    from .trace import coldots
+
+    gen = torch.Generator().manual_seed(seed)
+    r = min(r, n)
+    count = count if count is not None else VectorCount()
+    Q = VectorStore(n, dtype, device, where, count)
+    b = max(1, min(block_size, r))
+    count.add(b)
+    Z = warm_start_block(warm, n, b, gen, dtype, device) if warm is not None else _gaussian(n, b, gen, dtype, device)
+    Z, _ = _orthonormalise_block(Z, Q, gen)
+    tr, used = 0.0, 0
+    while used < r and Z.shape[1]:
+        Z = Z[:, :r - used]
+        AZ = matmat(Z).to(device=device, dtype=dtype)
+        count.add(b)
+        tr += float(coldots(Z, AZ).sum())
+        Q.append(Z)
+        used += Z.shape[1]
+        del Z
+        count.sub(b)
+        if used >= r:
+            break
+        Z, _ = _orthonormalise_block(AZ, Q, gen)  # the next block, in AZ's memory
+        del AZ
+    else:
+        count.sub(b)
+        return Q, tr, used
+    del AZ
+    count.sub(b)
+    return Q, tr, used
+
+
+def krylov_basis(matmat: Matmat, n: int, r: int, *, block_size: int = 1, seed: int = 0,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                 warm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``Q [n, r]`` of :func:`krylov_sketch` and ``A Q`` (``r`` more products), as tensors (tests, small ``n``)."""
+    Q, _, _ = krylov_sketch(matmat, n, r, block_size=block_size, seed=seed, dtype=dtype, device=device, warm=warm)
+    Qm = torch.stack(Q.rows, 1) if len(Q) else torch.zeros(n, 0, dtype=dtype, device=device)
+    return Qm, matmat(Qm).to(device=device, dtype=dtype) if Qm.shape[1] else Qm.clone()
 
 
 def _ritz(T: Tensor, which: str) -> tuple[Tensor, Tensor, Tensor]:
     """All eigenpairs of the projected ``T`` and the indices from the wanted end."""
     evals, S = torch.linalg.eigh(T)
     return evals, S, order(evals, which)
+
+
+# ------------------------------------------------------------------ solver
+def _boundary(vals: list[float], res_abs: list[float], guard: float | None, guard_abs: float | None,
+              gap_tol: float) -> tuple[float | None, float | None, bool]:
+    """``(gap, Davis–Kahan bound, warn)`` at the k boundary (module docstring, 3.)."""
+    if guard is None or not vals:
+        return None, None, False
+    thk = vals[-1]
+    gap = abs(thk - guard) / max(abs(thk), 1e-300)
+    sep = abs(thk - guard) - (guard_abs or 0.0)
+    R = math.sqrt(sum(r * r for r in res_abs))
+    sub = min(1.0, R / sep) if sep > 0 else 1.0
+    return gap, sub, sub > gap_tol
 
 
 def lanczos(
@@ -199,18 +337,36 @@ def lanczos(
     device: torch.device | str = "cpu",
     v0: Tensor | None = None,
     warm: Tensor | None = None,
+    keep_products: bool = False,
+    max_vectors: int | None = None,
+    where=None,
+    check: bool = True,
+    check_tol: float = CHECK_TOL,
+    gap_tol: float = GAP_TOL,
+    extend_cluster: int = 0,
+    product_error: ProductError | None = None,
+    count: VectorCount | None = None,
 ) -> EigenResult:
     """``k`` eigenpairs of the symmetric ``n × n`` operator ``matmat`` at the ``which`` end.
 
-    Each step checks the classical Lanczos estimate ``||r_i|| = ||B s_i,last||``
-    (``B`` = coefficients of the next block); when every wanted pair passes, the
-    residuals are recomputed explicitly from the stored products, ``(AQ) s - θ Q s``,
-    and only those decide.  Stops once every wanted pair has
-    ``||A y - θ y|| / |θ| <= tol``, or before the HVP count would exceed ``max_hvp``
-    (default ``max(300, 60 k)``); unconverged pairs are flagged in ``converged`` and
-    explained in ``warnings``.  ``v0`` (``[n]`` or ``[n, b]``) replaces the seeded
-    Gaussian start block; ``warm`` (``[n, k']``, e.g. earlier Ritz vectors) gives the warm
-    start block of :func:`warm_start_block` (``v0`` wins when both are given).
+    Iterates until every wanted pair's recurrence estimate ``||B s_last||`` passes ``tol``;
+    then runs the order check (``check``, module docstring 2.) and certifies the residuals
+    explicitly (1.).  Stops before the product count would exceed ``max_hvp`` (default
+    ``max(300, 60 k)``, the lean certificate's ``k`` products included); pairs that do not
+    pass are flagged in ``converged`` and explained in ``warnings``; an order check that could
+    not finish leaves ``order_checked`` false (with a warning).
+
+    ``v0`` (``[n]`` or ``[n, b]``) replaces the seeded Gaussian start block; ``warm``
+    (``[n, k']``) gives the warm start block of :func:`warm_start_block` (``v0`` wins).
+    Memory: ``max_basis`` rows (default :func:`default_basis` of ``max_vectors``, itself
+    ``k + c`` by default) on ``where`` (``None``/``"device"``, ``"cpu"`` or a directory),
+    plus the stored products with ``keep_products`` (then no extra products at the end);
+    ``count`` (a :class:`~sam_probe.core.vectors.VectorCount`) sees every vector held.
+    ``extend_cluster``: when the top-k eigenspace is not determined (``gap_warning``), solve
+    for up to this many more pairs until the boundary is resolved (``k`` grows, and the basis
+    by one row with it; the result keeps ``k_requested``; the ``k`` eigenvectors are then
+    copied out at the end, ``k`` more vectors for a moment).  ``product_error(V, AV)``: the operator's bound on each product's
+    error, added to the residual before the test.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -218,86 +374,228 @@ def lanczos(
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
+    k_req = k
+    kmax = min(n, k + max(0, int(extend_cluster)))
     b = min(block_size, n)
-    max_hvp = max(300, 60 * k) if max_hvp is None else int(max_hvp)
-    m_max = max_basis or max(20 + b, 2 * k + 3 * b)
+    max_hvp = max(300, 60 * kmax) if max_hvp is None else int(max_hvp)
+    m_max = max_basis or default_basis(k, b, max_vectors, keep_products)
     m_max = min(max(m_max, k + 2 * b), n)
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
+    check_gen = torch.Generator().manual_seed(seed + CHECK_SEED)
     eps = torch.finfo(dtype).eps
+    count = count if count is not None else VectorCount()
+    Q = VectorStore(n, dtype, device, where, count, first_page=k)
+    AQ = VectorStore(n, dtype, device, where, count) if keep_products else None
+    perr: list[float] = []  # error bounds of the stored products (keep_products)
 
-    Qt = torch.empty(m_max, n, device=device, dtype=dtype)  # rows = basis vectors (contiguous)
-    AQt = torch.empty_like(Qt)
-    nq = 0
+    def push(Z: Tensor) -> None:
+        """Orthonormalise the new block ``Z`` against the basis and append it (pending)."""
+        w = Z.shape[1]
+        count.add(w)
+        Z, _ = _orthonormalise_block(Z, Q, gen)
+        Q.append(Z)
+        count.sub(w)
+        del Z
+
     if v0 is not None:
-        Z = v0.reshape(n, -1).to(device=device, dtype=dtype)
+        push(v0.reshape(n, -1).to(device=device, dtype=dtype).clone())
     elif warm is not None:
-        Z = warm_start_block(warm, n, b, gen, dtype, device)
+        push(warm_start_block(warm, n, b, gen, dtype, device))
     else:
-        Z = torch.randn(n, b, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    Z = _orthogonalise(Z, Qt[:0].T, gen)
+        push(_gaussian(n, b, gen, dtype, device))
+
     T = torch.zeros(0, 0, dtype=torch.float64)
-    n_hvp = n_restarts = 0
+    nq = 0  # rows of Q with products (the Rayleigh–Ritz basis); the rows after them are the pending block
+    n_hvp = n_restarts = n_certify = 0
     hit_cap = False
+    phase = "solve"  # "solve" (until the wanted estimates pass) or "check" (the fresh-block order check)
+    checked = not check or n <= k
+    n_checks = n_missed = 0
+    theta_ref = 0.0
+    guard = guard_abs = None
+    slack = 1.0  # explicit residual / estimate at a failed certificate: ask for that much more before retrying
+    final: tuple | None = None  # (θ, ||A y - θ y||, product error bounds) of the certified pairs
+
+    def floor_of(evals: Tensor) -> float:
+        return max(eps * float(evals.abs().max()), 1e-300) if len(evals) else 1e-300
+
+    def restart(S_keep: Tensor, evals_keep: Tensor) -> None:
+        """Basis ← Q S_keep in place (pending rows kept after it), ``T = diag``."""
+        nonlocal T, nq
+        with count.hold(0.25):
+            Q.rotate(S_keep)
+            if AQ is not None:
+                AQ.rotate(S_keep)
+        if AQ is not None and perr:
+            perr[:] = (S_keep.abs().T @ torch.tensor(perr, dtype=torch.float64)).tolist()
+        nq = S_keep.shape[1]
+        T = torch.diag(evals_keep)
 
     def explicit(evals: Tensor, S: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(θ, ||A y - θ y||, product error bound)`` of the wanted pairs from actual products:
+        stored ones (``keep_products``) or one new product each (lean; the basis is rotated to
+        its Ritz vectors first, wanted ones leading)."""
+        nonlocal n_hvp, n_certify
         kk = min(k, len(idx))
-        theta = evals[idx[:kk]]
-        Sw = S[:, idx[:kk]].to(device=device, dtype=dtype)
-        Y = Qt[:nq].T @ Sw
-        R = AQt[:nq].T @ Sw - Y * theta.to(device=device, dtype=dtype)
-        floor = max(eps * float(evals.abs().max()), 1e-300) if len(evals) else 1e-300
-        return theta, Y, R.norm(dim=0).double().cpu() / theta.abs().clamp_min(floor)
+        theta = evals[idx[:kk]].clone()
+        res = torch.zeros(kk, dtype=torch.float64)
+        err = torch.zeros(kk, dtype=torch.float64)
+        if AQ is not None:
+            pe = torch.tensor(perr, dtype=torch.float64) if perr else None
+            for j in range(kk):
+                s = S[:, idx[j]]
+                with count.hold(2):
+                    y, ay = Q.combine(s), AQ.combine(s)
+                    res[j] = float(ay.add_(y, alpha=-float(theta[j])).norm())
+                    del y, ay
+                if pe is not None:
+                    err[j] = float((s.abs() * pe).sum())
+            return theta, res, err
+        restart(S[:, idx], evals[idx])
+        for j in range(kk):
+            y = Q.row(j)
+            with count.hold((0 if Q.local else 1) + 1):
+                ay = matmat(y[:, None]).to(device=device, dtype=dtype)
+                n_hvp += 1
+                n_certify += 1
+                if product_error is not None:
+                    err[j] = float(product_error(y[:, None], ay).reshape(-1)[0])
+                res[j] = float(ay[:, 0].add_(y, alpha=-float(theta[j])).norm())
+                del ay, y
+        return theta, res, err
 
+    evals = S = idx = None
     while True:
-        bz = Z.shape[1]
+        reserve = 0 if keep_products else k  # products the explicit certificate will need
+        bz = len(Q) - nq
         if bz == 0:
             break
-        if n_hvp + bz > max_hvp:
+        if n_hvp + bz + reserve > max_hvp:
             hit_cap = True
             break
+        # ---- room for this block's successor: thick restart (before the product, so no product
+        # block is alive while the basis is rotated) when the basis would overflow
+        if evals is not None and idx is not None and S is not None and nq + 2 * bz > m_max:
+            kk = min(k + 1, nq)
+            keep = max(kk, min((m_max + kk) // 2, m_max - 2 * bz, nq))
+            if keep < nq:
+                restart(S[:, idx[:keep]], evals[idx[:keep]])
+                n_restarts += 1
+        # ---- one block of products
+        if bz == 1:
+            Z, zc = Q.row(nq)[:, None], (0 if Q.local else 1)
+        else:
+            Z, zc = torch.stack([Q.row(i) for i in range(nq, nq + bz)], 1), bz
+        count.add(zc)
         AZ = matmat(Z).to(device=device, dtype=dtype)
+        count.add(bz)
         n_hvp += bz
-        Cq = Qt[:nq] @ AZ  # [nq, bz]
-        C = Cq.double().cpu()
-        Dq = _inner(Z, AZ)
-        D = Dq.double().cpu()
+        if AQ is not None:
+            AQ.append(AZ)
+            perr.extend(product_error(Z, AZ).double().cpu().reshape(-1).tolist() if product_error is not None
+                        else [0.0] * bz)
+        del Z
+        count.sub(zc)
+        H = Q.dots(AZ)  # [nq + bz, bz]: the new columns of T = Qᵀ A Q
+        Hd = H.double().cpu()
+        C, D = Hd[:nq], Hd[nq:]
         T = torch.cat([torch.cat([T, C], 1), torch.cat([C.T, 0.5 * (D + D.T)], 1)], 0)
-        Qt[nq:nq + bz], AQt[nq:nq + bz] = Z.T, AZ.T
         nq += bz
         evals, S, idx = _ritz(T, which)
-        wanted = idx[:min(k, nq)]
 
-        # next block (block Lanczos step) and the Ritz residual estimates it implies
+        # ---- the next block (in AZ's memory) and the residual estimates it implies
         if nq < n:
-            Q = Qt[:nq].T
-            W = AZ - Q @ torch.cat([Cq, Dq], 0)  # first Gram–Schmidt pass, reusing Qᵀ AZ
-            Z = _orthogonalise(W, Q, gen, passes=1, scales=AZ.norm(dim=0))  # second pass + normalise
-            Bc = _inner(Z, W).double().cpu()  # W ≈ Z B
-            est = (Bc @ S[nq - bz:nq][:, wanted]).norm(dim=0)
+            scales = AZ.norm(dim=0)
+            Q.subtract(AZ, H)  # first Gram–Schmidt pass reuses Qᵀ AZ
+            Znext, Bc = _orthonormalise_block(AZ, Q, gen, scales=scales, passes=1)
+            est_all = (Bc @ S[nq - bz:nq]).norm(dim=0)
         else:
-            Z = Z[:, :0]
-            est = torch.zeros(len(wanted), dtype=torch.float64)
-        floor = max(eps * float(evals.abs().max()), 1e-300)
-        if len(wanted) == k and bool((est <= tol * evals[wanted].abs().clamp_min(floor)).all()):
-            _, _, res = explicit(evals, S, idx)
-            if bool((res <= tol).all()):
-                break
-        if nq >= n:
-            break
-        if nq + Z.shape[1] > m_max:  # thick restart: keep the wanted end of the Ritz pairs
-            keep = max(k, min((m_max + k) // 2, m_max - 2 * Z.shape[1], nq))
-            Sk = S[:, idx[:keep]].to(device=device, dtype=dtype)
-            Qk, AQk = Sk.T @ Qt[:nq], Sk.T @ AQt[:nq]
-            Qt[:keep], AQt[:keep] = Qk, AQk
-            nq = keep
-            T = torch.diag(evals[idx[:keep]])
-            n_restarts += 1
+            Znext = AZ[:, :0]
+            est_all = torch.zeros(nq, dtype=torch.float64)
+        del AZ, H
+        floor = floor_of(evals)
 
-    if nq:
-        theta, Y, res = explicit(*_ritz(T, which))
+        # ---- the order check: did an eigenvalue beyond θ_k enter, or has the guard converged?
+        if phase == "check":
+            if _key(float(evals[idx[k - 1]]), which) - _key(theta_ref, which) > tol * abs(theta_ref):
+                phase, checked = "solve", False  # a missed eigenvalue: solve for the new top k, check again
+                n_missed += 1
+            elif nq > k:
+                guard, guard_abs = float(evals[idx[k]]), float(est_all[idx[k]])
+                scale = max(abs(theta_ref), floor)
+                # converged, and either clear of θ_k (so the gap is known) or as tight as the solve itself
+                if guard_abs <= check_tol * scale and (guard_abs <= 0.5 * abs(float(evals[idx[k - 1]]) - guard)
+                                                       or guard_abs <= tol * scale):
+                    phase, checked = "solve", True
+            if phase == "check" and (nq >= n or Znext.shape[1] == 0):
+                phase, checked = "solve", True  # nothing left to find
+
+        wanted = idx[:min(k, nq)]
+        done = (phase == "solve" and len(wanted) == k
+                and bool((est_all[wanted] <= (tol / slack) * evals[wanted].abs().clamp_min(floor)).all()))
+        if done and not checked:
+            # start the order check: restart to the k wanted Ritz vectors, continue from a fresh block
+            del Znext
+            count.sub(bz)
+            restart(S[:, wanted], evals[wanted])
+            theta_ref = float(evals[wanted[-1]])
+            n_checks += 1
+            guard = guard_abs = None
+            phase = "check"
+            push(_gaussian(n, b, check_gen, dtype, device))
+            continue
+
+        if done:
+            theta, res, err = explicit(evals, S, idx)
+            if AQ is None:
+                evals, S, idx = _ritz(T, which)  # the basis is the Ritz basis now
+            rel = (res + err) / theta.abs().clamp_min(floor)
+            if bool((rel <= tol).all()):
+                final = (theta, res, err)
+                vals = theta.tolist()
+                gap, sub, warn = _boundary(vals, (res + err).tolist(), guard, guard_abs, gap_tol)
+                if not (warn and k < kmax and check):
+                    del Znext
+                    count.sub(bz)
+                    break
+                k += 1  # extend k into the cluster at the boundary (one more basis row), certify and check again
+                m_max = min(n, m_max + 1)
+                checked, final, guard, guard_abs = False, None, None, None
+            else:
+                slack = max(slack * 2, float((res / est_all[wanted].clamp_min(floor * eps)).max()))
+
+        if Znext.shape[1] == 0:
+            del Znext
+            count.sub(bz)
+            break
+        Q.append(Znext)
+        del Znext
+        count.sub(bz)
+
+    # ---------------------------------------------------------------- result
+    if final is None and nq:
+        evals, S, idx = _ritz(T, which)
+        Q.truncate(nq)
+        final = explicit(evals, S, idx)
+    rel_out: list[float]
+    res_abs: list[float]
+    if final is not None:
+        theta, res, err = final
+        kk = len(theta)
+        rel_out = ((res + err) / theta.abs().clamp_min(floor_of(theta))).tolist()
+        res_abs = (res + err).tolist()
     else:
-        theta, Y, res = (torch.zeros(0, dtype=torch.float64), Qt[:0].T, torch.zeros(0, dtype=torch.float64))
-    residuals = res.tolist() + [float("inf")] * (k - len(res))
+        theta, kk, rel_out, res_abs = torch.zeros(0, dtype=torch.float64), 0, [], []
+    if AQ is not None:
+        AQ.close()
+        if kk:  # the stored-products path certified without rotating: bring the wanted Ritz vectors first
+            evals, S, idx = _ritz(T, which)
+            Q.truncate(nq)
+            with count.hold(0.25):
+                Q.rotate(S[:, idx[:kk]])
+    Q.truncate(kk)
+    residuals = rel_out + [float("inf")] * (k - kk)
     converged = [r <= tol for r in residuals]
     warnings: list[str] = []
     if not all(converged):
@@ -306,34 +604,108 @@ def lanczos(
         warnings.append(
             f"{len(bad)} of {k} eigenpairs ({which}) not converged to tol={tol:g} after {n_hvp} HVPs "
             f"({why}); residuals: " + ", ".join(f"#{i + 1}: {residuals[i]:.2e}" for i in bad))
-    vals = theta.tolist() + [float("nan")] * (k - len(theta))
-    missing = torch.full((n, k - Y.shape[1]), float("nan"), dtype=dtype, device=device)
-    vecs = Y if Y.shape[1] == k else torch.cat([Y, missing], 1)
+    order_ok = bool(checked and all(converged))
+    if all(converged) and not checked:
+        warnings.append(f"order of the {k} eigenvalues not verified: the fresh-block check did not finish within "
+                        f"max_hvp={max_hvp} (each residual is certified, but an eigenvalue beyond #{k} may have been "
+                        "missed; raise --max-hvp)")
+    vals = theta.tolist() + [float("nan")] * (k - kk)
+    gap, sub, warn = _boundary(vals[:kk], res_abs, guard, guard_abs, gap_tol) if order_ok else (None, None, False)
+    cluster: list[float] = []
+    if warn:
+        cluster = [vals[k - 1], float("nan") if guard is None else guard]
+        warnings.append(
+            f"eigenvalues #{k} and #{k + 1} ({which}) are nearly equal ({vals[k - 1]:.6g} and about {guard:.6g}, "
+            f"relative gap {gap:.1e}): the {k}-dimensional eigenspace is not determined at tol={tol:g} "
+            f"(Davis-Kahan bound {sub:.2f} on the sine of its angle); the eigenvalues are certified, the vectors "
+            "are not; tighten --tol or take k past the cluster")
+    if k > k_req:
+        warnings.append(f"k extended from {k_req} to {k}: eigenvalue #{k_req} sits in a cluster of nearly equal "
+                        f"eigenvalues whose eigenspace is only determined as a whole")
+    vecs = _result_vectors(Q, n, k, kk, dtype, device)
     return EigenResult(
-        eigenvalues=vals, eigenvectors=vecs, residuals=residuals,
-        converged=converged, n_hvp=n_hvp, n_restarts=n_restarts, which=which, tol=tol, warnings=warnings,
-        warm_start=v0 is None and warm is not None,
-    )
+        eigenvalues=vals, eigenvectors=vecs, residuals=residuals, converged=converged, n_hvp=n_hvp,
+        n_restarts=n_restarts, which=which, tol=tol, warnings=warnings,
+        warm_start=v0 is None and warm is not None, order_checked=order_ok, n_checks=n_checks,
+        n_missed=n_missed, guard=guard,
+        guard_residual=None if guard_abs is None else guard_abs / max(abs(theta_ref), 1e-300),
+        gap=gap, subspace_bound=sub, gap_warning=warn, cluster=cluster, k_requested=k_req, n_certify=n_certify,
+        plan={"basis_vectors": m_max, "block": b, "keep_products": bool(keep_products),
+              "basis_device": where_label(where), "vectors": vectors_needed(k, b, m_max, keep_products),
+              "peak_vectors": count.peak, "work_vectors": WORK_VECTORS})
+
+
+def _gaussian(n: int, b: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """``[n, b]`` seeded standard normal entries (drawn in float64 on the CPU generator, in
+    row blocks, so no float64 copy of the whole block is made)."""
+    out = torch.empty(n, b, dtype=dtype, device=device)
+    step = max(1, (1 << 20) // max(b, 1))
+    for a in range(0, n, step):
+        e = min(a + step, n)
+        out[a:e] = torch.randn(e - a, b, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return out
+
+
+def _result_vectors(Q: VectorStore, n: int, k: int, kk: int, dtype, device) -> Tensor:
+    """The ``[n, k]`` eigenvectors: the basis's first page as a view when it holds them
+    (no copy), NaN columns for pairs that do not exist."""
+    if kk == k and Q.local and Q._page is not None and k == Q.first_page:
+        return Q._page.T
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=device)
+    for j in range(kk):
+        out[:, j] = Q.row(j)
+    return out
+
+
+# ------------------------------------------------------------------ operators
+def _plan_of(op) -> Any:
+    """The memory plan of the objective behind ``op`` (set by ``--max-memory``), if any."""
+    seen = 0
+    while op is not None and seen < 8:
+        plan = getattr(op, "memory_plan", None)
+        if plan is not None:
+            return plan
+        op = getattr(op, "obj", None) or getattr(op, "parent", None)
+        seen += 1
+    return None
 
 
 def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: int | None = None,
               block_size: int = 1, max_basis: int | None = None, seed: int = 0,
-              reuse_graph: bool = True, warm: Tensor | None = None) -> EigenResult:
+              reuse_graph: bool = True, warm: Tensor | None = None, where=None,
+              keep_products: bool | None = None, max_vectors: int | None = None, check: bool = True,
+              extend_cluster: int = 0, count: VectorCount | None = None) -> EigenResult:
     """:func:`lanczos` on a :class:`~sam_probe.core.operators.CurvatureOperator` (an
     :class:`~sam_probe.core.objective.Objective` means its Hessian) in its dtype and device,
     inside the operator's context (the Hessian keeps its gradient graph when it fits one
     chunk; ``reuse_graph=False`` skips the context).  ``warm``: earlier Ritz vectors
     ``[P, k']`` for a warm start (see module docstring); ``None``, or vectors of another
     length than ``P``, is a cold start (``warm_start`` in the result says which).
-    ``n_hvp`` counts the operator's products whatever the curvature."""
+    ``n_hvp`` counts the operator's products whatever the curvature (the explicit
+    certificate's included).
+
+    Memory: ``max_vectors`` parameter-sized vectors (default ``k + c``, or what the
+    objective's memory plan allows, :func:`~sam_probe.core.memory.solver_plan`), basis rows on
+    ``where``; ``keep_products`` (default: when the plan has room) keeps ``A Q`` to certify
+    without extra products.  The operator's ``product_error`` (if it has one) is added to
+    every residual."""
+    from .memory import solver_plan
     from .operators import as_operator
 
     op = as_operator(op)
     if warm is not None and warm.shape[0] != op.P:  # vectors of another parameter space: start cold
         warm = None
+    plan = solver_plan(k, op.P, op.dtype, block_size, memory_plan=_plan_of(op), max_vectors=max_vectors,
+                       max_basis=max_basis, keep_products=keep_products, where=where)
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
         res = lanczos(op.matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
-                      max_basis=max_basis, seed=seed, dtype=op.dtype, device=op.device, warm=warm)
+                      max_basis=plan["basis_vectors"], seed=seed, dtype=op.dtype, device=op.device, warm=warm,
+                      keep_products=plan["keep_products"], where=where, check=check,
+                      extend_cluster=extend_cluster, product_error=getattr(op, "product_error", None),
+                      count=count)
     res.curvature = op.name
+    res.plan = {**plan, **res.plan}
     return res
+
+

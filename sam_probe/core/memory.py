@@ -16,8 +16,8 @@ The budget ``B`` (per process) is then spent as
     B = fixed + R · v + 4 b · v + a · c · (b if fwd-rev else 1)
 
 with ``v = P · itemsize`` one flat vector, ``R = reserve_vectors`` flat vectors
-kept by the analysis (default 44: a Lanczos basis and its products, 2 · 20, plus
-parameters, gradient and work vectors), ``b`` the vector block (its input, transposed
+kept by the analysis's solver (default ``RESERVE_K + c`` = 18: the lean solvers' ``k + c``
+for ``k`` up to 10, :mod:`sam_probe.core.vectors`), ``b`` the vector block (its input, transposed
 copy, result and its transpose: 4 b vectors, as measured on ResNet-18; rev-rev HVPs run one double-backward per vector so
 activations do not grow with ``b``, fwd-rev ``vmap`` holds ``b`` tangents) and
 ``c`` the chunk.  ``b`` is the largest power of two ≤ 8 whose vectors take at most
@@ -25,6 +25,12 @@ half of what is left after ``fixed + R v``; ``c`` takes the rest (at least 1, at
 most the samples of this rank).  Chunk and block sizes are memory-only: losses,
 gradients and HVPs are exact means either way (except BatchNorm in train mode,
 where the chunk is the batch).
+
+Whatever is left once the chunk holds every sample goes to the solvers:
+``solver_vectors = R + ⌊(B - fixed - R v - 4 b v - a · N') / v⌋`` (``N'`` the samples of a
+chunk), from which :func:`solver_plan` picks each solve's basis size and whether it keeps
+the basis's products (a larger basis saves products; stored products save the ``k``
+certificate products).  Without a budget the solvers keep ``k + c`` vectors.
 
 When the gradient graphs of *every* chunk fit too (``fixed + R v + 4 b v + a · N ≤ B``
 for the rank's ``N`` samples; ``rev-rev`` only) the plan sets ``keep_graphs``: inside
@@ -44,6 +50,8 @@ from typing import Any, Callable
 import torch
 
 BLOCK_VECTORS = 4  # flat vectors held per column of a vector block (bench/memory.py measures 4.0)
+RESERVE_K = 10  # the k the plan reserves solver vectors for (k + c); a larger k asks for more itself
+BIG_BASIS = 20  # basis rows beyond which a Lanczos solve gains little (the pre-lean default)
 UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
 
 
@@ -111,19 +119,24 @@ class MemoryPlan:
     fits: bool
     probe: list[tuple[int, int]]  # (samples, peak bytes)
     keep_graphs: bool = False  # every chunk's gradient graph fits beside the vectors: kept between HVPs
+    solver_vectors: int = 0  # parameter-sized vectors the solvers may hold (>= reserve_vectors)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan_memory(obj, budget: int | str, *, reserve_vectors: int = 44, probe: tuple[int, int] = (4, 12),
+def plan_memory(obj, budget: int | str, *, reserve_vectors: int | None = None, probe: tuple[int, int] = (4, 12),
                 max_block: int = 8, margin: float = 1.2) -> MemoryPlan:
     """:class:`MemoryPlan` for :class:`~sam_probe.core.objective.Objective` ``obj`` (rule: module docstring).
 
     The probes (two HVPs and two gradients) run on this process's first samples, unsharded, at ``obj.params``
     (a few passes; nothing is modified).
     """
+    from .vectors import WORK_VECTORS
+
     budget = parse_memory(budget)
+    if reserve_vectors is None:
+        reserve_vectors = RESERVE_K + WORK_VECTORS
     n_avail, idx_lo = max(1, obj.n_local), obj.lo if obj.n_local else 0
     n1, n2 = (min(probe[0], n_avail), min(probe[1], n_avail))
     fwdrev = obj.hvp_method == "fwd-rev"
@@ -153,9 +166,59 @@ def plan_memory(obj, budget: int | str, *, reserve_vectors: int = 44, probe: tup
     predicted = fixed + reserve_vectors * vec + BLOCK_VECTORS * b * vec + per_chunk_sample * c
     # the graphs of all chunks together cost about what one chunk of every sample would
     keep = not fwdrev and fixed + reserve_vectors * vec + BLOCK_VECTORS * b * vec + a * n_avail <= budget
+    spare = budget - predicted if c >= n_avail else 0.0  # the chunk holds every sample: the rest is the solvers'
+    solver_vectors = reserve_vectors + max(0, int(spare // vec)) if vec else reserve_vectors
     return MemoryPlan(chunk_size=c, vector_block=b, budget=budget, per_sample=float(a), fixed=float(fixed),
                       vector_bytes=int(vec), reserve_vectors=reserve_vectors, predicted_peak=float(predicted),
-                      fits=bool(fits), probe=points, keep_graphs=bool(keep))
+                      fits=bool(fits), probe=points, keep_graphs=bool(keep), solver_vectors=int(solver_vectors))
+
+
+def solver_plan(k: int, P: int, dtype: torch.dtype, block_size: int = 1, *, memory_plan: Any = None,
+                max_vectors: int | None = None, max_basis: int | None = None, keep_products: bool | None = None,
+                where: Any = None) -> dict[str, Any]:
+    """Basis size, stored products and where the basis lives for a ``k``-pair Lanczos solve.
+
+    The vectors allowed: ``max_vectors``, else the memory plan's ``solver_vectors`` (never
+    below ``k + c``), else ``k + c``.  A basis of ``max(BIG_BASIS + b, 2k + 3b)`` rows is
+    taken when it fits (more rows save few products), with its products too when they fit
+    beside it (the certificate then needs no extra products); otherwise the basis gets every
+    vector left beside the product block (lean).  A basis in files (``where`` a directory)
+    takes no memory: it gets the large basis.  A plain dict (JSON-ready) for results and
+    unit metadata."""
+    from .lanczos import default_basis, vectors_needed
+    from .vectors import WORK_VECTORS, where_label
+
+    b = max(1, int(block_size))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    lean = k + WORK_VECTORS
+    if max_vectors is not None:
+        vectors, source = int(max_vectors), "max_vectors"
+    elif memory_plan is not None and int(getattr(memory_plan, "solver_vectors", None) or 0) > 0:
+        vectors, source = max(lean, int(memory_plan.solver_vectors)), "memory plan"
+    else:
+        vectors, source = lean, "k + c"
+    big = max(BIG_BASIS + b, 2 * k + 3 * b)
+    on_disk = where not in (None, "device", "cpu")
+    if max_basis is not None:
+        m = int(max_basis)
+        keep = bool(keep_products) if keep_products is not None else \
+            vectors_needed(k, b, m, True) <= vectors and not on_disk
+    elif on_disk:
+        m, keep = big, bool(keep_products)
+    elif keep_products is not False and vectors_needed(k, b, big, True) <= vectors:
+        m, keep = big, True
+    elif keep_products:
+        m, keep = default_basis(k, b, vectors, True), True
+    else:
+        m, keep = min(big, default_basis(k, b, vectors, False)), False
+    m = min(max(m, k + 2 * b), P)
+    plan = {"basis_vectors": m, "keep_products": keep, "block": b, "vector_budget": vectors, "budget_from": source,
+            "vectors": vectors_needed(k, b, m, keep), "vector_bytes": P * itemsize,
+            "basis_device": where_label(where)}
+    if memory_plan is not None:
+        plan["chunk"] = getattr(memory_plan, "chunk_size", None)
+        plan["vector_block"] = getattr(memory_plan, "vector_block", None)
+    return plan
 
 
 def _unsharded(obj, idx: torch.Tensor):

@@ -67,7 +67,8 @@ def _dense_block(block, vector_block: int) -> torch.Tensor:
 
 def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int | None = None,
                       trace_tol: float = 1e-2, trace_max_hvp: int = 300, trace_method: str = "hutch++",
-                      exact_max: int = 64, vector_block: int = 16, seed: int = 0) -> list[LayerSpectrum]:
+                      exact_max: int = 64, vector_block: int = 16, seed: int = 0,
+                      where=None) -> list[LayerSpectrum]:
     """Top eigenvalue (with residual) and trace (with SE) of every diagonal block of ``op``.
 
     ``op``: a :class:`~sam_probe.core.operators.CurvatureOperator` on a parameter space (an
@@ -75,7 +76,8 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
     ``tol``/``max_hvp``: the block eigen solve (:func:`~sam_probe.core.lanczos.top_eigen`,
     ``k = 1``); ``trace_tol``/``trace_max_hvp``/``trace_method``: the block trace
     (:func:`~sam_probe.core.trace.curvature_trace`); blocks of at most ``exact_max`` entries
-    are done densely and exactly (module docstring).
+    are done densely and exactly (module docstring); ``where``: where the solvers' bases live
+    (:mod:`sam_probe.core.vectors`).
     """
     from .lanczos import top_eigen
     from .operators import as_operator
@@ -98,8 +100,9 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
                 rows.append(LayerSpectrum(gname, float(lam), res, float(torch.trace(B)), 0.0, n,
                                           converged=res <= tol, exact=True, n_hvp=op.n_matvec - before))
                 continue
-            eig = top_eigen(block, 1, tol=tol, max_hvp=max_hvp, seed=seed)
-            tr = curvature_trace(block, trace_method, tol=trace_tol, max_hvp=trace_max_hvp, seed=seed)
+            eig = top_eigen(block, 1, tol=tol, max_hvp=max_hvp, seed=seed, where=where)
+            tr = curvature_trace(block, trace_method, tol=trace_tol, max_hvp=trace_max_hvp, seed=seed,
+                                 **({"where": where} if trace_method == "hutch++" else {}))
             rows.append(LayerSpectrum(gname, eig.eigenvalues[0], eig.residuals[0], tr.estimate, tr.se, n,
                                       converged=eig.converged[0], trace_converged=tr.converged,
                                       n_hvp=op.n_matvec - before,

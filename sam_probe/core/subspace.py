@@ -10,6 +10,16 @@ orthogonal).  Two independent uniformly random k-dimensional subspaces of ``R^P`
 ``E[overlap] = k / P`` (the chance level).  With different dimensions the smaller one
 divides.  Bases are re-orthonormalised (QR in float64) before use, so eigenvectors
 stored compressed (float16) are fine.
+
+A k-dimensional eigenspace is only determined when ``λ_k`` is separated from ``λ_{k+1}``
+by more than the residuals (Davis–Kahan: ``sin ∠ ≤ ||R||_F / gap``).  At a degenerate or
+nearly degenerate boundary (a double eigenvalue, or a relative gap of ``2e-4`` at
+``tol = 1e-3``) any k-dimensional slice of the cluster passes the residual test, and an
+overlap of such slices says nothing (1.0 or 0.0 by accident, warm and cold solves
+disagreeing).  :func:`subspace_persistence` therefore takes ``k`` past such a cluster
+(``extend_cluster`` more pairs at most, the solver's ``gap_warning``) so that each
+step's space is the span of whole clusters (``k_used`` per step); what is left
+unresolved is flagged per step (``gap_warning``) and in ``warnings``.
 """
 from __future__ import annotations
 
@@ -72,6 +82,12 @@ class SubspaceResult:
     residuals: list[list[float]] = field(default_factory=list)
     n_hvp: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    k_used: list[int] = field(default_factory=list)  # per step: k, or more when k was taken past a cluster
+    gap: list = field(default_factory=list)  # per step: relative gap |λ_k - λ_(k+1)| / |λ_k| (None: unchecked)
+    gap_warning: list[bool] = field(default_factory=list)  # per step: the k_used-dim eigenspace is not determined
+    subspace_bound: list = field(default_factory=list)  # per step: Davis–Kahan bound on sin of its angle
+    cluster: list[list[float]] = field(default_factory=list)  # per step: [λ_k, λ_(k+1)] when flagged
+    k_requested: int | None = None  # the k asked for (``k`` is the smallest k_used)
 
     @property
     def previous(self) -> list[float]:
@@ -83,7 +99,9 @@ class SubspaceResult:
                 "chance": self.chance, "eigenvalues": [list(e) for e in self.eigenvalues],
                 "previous": self.previous, "n_params": self.n_params, "curvature": self.curvature,
                 "residuals": [list(r) for r in self.residuals], "n_hvp": list(self.n_hvp),
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "k_used": list(self.k_used), "gap": list(self.gap),
+                "gap_warning": list(self.gap_warning), "subspace_bound": list(self.subspace_bound),
+                "cluster": [list(c) for c in self.cluster], "k_requested": self.k_requested}
 
 
 def subspace_result(steps: Sequence[int], bases: Sequence[Tensor], eigenvalues: Sequence[Sequence[float]],
@@ -104,31 +122,52 @@ def subspace_result(steps: Sequence[int], bases: Sequence[Tensor], eigenvalues: 
 
 
 def subspace_persistence(operators: Iterable, steps: Sequence[int], k: int = 10, *, tol: float = 1e-3,
-                         max_hvp: int | None = None, seed: int = 0,
-                         warm_start: bool = True) -> tuple[SubspaceResult, list[Tensor]]:
+                         max_hvp: int | None = None, seed: int = 0, warm_start: bool = True, block_size: int = 1,
+                         extend_cluster: int = 8, where=None) -> tuple[SubspaceResult, list[Tensor]]:
     """Solve the top-k eigenspace of each operator (each warm-started from the previous one's
     Ritz vectors unless ``warm_start=False``) and compare them all.
 
     ``operators``: :class:`~sam_probe.core.operators.CurvatureOperator` (or objectives), one
-    per step, consumed lazily.  Returns the result and the converged-or-not eigenvectors
-    (``[P, k]`` float CPU tensors, one per step, for the store)."""
+    per step, consumed lazily.  ``block_size``: the Lanczos block (at least an expected
+    multiplicity finds a whole eigenspace at once); ``extend_cluster``: how many pairs past
+    ``k`` a step may take to close a cluster at the boundary (module docstring; 0 = only
+    flag it); ``where``: where the Krylov bases live (:mod:`sam_probe.core.vectors`).  Returns
+    the result and the eigenvectors (``[P, k_used]`` float CPU tensors, one per step, for
+    the store)."""
     from .lanczos import top_eigen
 
     bases, evals, resid, hvps, warns = [], [], [], [], []
+    k_used, gaps, flags, bounds, clusters = [], [], [], [], []
     prev = None
     name = "hessian"
     for step, op in zip(steps, operators):
-        eig = top_eigen(op, k, tol=tol, max_hvp=max_hvp, seed=seed, warm=prev if warm_start else None)
+        eig = top_eigen(op, k, tol=tol, max_hvp=max_hvp, seed=seed, warm=prev if warm_start else None,
+                        block_size=block_size, extend_cluster=extend_cluster, where=where)
         name = eig.curvature
-        if not eig.all_converged:
-            warns += [f"step {step}: {w}" for w in eig.warnings]
+        warns += [f"step {step}: {w}" for w in eig.warnings]
         good = torch.isfinite(eig.eigenvectors).all(0)
         V = eig.eigenvectors[:, good]
-        bases.append(V.detach().cpu())
+        bases.append(V.detach().cpu().clone())
         evals.append(eig.eigenvalues)
         resid.append(eig.residuals)
         hvps.append(eig.n_hvp)
+        k_used.append(len(eig.eigenvalues))
+        gaps.append(eig.gap)
+        flags.append(bool(eig.gap_warning))
+        bounds.append(eig.subspace_bound)
+        clusters.append(list(eig.cluster))
         prev = V
+        del eig
     res = subspace_result(list(steps)[:len(bases)], bases, evals, curvature=name, residuals=resid, n_hvp=hvps)
+    res.k_requested = int(k)
+    res.k_used, res.gap, res.gap_warning, res.subspace_bound, res.cluster = k_used, gaps, flags, bounds, clusters
+    if any(u > k for u in k_used):
+        warns.append(f"k taken past a cluster of nearly equal eigenvalues at step(s) "
+                     f"{', '.join(str(s) for s, u in zip(steps, k_used) if u > k)} (k_used "
+                     f"{k_used}): overlaps of spaces of different dimension divide by the smaller one")
+    if any(flags):
+        warns.append(f"the top-k eigenspace is not determined at step(s) "
+                     f"{', '.join(str(s) for s, f in zip(steps, flags) if f)} (eigenvalue k within the residuals "
+                     f"of eigenvalue k+1): overlaps involving them are not meaningful at --tol {tol:g}")
     res.warnings = warns
     return res, bases

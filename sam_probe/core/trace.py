@@ -23,6 +23,13 @@ Every routine takes a :class:`~sam_probe.core.operators.CurvatureOperator` throu
 
 Both stop adaptively once ``se / |estimate| <= tol`` (after at least
 ``min_probes`` probes) or before the HVP count would exceed ``max_hvp``.
+
+Memory (parameter-sized vectors): Hutchinson holds its probe block and its products,
+``2b``; Hutch++ also its sketch ``Q`` (``r`` rows of a
+:class:`~sam_probe.core.vectors.VectorStore`, whose products are never kept: ``tr(QᵀAQ)``
+is summed as they come), ``r + 2b``.  Without a memory plan ``r + 2b <= c`` (``r = 6``,
+``b = 1``; ``c`` = :data:`~sam_probe.core.vectors.WORK_VECTORS`); a plan with room gives
+``r = rank`` (default 20) and ``b = block_size`` (default 5).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
 from .names import TRACE_METHODS as METHODS
+from .vectors import WORK_VECTORS, VectorCount
 
 
 @dataclass
@@ -72,26 +80,56 @@ class TraceResult:
 def rademacher(n: int, b: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
     """``[n, b]`` independent ±1 entries from the seeded CPU generator ``gen``."""
     z = torch.randint(0, 2, (n, b), generator=gen, dtype=torch.int8)
-    return (2 * z - 1).to(device=device, dtype=dtype)
+    out = torch.empty(n, b, dtype=dtype, device=device)
+    out.copy_(z)
+    return out.mul_(2).sub_(1)
+
+
+def probes(n: int, b: int, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """``b`` Rademacher probes drawn one column at a time from ``gen``: the i-th probe of a seed
+    is the same whatever the block sizes it is drawn in (so memory never changes an estimate)."""
+    out = torch.empty(n, b, dtype=dtype, device=device)
+    for j in range(b):  # the same draws as rademacher(n, 1, gen), without a second float copy
+        out[:, j].copy_(torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8))
+    return out.mul_(2).sub_(1)
 
 
 def _adaptive_hutchinson(matmat: Matmat, n: int, project: Callable[[Tensor], Tensor], offset: float,
                          budget: int, tol: float, min_probes: int, block_size: int,
-                         gen: torch.Generator, dtype, device) -> tuple[list[float], bool]:
-    """Samples ``zᵀ P A P z`` (``P`` = ``project``) until ``se / |offset + mean| <= tol``."""
+                         gen: torch.Generator, dtype, device,
+                         count: VectorCount | None = None) -> tuple[list[float], bool, int]:
+    """Samples ``zᵀ P A P z`` (``P`` = ``project``, in place) until ``se / |offset + mean| <= tol``,
+    tested after every sample (so the estimate does not depend on ``block_size``, only the products
+    spent on a last block do); returns the samples, whether the rule was met and the products used."""
     samples: list[float] = []
+    count = count if count is not None else VectorCount()
+    used = 0
+
+    def met(m: int) -> bool:
+        if m < max(min_probes, 2):
+            return False
+        part = samples[:m]
+        return _se(part) <= tol * abs(offset + sum(part) / m)
+
     while True:
-        if len(samples) >= max(min_probes, 2):
-            mean = sum(samples) / len(samples)
-            se = _se(samples)
-            if se <= tol * abs(offset + mean):
-                return samples, True
-        b = min(block_size, budget - len(samples))
+        b = min(block_size, budget - used)
         if b <= 0:
-            return samples, False
-        Z = project(rademacher(n, b, gen, dtype, device))
-        AZ = matmat(Z).to(device=device, dtype=dtype)
-        samples.extend((Z * AZ).sum(0).double().cpu().tolist())
+            return samples, False, used
+        with count.hold(2 * b):
+            Z = project(probes(n, b, gen, dtype, device))
+            AZ = matmat(Z).to(device=device, dtype=dtype)
+            new = coldots(Z, AZ).tolist()
+            del Z, AZ
+        used += b
+        for x in new:
+            samples.append(x)
+            if met(len(samples)):
+                return samples, True, used
+
+
+def coldots(A: Tensor, B: Tensor) -> Tensor:
+    """``[aⱼ · bⱼ]`` of the columns of ``A, B [P, b]`` (float64, CPU), without a ``[P, b]`` temporary."""
+    return torch.tensor([float(A[:, j] @ B[:, j]) for j in range(A.shape[1])], dtype=torch.float64)
 
 
 def _se(samples: list[float]) -> float:
@@ -112,68 +150,108 @@ def _warn(res: TraceResult, max_hvp: int) -> TraceResult:
 
 def hutchinson(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, min_probes: int = 10,
                block_size: int = 5, seed: int = 0, dtype: torch.dtype = torch.float64,
-               device: torch.device | str = "cpu") -> TraceResult:
-    """Hutchinson's estimator with adaptive stopping at relative SE ``tol``."""
+               device: torch.device | str = "cpu", count: VectorCount | None = None) -> TraceResult:
+    """Hutchinson's estimator with adaptive stopping at relative SE ``tol`` (``2 · block_size`` vectors)."""
     gen = torch.Generator().manual_seed(seed)
-    samples, ok = _adaptive_hutchinson(matmat, n, lambda Z: Z, 0.0, max_hvp, tol, min_probes, block_size,
-                                       gen, dtype, device)
+    samples, ok, used = _adaptive_hutchinson(matmat, n, lambda Z: Z, 0.0, max_hvp, tol, min_probes, block_size,
+                                             gen, dtype, device, count)
     est = sum(samples) / len(samples) if samples else math.nan
-    return _warn(TraceResult(est, _se(samples), len(samples), len(samples), "hutchinson", ok, tol), max_hvp)
+    return _warn(TraceResult(est, _se(samples), len(samples), used, "hutchinson", ok, tol), max_hvp)
 
 
 def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, rank: int = 20,
             sketch: str = "krylov", min_probes: int = 10, block_size: int = 5, seed: int = 0,
             dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-            warm: Tensor | None = None) -> TraceResult:
+            warm: Tensor | None = None, where=None, count: VectorCount | None = None) -> TraceResult:
     """Hutch++: exact ``tr(QᵀAQ)`` on a rank-``rank`` subspace + adaptive Hutchinson on the rest.
 
-    ``sketch="gaussian"``: ``Q = orth(A S)`` as in the paper (``2·rank`` HVPs);
-    ``sketch="krylov"``: ``Q`` = Lanczos basis of a Gaussian start vector, whose
-    products ``AQ`` are already known (``rank`` HVPs, and it captures the top of the
-    spectrum far better per HVP).  Either way ``Q`` is independent of the probes.
-    ``warm``: start the Krylov sketch from earlier Ritz vectors (module docstring).
+    ``sketch="krylov"``: ``Q`` = Lanczos basis of a Gaussian start vector (``rank`` HVPs; it
+    captures the top of the spectrum far better per HVP than a Gaussian sketch);
+    ``sketch="gaussian"``: ``Q = orth(A S)`` as in the paper (``2·rank`` HVPs).  Either way ``Q``
+    is independent of the probes.  ``warm``: start the Krylov sketch from earlier Ritz vectors
+    (module docstring).  Memory: ``rank + 2 · block_size`` vectors (``Q`` on ``where``: the
+    device, ``"cpu"`` or a directory of memory-mapped files).
     """
     if sketch not in ("krylov", "gaussian"):
         raise ValueError(f"sketch must be 'krylov' or 'gaussian', got {sketch!r}")
-    from .lanczos import krylov_basis
+    from .lanczos import _gaussian, _orthonormalise_block, krylov_sketch
+    from .vectors import VectorStore
 
+    count = count if count is not None else VectorCount()
     gen = torch.Generator().manual_seed(seed)
     cost = 1 if sketch == "krylov" else 2
     r = max(0, min(rank, n, (max_hvp - 2) // cost))
-    Q = torch.zeros(n, 0, dtype=dtype, device=device)
+    Q = VectorStore(n, dtype, device, where, count)
     exact, used = 0.0, 0
     if r and sketch == "krylov":
-        Q, AQ = krylov_basis(matmat, n, r, seed=seed + 7919, dtype=dtype, device=device, warm=warm)
-        exact, used = float((Q * AQ).sum().double()), Q.shape[1]
+        Q, exact, used = krylov_sketch(matmat, n, r, seed=seed + 7919, dtype=dtype, device=device, warm=warm,
+                                       where=where, count=count)
     elif r:
-        S = torch.randn(n, r, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-        Q, _ = torch.linalg.qr(matmat(S).to(device=device, dtype=dtype))
-        exact, used = float((Q * matmat(Q).to(device=device, dtype=dtype)).sum().double()), 2 * r
+        for a in range(0, r, max(1, block_size)):  # Q = orth(A S), S Gaussian, block by block
+            bb = min(block_size, r - a)
+            with count.hold(2 * bb):
+                AS = matmat(_gaussian(n, bb, gen, dtype, device)).to(device=device, dtype=dtype)
+                Z, _ = _orthonormalise_block(AS, Q, gen)
+                Q.append(Z)
+                del AS, Z
+        for j in range(len(Q)):  # exact part tr(Qᵀ A Q), one product per row
+            with count.hold(1 if Q.local else 2):
+                q = Q.row(j)[:, None]
+                exact += float(q[:, 0] @ matmat(q).to(device=device, dtype=dtype)[:, 0])
+        used = r + len(Q)
     method = "hutch++"
-    if Q.shape[1] >= n:
-        return TraceResult(exact, 0.0, 0, used, method, True, tol, exact, Q.shape[1], sketch)
+    if len(Q) >= n:
+        return TraceResult(exact, 0.0, 0, used, method, True, tol, exact, len(Q), sketch)
 
     def project(Z: Tensor) -> Tensor:
-        return Z - Q @ (Q.T @ Z)
+        Q.subtract(Z, Q.dots(Z))
+        return Z
 
-    samples, ok = _adaptive_hutchinson(matmat, n, project, exact, max_hvp - used, tol, min_probes, block_size,
-                                       gen, dtype, device)
+    samples, ok, probed = _adaptive_hutchinson(matmat, n, project, exact, max_hvp - used, tol, min_probes,
+                                               block_size, gen, dtype, device, count)
+    rank_q = len(Q)
+    Q.close()
     est = exact + (sum(samples) / len(samples) if samples else math.nan)
-    return _warn(TraceResult(est, _se(samples), len(samples), used + len(samples), method, ok, tol, exact,
-                             Q.shape[1], sketch), max_hvp)
+    return _warn(TraceResult(est, _se(samples), len(samples), used + probed, method, ok, tol, exact,
+                             rank_q, sketch), max_hvp)
+
+
+def trace_plan(memory_plan=None, rank: int = 20, block_size: int = 5, max_vectors: int | None = None
+               ) -> tuple[int, int]:
+    """``(rank, block_size)`` of Hutch++ within ``max_vectors`` (else the memory plan's solver
+    vectors, else ``c``): the full ``rank``/``block_size`` when ``rank + 2 block_size`` fits, else
+    one probe at a time and the rank that fits beside it (at least 2)."""
+    vectors = max_vectors if max_vectors is not None else \
+        max(WORK_VECTORS, int(getattr(memory_plan, "solver_vectors", 0) or 0)) if memory_plan is not None \
+        else WORK_VECTORS
+    if rank + 2 * block_size <= vectors:
+        return rank, block_size
+    b = 1
+    return max(2, min(rank, vectors - 2 * b)), b
 
 
 def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: int = 1000, seed: int = 0,
-                    reuse_graph: bool = True, **kwargs) -> TraceResult:
+                    reuse_graph: bool = True, max_vectors: int | None = None, **kwargs) -> TraceResult:
     """Trace of a :class:`~sam_probe.core.operators.CurvatureOperator` (an objective: its Hessian),
-    in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`."""
+    in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
+
+    Unless given, Hutch++'s ``rank`` and ``block_size`` (and Hutchinson's block) come from
+    :func:`trace_plan` of the objective's memory plan (``max_vectors`` overrides it)."""
+    from .lanczos import _plan_of
     from .operators import as_operator
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     op = as_operator(op)
+    plan = _plan_of(op)
     if method == "hutchinson":
         kwargs.pop("warm", None)  # no sketch to warm
+        kwargs.pop("where", None)
+        if "block_size" not in kwargs:
+            kwargs["block_size"] = trace_plan(plan, 0, 5, max_vectors)[1] if max_vectors is not None or plan \
+                is not None else min(5, WORK_VECTORS // 2)
+    elif "rank" not in kwargs and "block_size" not in kwargs:
+        kwargs["rank"], kwargs["block_size"] = trace_plan(plan, 20, 5, max_vectors)
     fn = hutchpp if method == "hutch++" else hutchinson
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:

@@ -63,3 +63,66 @@ def test_overlap_properties_and_chance_level():
         subspace_overlap(A, torch.full((P, k), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="different spaces"):
         subspace_overlap(A, A[:10])
+
+
+# ------------------------------------------- degenerate and near-degenerate k boundaries (issue 27, item 4)
+def swapped_pair(n=400, rel_gap=2e-4, seed=0):
+    """Two "checkpoints" whose two top eigenvalues are ``10`` and ``10 (1 - rel_gap)`` with the
+    eigenvectors swapped between them: the true top-1 eigenspaces are orthogonal (overlap 0),
+    the top-2 eigenspaces equal (overlap 1).  Dense, in a random orthonormal basis."""
+    from sam_probe.core.operators import MatrixOperator
+
+    g = torch.Generator().manual_seed(seed)
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    bulk = torch.rand(n - 2, generator=g, dtype=torch.float64) * 5
+    a, b = 10.0, 10.0 * (1 - rel_gap)
+    d1 = torch.cat([torch.tensor([a, b], dtype=torch.float64), bulk])
+    d2 = torch.cat([torch.tensor([b, a], dtype=torch.float64), bulk])
+    mats = [(V * d) @ V.T for d in (d1, d2)]
+    return [MatrixOperator(0.5 * (M + M.T)) for M in mats], V
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_near_degenerate_boundary_is_extended_to_the_cluster(warm):
+    ops, V = swapped_pair()
+    res, bases = subspace_persistence(ops, [0, 1], 1, tol=1e-3, warm_start=warm)
+    # the top-1 eigenspace is not determined at tol 1e-3 (gap 2e-4): k is taken to the whole cluster
+    assert res.k_used == [2, 2] and res.k_requested == 1 and res.k == 2
+    assert res.overlap[0][1] == pytest.approx(1.0, abs=1e-6)  # the 2-dim cluster space persists (exactly)
+    assert [b.shape[1] for b in bases] == [2, 2]
+    assert any("cluster" in w for w in res.warnings)
+    d = res.to_dict()
+    assert d["k_used"] == [2, 2] and d["gap_warning"] == [False, False] and "gap" in d and "cluster" in d
+    # without extension the boundary is flagged instead of reported as a clean overlap
+    flagged, _ = subspace_persistence(ops, [0, 1], 1, tol=1e-3, warm_start=warm, extend_cluster=0)
+    assert flagged.gap_warning == [True, True] and flagged.k_used == [1, 1]
+    assert all(c and abs(c[0] - c[1]) <= 1e-2 * c[0] for c in flagged.cluster)
+    assert any("not determined" in w for w in flagged.warnings)
+
+
+def test_resolved_boundary_gives_the_true_overlap():
+    """Tight enough residuals resolve a relative gap of 2e-4: the top-1 eigenvectors are found
+    and their true overlap, 0, is reported (warm and cold alike)."""
+    ops, V = swapped_pair()
+    for warm in (True, False):
+        res, bases = subspace_persistence(ops, [0, 1], 1, tol=1e-8, warm_start=warm)
+        assert res.k_used == [1, 1] and res.gap_warning == [False, False]
+        assert res.overlap[0][1] == pytest.approx(0.0, abs=1e-6)
+        assert float((bases[0].T @ V[:, 0]).abs()) == pytest.approx(1.0, abs=1e-8)
+        assert float((bases[1].T @ V[:, 1]).abs()) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_double_eigenvalue_block_size():
+    """A double top eigenvalue: --block-size 2 finds the eigenspace at once; k = 2 is the cluster."""
+    from sam_probe.core.operators import MatrixOperator
+
+    n = 300
+    g = torch.Generator().manual_seed(1)
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    d = torch.cat([torch.tensor([9.0, 9.0], dtype=torch.float64), torch.rand(n - 2, generator=g, dtype=torch.float64) * 4])
+    op = MatrixOperator((V * d) @ V.T)
+    for b in (1, 2):
+        res, bases = subspace_persistence([op, op], [0, 1], 2, tol=1e-8, block_size=b)
+        assert res.eigenvalues[0] == pytest.approx([9.0, 9.0], rel=1e-8)
+        assert res.k_used == [2, 2] and res.gap_warning == [False, False]
+        assert float((bases[0].T @ V[:, :2]).pow(2).sum()) == pytest.approx(2.0, abs=1e-8)

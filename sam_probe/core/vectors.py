@@ -1,0 +1,262 @@
+"""Where a solver's parameter-sized vectors live, and how many it holds at once.
+
+A :class:`VectorStore` holds the rows ``q_1 … q_n`` (each ``[P]``) of a Krylov basis
+``Q = [q_1 … q_n]`` and does the few things a solver needs with them, each
+*streamed* row by row (and, away from the compute device, in column blocks of
+``chunk`` entries), so no ``[P, n]`` copy of the basis is ever made:
+
+- ``Qᵀ W`` (:meth:`dots`) and ``W ← W − Q H`` (:meth:`subtract`) for a block ``W [P, b]``
+  on the compute device (Gram–Schmidt);
+- ``Q ← Q S`` in place (:meth:`rotate`, thick restarts and Ritz vectors), column block
+  by column block, with a temporary of at most ``P / 4`` entries;
+- ``Q s`` for a few small ``s`` (:meth:`combine`).
+
+Rows live (``where``) on the compute device (``"device"``, the default), in host memory
+(``"cpu"``; page-locked when the compute device is CUDA, so copies overlap), or in
+memory-mapped files in a directory (a path: ``--basis-dir``).  Each file is created
+with a random name inside that directory, mapped, and unlinked at once: the mapping
+keeps it alive while the solver runs, and nothing remains on disk when the process
+ends, however it ends (normal exit, exception, Ctrl-C, even ``SIGKILL``).  Nothing is
+written outside the directory.
+
+Every vector a solver holds is counted in a :class:`VectorCount` (``live`` now, ``peak``
+so far), in units of one parameter-sized vector; the first ``first_page`` rows share one
+``[first_page, P]`` block so the solver's answer (``k`` Ritz vectors) is returned as a
+view without a copy.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+#: ``c``: parameter-sized vectors a solver may hold beyond the ``k`` it returns
+#: (docs/metrics.md, "Memory of the solvers").
+WORK_VECTORS = 8
+STREAM_CHUNK = 1 << 22  # entries per streamed column block away from the compute device (16 MiB in float32)
+WHERE = ("device", "cpu")  # or a directory (memory-mapped files)
+
+
+@dataclass
+class VectorCount:
+    """Parameter-sized vectors held by a solver: ``live`` now and the ``peak`` so far."""
+
+    live: float = 0
+    peak: float = 0
+    events: list = field(default_factory=list, repr=False)
+
+    def add(self, n: float) -> None:
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def sub(self, n: float) -> None:
+        self.live -= n
+
+    def hold(self, n: float):
+        """Context manager counting ``n`` vectors while it is open."""
+        count = self
+
+        class _Hold:
+            def __enter__(self):
+                count.add(n)
+
+            def __exit__(self, *exc):
+                count.sub(n)
+
+        return _Hold()
+
+
+def where_label(where) -> str:
+    """``device``, ``cpu`` or ``dir:PATH`` (what a plan records)."""
+    if where in (None, "device"):
+        return "device"
+    if where == "cpu":
+        return "cpu"
+    return f"dir:{Path(where)}"
+
+
+class VectorStore:
+    """Rows ``q_i [P]`` of a basis on ``where`` (module docstring), used from ``device``."""
+
+    def __init__(self, P: int, dtype: torch.dtype, device: torch.device | str = "cpu", where=None,
+                 count: VectorCount | None = None, first_page: int = 0, chunk: int | None = None):
+        self.P = int(P)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.where = "device" if where in (None, "device") else where
+        self.count = count if count is not None else VectorCount()
+        self.first_page = int(first_page)
+        self.chunk = max(1, int(chunk or STREAM_CHUNK))
+        self.rows: list[Tensor] = []
+        self._page: Tensor | None = None
+        self._page_used = 0
+        self._dir: Path | None = None
+        if self.where not in WHERE:
+            self._dir = Path(self.where)
+            if not self._dir.is_dir():
+                raise ValueError(f"basis directory {self._dir} does not exist (create it first)")
+        self.files_made = 0
+
+    # ------------------------------------------------------------ storage
+    @property
+    def local(self) -> bool:
+        """Rows live on the compute device (no streaming)."""
+        return self.where == "device" or (self.where == "cpu" and self.device.type == "cpu")
+
+    @property
+    def in_memory(self) -> bool:
+        """Rows take the process's memory (not files): counted in :attr:`count`."""
+        return self._dir is None
+
+    def _new_rows(self, n: int) -> Tensor:
+        """``[n, P]`` fresh rows on the storage."""
+        if self._dir is not None:
+            return self._mapped(n)
+        if self.where == "cpu":
+            pin = self.device.type == "cuda"
+            return torch.empty(n, self.P, dtype=self.dtype, pin_memory=pin)
+        return torch.empty(n, self.P, dtype=self.dtype, device=self.device)
+
+    def _mapped(self, n: int) -> Tensor:
+        """``[n, P]`` rows in a file of ``self._dir``, unlinked as soon as it is mapped."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        nbytes = max(1, n * self.P * itemsize)
+        fd, path = tempfile.mkstemp(prefix=".sam-probe-basis-", suffix=".bin", dir=self._dir)
+        try:
+            os.ftruncate(fd, nbytes)
+            buf = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        self.files_made += 1
+        return torch.frombuffer(buf, dtype=self.dtype, count=n * self.P).view(n, self.P)
+
+    def _fresh(self) -> Tensor:
+        """One new row ``[P]`` (from the first page while it lasts)."""
+        if len(self.rows) < self.first_page:
+            if self._page is None:
+                self._page = self._new_rows(self.first_page)
+                if self.in_memory:
+                    self.count.add(self.first_page)
+            row = self._page[len(self.rows)]
+            return row
+        if self.in_memory:
+            self.count.add(1)
+        return self._new_rows(1)[0]
+
+    def _release(self, row: Tensor) -> None:
+        if self.in_memory and not (self._page is not None and row.untyped_storage().data_ptr()
+                                   == self._page.untyped_storage().data_ptr()):
+            self.count.sub(1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -------------------------------------------------------------- rows
+    def append(self, V: Tensor) -> None:
+        """Append the columns of ``V [P, b]`` (or a row ``[P]``) as rows."""
+        V = V.reshape(self.P, -1)
+        for j in range(V.shape[1]):
+            row = self._fresh()
+            self._put(row, V[:, j])
+            self.rows.append(row)
+
+    def _put(self, row: Tensor, v: Tensor) -> None:
+        if self.local:
+            row.copy_(v)
+            return
+        for a in range(0, self.P, self.chunk):
+            row[a:a + self.chunk].copy_(v[a:a + self.chunk], non_blocking=False)
+
+    def row(self, i: int) -> Tensor:
+        """Row ``i`` on the compute device (a view when local, else a copy: one vector)."""
+        r = self.rows[i]
+        return r if self.local else r.to(self.device)
+
+    def _pieces(self):
+        """Column blocks ``(a, b, [row[a:b] on device for each row])``."""
+        if self.local:
+            yield 0, self.P, self.rows
+            return
+        for a in range(0, self.P, self.chunk):
+            yield a, min(a + self.chunk, self.P), [r[a:a + self.chunk].to(self.device, non_blocking=True)
+                                                   for r in self.rows]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` rows."""
+        for r in self.rows[n:]:
+            self._release(r)
+        del self.rows[n:]
+
+    def move(self, src: list[int], dst: int) -> None:
+        """Move rows ``src`` (not in the first page) to positions ``dst, dst+1, …`` (list order only)."""
+        moved = [self.rows[i] for i in src]
+        rest = [r for i, r in enumerate(self.rows) if i not in set(src)]
+        self.rows = rest[:dst] + moved + rest[dst:]
+
+    def close(self) -> None:
+        self.truncate(0)
+        if self._page is not None and self.in_memory:
+            self.count.sub(self.first_page)
+        self._page = None
+
+    # ------------------------------------------------------------ algebra
+    def dots(self, W: Tensor, rows: int | None = None) -> Tensor:
+        """``Q[:, :rows]ᵀ W`` for ``W [P, b]`` on the device: ``[rows, b]`` in the store's dtype."""
+        n = len(self.rows) if rows is None else rows
+        out = torch.zeros(n, W.shape[1], dtype=W.dtype, device=W.device)
+        if n == 0:
+            return out
+        for a, b, pieces in self._pieces():
+            Wp = W[a:b]
+            for i in range(n):
+                out[i] += pieces[i] @ Wp
+        return out
+
+    def subtract(self, W: Tensor, H: Tensor) -> None:
+        """``W ← W − Q[:, :n] H`` in place (``H [n, b]``)."""
+        n = H.shape[0]
+        if n == 0:
+            return
+        H = H.to(device=W.device, dtype=W.dtype)
+        for a, b, pieces in self._pieces():
+            Wp = W[a:b]
+            for i in range(n):
+                if Wp.shape[1] == 1:
+                    Wp[:, 0].add_(pieces[i], alpha=-float(H[i, 0]))
+                else:
+                    Wp.addr_(pieces[i], H[i], alpha=-1)
+
+    def combine(self, s: Tensor) -> Tensor:
+        """``Q[:, :n] s`` for ``s [n]`` (one new vector on the device)."""
+        s = s.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros(self.P, dtype=self.dtype, device=self.device)
+        for a, b, pieces in self._pieces():
+            for i in range(len(s)):
+                out[a:b].add_(pieces[i], alpha=float(s[i]))
+        return out
+
+    def rotate(self, S: Tensor) -> None:
+        """``Q[:, :n] ← Q[:, :n] S`` in place for ``S [n, m]``, ``m ≤ n``; rows ``m..n-1`` are
+        dropped, rows after ``n`` (e.g. a pending block) kept after the new ones."""
+        n, m = S.shape
+        if m > n:
+            raise ValueError("rotate keeps at most as many rows as it combines")
+        S = S.to(dtype=self.dtype)
+        Sd = S.to(self.device)
+        # temporary: [n, c] gathered + [m, c] result, at most P / 4 entries together
+        step = max(1, self.P // (4 * (n + m)))
+        for a in range(0, self.P, step):
+            b = min(a + step, self.P)
+            block = torch.stack([r[a:b] for r in self.rows[:n]]).to(self.device)  # [n, c]
+            new = Sd.T @ block  # [m, c]
+            for i in range(m):
+                self.rows[i][a:b].copy_(new[i])
+        for r in self.rows[m:n]:
+            self._release(r)
+        del self.rows[m:n]
