@@ -687,8 +687,9 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
     Memory: ``max_vectors`` parameter-sized vectors (default ``k + c``, or what the
     objective's memory plan allows, :func:`~sam_probe.core.memory.solver_plan`), basis rows on
     ``where``; ``keep_products`` (default: when the plan has room) keeps ``A Q`` to certify
-    without extra products.  The operator's ``product_error`` (if it has one) is added to
-    every residual."""
+    without extra products.  An inexact operator's own product error (finite differences, the MC
+    Fisher) is added to the residuals afterwards by :func:`sam_probe.core.product_errors.eigen_errors`
+    (its ``product_error(V)`` has another signature than the solver's per-product hook)."""
     from .memory import solver_plan
     from .operators import as_operator
 
@@ -702,7 +703,7 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
         res = lanczos(op.matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
                       max_basis=plan["basis_vectors"], seed=seed, dtype=op.dtype, device=op.device, warm=warm,
                       keep_products=plan["keep_products"], where=where, check=check,
-                      extend_cluster=extend_cluster, product_error=getattr(op, "product_error", None),
+                      extend_cluster=extend_cluster,
                       count=count)
     res.curvature = op.name
     res.plan = {**plan, **res.plan}

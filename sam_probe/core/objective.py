@@ -370,8 +370,6 @@ class Objective:
         """``Σ ℓ`` of one chunk as a function of the parameters."""
         return self._terms(params, x, y)[0]
 
-    _loss_sum = chunk_loss
-
     def forward(self, x: Any, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
         """Model outputs ``f(x; w)`` (no gradient tracking)."""
         with self.mode(), torch.no_grad():
