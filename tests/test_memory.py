@@ -184,7 +184,7 @@ def test_solver_never_preallocates_a_basis_it_does_not_need():
     U = torch.randn(P_BIG, 2, generator=g, dtype=torch.float64)
     out = {}
     peak = vectors_of(lambda: out.setdefault("r", lanczos(lambda V: U @ (U.T @ V), P_BIG, 1, tol=1e-8)))
-    assert out["r"].certified and peak <= 6
+    assert out["r"].certified and peak <= 6 + SLACK / (8 * P_BIG)
 
 
 def test_basis_in_files_takes_no_memory(tmp_path):
