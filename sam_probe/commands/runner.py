@@ -94,7 +94,9 @@ def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], c
     view = analysis.view_impl()
     plot_opts = {k: v for k, v in view_opts.items() if k in _params(view.plot)}
     meta = figure_meta(analysis, cfg, common)
-    finish(common, outcomes, payload, show=lambda: view.show(results, **view_opts),
+    from ..report import views
+
+    finish(common, outcomes, payload, show=lambda: views.show(view, results, **view_opts),
            plot=lambda d: view.plot([{**r, META: meta} for r in results], d, **plot_opts))
 
 

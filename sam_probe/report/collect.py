@@ -16,8 +16,9 @@ from typing import Any
 
 from .. import store
 from ..pipeline import jsonable, without_packed
-from . import figures, settings
-from .settings import META
+from . import figures
+from . import unit_settings as settings
+from .unit_settings import META
 
 
 @dataclass

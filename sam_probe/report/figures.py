@@ -275,7 +275,8 @@ def scale_note(ax: Any) -> str:
 def mark_steps(ax: Any, marks: Iterable[tuple[float, str, Any]], ls: str = ":", above: bool = False) -> None:
     """Vertical lines at event steps, each with a small rotated label at the top of the axes.
 
-    Labels of marks at one step go on alternating sides of the line, never on top of each other;
+    Labels of marks at one step alternate between the top and the bottom of the line (then its
+    other side), never on top of each other;
     ``above``: short labels written horizontally above the axes instead (for axes without a title).
     """
     import matplotlib.transforms as mtransforms
@@ -291,8 +292,9 @@ def mark_steps(ax: Any, marks: Iterable[tuple[float, str, Any]], ls: str = ":", 
         if above:
             ax.text(float(x), 1.01, text, transform=trans, ha="center", va="bottom", fontsize="x-small", color=col)
             continue
-        ax.text(float(x), 0.98 - 0.5 * (n // 2), text, transform=trans, rotation=90, va="top",
-                ha="right" if n % 2 == 0 else "left", fontsize="x-small", color=col, clip_on=True,
+        top = n % 2 == 0  # a second label at one step goes to the bottom, never on top of the first
+        ax.text(float(x), 0.98 if top else 0.02, text, transform=trans, rotation=90, va="top" if top else "bottom",
+                ha="right" if (n // 2) % 2 == 0 else "left", fontsize="x-small", color=col, clip_on=True,
                 bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
 
 
@@ -395,7 +397,7 @@ def step_heatmaps(results: list[dict[str, Any]], matrices: list[Any], colorbar: 
     """One step × step heat-map (values in [0, 1]) per run, up to three per row; returns the figure."""
     import numpy as np
 
-    from .settings import step_axis
+    from .unit_settings import step_axis
     from .tables import step_value
 
     ncols = min(len(results), 3)
@@ -422,7 +424,7 @@ def model_key(result: dict[str, Any]) -> tuple[str, str]:
     """``(key, label)`` of the model a result was computed on: its spec where stored, else its size."""
     import json
 
-    from .settings import meta
+    from .unit_settings import meta
 
     spec = meta(result).get("model_spec")
     n = result.get("n_params")
