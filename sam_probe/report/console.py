@@ -12,7 +12,24 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+PIPED_WIDTH = 200  # width of piped output when COLUMNS is not set (logs keep whole tables on one line)
+
+
+def _columns() -> int | None:
+    import os
+
+    c = os.environ.get("COLUMNS", "")
+    return int(c) if c.isdigit() and int(c) >= 20 else None
+
+
+def out_width() -> int:
+    """Width of stdout: the terminal's (rich reads ``COLUMNS`` first), else ``COLUMNS``, else 200."""
+    if out.is_terminal:
+        return _columns() or out.size.width
+    return _columns() or PIPED_WIDTH
+
+
+out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else (_columns() or PIPED_WIDTH))
 err = Console(stderr=True)
 
 
@@ -25,11 +42,15 @@ def print_json(payload: Any) -> None:
 _CONTROL = {c: "?" for c in range(32) if c not in (9,)} | {127: "?"}
 
 
+def plain(text: Any) -> str:
+    """``text`` as printable text: control characters (terminal escape sequences) and undecodable
+    bytes of file names replaced (for :class:`rich.text.Text`, which reads no markup)."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace").translate(_CONTROL)
+
+
 def safe(text: Any) -> str:
-    """``text`` as plain, printable terminal text: rich markup escaped, control characters
-    (terminal escape sequences) and undecodable bytes of file names replaced."""
-    s = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return escape(s.translate(_CONTROL))
+    """``text`` as plain, printable terminal text with rich markup escaped (for markup strings)."""
+    return escape(plain(text))
 
 
 def error(message: str, rows: list[tuple[str, str, str]] | None = None, prefix: str = "error") -> None:
@@ -97,16 +118,17 @@ def progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=safe(title), title_justify="left", header_style="bold cyan")
-    for c in columns:
-        t.add_column(safe(c), justify="right" if c not in ("path", "file", "name", "status", "reason", "tensor", "run", "analysis", "layer") else "left")
-    for r in rows:
-        t.add_row(*[fmt(v) for v in r])
-    return t
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    """A table for stdout, fitted to its width (see :mod:`sam_probe.report.tables`)."""
+    from rich.console import Group
+
+    from .tables import Table as Data, fit
+
+    return Group(*fit(Data(title, columns, rows), out_width()))
 
 
 def fmt(v: Any) -> str:
+    """A cell as plain text: 4 significant digits, ``-`` for missing, control characters replaced."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -117,4 +139,4 @@ def fmt(v: Any) -> str:
         if v == 0 or 1e-3 <= abs(v) < 1e5:
             return f"{v:.4g}"
         return f"{v:.3e}"
-    return safe(v)
+    return plain(v)
