@@ -99,6 +99,32 @@ def sources_table(coll) -> Any:
                  ["run", "format", "layout", "prefix stripped", "step from", "checkpoints"], rows)
 
 
+def name_runs(coll) -> dict[str, str]:
+    """Give every result its run: ``run`` (the label it was stored under — its ``--run-name`` or
+    default —, lengthened where two runs of the report would share one) and ``run_dir``; returns
+    ``{run directory: label}``."""
+    from .. import run_names
+    from ..report import unit_settings
+
+    stored: dict[str, str] = {}
+    keys: list[str] = []
+    for rs in coll.analyses.values():
+        for r in rs:
+            key = run_names.run_of(r)
+            keys.append(key)
+            lab = run_names.stored_label(str(unit_settings.meta(r).get("unit") or ""))
+            if lab and not (lab == Path(key).name and run_names.default_label(key) != lab):  # not an old generic leaf
+                stored.setdefault(key, lab)
+    labels = run_names.labels(keys, stored)
+    for name, rs in coll.analyses.items():
+        named = []
+        for r in rs:
+            key = run_names.run_of(r)
+            named.append({"run": labels[key], "run_dir": key, **{k: v for k, v in r.items() if k not in ("run", "run_dir")}})
+        coll.analyses[name] = named
+    return labels
+
+
 def settings_line(name: str, group: list[dict[str, Any]], index: int, n_groups: int, diff: str) -> str:
     from ..report import unit_settings
 
@@ -113,6 +139,8 @@ def settings_line(name: str, group: list[dict[str, Any]], index: int, n_groups: 
 
 def _render(groups: dict[str, list[list[dict[str, Any]]]], outdir: Path, debug: bool) -> dict[tuple[str, int], list[Path]]:
     """Every group's figures into ``outdir`` (in the active formats); a failing figure warns and is skipped."""
+    from ..report import figures
+
     written: dict[tuple[str, int], list[Path]] = {}
     for name, gs in groups.items():
         view = view_of(name)
@@ -120,7 +148,8 @@ def _render(groups: dict[str, list[list[dict[str, Any]]]], outdir: Path, debug: 
             continue
         for i, g in enumerate(gs):
             try:
-                written[(name, i)] = view.plot(g, outdir)
+                with figures.named_for(g):
+                    written[(name, i)] = view.plot(g, outdir)
             except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
                 if debug:
                     raise
@@ -190,6 +219,7 @@ def report(
         raise SamProbeError(f"{results}: no stored results" + (f" for {', '.join(analysis)}" if analysis else "")
                             + (f" ({len(coll.skipped)} unreadable files skipped)" if coll.skipped else ""))
     outdir = output or (results / "plots" if results.is_dir() else results.with_name(results.stem + "_plots"))
+    labels = name_runs(coll)
     groups = {name: unit_settings.group(rs) for name, rs in coll.analyses.items()}
     warnings: dict[str, list[str]] = {}
     for name in coll.analyses:
@@ -226,7 +256,7 @@ def report(
                 console.err.print(f"wrote {output / f'{name}.csv'}", highlight=False)
 
     diffs = {name: unit_settings.differences(gs) for name, gs in groups.items()}
-    with figures.palette_session(coll.run_keys()):
+    with figures.palette_session(coll.run_keys(), labels):
         if format == "table":
             for name, gs in groups.items():
                 view = view_of(name)

@@ -107,19 +107,21 @@ def plot_over_steps(results: list[dict[str, Any]], panels: list[Panel], outdir: 
     if not results or not panels:
         return []
     figures.runs_of(results)
-    one = single_checkpoint(results)
+    row_groups = _rows(results, rows)
+    lines = [[[[_points(s) + (s,) for s in panel.series(rs)] for _, rs in _by_run(row_results)] for panel in panels]
+             for _, row_results in row_groups]  # every series first: a malformed result fails here, loudly
+    xs = {x for row in lines for panel in row for run in panel for x_, _, _, _ in run for x in x_}
+    one = len(xs) <= 1 or single_checkpoint(results)
     if one and (rows == "run" or len(figures.runs_of(results)) < 2):
         return []  # one checkpoint of one run: the table says it all
-    row_groups = _rows(results, rows)
     fig, axes = figures.facet_grid([lab for lab, _ in row_groups] if len(row_groups) > 1 else [""], len(panels),
                                    width=width, height=height)
-    for ax_row, (row_label, row_results) in zip(axes, row_groups):
+    for ax_row, (row_label, row_results), row_lines in zip(axes, row_groups, lines):
         runs = _by_run(row_results)
-        for ax, panel in zip(ax_row, panels):
+        for ax, panel, panel_lines in zip(ax_row, panels, row_lines):
             values: list[float] = []
-            for i, (key, rs) in enumerate(runs):
-                for s in panel.series(rs):
-                    x, y, band = _points(s)
+            for i, ((key, rs), run_lines) in enumerate(zip(runs, panel_lines)):
+                for x, y, band, s in run_lines:
                     if not y:
                         continue
                     if one:
