@@ -77,13 +77,13 @@ CHANCE = {"ls": "--", "lw": 1.4, "marker": None}
 CHANCE_COLOR = "0.25"
 
 
-def _chance_note(ax: Any, results: list[dict[str, Any]]) -> None:
-    """The chance level in words beside its line: on a 0–1 axis k/P sits on the floor."""
+def chance_text(results: list[dict[str, Any]]) -> str:
+    """``chance k/P = 0.00056`` (its range where runs differ): on a 0–1 axis the line sits on the
+    floor, so the legend gives its value."""
     levels = sorted({c for r in results for i in range(len(r.get("steps") or [])) if (c := chance_at(r, i)) is not None})
-    if levels:
-        text = f"chance k/P = {levels[0]:.2g}" + (f" … {levels[-1]:.2g}" if levels[-1] != levels[0] else "")
-        ax.text(0.99, levels[-1] + 0.03, text, transform=ax.get_yaxis_transform(), ha="right", va="bottom",
-                fontsize="x-small", color=CHANCE_COLOR)
+    if not levels:
+        return "chance k/P"
+    return f"chance k/P = {levels[0]:.2g}" + (f" … {levels[-1]:.2g}" if levels[-1] != levels[0] else "")
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
@@ -103,11 +103,11 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         return series
 
     panels = [Panel(f"with the {what} checkpoint", f"overlap with the {what} checkpoint\n‖P_t P_s‖_F² / k "
-                    "(fraction, 0–1)", overlap(get), ylim=(-0.02, 1.02), decorate=_chance_note)
+                    "(fraction, 0–1)", overlap(get), ylim=(-0.02, 1.02))
               for what, get in (("previous", with_previous), ("first", with_first))]
     written = plot_over_steps(results, panels, outdir, "subspace", "rotation of the top eigenspace",
                               unit_settings.caption(caption(results), results), rows=None, width=4.6, height=3.4,
-                              legend_extra=[style_handle("chance k/P", color=CHANCE_COLOR, ls="--", lw=1.4)])
+                              legend_extra=[style_handle(chance_text(results), color=CHANCE_COLOR, ls="--", lw=1.4)])
     mats = [r for r in results if _matrix(r) is not None and len(_matrix(r) or []) > 1]
     if mats:
         fig = figures.step_heatmaps(mats, [_matrix(r) for r in mats], "overlap ‖P_i P_j‖_F² / k (0–1)")

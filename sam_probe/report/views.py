@@ -55,7 +55,6 @@ class Panel:
     log: bool = False  # log axis (symlog where zeros or negatives occur)
     ylim: tuple[float, float] | None = None
     marks: Callable[[list[dict[str, Any]]], list[tuple[float, str, Any]]] | None = None  # (step, label, colour)
-    decorate: Callable[[Any, list[dict[str, Any]]], None] | None = None  # (axes, row's results): notes, lines
 
 
 LINE = {"marker": "o", "ms": 3.5}
@@ -158,8 +157,6 @@ def plot_over_steps(results: list[dict[str, Any]], panels: list[Panel], outdir: 
                 figures.mark_steps(ax, events.switch_marks(row_results), ls="--")
                 if panel.marks is not None:
                     figures.mark_steps(ax, panel.marks(row_results), ls="-.")
-            if panel.decorate is not None:
-                panel.decorate(ax, row_results)
     handles, labels = _legend_entries(fig)
     for h, lab in legend_extra:
         if lab not in labels:
