@@ -189,7 +189,7 @@ def with_errors(payload: dict[str, Any], outcomes: list[Any]) -> dict[str, Any]:
     return {"error": errors[0]["error"], "errors": errors, **payload}
 
 
-META = "_meta"  # the unit attributes a view reads its settings caption from (sam_probe.report.settings.META)
+META = "_meta"  # the unit attributes a view reads its settings caption from (sam_probe.report.unit_settings.META)
 
 
 def figure_meta(analysis: Analysis, cfg: dict[str, Any], common: Common) -> dict[str, Any]:
