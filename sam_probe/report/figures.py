@@ -400,6 +400,8 @@ def write(fig: Any, path: str | Path) -> list[Path]:
     this report gets ``_2``, ``_3`` ... as well.
     """
     path = Path(path)
+    if path.suffix.lstrip(".").lower() in FORMATS:  # "x/fig.png": the stem is "fig"
+        path = path.with_suffix("")
     if _NAMING["value"]:
         path = path.with_name(f"{path.name}__{_NAMING['value']}")
     pal = _ACTIVE["value"]
