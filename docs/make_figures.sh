@@ -18,14 +18,16 @@ sam-probe ratios $S/digits-mlp-sgd $S/digits-mlp-sam $q
 sam-probe overlap $S/digits-mlp-sgd $S/digits-mlp-sam $q
 sam-probe subspace $S/digits-mlp-sgd $S/digits-mlp-sam --k 5 $q
 sam-probe report $R/store -o $R/plots -f json > /dev/null
-cp $R/plots/features.png $F/minor_first_features.png
-cp $R/plots/sharpness.png $F/late_sam_sharpness.png
-cp $R/plots/distance.png $F/late_sam_distance.png
-cp $R/plots/interpolate.png $F/late_sam_interpolate.png
-cp $R/plots/alignment.png $F/alignment.png
-cp $R/plots/ratios_categories.png $F/ratios_categories.png
-cp $R/plots/overlap_C1.png $F/overlap_C1.png
-cp $R/plots/subspace.png $F/subspace.png
-cp $R/plots/subspace_overlap.png $F/subspace_overlap.png
+# report names each figure <figure>__<runs>__<id>.png (one settings group per figure here)
+pick() { set -- "$R"/plots/"$1"__*.png; [ $# -eq 1 ] || { echo "expected one $1 figure, found $#" >&2; exit 1; }; echo "$1"; }
+cp "$(pick features)" $F/minor_first_features.png
+cp "$(pick sharpness)" $F/late_sam_sharpness.png
+cp "$(pick distance)" $F/late_sam_distance.png
+cp "$(pick interpolate)" $F/late_sam_interpolate.png
+cp "$(pick alignment)" $F/alignment.png
+cp "$(pick ratios_categories)" $F/ratios_categories.png
+cp "$(pick overlap_C1)" $F/overlap_C1.png
+cp "$(pick subspace)" $F/subspace.png
+cp "$(pick subspace_overlap)" $F/subspace_overlap.png
 chmod 0644 $F/*.png
 echo "figures written to $F"

@@ -33,6 +33,10 @@ def _flags_without_type() -> None:
 
 _flags_without_type()
 
+from .report.help_layout import install as _stacked_help_on_narrow_terminals  # noqa: E402
+
+_stacked_help_on_narrow_terminals()
+
 app = typer.Typer(
     name="sam-probe",
     help="See how the optimizer shaped a solution: curvature, SAM gradient ratios, alignment, paths and features "

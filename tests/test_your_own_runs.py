@@ -138,3 +138,19 @@ def test_plain_script(here):
     (out,) = run_readme("plain")
     assert [r["step"] for r in out["results"]] == [0, 50]
     assert json.dumps(out)  # plain JSON
+
+
+def test_the_readme_trainer_arguments_exist_in_the_installed_transformers():
+    """The README's Trainer sentence uses only TrainingArguments keywords transformers (5) has."""
+    import inspect
+    import re
+
+    transformers = pytest.importorskip("transformers")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    calls = re.findall(r"TrainingArguments\(([^)]*)\)", text)
+    assert calls
+    accepted = inspect.signature(transformers.TrainingArguments).parameters
+    for call in calls:
+        for kw in re.findall(r"(\w+)\s*=", call):
+            assert kw in accepted, (kw, transformers.__version__)
+    assert "save_safetensors=" not in text

@@ -54,6 +54,11 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
             "pairwise": not opts["no_pairwise"]}
 
 
+def units(n_checkpoints: int) -> int:
+    """Units one run costs (the progress total): a ratio unit per checkpoint, then the overlap unit."""
+    return n_checkpoints + 1
+
+
 def execute(session: AnalysisSession, targets: list[Path], cfg: dict[str, Any]):
     outcomes = []
     for run in targets:

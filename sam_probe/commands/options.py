@@ -52,7 +52,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "data_arg": (list[str], _opt([], "--data-arg", help="Data option key=value (repeatable), e.g. d=10.")),
     "split": (str, _opt("train", "--split", help="Data split: train or test.")),
     "max_samples": (Optional[int], _opt(None, "--max-samples", help="Use a seeded random selection of N samples.")),
-    "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size: bounds memory only (losses, gradients and HVPs are exact means over the whole selection) — except with --bn-mode train, where it is the BatchNorm batch and changes results.")),
+    "batch_size": (Optional[int], _opt(None, "--batch-size", "-b", help="Chunk size: bounds memory (losses, gradients and HVPs are exact means over the whole selection) and costs time (each HVP runs every chunk: 2.9x unchunked in chunks of 128 on the digits MLP); give it only when the selection does not fit. With --bn-mode train it is the BatchNorm batch and changes results.")),
     "loss": (Optional[str], _opt(None, "--loss", help=LOSS_REGISTRY.help("Loss:")[:-1] + ", or pkg.module:fn / file.py:fn returning one loss per sample. Default: lm for causal LMs, ce for integer targets, mse otherwise.")),
     "hvp": (str, _opt("rev-rev", "--hvp", help=HVP_REGISTRY.help("Hessian-vector products:"))),
     "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
@@ -67,6 +67,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "allow_model": (list[str], _opt([], "--allow-model", help="A pkg.module:factory / file.py:factory that checkpoints may name as their model (repeatable); without it a checkpoint may only name a zoo model.", panel="Checkpoints")),
     "allow_nonfinite": (bool, _opt(False, "--allow-nonfinite", help="Continue when weights hold NaN/Inf.", panel="Checkpoints")),
     "out": (Path, _out_opt(Path("sam_probe_results"), "--out", "-o", help="Results directory (one HDF5 file per unit).")),
+    "run_name": (list[str], _out_opt([], "--run-name", help="Label of the run in tables, figures, the store, CSV and JSON (repeatable: one per run in order, or PATH=NAME). Default: the shortest informative trailing part of its path.")),
     "force": (bool, _out_opt(False, "--force", help="Recompute units that are already stored.")),
     "no_store": (bool, _out_opt(False, "--no-store", help="Do not write results to the store.")),
     "json": (bool, _out_opt(False, "--json", help="Print only the JSON result on stdout.")),
@@ -93,6 +94,7 @@ def build_common(values: dict[str, Any]) -> Common:
         allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
         max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
         distributed=bool(values.get("distributed")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
+        run_names=list(values.get("run_name") or []),
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
     if not distributed.is_main():  # rank 0 alone prints and plots

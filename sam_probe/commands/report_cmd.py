@@ -61,10 +61,10 @@ def flatten(result: dict[str, Any], max_list: int = 20) -> dict[str, Any]:
 
 def settings_columns(result: dict[str, Any]) -> dict[str, Any]:
     """``settings.*`` CSV columns: the config, data spec, dtype, BN mode and version a row was computed with."""
-    from ..report import settings
+    from ..report import unit_settings
 
-    m = settings.meta(result)
-    cols = {f"settings.{k}": v for k, v in flatten(settings.config(result)).items()}
+    m = unit_settings.meta(result)
+    cols = {f"settings.{k}": v for k, v in flatten(unit_settings.config(result)).items()}
     cols |= {f"settings.data.{k}": v for k, v in flatten(m.get("data_spec") or {}).items()}
     cols |= {f"settings.{k}": m.get(k) for k in ("dtype", "bn_mode", "analysis_version") if m.get(k) is not None}
     return cols
@@ -81,14 +81,14 @@ def write_csv(rows: list[dict[str, Any]], fh) -> None:
 
 def sources_table(coll) -> Any:
     """One row per run: where its checkpoints' weights and steps were found (when the results store it)."""
-    from ..report import figures, settings
+    from ..report import figures, unit_settings
     from ..report.tables import Table
 
     runs: dict[tuple, set[str]] = {}
     for rs in coll.analyses.values():
         for r in rs:
             paths = [r.get("path")] if r.get("source") else list(r.get("paths") or [])
-            for i, s in enumerate(settings.sources(r)):
+            for i, s in enumerate(unit_settings.sources(r)):
                 key = (figures.run_key(r), s.get("format"), s.get("layout"), s.get("prefix"), s.get("step_source"))
                 runs.setdefault(key, set()).add(str(paths[i]) if i < len(paths) else f"{figures.run_key(r)}#{i}")
     if not runs:
@@ -98,20 +98,48 @@ def sources_table(coll) -> Any:
                  ["run", "format", "layout", "prefix stripped", "step from", "checkpoints"], rows)
 
 
+def name_runs(coll) -> dict[str, str]:
+    """Give every result its run: ``run`` (the label it was stored under — its ``--run-name`` or
+    default —, lengthened where two runs of the report would share one) and ``run_dir``; returns
+    ``{run directory: label}``."""
+    from .. import run_names
+    from ..report import unit_settings
+
+    stored: dict[str, str] = {}
+    keys: list[str] = []
+    for rs in coll.analyses.values():
+        for r in rs:
+            key = run_names.run_of(r)
+            keys.append(key)
+            lab = run_names.stored_label(str(unit_settings.meta(r).get("unit") or ""))
+            if lab and not (lab == Path(key).name and run_names.default_label(key) != lab):  # not an old generic leaf
+                stored.setdefault(key, lab)
+    labels = run_names.labels(keys, stored)
+    for name, rs in coll.analyses.items():
+        named = []
+        for r in rs:
+            key = run_names.run_of(r)
+            named.append({"run": labels[key], "run_dir": key, **{k: v for k, v in r.items() if k not in ("run", "run_dir")}})
+        coll.analyses[name] = named
+    return labels
+
+
 def settings_line(name: str, group: list[dict[str, Any]], index: int, n_groups: int, diff: str) -> str:
-    from ..report import settings
+    from ..report import unit_settings
 
     head = f"{name}: " + (f"settings group {index + 1} of {n_groups} ({diff}) · " if n_groups > 1 else "")
-    m = settings.meta(group[0])
-    tail = [settings.data_text(group), settings.numerics_text(group)]
+    m = unit_settings.meta(group[0])
+    tail = [unit_settings.data_text(group), unit_settings.numerics_text(group)]
     if m.get("analysis_version") is not None:
         tail.append(f"analysis version {m['analysis_version']}")
-    return head + f"settings: {settings.describe(settings.config(group[0])) or '-'}" + \
+    return head + f"settings: {unit_settings.describe(unit_settings.config(group[0])) or '-'}" + \
         "".join(f" · {t}" for t in tail if t) + f" · {len(group)} result{'s' if len(group) != 1 else ''}"
 
 
 def _render(groups: dict[str, list[list[dict[str, Any]]]], outdir: Path, debug: bool) -> dict[tuple[str, int], list[Path]]:
     """Every group's figures into ``outdir`` (in the active formats); a failing figure warns and is skipped."""
+    from ..report import figures
+
     written: dict[tuple[str, int], list[Path]] = {}
     for name, gs in groups.items():
         view = view_of(name)
@@ -119,7 +147,8 @@ def _render(groups: dict[str, list[list[dict[str, Any]]]], outdir: Path, debug: 
             continue
         for i, g in enumerate(gs):
             try:
-                written[(name, i)] = view.plot(g, outdir)
+                with figures.named_for(g):
+                    written[(name, i)] = view.plot(g, outdir)
             except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
                 if debug:
                     raise
@@ -167,7 +196,7 @@ def report(
 ) -> None:
     """Render every stored analysis: rich tables (one per settings group), JSON or CSV, figures, HTML."""
     from ..results import jsonable
-    from ..report import collect, figures, settings
+    from ..report import collect, figures, unit_settings, views
 
     if format not in ("table", "json", "csv"):
         raise SpecError(f"--format {format}: choose table, json or csv")
@@ -189,7 +218,8 @@ def report(
         raise SamProbeError(f"{results}: no stored results" + (f" for {', '.join(analysis)}" if analysis else "")
                             + (f" ({len(coll.skipped)} unreadable files skipped)" if coll.skipped else ""))
     outdir = output or (results / "plots" if results.is_dir() else results.with_name(results.stem + "_plots"))
-    groups = {name: settings.group(rs) for name, rs in coll.analyses.items()}
+    labels = name_runs(coll)
+    groups = {name: unit_settings.group(rs) for name, rs in coll.analyses.items()}
     warnings: dict[str, list[str]] = {}
     for name in coll.analyses:
         vs = coll.versions(name)
@@ -204,8 +234,8 @@ def report(
     if format == "json":
         console.print_json(jsonable({
             "analyses": {n: [collect.public(r) for r in rs] for n, rs in coll.analyses.items()},
-            "groups": {n: [{"settings": {"config": settings.config(g[0]),
-                                         **{k: settings.meta(g[0]).get(k) for k in settings.GROUPING_META[1:]}},
+            "groups": {n: [{"settings": {"config": unit_settings.config(g[0]),
+                                         **{k: unit_settings.meta(g[0]).get(k) for k in unit_settings.GROUPING_META[1:]}},
                             "count": len(g)} for g in gs] for n, gs in groups.items()},
             "skipped": [{"file": f, "reason": why} for f, why in coll.skipped],
             "warnings": [w for ws in warnings.values() for w in ws],
@@ -224,8 +254,8 @@ def report(
                     write_csv(rows, fh)
                 console.err.print(f"wrote {output / f'{name}.csv'}", highlight=False)
 
-    diffs = {name: settings.differences(gs) for name, gs in groups.items()}
-    with figures.palette_session(coll.run_keys()):
+    diffs = {name: unit_settings.differences(gs) for name, gs in groups.items()}
+    with figures.palette_session(coll.run_keys(), labels):
         if format == "table":
             for name, gs in groups.items():
                 view = view_of(name)
@@ -236,11 +266,11 @@ def report(
                     console.out.print(settings_line(name, g, i, len(gs), diffs[name][i]), style="bold",
                                       highlight=False, markup=False)
                     try:
-                        view.show(g, **view_options(name))
+                        views.show(view, g, **view_options(name))
                     except Exception as exc:  # noqa: BLE001 - a malformed unit must not hide the other tables
                         if debug:
                             raise
-                        units = ", ".join(str(settings.meta(r).get("unit")) for r in g[:3])
+                        units = ", ".join(str(unit_settings.meta(r).get("unit")) for r in g[:3])
                         console.warn(f"{name}: table failed ({type(exc).__name__}: {exc}); units {units}"
                                      + (f" and {len(g) - 3} more" if len(g) > 3 else ""))
             src = sources_table(coll)

@@ -33,27 +33,78 @@ KEPT: list[str] = []  # units stored by the command running now (what an interru
 
 @contextlib.contextmanager
 def session_with_progress(common: Common) -> Iterator[Any]:
-    """A Session whose progress drives a rich bar with ETA on a terminal and, when stderr is not
-    a terminal (logs, CI, batch jobs), prints one line per finished unit with its time."""
+    """A Session whose units drive one progress bar over the whole command (ETA from the units
+    computed so far) on a terminal and, when stderr is not a terminal (logs, CI, batch jobs),
+    print one ``[done/total]`` line per finished unit with its time.  The session's
+    ``tracker`` takes the command's unit count (:func:`count_units`)."""
     shown = shows_progress(common)
     lines = shown and not console.err.is_terminal
 
-    def on_unit(outcome: Any) -> None:
-        if outcome.stored_at and outcome.status == "ok":
-            KEPT.append(outcome.stored_at)
-        if lines:
-            console.unit_line(outcome)
+    with console.progress(shown) as tracker:
+        def on_unit(outcome: Any) -> None:
+            if outcome.stored_at and outcome.status == "ok":
+                KEPT.append(outcome.stored_at)
+            tracker.finished(outcome)
+            if lines:
+                console.unit_line(outcome, tracker.counter())
 
-    with console.progress(shown) as prog:
-        yield open_session(common, prog, on_unit)
+        session = open_session(common, lambda msg, done, total: tracker.describe(msg), on_unit)
+        session.tracker = tracker
+        yield session
 
 
-def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[str, Any]) -> list[Any]:
-    """Every unit of ``analysis`` over ``targets``: read back from the store or computed."""
-    from ..pipeline.units import run_analysis
+def count_units(analysis: Analysis, targets: list[Path], glob: str | None = None) -> int:
+    """Every unit the command will read back or compute: one per checkpoint, one per run, or one
+    per pair — and what an analysis built on other units declares (``units(n_checkpoints)``)."""
+    from ..loading.runs import discover
 
+    if analysis.target == PAIR:
+        return 1
+    per_run = getattr(analysis.impl, "units", None)
+    total = 0
+    for t in targets:
+        try:
+            n = len(discover(t, glob))
+        except Exception:  # noqa: BLE001 - an unreadable target is one failed unit
+            n = 1
+        total += per_run(n) if per_run is not None else (n if analysis.target == CHECKPOINTS else 1)
+    return total
+
+
+def execute(analysis: Analysis, common: Common, targets: list[Path], cfg: dict[str, Any]) -> tuple[list[Any], Any]:
+    """Every unit of ``analysis`` over ``targets`` (read back from the store or computed), and the
+    progress tracker that counted them all (units built on the way included)."""
     with session_with_progress(common) as session:
-        return run_analysis(session, analysis, targets, cfg)
+        from ..pipeline.units import run_analysis
+
+        session.tracker.set_total(count_units(analysis, targets, common.settings.glob))
+        outcomes = run_analysis(session, analysis, targets, cfg)
+        for o in outcomes:  # files that failed to load never reach on_unit: they are units too
+            if id(o) not in session.tracker.seen:
+                session.tracker.finished(o)
+        return outcomes, session.tracker
+
+
+def check_targets(targets: list[Path]) -> None:
+    """Every CHECKPOINT/RUN argument exists: checked before anything heavy is imported, so a typo
+    costs no start-up (one line naming every missing path)."""
+    from ..errors import CheckpointError
+    from ..loading.files import display
+
+    missing = [t for t in targets if not Path(t).exists()]
+    if missing:
+        raise CheckpointError(", ".join(display(t) for t in missing) + ": no such file or directory")
+
+
+def with_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each result with its run: ``run`` (the label: --run-name or the shortest informative path
+    suffix, told apart from the command's other runs) and ``run_dir`` (the directory)."""
+    from .. import run_names
+
+    dirs = [run_names.run_of(r) for r in results]
+    labels = run_names.disambiguate({d: run_names.label_for_dir(d) for d in dict.fromkeys(dirs)})
+    return [{"run": labels[d], "run_dir": d, **{k: v for k, v in r.items() if k not in ("run", "run_dir")}}
+            for d, r in zip(dirs, results)]
 
 
 def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -63,7 +114,7 @@ def payload_of(analysis: Analysis, outcomes: list[Any], n_targets: int) -> tuple
 
     impl = analysis.impl
     is_result = getattr(impl, "is_result", lambda r: True)
-    results = [with_schema(analysis, without_packed(r)) for r in results_of(outcomes) if is_result(r)]
+    results = with_runs([with_schema(analysis, without_packed(r)) for r in results_of(outcomes) if is_result(r)])
     if analysis.target == CHECKPOINTS:
         return {"results": results}, results
     if analysis.target == PAIR or (analysis.target == RUNS and n_targets == 1):
@@ -80,25 +131,65 @@ def with_schema(analysis: Analysis, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_command(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: Common) -> None:
-    """What ``sam-probe NAME TARGETS ...`` does: configure, execute, then print, plot and exit."""
+    """What ``sam-probe NAME TARGETS ...`` does: check the paths, configure, execute, then print,
+    plot and exit.  With ``--json`` a failure still prints JSON: ``{"error": ..., ...}``."""
+    from ..errors import SamProbeError
+
+    try:
+        _run(analysis, targets, opts, common)
+    except SamProbeError as exc:
+        if common.output.json:
+            console.print_json({"error": " ".join(str(exc).split("\n"))})
+        raise
+
+
+def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: Common) -> None:
+    from .. import run_names
+    from ..errors import SpecError
+
+    check_targets(targets)
+    try:
+        names = run_names.parse_names(common.settings.run_names, targets)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     compute_opts = {o.name: opts[o.name] for o in analysis.compute_options()}
     view_opts = {o.name: opts[o.name] for o in analysis.options if o.view}
     cfg = analysis.impl.configure(compute_opts, common.settings)
     t0 = time.perf_counter()
     KEPT.clear()
-    outcomes = execute(analysis, common, targets, cfg)
-    warn_results(common, outcomes)
-    if shows_progress(common):
-        console.summary_line(analysis.name, outcomes, time.perf_counter() - t0)
-    payload, results = payload_of(analysis, outcomes, len(targets))
+    with run_names.given(names):
+        outcomes, tracker = execute(analysis, common, targets, cfg)
+        warn_results(common, outcomes)
+        if shows_progress(common):
+            console.summary_line(analysis.name, outcomes, time.perf_counter() - t0, tracker.counts)
+        payload, results = payload_of(analysis, outcomes, len(targets))
     view = analysis.view_impl()
     plot_opts = {k: v for k, v in view_opts.items() if k in _params(view.plot)}
     meta = figure_meta(analysis, cfg, common)
-    finish(common, outcomes, payload, show=lambda: view.show(results, **view_opts),
-           plot=lambda d: view.plot([{**r, META: meta} for r in results], d, **plot_opts))
+    from ..report import views
+
+    def plot(outdir: Path) -> list[Path]:
+        from ..report import figures
+
+        drawn = [{**r, META: meta} for r in results]
+        with figures.named_for(drawn):
+            return view.plot(drawn, outdir, **plot_opts)
+
+    finish(common, outcomes, with_errors(payload, outcomes), show=lambda: views.show(view, results, **view_opts),
+           plot=plot)
 
 
-META = "_meta"  # the unit attributes a view reads its settings caption from (sam_probe.report.settings.META)
+def with_errors(payload: dict[str, Any], outcomes: list[Any]) -> dict[str, Any]:
+    """``payload`` plus, when units failed, ``error`` (the first, one line) and ``errors``
+    (``[{path, step, error}]``), so a script reading ``--json`` sees what went wrong."""
+    failed = [o for o in outcomes if o.status == "failed" or o.store_error]
+    if not failed:
+        return payload
+    errors = [{"path": o.path, "step": o.step, "error": o.error or o.store_error} for o in failed]
+    return {"error": errors[0]["error"], "errors": errors, **payload}
+
+
+META = "_meta"  # the unit attributes a view reads its settings caption from (sam_probe.report.unit_settings.META)
 
 
 def figure_meta(analysis: Analysis, cfg: dict[str, Any], common: Common) -> dict[str, Any]:

@@ -19,5 +19,7 @@ class RunInfo:
 
 
 def run_label(target: str | Path) -> str:
-    p = Path(target).resolve()
-    return p.name if p.is_dir() else p.parent.name or "run"
+    """The run's label (``--run-name``, else its shortest informative path suffix; see run_names.py)."""
+    from ..run_names import label_for
+
+    return label_for(target)

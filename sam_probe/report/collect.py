@@ -23,8 +23,9 @@ from typing import Any
 
 from .. import store
 from ..results import jsonable, without_packed
-from . import figures, settings
-from .settings import META
+from . import figures
+from . import unit_settings as settings
+from .unit_settings import META
 
 MAX_SHOWN_VALUES = 1 << 21  # array values of one unit that report turns into lists (its packed arrays excepted)
 _CONTROLS = {c: "?" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}

@@ -4,57 +4,61 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import console, events, figures, settings, tables
+from . import console, figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, fmt_value
+from .views import Panel, Series, plot_over_steps
+
+
+def caption(results: list[dict[str, Any]]) -> str:
+    """The distance settings in words (distance uses no data)."""
+    if not results:
+        return ""
+    r = results[0]
+    ref = r.get("ref_step", config(r).get("ref"))
+    return f"reference: {unit_settings.step_kind([r])} {fmt_value(step_value(ref))}" if ref is not None else ""
+
+
+def rate_text(v: Any) -> str:
+    """An escape rate with two significant digits (a slope fitted to a few points)."""
+    return f"{v:.2g}" if isinstance(v, (int, float)) else "-"
 
 
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     out = []
     for r in results:
-        kind = settings.step_kind([r])
+        kind = unit_settings.step_kind([r])
         rows = [[step_value(s), d, rel] for s, d, rel in zip(r["steps"], r["distance"], r["relative"])]
-        rate = r.get("escape_rate")
-        note = (f"escape rate {console.fmt(rate)} per {r.get('escape_by', kind)} (slope of log distance over "
-                f"{kind}s {', '.join(console.fmt(step_value(x)) for x in r.get('escape_steps') or [])})")
+        note = (f"escape rate {rate_text(r.get('escape_rate'))} per {r.get('escape_by', kind)} (slope of log "
+                f"distance over {kind}s {', '.join(console.fmt(step_value(x)) for x in r.get('escape_steps') or [])})")
         out.append(Table(f"{figures.run_name(r)}: distance to {kind} {console.fmt(step_value(r.get('ref_step')))}",
                          [kind, "||w - w_ref||", "relative"], rows, [note]))
     return out
 
 
-def show(results: list[dict[str, Any]]) -> None:
-    tables.show(tables_of(results))
+def _refs(rs: list[dict[str, Any]]) -> list[tuple[float, str, Any]]:
+    """One mark per reference step (runs sharing a reference share its mark)."""
+    steps = dict.fromkeys(r["ref_step"] for r in rs if r.get("ref_step") is not None)
+    return [(s, f"reference {step_value(s)}", "0.3") for s in steps]
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     """Distance to the reference over steps (rows: one per model), absolute and relative, log with zero kept."""
     if not results:
         return []
-    figures.runs_of(results)
+
+    def series(key: str):
+        def lines(rs: list[dict[str, Any]]) -> list[Series]:
+            return [Series([step_value(s) for s in r["steps"]], r[key],
+                           label=f"{figures.label(r)} (escape {rate_text(r.get('escape_rate'))}/"
+                                 f"{unit_settings.step_kind([r])})") for r in rs]
+        return lines
+
+    panels = [Panel("distance", "‖w_t − w_ref‖₂ (parameter units)", series("distance"), log=True, marks=_refs),
+              Panel("relative distance (comparable across models)", "‖w_t − w_ref‖ / ‖w_ref‖ (fraction)",
+                    series("relative"), log=True, marks=_refs)]
     facets = figures.facets(results)
-    fig, axes = figures.facet_grid([f"model: {m}" for m, _ in facets], 2, width=4.6, height=3.4)
-    for row, (model, rs) in zip(axes, facets):
-        vals: dict[int, list[float]] = {0: [], 1: []}
-        refs = []
-        for r in rs:
-            steps = [step_value(s) for s in r["steps"]]
-            lab = f"{figures.label(r)} (escape {console.fmt(r.get('escape_rate'))}/{settings.step_kind([r])})"
-            for j, key in enumerate(("distance", "relative")):
-                pts = [(s, d) for s, d in zip(steps, r[key]) if d is not None]
-                if pts:
-                    row[j].plot(*zip(*pts), marker="o", ms=3.5, color=figures.color(r), label=lab)
-                    vals[j] += [d for _, d in pts]
-            if r.get("ref_step") is not None:
-                refs.append((r["ref_step"], f"reference {step_value(r['ref_step'])}", "0.3"))
-        for j, ax in enumerate(row):
-            figures.log_axis(ax, vals[j])
-            figures.mark_steps(ax, refs, ls="-.")
-            figures.mark_steps(ax, events.switch_marks(rs), ls="--")
-            ax.set_xlabel(settings.step_axis(rs))
-        row[0].set_ylabel("‖w_t − w_ref‖₂ (parameter units)" + figures.scale_note(row[0]))
-        row[1].set_ylabel("‖w_t − w_ref‖ / ‖w_ref‖ (fraction)" + figures.scale_note(row[1]))
-        row[0].set_title("distance", fontsize="small")
-        row[1].set_title("relative distance (comparable across models)", fontsize="small")
-    figures.figure_legend(fig, title="run")
     note = "one row per model" if len(facets) > 1 else ""
-    figures.title(fig, "distance to the reference checkpoint", settings.caption("distance", results, note))
-    return figures.write(fig, outdir / "distance")
+    return plot_over_steps(results, panels, outdir, "distance", "distance to the reference checkpoint",
+                           unit_settings.caption(caption(results), results, note, data=False), rows="model",
+                           width=4.6, height=3.4)

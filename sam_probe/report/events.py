@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import figures
-from .settings import meta, sources
+from .unit_settings import meta, sources
 
 
 def hparams(result: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from . import console, events, figures, settings, tables
+from . import console, events, figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, fmt_value
+
+
+def caption(results: list[dict[str, Any]]) -> str:
+    """The features settings in words."""
+    if not results:
+        return ""
+    r, cfg = results[0], config(results[0])
+    return ", ".join(b for b in (f"{r.get('method', cfg.get('importance'))} importance",
+                                 f"{r.get('strength_method', cfg.get('strength'))} strength",
+                                 f"minor = weakest {fmt_value(r.get('minor_fraction', cfg.get('minor_fraction')))}")
+                     if b)
 
 
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
@@ -15,7 +27,7 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     for r in results:
         rows = r.get("results") or []
         has_bg = any("background_mass" in x for x in rows)
-        cols = [settings.step_kind([r]), "minor mass", "dominant feature", "its strength rank",
+        cols = [unit_settings.step_kind([r]), "minor mass", "dominant feature", "its strength rank",
                 "Spearman(growth, strength)"] + (["background mass"] if has_bg else [])
         body = [[step_value(x.get("step")), x.get("minor_mass"), x.get("dominant_index"),
                  x.get("dominant_strength_rank"), x.get("spearman_growth_strength")]
@@ -24,10 +36,6 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
                  f"rank 0 = strongest; negative Spearman = minor first)")
         out.append(Table(title, cols, body))
     return out
-
-
-def show(results: list[dict[str, Any]]) -> None:
-    tables.show(tables_of(results))
 
 
 COLLAPSE = 1e-3  # total importance below this fraction of its peak over the run: the model has vanished
@@ -66,7 +74,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         axes[1].plot(range(len(last)), last / max(np.nansum(last), 1e-300), marker=".", color=col,
                      label=label, **style)
     figures.mark_steps(axes[0], events.switch_marks(results), ls="--")
-    axes[0].set_xlabel(settings.step_axis(results))
+    axes[0].set_xlabel(unit_settings.step_axis(results))
     frac = results[0].get("minor_fraction")
     axes[0].set_ylabel("minor mass: importance share of the\n" +
                        (f"weakest {frac:g} of features (fraction)" if isinstance(frac, (int, float))
@@ -81,7 +89,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         axes[1].text(0.98, 0.98, f"dashed: total importance below {COLLAPSE:g} of its peak\n(shares of a vanished "
                      "model are noise)", transform=axes[1].transAxes, ha="right", va="top", fontsize="x-small")
     figures.title(fig, "feature amplification (normalised: shares of each model's total importance)",
-                  settings.caption("features", results))
+                  unit_settings.caption(caption(results), results))
     written += figures.write(fig, outdir / "features")
     images = [r for r in results if r.get("image_shape")]
     if images:
@@ -95,7 +103,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
                 share = imp[t] / max(np.nansum(imp[t]), 1e-300)
                 im = ax.imshow(share.reshape(shape[-2:]) if len(shape) >= 2 else share.reshape(1, -1), cmap="magma")
                 bg = (r.get("results") or [{}])[t].get("background_mass")
-                ax.set_title(f"{figures.label(r)}, {settings.step_kind([r])} {console.fmt(steps[t])}"
+                ax.set_title(f"{figures.label(r)}, {unit_settings.step_kind([r])} {console.fmt(steps[t])}"
                              + (f"\nbackground mass {bg:.2f}" if bg is not None else ""), fontsize="small")
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -103,6 +111,6 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
                 ax.set_xlabel("pixel column")
                 ax.set_ylabel("pixel row")
                 fig.colorbar(im, ax=ax, label="importance share", shrink=0.85)
-        figures.title(fig, "input importance per pixel", settings.caption("features", images))
+        figures.title(fig, "input importance per pixel", unit_settings.caption(caption(images), images))
         written += figures.write(fig, outdir / "features_heatmaps")
     return written

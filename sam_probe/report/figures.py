@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
+from .. import run_names
 
 PALETTE = "colorblind"
 DPI = 200
@@ -75,30 +76,34 @@ class Palette:
 
     colors: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)  # labels results carry (``run``: --run-name or stored)
     written: set[str] | None = None  # figure stems written in this report (see :func:`write`); None: no renaming
 
-    def add(self, keys: Iterable[str]) -> None:
+    def add(self, keys: Iterable[str], given: dict[str, str] | None = None) -> None:
         new = [k for k in dict.fromkeys(keys) if k not in self.colors]
-        if not new:
+        fresh = {k: v for k, v in (given or {}).items() if self.given.get(k) != v}
+        if not new and not fresh:
             return
+        self.given.update(fresh)
         cb = colors_from(PALETTE, 10)
         base = [cb[i] for i in (0, 1, 2, 3, 4, 5, 9, 7, 6)]  # colour-blind palette, strong first, pale yellow out
         extra = colors_from("dark", 10)
         for k in new:
             i = len(self.colors)
             self.colors[k] = base[i] if i < len(base) else extra[(i - len(base)) % len(extra)]
-        self.labels = disambiguate(list(self.colors))
+        self.labels = run_names.labels(list(self.colors), self.given)
 
 
 _ACTIVE: dict[str, Palette] = {"value": Palette()}
 
 
 @contextlib.contextmanager
-def palette_session(run_keys: Iterable[str] = ()) -> Iterator[Palette]:
-    """One report: runs get their colours in the order given (first appearance), the same in every figure."""
+def palette_session(run_keys: Iterable[str] = (), labels: dict[str, str] | None = None) -> Iterator[Palette]:
+    """One report: runs get their colours in the order given (first appearance), the same in every
+    figure, and their labels (``labels``: run key -> label, e.g. read from the store)."""
     before = _ACTIVE["value"]
     pal = Palette(written=set())
-    pal.add(run_keys)
+    pal.add(run_keys, labels)
     _ACTIVE["value"] = pal
     try:
         yield pal
@@ -107,49 +112,42 @@ def palette_session(run_keys: Iterable[str] = ()) -> Iterator[Palette]:
 
 
 def disambiguate(keys: list[str]) -> dict[str, str]:
-    """Shortest trailing path of each key that no other key shares (``run`` -> ``a/run``, ``b/run``)."""
-    parts = {k: Path(k).parts or (k,) for k in keys}
-    out: dict[str, str] = {}
-    for k in keys:
-        n = 1
-        while True:
-            mine = "/".join(parts[k][-n:])
-            clash = [o for o in keys if o != k and "/".join(parts[o][-n:]) == mine]
-            if not clash or n >= len(parts[k]):
-                out[k] = mine
-                break
-            n += 1
-    return out
+    """Labels of run directories: shortest informative trailing path, longer where two would clash."""
+    return run_names.labels(keys)
 
 
 def run_key(result: Any) -> str:
-    """The run a result belongs to: its ``run`` folder, or the folder of its checkpoint ``path``."""
+    """The run a result belongs to (its directory; see :func:`sam_probe.run_names.run_of`)."""
     if isinstance(result, dict):
-        if result.get("run"):
-            return str(result["run"])
-        p = result.get("path") or result.get("b") or ""
-    else:
-        p = result
-    parent = str(Path(str(p)).parent)
-    return parent if parent not in ("", ".") else str(p)
+        return run_names.run_of(result)
+    return run_names.run_of({"path": str(result)})
+
+
+def _given(result: Any) -> dict[str, str] | None:
+    """The label a result carries for its run (``run`` beside ``run_dir``), to register."""
+    if isinstance(result, dict) and result.get("run_dir") and result.get("run"):
+        return {run_key(result): str(result["run"])}
+    return None
 
 
 def color(key_or_result: Any) -> Any:
     key = key_or_result if isinstance(key_or_result, str) else run_key(key_or_result)
     pal = _ACTIVE["value"]
-    pal.add([key])
+    pal.add([key], _given(key_or_result))
     return pal.colors[key]
 
 
 def label(key_or_result: Any) -> str:
     key = key_or_result if isinstance(key_or_result, str) else run_key(key_or_result)
     pal = _ACTIVE["value"]
-    pal.add([key])
+    pal.add([key], _given(key_or_result))
     return pal.labels[key]
 
 
 def run_name(result_or_path: Any) -> str:
-    """Short label of the run a result came from (its folder name, longer where two runs share it)."""
+    """The label of the run a result came from (its ``--run-name`` or shortest informative path)."""
+    if isinstance(result_or_path, dict):
+        return label(result_or_path)
     return label(run_key(result_or_path))
 
 
@@ -170,8 +168,12 @@ def row_labels(results: list[dict[str, Any]]) -> list[str]:
 
 def runs_of(results: Iterable[dict[str, Any]]) -> list[str]:
     """Run keys in order of first appearance, colour and label registered."""
+    results = list(results)
     keys = list(dict.fromkeys(run_key(r) for r in results))
-    _ACTIVE["value"].add(keys)
+    given: dict[str, str] = {}
+    for r in results:
+        given.update(_given(r) or {})
+    _ACTIVE["value"].add(keys, given)
     return keys
 
 
@@ -275,7 +277,8 @@ def scale_note(ax: Any) -> str:
 def mark_steps(ax: Any, marks: Iterable[tuple[float, str, Any]], ls: str = ":", above: bool = False) -> None:
     """Vertical lines at event steps, each with a small rotated label at the top of the axes.
 
-    Labels of marks at one step go on alternating sides of the line, never on top of each other;
+    Labels of marks at one step alternate between the top and the bottom of the line (then its
+    other side), never on top of each other;
     ``above``: short labels written horizontally above the axes instead (for axes without a title).
     """
     import matplotlib.transforms as mtransforms
@@ -291,8 +294,9 @@ def mark_steps(ax: Any, marks: Iterable[tuple[float, str, Any]], ls: str = ":", 
         if above:
             ax.text(float(x), 1.01, text, transform=trans, ha="center", va="bottom", fontsize="x-small", color=col)
             continue
-        ax.text(float(x), 0.98 - 0.5 * (n // 2), text, transform=trans, rotation=90, va="top",
-                ha="right" if n % 2 == 0 else "left", fontsize="x-small", color=col, clip_on=True,
+        top = n % 2 == 0  # a second label at one step goes to the bottom, never on top of the first
+        ax.text(float(x), 0.98 if top else 0.02, text, transform=trans, rotation=90, va="top" if top else "bottom",
+                ha="right" if (n // 2) % 2 == 0 else "left", fontsize="x-small", color=col, clip_on=True,
                 bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
 
 
@@ -341,18 +345,62 @@ def overlapping_ticks(fig: Any) -> list[tuple[str, str]]:
     return bad
 
 
+_NAMING: dict[str, str | None] = {"value": None}  # "<runs>__<id>" of the results being drawn (see named_for)
+
+
+def figure_id(results: Sequence[dict[str, Any]]) -> str:
+    """``<runs>__<id>``: the runs' labels and 8 hex digits of a hash of every checkpoint drawn and
+    the settings group, so two figures of different runs, checkpoints or settings never share a name
+    while redrawing the same results names the same file."""
+    import hashlib
+    import json
+
+    from .unit_settings import group_key
+
+    runs = runs_of(results)
+    units = sorted(json.dumps([run_key(r), r.get("path") or r.get("paths") or [r.get("a"), r.get("b")],
+                               r.get("step") if r.get("step") is not None else r.get("steps")], default=str)
+                   for r in results)
+    digest = hashlib.sha256(json.dumps([units, sorted({group_key(r) for r in results})]).encode()).hexdigest()[:8]
+    names = [_file_safe(label(k)) for k in runs]
+    text = "+".join(names)
+    if len(text) > 48:
+        text = f"{names[0][:40]}+{len(names) - 1}-more"
+    return f"{text}__{digest}"
+
+
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+=" else "-" for c in text).strip(".") or "run"
+
+
+@contextlib.contextmanager
+def named_for(results: Sequence[dict[str, Any]]) -> Iterator[str]:
+    """Within the block, :func:`write` names each figure ``<stem>__<runs>__<id>`` (:func:`figure_id`)."""
+    before = _NAMING["value"]
+    _NAMING["value"] = figure_id(results) if results else None
+    try:
+        yield _NAMING["value"] or ""
+    finally:
+        _NAMING["value"] = before
+
+
 def write(fig: Any, path: str | Path) -> list[Path]:
     """Write ``fig`` in every active format (see :func:`file_format`) atomically; close it; return the files.
 
-    A stem already written in this report (two setting groups of one analysis)
-    gets ``_2``, ``_3`` ... so no figure overwrites another.
+    Inside :func:`named_for` the file is ``<stem>__<runs>__<id>``: unique per runs, checkpoints and
+    settings, so a later command never replaces another's figure.  A stem already written in
+    this report gets ``_2``, ``_3`` ... as well.
     """
     path = Path(path)
+    if path.suffix.lstrip(".").lower() in FORMATS:  # "x/fig.png": the stem is "fig"
+        path = path.with_suffix("")
+    if _NAMING["value"]:
+        path = path.with_name(f"{path.name}__{_NAMING['value']}")
     pal = _ACTIVE["value"]
-    stem, n = path.stem, 2
+    stem, n = path.name, 2
     if pal.written is not None:
         while str(path.parent / stem) in pal.written:
-            stem, n = f"{path.stem}_{n}", n + 1
+            stem, n = f"{path.name}_{n}", n + 1
         pal.written.add(str(path.parent / stem))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = []
@@ -381,7 +429,7 @@ def step_heatmaps(results: list[dict[str, Any]], matrices: list[Any], colorbar: 
     """One step × step heat-map (values in [0, 1]) per run, up to three per row; returns the figure."""
     import numpy as np
 
-    from .settings import step_axis
+    from .unit_settings import step_axis
     from .tables import step_value
 
     ncols = min(len(results), 3)
@@ -408,7 +456,7 @@ def model_key(result: dict[str, Any]) -> tuple[str, str]:
     """``(key, label)`` of the model a result was computed on: its spec where stored, else its size."""
     import json
 
-    from .settings import meta
+    from .unit_settings import meta
 
     spec = meta(result).get("model_spec")
     n = result.get("n_params")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import settings
+from . import unit_settings
 from .tables import Table, to_html
 
 STYLE = """
@@ -74,7 +74,7 @@ def provenance(results: list[dict[str, Any]]) -> str:
     checkpoints: dict[str, str] = {}
     created = []
     for r in results:
-        m = settings.meta(r)
+        m = unit_settings.meta(r)
         key = (m.get("analysis"), m.get("analysis_version"), m.get("sam_probe_version"), m.get("torch_version"))
         versions[key] = versions.get(key, 0) + 1
         hosts[str(m.get("host"))] = hosts.get(str(m.get("host")), 0) + 1

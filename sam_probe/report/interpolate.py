@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import figures, settings, tables
+from . import figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, fmt_value
 
 
 def _end(p: str) -> str:
@@ -16,6 +17,15 @@ def _label(r: dict[str, Any]) -> str:
     return f"{_end(r['a'])} → {_end(r['b'])}"
 
 
+def caption(results: list[dict[str, Any]]) -> str:
+    """The interpolation settings in words."""
+    if not results:
+        return ""
+    r, cfg = results[0], config(results[0])
+    pts, rng = cfg.get("points") or len(r.get("alphas") or []), cfg.get("range")
+    return f"{pts} points" + (f" on α ∈ [{fmt_value(rng[0])}, {fmt_value(rng[1])}]" if rng else "")
+
+
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     rows = [[_label(r), step_value(r.get("step_a")), step_value(r.get("step_b")), r.get("loss_a"), r.get("loss_b"),
              r.get("barrier"), r.get("barrier_alpha")] for r in results]
@@ -23,10 +33,6 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
         return []
     return [Table("linear interpolation (barrier = max over [0,1] of L(w(a)) - chord)",
                   ["path", "step A", "step B", "L(A)", "L(B)", "barrier", "at alpha"], rows)]
-
-
-def show(results: list[dict[str, Any]]) -> None:
-    tables.show(tables_of(results))
 
 
 def _color(r: dict[str, Any], i: int) -> Any:
@@ -63,5 +69,5 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     from matplotlib.lines import Line2D
     figures.legend_beside(axes[0], h + [Line2D([], [], ls="--", color="0.3")], lab + ["chord between A and B"],
                           title="path A → B", below=True)
-    figures.title(fig, "linear interpolation between checkpoints", settings.caption("interpolate", results))
+    figures.title(fig, "linear interpolation between checkpoints", unit_settings.caption(caption(results), results))
     return figures.write(fig, outdir / "interpolate")

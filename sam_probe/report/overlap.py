@@ -4,8 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import events, figures, settings, tables
+from . import figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, sam_text
+from .views import Panel, Series, plot_over_steps, style_handle
+
+
+def caption(results: list[dict[str, Any]]) -> str:
+    """The overlap settings in words."""
+    if not results:
+        return ""
+    r = results[0]
+    cfg = config(r)
+    anchor = (r.get("anchor") or {}).get("step")
+    return ", ".join(b for b in (f"category {r.get('category', cfg.get('category'))}",
+                                 f"anchor step {anchor}" if anchor is not None else "",
+                                 f"IRE rank {cfg['ire_rank']:g}" if cfg.get("ire_rank") else "",
+                                 sam_text(cfg, r)) if b)
 
 
 def _num(v: Any) -> float:
@@ -17,7 +32,7 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     for r in results:
         a, k = r["anchor"], r["persistent"]
         ire = r.get("ire") or {}
-        cols = [settings.step_kind([r]), f"|{r['category']}|", "% of P", "anchor overlap", "expected", "lift",
+        cols = [unit_settings.step_kind([r]), f"|{r['category']}|", "% of P", "anchor overlap", "expected", "lift",
                 "persistent", "expected"] + (["IRE flat overlap", "expected", "lift"] if ire else [])
         rows = []
         for i, step in enumerate(r["steps"]):
@@ -26,78 +41,76 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
             if ire:
                 row += [ire["overlap"][i], ire["expected"][i], ire["lift"][i]]
             rows.append(row)
-        title = (f"{figures.run_name(r)}: overlap of {r['category']} with {settings.step_kind([r])} "
+        title = (f"{figures.run_name(r)}: overlap of {r['category']} with {unit_settings.step_kind([r])} "
                  f"{step_value(a['step'])} (independence baseline)")
         out.append(Table(title, cols, rows))
     return out
 
 
-def show(results: list[dict[str, Any]]) -> None:
-    tables.show(tables_of(results))
+def _share(values: list[Any], of: list[float]) -> list[float]:
+    return [100 * _num(v) / d for v, d in zip(values, of)]
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     """Anchor overlap, persistent core and IRE overlap vs step (normalised, with chance); Jaccard heat-maps."""
     import numpy as np
 
-    written: list[Path] = []
     if not results:
-        return written
-    figures.runs_of(results)
-    has_ire = any((r.get("ire") or {}).get("overlap") for r in results)
-    fig, axes = figures.new_figure(ncols=3 if has_ire else 2, width=4.3, height=3.4)
-    axes = list(axes.flat)
+        return []
     cat = results[0]["category"]
-    core_vals: list[float] = []
-    anchors = []
-    for r in results:
-        run, col = figures.run_key(r), figures.color(r)
-        steps = [step_value(s) for s in r["steps"]]
-        a = r["anchor"]
-        i0 = next((i for i, s in enumerate(r["steps"]) if s == a["step"]), 0)
-        size0 = max(_num(r["sizes"][i0]), 1.0)
-        axes[0].plot(steps, [100 * _num(v) / size0 for v in a["overlap"]], marker="o", ms=3.5, color=col,
-                     label=figures.label(run))
-        axes[0].plot(steps, [100 * _num(v) / size0 for v in a["expected"]], ls="--", color=col, lw=1.0)
-        P = max(_num(r.get("n_params") or 1), 1.0)
-        core = [100 * _num(v) / P for v in r["persistent"]["size"]]
-        core_vals += core
-        axes[1].plot(steps, core, marker="o", ms=3.5, color=col, label=figures.label(run))
-        axes[1].plot(steps, [100 * _num(v) / P for v in r["persistent"]["expected"]], ls="--", color=col, lw=1.0)
-        if has_ire and (r.get("ire") or {}).get("overlap"):
-            ire = r["ire"]
+    chance = {"ls": "--", "lw": 1.0, "marker": None}
+
+    def anchor(rs: list[dict[str, Any]]) -> list[Series]:
+        out = []
+        for r in rs:
+            a = r["anchor"]
+            i0 = next((i for i, s in enumerate(r["steps"]) if s == a["step"]), 0)
+            size0 = [max(_num(r["sizes"][i0]), 1.0)] * len(r["steps"])
+            steps = [step_value(s) for s in r["steps"]]
+            out += [Series(steps, _share(a["overlap"], size0)),
+                    Series(steps, _share(a["expected"], size0), label="_chance", style=chance)]
+        return out
+
+    def core(rs: list[dict[str, Any]]) -> list[Series]:
+        out = []
+        for r in rs:
+            P = [max(_num(r.get("n_params") or 1), 1.0)] * len(r["steps"])
+            steps = [step_value(s) for s in r["steps"]]
+            out += [Series(steps, _share(r["persistent"]["size"], P)),
+                    Series(steps, _share(r["persistent"]["expected"], P), label="_chance", style=chance)]
+        return out
+
+    def ire(rs: list[dict[str, Any]]) -> list[Series]:
+        out = []
+        for r in rs:
+            if not (r.get("ire") or {}).get("overlap"):
+                continue
             sizes = [max(_num(s), 1.0) for s in r["sizes"]]
-            axes[2].plot(steps, [100 * _num(v) / s for v, s in zip(ire["overlap"], sizes)], marker="o", ms=3.5,
-                         color=col, label=figures.label(run))
-            axes[2].plot(steps, [100 * _num(v) / s for v, s in zip(ire["expected"], sizes)], ls="--", color=col,
-                         lw=1.0)
-        anchors.append((a["step"], f"anchor {step_value(a['step'])}", "0.35"))
-    for ax in axes:
-        figures.mark_steps(ax, anchors, ls="-.")
-        figures.mark_steps(ax, events.switch_marks(results), ls="--")
-        ax.set_xlabel(settings.step_axis(results))
-    axes[0].set_ylabel("|S_anchor ∩ S_t| / |S_anchor| (%)")
-    axes[0].set_title(f"{cat} kept from the anchor step", fontsize="small")
-    axes[0].set_ylim(0, 105)
-    figures.log_axis(axes[1], core_vals)
-    axes[1].set_ylabel("|∩ S_s, s ≤ t| (% of P)" + figures.scale_note(axes[1]))
-    axes[1].set_title(f"persistent core: {cat} at every checkpoint so far", fontsize="small")
-    if has_ire:
-        axes[2].set_ylabel("|S_t ∩ IRE flat mask| / |S_t| (%)")
-        axes[2].set_title(f"{cat} inside the IRE flat mask", fontsize="small")
-    handles, labels = axes[0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-    handles.append(Line2D([], [], ls="--", color="0.3"))
-    labels.append("chance (independent sets)")
-    figures.legend_beside(axes[-1], handles, labels, title="run")
-    figures.title(fig, f"persistence of {cat} (normalised: % of the anchor set / of P / of S_t)",
-                  settings.caption("overlap", results))
-    written += figures.write(fig, outdir / f"overlap_{cat}")
-    with_j = [r for r in results if r.get("jaccard") is not None]
+            steps = [step_value(s) for s in r["steps"]]
+            out += [Series(steps, _share(r["ire"]["overlap"], sizes)),
+                    Series(steps, _share(r["ire"]["expected"], sizes), label="_chance", style=chance)]
+        return out
+
+    def anchors(rs: list[dict[str, Any]]) -> list[tuple[float, str, Any]]:
+        return [(r["anchor"]["step"], f"anchor {step_value(r['anchor']['step'])}", "0.35") for r in rs]
+
+    panels = [Panel(f"{cat} kept from the anchor step", "|S_anchor ∩ S_t| / |S_anchor| (%)", anchor,
+                    ylim=(0, 105), marks=anchors),
+              Panel(f"persistent core: {cat} at every checkpoint so far", "|∩ S_s, s ≤ t| (% of P)", core,
+                    log=True, marks=anchors)]
+    if any((r.get("ire") or {}).get("overlap") for r in results):
+        panels.append(Panel(f"{cat} inside the IRE flat mask", "|S_t ∩ IRE flat mask| / |S_t| (%)", ire,
+                            marks=anchors))
+    written = plot_over_steps(results, panels, outdir, f"overlap_{cat}",
+                              f"persistence of {cat} (normalised: % of the anchor set / of P / of S_t)",
+                              unit_settings.caption(caption(results), results), rows=None,
+                              legend_extra=[style_handle("chance (independent sets)", ls="--")], width=4.3,
+                              height=3.4)
+    with_j = [r for r in results if r.get("jaccard") is not None and len(r["jaccard"]) > 1]
     if with_j:
         mats = [[[np.nan if v is None else v for v in row] for row in r["jaccard"]] for r in with_j]
         fig = figures.step_heatmaps(with_j, mats, "Jaccard |A∩B| / |A∪B| (0–1)")
         figures.title(fig, f"pairwise Jaccard index of {cat} between checkpoints",
-                      settings.caption("overlap", with_j))
+                      unit_settings.caption(caption(with_j), with_j))
         written += figures.write(fig, outdir / f"overlap_{cat}_jaccard")
     return written

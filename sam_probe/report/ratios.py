@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.categories import CATEGORIES
-from . import events, figures, settings, tables
+from . import events, figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, sam_text, setting
 
 
 def _bin_label(b: dict[str, Any]) -> str:
@@ -14,14 +15,20 @@ def _bin_label(b: dict[str, Any]) -> str:
     return f"[{b['lo']:g},{'inf' if hi is None else format(hi, 'g')})"
 
 
+def caption(results: list[dict[str, Any]]) -> str:
+    """The ratio settings in words."""
+    if not results:
+        return ""
+    r, cfg = results[0], config(results[0])
+    return ", ".join(b for b in (sam_text(cfg, r), "faithful" if setting(cfg, r, "faithful") else "") if b)
+
+
 def tables_of(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = False) -> list[Table]:
     if not results:
         return []
     r0 = results[0]
-    cfg = settings.config(r0)
-    title = f"ratio categories (% of P; {settings.sam_text(cfg, r0)}" + \
-        (", faithful" if cfg.get("faithful", r0.get("faithful")) else "") + ")"
-    step = settings.step_kind(results)
+    title = f"ratio categories (% of P; {caption(results)})"
+    step = unit_settings.step_kind(results)
     cols = ["run", step, "P", "|g|", "|g~|"] + list(CATEGORIES) + ["C1 top-|g| share", "lift"]
     rows = []
     for label, r in zip(figures.row_labels(results), results):
@@ -43,10 +50,6 @@ def tables_of(results: list[dict[str, Any]], bucket: bool = False, per_layer: bo
             out.append(Table(f"{figures.run_name(r)} {step} {step_value(r.get('step'))}: per tensor (% of tensor)",
                              ["layer", "n"] + list(CATEGORIES), lrows))
     return out
-
-
-def show(results: list[dict[str, Any]], bucket: bool = False, per_layer: bool = False) -> None:
-    tables.show(tables_of(results, bucket=bucket, per_layer=per_layer))
 
 
 def plot(results: list[dict[str, Any]], outdir: Path, bucket: bool = True) -> list[Path]:
@@ -76,14 +79,14 @@ def plot(results: list[dict[str, Any]], outdir: Path, bucket: bool = True) -> li
         n = rs[0].get("n_params")
         ax.set_title(figures.label(run) + (f" (P = {int(n):,})" if n else ""), fontsize="small",
                      color=figures.color(run))
-        ax.set_xlabel(settings.step_axis(rs))
+        ax.set_xlabel(unit_settings.step_axis(rs))
         ax.set_ylabel("% of the run's parameters")
         ax.set_ylim(0, 100)
     for ax in axes[len(runs):]:
         ax.set_visible(False)
     figures.legend_beside(axes[min(len(runs), ncols) - 1], title="category")
     figures.title(fig, "SAM ratio categories of r = g̃/g (normalised: % of each run's parameters)",
-                  settings.caption("ratios", results, "C1 r>1, C2 0<r<1, C3 r<−1, C4 −1<r<0"))
+                  unit_settings.caption(caption(results), results, "C1 r>1, C2 0<r<1, C3 r<−1, C4 −1<r<0"))
     written += figures.write(fig, outdir / "ratios_categories")
     if bucket and any(r.get("buckets") for r in results):
         fig, ax = figures.new_figure(width=6.5)
@@ -96,11 +99,11 @@ def plot(results: list[dict[str, Any]], outdir: Path, bucket: bool = True) -> li
             labels = labels or [_bin_label(b) for b in bs]
             ax.bar(np.arange(len(bs)) + (j - (len(runs) - 1) / 2) * width, [100 * b["count"] / c1 for b in bs],
                    width=width, color=figures.color(run),
-                   label=f"{figures.label(run)} ({settings.step_kind([r])} {step_value(r.get('step'))})")
+                   label=f"{figures.label(run)} ({unit_settings.step_kind([r])} {step_value(r.get('step'))})")
         ax.set_xticks(np.arange(len(labels or [])), labels or [], rotation=30, ha="right")
         ax.set_xlabel("C1 ratio bin of r = g̃/g (dimensionless)")
         ax.set_ylabel("share of the C1 parameters (%)")
         figures.legend_beside(ax, title="run (last checkpoint)")
-        figures.title(fig, "C1 ratio bins at the last checkpoint", settings.caption("ratios", results))
+        figures.title(fig, "C1 ratio bins at the last checkpoint", unit_settings.caption(caption(results), results))
         written += figures.write(fig, outdir / "ratios_buckets")
     return written

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import events, figures, settings, tables
+from . import figures, unit_settings
 from .tables import Table, step_value
+from .unit_settings import config, curvature_name, setting
+from .views import Panel, Series, plot_over_steps, style_handle
 
 
 def _matrix(r: dict[str, Any]) -> list[list[float]] | None:
@@ -45,12 +47,22 @@ def chance_at(r: dict[str, Any], i: int) -> float | None:
     return c
 
 
+def caption(results: list[dict[str, Any]]) -> str:
+    """The subspace settings in words."""
+    if not results:
+        return ""
+    r = results[0]
+    cfg = config(r)
+    k, curv = setting(cfg, r, "k"), curvature_name(cfg, r)
+    return f"top-{k} {curv} eigenspace" if k else f"{curv} eigenspace"
+
+
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     out = []
     for r in results:
         prev, first = with_previous(r), with_first(r)
         ev = r.get("eigenvalues") or []
-        kind = settings.step_kind([r])
+        kind = unit_settings.step_kind([r])
         rows = []
         for i, s in enumerate(r.get("steps") or []):
             e = [x for x in (ev[i] if i < len(ev) and ev[i] is not None else []) if x is not None]
@@ -61,43 +73,45 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     return out
 
 
-def show(results: list[dict[str, Any]]) -> None:
-    tables.show(tables_of(results))
+CHANCE = {"ls": "--", "lw": 1.4, "marker": None}
+CHANCE_COLOR = "0.25"
+
+
+def chance_text(results: list[dict[str, Any]]) -> str:
+    """``chance k/P = 0.00056`` (its range where runs differ): on a 0–1 axis the line sits on the
+    floor, so the legend gives its value."""
+    levels = sorted({c for r in results for i in range(len(r.get("steps") or [])) if (c := chance_at(r, i)) is not None})
+    if not levels:
+        return "chance k/P"
+    return f"chance k/P = {levels[0]:.2g}" + (f" … {levels[-1]:.2g}" if levels[-1] != levels[0] else "")
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
-    """Overlap heat-map per run, and overlap with the previous / first checkpoint over steps (with chance)."""
-    from matplotlib.lines import Line2D
-
+    """Overlap with the previous / first checkpoint over steps (with chance), and a heat-map per run."""
     if not results:
         return []
-    figures.runs_of(results)
-    written: list[Path] = []
-    fig, axes = figures.new_figure(ncols=2, width=4.6, height=3.4)
-    axes = list(axes.flat)
-    for r in results:
-        steps = [step_value(s) for s in r.get("steps") or []]
-        col = figures.color(r)
-        for ax, ys in zip(axes, (with_previous(r), with_first(r))):
-            pts = [(s, y) for s, y in zip(steps, ys) if y is not None and y == y]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3.5, color=col, label=figures.label(r))
-            ch = [(s, chance_at(r, i)) for i, s in enumerate(steps) if chance_at(r, i) is not None]
-            if ch:
-                ax.plot(*zip(*ch), ls="--", lw=1.0, color=col)
-    for ax, what in zip(axes, ("previous checkpoint", "first checkpoint")):
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(settings.step_axis(results))
-        ax.set_ylabel(f"overlap with the {what}\n‖P_t P_s‖_F² / k (fraction, 0–1)")
-        figures.mark_steps(ax, events.switch_marks(results), ls="--")
-    h, lab = axes[0].get_legend_handles_labels()
-    figures.legend_beside(axes[1], h + [Line2D([], [], ls="--", color="0.3")], lab + ["chance k/P"], title="run")
-    figures.title(fig, "rotation of the top eigenspace", settings.caption("subspace", results))
-    written += figures.write(fig, outdir / "subspace")
-    mats = [r for r in results if _matrix(r) is not None]
+
+    def overlap(get):
+        def series(rs: list[dict[str, Any]]) -> list[Series]:
+            out = []
+            for r in rs:
+                steps = [step_value(s) for s in r.get("steps") or []]
+                out.append(Series(steps, get(r)))
+                out.append(Series(steps, [chance_at(r, i) for i in range(len(steps))], color=CHANCE_COLOR,
+                                  label="_chance", style=CHANCE))
+            return out
+        return series
+
+    panels = [Panel(f"with the {what} checkpoint", f"overlap with the {what} checkpoint\n‖P_t P_s‖_F² / k "
+                    "(fraction, 0–1)", overlap(get), ylim=(-0.02, 1.02))
+              for what, get in (("previous", with_previous), ("first", with_first))]
+    written = plot_over_steps(results, panels, outdir, "subspace", "rotation of the top eigenspace",
+                              unit_settings.caption(caption(results), results), rows=None, width=4.6, height=3.4,
+                              legend_extra=[style_handle(chance_text(results), color=CHANCE_COLOR, ls="--", lw=1.4)])
+    mats = [r for r in results if _matrix(r) is not None and len(_matrix(r) or []) > 1]
     if mats:
         fig = figures.step_heatmaps(mats, [_matrix(r) for r in mats], "overlap ‖P_i P_j‖_F² / k (0–1)")
         figures.title(fig, f"top-{mats[0].get('k')} eigenspace overlap between checkpoints",
-                      settings.caption("subspace", mats))
+                      unit_settings.caption(caption(mats), mats))
         written += figures.write(fig, outdir / "subspace_overlap")
     return written

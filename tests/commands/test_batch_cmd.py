@@ -74,7 +74,7 @@ def test_shipped_sample_spec_and_report(tmp_path):
     assert {u["analysis"] for u in d["units"]} == commands  # every job of the shipped spec ran
     rep = run_cli("report", out, "-o", tmp_path / "figs")
     assert rep.code == 0, rep.stderr
-    names = {p.stem for p in (tmp_path / "figs").glob("*.png")}
+    names = {p.stem.split("__")[0] for p in (tmp_path / "figs").glob("*.png")}  # <figure>__<runs>__<id>
     assert names >= {"sharpness", "sharpness_density", "ratios_categories", "ratios_buckets", "overlap_C1",
                      "overlap_C1_jaccard", "alignment", "distance", "interpolate", "features"}
 

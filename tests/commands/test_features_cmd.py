@@ -43,7 +43,7 @@ def test_features_on_known_coefficients(tmp_path):
     assert rows[0]["spearman_growth_strength"] == pytest.approx(spearmanr(growth, strength).statistic, rel=1e-5)
     assert rows[-1]["spearman_growth_strength"] is None
     assert d["method"] == "coef"
-    assert (tmp_path / "res" / "plots" / "features.png").exists()
+    assert list((tmp_path / "res" / "plots").glob("features__*.png"))
 
 
 def test_features_images_and_bad_options(tiny_runs, tmp_path):
@@ -52,5 +52,5 @@ def test_features_images_and_bad_options(tiny_runs, tmp_path):
     d = res.json()
     assert d["image_shape"] == [8, 8] and d["method"] == "column-norm"
     assert all(0 <= r["background_mass"] <= 1 for r in d["results"])
-    assert (tmp_path / "res" / "plots" / "features_heatmaps.png").exists()
+    assert list((tmp_path / "res" / "plots").glob("features_heatmaps__*.png"))
     assert run_cli("features", tiny_runs["sam"], "--importance", "magic").code == 2

@@ -62,5 +62,5 @@ def test_interpolation_endpoints_equal_endpoint_losses(cnn_run, out):
     chord = [(1 - x) * d["loss_a"] + x * d["loss_b"] for x in d["alphas"]]
     inside = [l - c for x, l, c in zip(d["alphas"], d["loss"], chord) if 0 <= x <= 1]
     assert d["barrier"] == pytest.approx(max(0.0, *inside), abs=1e-12)
-    assert (out / "plots" / "interpolate.png").exists()
+    assert list((out / "plots").glob("interpolate__*.png"))
     assert run_cli("interpolate", a, b, "--range", "1,0").code == 2

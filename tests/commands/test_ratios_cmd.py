@@ -95,7 +95,7 @@ def test_faithful_mode_and_buckets_table(tiny_runs, tmp_path):
     table = _ratios(ck, "--bucket", "--edges", "1.5,3", "--per-layer", "--out", tmp_path / "r")
     assert table.code == 0, table.stderr
     assert "[1,1.5)" in table.stdout and "[3,inf)" in table.stdout and "0.weight" in table.stdout.replace("net.", "")
-    assert (tmp_path / "r" / "plots" / "ratios_buckets.png").exists()
+    assert list((tmp_path / "r" / "plots").glob("ratios_buckets__*.png"))
     assert _ratios(ck, "--edges", "0.5,2").code == 2
 
 

@@ -52,7 +52,7 @@ def test_report_tables_and_figures_from_a_merged_file(stored, tmp_path):
     for title in ("sharpness", "ratio categories", "overlap of C1", "alignment", "distance", "linear interpolation",
                   "features"):
         assert title in res.stdout, title
-    names = {p.name for p in figs.iterdir()}
+    names = {p.name.split("__")[0] + p.suffix for p in figs.iterdir()}  # <figure>__<runs>__<id>.svg
     for expected in ("sharpness.svg", "sharpness_density.svg", "ratios_categories.svg", "ratios_buckets.svg",
                      "overlap_C1.svg", "overlap_C1_jaccard.svg", "alignment.svg", "distance.svg", "interpolate.svg",
                      "features.svg", "features_heatmaps.svg"):
@@ -205,10 +205,10 @@ def _umask():
 def test_html_file_is_optional(stored, tmp_path):
     res = run_cli("report", stored, "-a", "distance", "-o", tmp_path / "a", "--html")
     assert res.code == 0, res.stderr
-    assert (tmp_path / "a" / "report.html").is_file() and (tmp_path / "a" / "distance.png").is_file()
+    assert (tmp_path / "a" / "report.html").is_file() and list((tmp_path / "a").glob("distance__*.png"))
     res = run_cli("report", "--html", stored, "-a", "distance", "--no-plot", "-o", tmp_path / "b")
     assert res.code == 0, res.stderr
-    assert (tmp_path / "b" / "report.html").is_file() and not (tmp_path / "b" / "distance.png").exists()
+    assert (tmp_path / "b" / "report.html").is_file() and not list((tmp_path / "b").glob("distance*.png"))
 
 
 def test_steps_are_integers_in_features_output(stored, tiny_runs):
@@ -229,6 +229,6 @@ def test_a_malformed_unit_warns_and_the_other_tables_still_print(tmp_path):
     res = run_cli("report", out, "--html", tmp_path / "r.html")
     assert res.code == 0, res.stderr
     assert "distance: table failed" in res.stderr and "distance/runA/distance-x.h5" in res.stderr
-    assert "sharpness (lanczos)" in res.stdout
+    assert "sharpness (lanczos, Hessian)" in res.stdout
     assert "distance: plotting failed" in res.stderr
     assert "tables of settings group 1 failed" in (tmp_path / "r.html").read_text()

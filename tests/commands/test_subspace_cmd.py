@@ -92,5 +92,5 @@ def test_report_renders_subspace(tiny_runs, out, tmp_path):
     res = run_cli("report", out, "--output", tmp_path / "plots")
     assert res.code == 0, res.stderr
     assert "eigenspace overlap" in res.stdout
-    assert (tmp_path / "plots" / "subspace.png").is_file()
-    assert (tmp_path / "plots" / "subspace_overlap.png").is_file()
+    assert len(list((tmp_path / "plots").glob("subspace__*.png"))) == 1
+    assert len(list((tmp_path / "plots").glob("subspace_overlap__*.png"))) == 1

@@ -215,3 +215,102 @@ def test_a_vanished_model_is_marked_collapsed():
     imp = np.array([[1.0, 2.0], [0.5, 0.5], [1e-6, 2e-6]])
     assert collapsed(imp).tolist() == [False, False, True]
     assert not collapsed(np.zeros((0, 3))).any()
+
+
+# ---------------------------------------------------------------- labels that say what is drawn (issue 25, defect 5)
+def test_ggn_per_module_and_the_rho_ball_are_named(captured, tmp_path):
+    rs = syn.sharpness(cfg={**syn.SHARP_CFG, "curvature": "ggn", "per_layer": "module"})
+    for r in rs:
+        r.update(curvature="ggn", per_layer_by="module", worst_case_sharpness=0.05, average_case_sharpness=0.002,
+                 average_case_se=0.001)
+    sharpness.plot(rs, tmp_path)
+    figs = by_stem(captured)
+    main = figs["sharpness"][0]
+    titles = [ax.get_title() for ax in data_axes(main)]
+    assert "λ1, top GGN eigenvalue" in titles and "GGN trace (band: ± SE)" in titles
+    assert not any("Hessian" in t for t in titles) and "sharpness in the ρ-ball" in titles
+    legend = [t.get_text() for leg in main.legends for t in leg.get_texts()]
+    assert {"one-step SAM", "worst case (ascent, a lower bound)", "average case (band: ± SE)"} <= set(legend)
+    layers = figs["sharpness_layers"][0]
+    assert {ax.get_ylabel() for ax in data_axes(layers)[:2]} == {"module"}
+    assert "GGN" in data_axes(layers)[0].get_xlabel() and "tensor" not in layers._suptitle.get_text()
+    assert "GGN spectral density" in figs["sharpness_density"][0]._suptitle.get_text()
+
+
+def test_single_checkpoint_groups_get_no_over_training_panels(captured, tmp_path):
+    one = syn.sharpness(steps=[400])
+    assert sharpness.plot_metrics(one, tmp_path) == []  # one run, one checkpoint: the table says it all
+    two = one + syn.sharpness("/runs/other", steps=[400], scale=2.0)
+    sharpness.plot_metrics(two, tmp_path)
+    fig = by_stem(captured)["sharpness"][0]
+    assert "over training" not in fig._suptitle.get_text() and "one checkpoint per run" in fig._suptitle.get_text()
+    for ax in data_axes(fig):
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["mlp-late-sam", "other"]
+        assert all(ln.get_linestyle() == "None" for ln in data_lines(ax))  # dots, not one-point lines
+    check_figure("sharpness", fig, [])
+
+
+def test_alignment_table_and_figure_show_the_same_sign():
+    r = syn.alignment()[1]
+    t = alignment.tables_of([r])[0]
+    i = t.columns.index("−ΔL bulk")
+    assert t.rows[0][i] == pytest.approx(-r["dL"]["bulk"]) and t.rows[0][i] > 0
+
+
+def test_data_captions(tmp_path):
+    from sam_probe.report import unit_settings
+
+    user = [{"n_samples": 1437, "_meta": {"data_spec": {"data": "val.pt", "split": "train", "max_samples": None,
+                                                        "seed": 0}}}]
+    assert unit_settings.data_text(user) == "data: val.pt (all 1,437 samples)"  # no split of a user's file
+    digits = [{"_meta": {"data_spec": {"data": "digits", "split": "train", "max_samples": None, "seed": 0,
+                                       "n_samples": 1437}}}]
+    assert unit_settings.data_text(digits) == "data: digits (train split, all 1,437 samples)"
+    fresh = [{"n_samples": 1437, "_meta": {"data_spec": {"data": "digits", "split": "train", "max_samples": None,
+                                                         "seed": 0}}}]
+    assert unit_settings.data_text(fresh) == unit_settings.data_text(digits)  # the same words either way
+    assert "data:" not in distance.caption(syn.distance())  # distance reads no data
+
+
+def test_subspace_chance_is_grey_labelled_and_inside_the_axis(captured, tmp_path):
+    subspace.plot(syn.subspace() + syn.subspace("/runs/other"), tmp_path)
+    fig = by_stem(captured)["subspace"][0]
+    ax = data_axes(fig)[0]
+    chance = [ln for ln in data_lines(ax) if ln.get_linestyle() == "--"]
+    assert chance and all(ln.get_color() == subspace.CHANCE_COLOR for ln in chance)
+    run_colours = {ln.get_color() for ln in data_lines(ax) if ln.get_linestyle() != "--"}
+    assert subspace.CHANCE_COLOR not in run_colours
+    assert "chance k/P = 0.00056" in [t.get_text() for leg in fig.legends + [ax.get_legend()] if leg
+                                      for t in leg.get_texts()]
+    lo, _ = ax.get_ylim()
+    assert lo < 5 / 8970  # the line is drawn above the floor of the axis
+
+
+def test_marks_at_one_step_never_stack_and_escape_rates_read_short(captured, tmp_path):
+    rs = syn.distance()
+    rs[0]["escape_rate"] = 0.006812345
+    distance.plot(rs, tmp_path)
+    fig = by_stem(captured)["distance"][0]
+    ax = data_axes(fig)[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text() in ("reference 100", "SAM from 100")]
+    assert len(boxes) == 2 and not boxes[0].overlaps(boxes[1])
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert any("escape 0.0068/step" in t for t in legend)
+    assert "escape rate 0.0068 per step" in distance.tables_of(rs)[0].notes[0]
+
+
+def test_figure_names_are_unique_per_runs_checkpoints_and_settings(tmp_path, umask_022):
+    def names(results):
+        with figures.palette_session(), figures.named_for(results):
+            return sorted(p.name for p in distance.plot(results, tmp_path))
+
+    a = names(syn.distance())
+    assert a == names(syn.distance())  # the same results: the same file
+    assert a[0].startswith("distance__mlp-late-sam__") and a[0].endswith(".png")
+    other_run = names(syn.distance("/runs/mlp-sgd"))
+    other_settings = syn.distance()
+    other_settings[0]["_meta"] = {**other_settings[0]["_meta"], "config": {"ref": "200"}}
+    assert len({a[0], other_run[0], names(other_settings)[0]}) == 3
+    assert len(list(tmp_path.glob("distance__*.png"))) == 3  # nothing was overwritten

@@ -1,4 +1,4 @@
-"""The settings a stored result was computed with, for captions, table headers and grouping.
+"""The settings a stored unit was computed with: grouping results by them, and naming them in captions.
 
 ``report`` attaches each unit's stored attributes to its result under
 :data:`META` (config, data and model specs, versions, command, host, sha256);
@@ -50,19 +50,19 @@ def group(results: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return sorted(groups.values(), key=lambda g: -len(g))
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return "none"
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (list, tuple)):
-        return ",".join(_fmt(x) for x in v)
+        return ",".join(fmt_value(x) for x in v)
     return str(v)
 
 
 def describe(cfg: dict[str, Any]) -> str:
     """``key=value`` of every setting that is set (None and False left out)."""
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items()
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in cfg.items()
                      if v is not None and v is not False and k not in NON_SETTINGS)
 
 
@@ -74,26 +74,36 @@ def differences(groups: list[list[dict[str, Any]]]) -> list[str]:
     full = [{**c, **e} for c, e in zip(cfgs, extra)]
     keys = list(dict.fromkeys(k for f in full for k in f))
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in full}) > 1]
-    return [", ".join(f"{k}={_fmt(f.get(k))}" for k in varying) for f in full]
+    return [", ".join(f"{k}={fmt_value(f.get(k))}" for k in varying) for f in full]
+
+
+FILE_DATA = (".pt", ".pth", ".npz", ".h5", ".hdf5")  # data files hold one set of samples: no split applies
 
 
 def data_text(results: Iterable[dict[str, Any]]) -> str:
-    """``data digits (train split, all samples, seed 0)`` from the stored data spec or the result."""
+    """``data: digits (train split, all 1,437 samples)`` from the stored data spec or the result.
+
+    The split is named only for data that has splits (not for a user's ``val.pt``); the
+    sample count reads the same whether the result or the stored spec carries it.
+    """
     results = list(results)
     if not results:
         return ""
     r = results[0]
     spec = meta(r).get("data_spec") or {}
     data = spec.get("data") or r.get("data")
-    n = r.get("n_samples")
+    n = r.get("n_samples", spec.get("n_samples"))
+    ms = spec.get("max_samples", r.get("max_samples")) if spec or "max_samples" in r else None
     parts = []
-    if spec or "split" in r:
-        parts.append(f"{spec.get('split', r.get('split'))} split")
-    if n is not None:
-        parts.append(f"n={int(n):,} samples")
+    split = spec.get("split", r.get("split"))
+    if split and not (isinstance(data, str) and data.lower().endswith(FILE_DATA)):
+        parts.append(f"{split} split")
+    if ms is not None:
+        parts.append((f"{int(n):,} samples" if n is not None else f"≤{int(ms):,} samples") + ", seeded selection")
+    elif n is not None:
+        parts.append(f"all {int(n):,} samples")
     elif spec:
-        ms = spec.get("max_samples")
-        parts.append("all samples" if ms is None else f"≤{int(ms):,} samples, seeded selection")
+        parts.append("all samples")
     if spec.get("seed") not in (None, 0):
         parts.append(f"seed {spec['seed']}")
     if not data and not parts:
@@ -111,74 +121,33 @@ def numerics_text(results: Iterable[dict[str, Any]]) -> str:
     return ", ".join(b for b in bits if b)
 
 
-def _g(cfg: dict[str, Any], r: dict[str, Any], k: str, default: Any = None) -> Any:
+def setting(cfg: dict[str, Any], r: dict[str, Any], k: str, default: Any = None) -> Any:
+    """Setting ``k`` from the stored config, else from the result itself, else ``default``."""
     v = cfg.get(k)
     return r.get(k, default) if v is None else v
 
 
 def sam_text(cfg: dict[str, Any], r: dict[str, Any]) -> str:
-    rho, variant, m = _g(cfg, r, "rho"), _g(cfg, r, "variant"), _g(cfg, r, "m")
+    rho, variant, m = setting(cfg, r, "rho"), setting(cfg, r, "variant"), setting(cfg, r, "m")
     if rho is None or rho == 0:  # --rho 0: no SAM quantity was computed
         return ""
-    return f"SAM {variant or 'l2'} ρ={_fmt(rho)}" + (f", m={m}" if m else "")
+    return f"SAM {variant or 'l2'} ρ={fmt_value(rho)}" + (f", m={m}" if m else "")
 
 
-def analysis_text(analysis: str, results: list[dict[str, Any]]) -> str:
-    """The analysis-specific settings, in words."""
-    if not results:
-        return ""
-    r = results[0]
-    cfg = config(r)
-    curv = cfg.get("curvature") or r.get("curvature") or "Hessian"
-    if analysis == "sharpness":
-        k = cfg.get("top_k") or max((len(x.get("eigenvalues") or []) for x in results), default=0)
-        which = _g(cfg, r, "which", "LA")
-        backend = _g(cfg, r, "backend", "lanczos")
-        tol = cfg.get("tol")
-        bits = [f"top-{k} {which} {curv} eigenvalues ({backend}" + (f", tol {tol:g})" if tol else ")")]
-        if cfg.get("trace") or any(x.get("trace") is not None for x in results):
-            tm = _g(cfg, r, "trace_method", "hutch++")
-            tt = cfg.get("trace_tol")
-            bits.append(f"trace {tm}" + (f" (rel. SE tol {tt:g})" if tt else ""))
-        if cfg.get("density") or any(x.get("density") for x in results):
-            bits.append(f"SLQ density ({cfg.get('density_steps', '?')} steps, {cfg.get('density_probes', '?')} probes)")
-        bits.append(sam_text(cfg, r))
-        return ", ".join(b for b in bits if b)
-    if analysis == "ratios":
-        return ", ".join(b for b in (sam_text(cfg, r), "faithful" if _g(cfg, r, "faithful") else "") if b)
-    if analysis == "overlap":
-        anchor = (r.get("anchor") or {}).get("step")
-        return ", ".join(b for b in (f"category {r.get('category', cfg.get('category'))}",
-                                     f"anchor step {anchor}" if anchor is not None else "",
-                                     f"IRE rank {cfg['ire_rank']:g}" if cfg.get("ire_rank") else "",
-                                     sam_text(cfg, r)) if b)
-    if analysis == "alignment":
-        k = _g(cfg, r, "k")
-        return ", ".join(b for b in (f"top-{k} {curv} eigenspace" if k else f"{curv} eigenspace",
-                                     f"η={_fmt(_g(cfg, r, 'eta'))}" if _g(cfg, r, "eta") is not None else "",
-                                     f"minibatch {_g(cfg, r, 'minibatch_size', r.get('batch_size'))}",
-                                     sam_text(cfg, r)) if b)
-    if analysis == "distance":
-        ref = r.get("ref_step", cfg.get("ref"))
-        return f"reference: step {_fmt(ref)}" if ref is not None else ""
-    if analysis == "interpolate":
-        pts = cfg.get("points") or len(r.get("alphas") or [])
-        rng = cfg.get("range")
-        return f"{pts} points" + (f" on α ∈ [{_fmt(rng[0])}, {_fmt(rng[1])}]" if rng else "")
-    if analysis == "features":
-        return ", ".join(b for b in (f"{r.get('method', cfg.get('importance'))} importance",
-                                     f"{r.get('strength_method', cfg.get('strength'))} strength",
-                                     f"minor = weakest {_fmt(r.get('minor_fraction', cfg.get('minor_fraction')))}")
-                         if b)
-    if analysis == "subspace":
-        k = _g(cfg, r, "k")
-        return f"top-{k} {curv} eigenspace" if k else f"{curv} eigenspace"
-    return describe(cfg)
+def curvature_name(cfg: dict[str, Any], r: dict[str, Any]) -> str:
+    """How the curvature operator of a result is named in words (``Hessian`` when not recorded)."""
+    c = str(setting(cfg, r, "curvature") or "hessian")
+    return CURVATURE_NAMES.get(c, c)
 
 
-def caption(analysis: str, results: list[dict[str, Any]], extra: str = "") -> str:
-    """One line naming every setting a figure of ``results`` was computed with."""
-    parts = [analysis_text(analysis, results), data_text(results), numerics_text(results), extra]
+CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher", "ef": "empirical Fisher"}
+
+
+def caption(view_text: str, results: list[dict[str, Any]], extra: str = "", data: bool = True) -> str:
+    """One line naming every setting a figure of ``results`` was computed with: the view's own
+    settings in words (each view's ``caption``), the data (``data=False`` for analyses that use
+    none), the numerics and ``extra``."""
+    parts = [view_text, data_text(results) if data else "", numerics_text(results), extra]
     return " · ".join(p for p in parts if p)
 
 

@@ -1,0 +1,26 @@
+"""``--help`` at 80 columns: options stacked, help text at (nearly) the full width, nothing cut."""
+from __future__ import annotations
+
+from clitools import run_cli
+
+
+def test_help_is_readable_in_an_80_column_pane(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    res = run_cli("sharpness", "--help")
+    assert res.code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 80 and "…" not in res.stdout
+    assert len(lines) < 200  # was 268 with a 17-character help column
+    text = " ".join(res.stdout.replace("│", " ").split())
+    assert "Relative residual ||Hv - lambda v|| / |lambda| every pair must reach." in text
+    for line in lines:  # help sentences are no longer chopped into 17-character pieces
+        if "Relative residual" in line:
+            assert "every pair must reach" in line
+    assert "--warm-start / --no-warm-start" in res.stdout and "--top-k, -k" in res.stdout
+
+
+def test_wide_terminals_keep_typers_own_layout(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    res = run_cli("sharpness", "--help")
+    assert res.code == 0
+    assert any("--top-k" in ln and "Number of eigenvalues" in ln for ln in res.stdout.splitlines())
