@@ -58,7 +58,7 @@ CLI: Style = cli_style
 
 FLAGS: dict[str, str] = {  # Python names whose flag is not --name-with-dashes (the CLI adds its own)
     "model_args": "--model-arg", "data_args": "--data-arg", "allow_models": "--allow-model",
-    "store": "--no-store", "m": "--m-sharpness",
+    "store": "--no-store", "m": "--m-sharpness", "run_names": "--run-name",
 }
 
 _STYLE: contextvars.ContextVar[Style] = contextvars.ContextVar("sam_probe_error_style", default=python_style)

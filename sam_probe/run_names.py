@@ -189,7 +189,7 @@ def run_of(result: Mapping) -> str:
 
 def stored_label(unit: str) -> str | None:
     """The label a unit was stored under (``analysis/<label>/<file>``), if it is a well-formed one."""
-    parts = str(unit).replace("\\", "/").split("/")
+    parts = str(unit).split("/")  # the store writes "/" only; a backslash is part of a name (e.g. an escape)
     label = "/".join(parts[1:-1])
     if len(parts) < 3 or len(label) > 200 or any(not p or p in (".", "..") or _UNSAFE.search(p) for p in parts[1:-1]):
         return None
