@@ -109,3 +109,40 @@ def learning_rate(ck: Any, given: float | None = None) -> tuple[float | None, st
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
             return float(v), f"hyper-parameters ({key})"
     return None, None
+
+
+SAM_OPTIMIZERS = {"sam": "l2", "late-sam": "l2", "usam": "usam"}
+
+
+def sam_training(ck: Any) -> tuple[str | None, float | None]:
+    """``(variant, rho)`` of the SAM update that trained this checkpoint's next step, when the
+    hyper-parameters say so (``optimizer`` sam/late-sam after ``switch_step``/usam and ``rho``)."""
+    hp = ck.hparams or {}
+    opt, rho = hp.get("optimizer"), hp.get("rho")
+    if opt not in SAM_OPTIMIZERS or not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho <= 0:
+        return None, None
+    if opt == "late-sam":
+        sw = hp.get("switch_step")
+        if not isinstance(sw, int) or ck.step is None or ck.step < sw:
+            return None, None
+    return SAM_OPTIMIZERS[opt], float(rho)
+
+
+def eos_fields(ck: Any, session: Any, lr: float | None, result: dict[str, Any]) -> dict[str, Any]:
+    """The edge-of-stability keys of a sharpness result (:mod:`sam_probe.core.eos`): ``eta``,
+    ``eta_source``, ``eta_lambda_max``, ``lambda_edge`` (2/η) and ``sam_edge`` for SAM-trained checkpoints."""
+    from ..core.eos import edge_of_stability
+
+    eta, source = learning_rate(ck, lr)
+    ev = result.get("eigenvalues") or []
+    lam = ev[0] if ev and result.get("curvature", "hessian") == "hessian" and (result.get("which") or "LA") == "LA" \
+        else None
+    variant, rho = sam_training(ck)
+    gnorm = None
+    if eta is not None and variant == "l2":
+        import torch
+
+        g = session.objective(ck).grad_flat()
+        gnorm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+    out = edge_of_stability(eta, lam, sam_rho=rho, sam_variant=variant, grad_norm=gnorm)
+    return {"eta": eta, "eta_source": source, **out}
