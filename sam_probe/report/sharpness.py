@@ -111,6 +111,8 @@ def plot_metrics(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
                 if key == "trace" and any(s is not None for s in se):
                     s = np.array([np.nan if v is None else v for v in se], dtype=float)
                     ax.fill_between(x, np.array(y) - s, np.array(y) + s, color=figures.color(run), alpha=0.2, lw=0)
+            if key == "eigenvalues":
+                draw_edges(ax, rs)
             figures.mark_steps(ax, events.switch_marks(rs))
             ax.set_title(short, fontsize="small")
             ax.set_xlabel(xlabel)
@@ -120,6 +122,30 @@ def plot_metrics(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         (facets[0][0] if facets[0][0] else "")
     figures.title(fig, "sharpness over training", settings.caption("sharpness", results, note))
     return figures.write(fig, outdir / "sharpness")
+
+
+def draw_edges(ax, rs: list[dict[str, Any]]) -> None:
+    """Edge of stability on the λ1 axis: 2/η per run (dashed, where η is known) and SAM's edge (dotted),
+    only when the axis already reaches half-way to them (a line far above the data would flatten it)."""
+    top = max((_value(r, "eigenvalues") or 0.0) for r in rs)
+    above: list[str] = []
+    for run in figures.runs_of(rs):
+        mine = sorted((r for r in rs if figures.run_key(r) == run and r.get("step") is not None),
+                      key=lambda r: r["step"])
+        edges = [(r["step"], r.get("lambda_edge")) for r in mine if isinstance(r.get("lambda_edge"), (int, float))]
+        if edges and min(e for _, e in edges) <= 2 * top:
+            ax.plot([s for s, _ in edges], [e for _, e in edges], ls="--", lw=1, color=figures.color(run),
+                    label=f"{figures.label(run)}: 2/η")
+        elif edges:
+            above.append(f"{figures.label(run)}: 2/η = {min(e for _, e in edges):.3g}")
+        sam = [(r["step"], r["sam_edge"]["lambda_edge"]) for r in mine if isinstance(r.get("sam_edge"), dict)
+               and isinstance(r["sam_edge"].get("lambda_edge"), (int, float))]
+        if sam and min(e for _, e in sam) <= 2 * top:
+            ax.plot([s for s, _ in sam], [e for _, e in sam], ls=":", lw=1.2, color=figures.color(run),
+                    label=f"{figures.label(run)}: SAM edge")
+    if above:
+        ax.text(0.02, 0.98, "edge of stability above the axis:\n" + "\n".join(above[:4]), transform=ax.transAxes,
+                ha="left", va="top", fontsize="x-small")
 
 
 def plot_density(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
