@@ -52,8 +52,8 @@ RUNS = {"sgd": {"label": "SGD, CE, lr 0.1, batch 64", "lr": 0.1, "batch": 64, "l
 def size(quick: bool) -> dict:
     if quick:
         return {"sgd": {"steps": 200, "keep": [0, 10, 30, 80, 200], "start": 200},
-                "eos": {"steps": 300, "keep": [0, 100, 300], "start": 300},
-                "horizon": 40, "eigen_every": 10, "grid_points": 9, "eta_steps": [30]}
+                "eos": {"steps": 200, "keep": [0, 100, 200], "start": 200},
+                "horizon": 30, "eigen_every": 10, "grid_points": 9, "eta_steps": [30]}
     return {"sgd": {"steps": 800, "keep": [0, 2, 5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 500, 600, 800],
                     "start": 200},
             "eos": {"steps": 1000, "keep": [0, 50, 100, 200, 300, 400, 600, 800, 1000], "start": 400},

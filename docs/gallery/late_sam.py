@@ -48,8 +48,8 @@ PAPER = {"source": "Zhou et al. 2025, 'Sharpness-aware minimization efficiently 
 
 def size(quick: bool) -> dict:
     if quick:
-        return {"steps": 400, "switch": 360, "seeds": [0, 1], "rhos": [0.3], "dense": 15, "traj_every": 40,
-                "late_every": 20, "trace_hvp": 40}
+        return {"steps": 300, "switch": 270, "seeds": [0, 1], "rhos": [0.3], "dense": 15, "traj_every": 30,
+                "late_every": 15, "trace_hvp": 30}
     return {"steps": 3000, "switch": 2700, "seeds": [0, 1, 2], "rhos": [0.05, 0.1, 0.3], "dense": 50,
             "traj_every": 100, "late_every": 50, "trace_hvp": 400}
 

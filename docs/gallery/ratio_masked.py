@@ -76,6 +76,11 @@ def variants(cfg: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def _cfg_of(settings: dict) -> dict:
+    """The size settings back from a JSON file's ``settings``."""
+    return {**settings, "scale": [tuple(x) for x in settings["scale"]]}
+
+
 def notebook_effect(opts: dict) -> list[float] | None:
     """The notebook's accuracy differences from ori-SAM for this variant (one per reported row), or None."""
     if "samckpt" not in opts or opts.get("random_mask"):
@@ -89,6 +94,8 @@ def notebook_effect(opts: dict) -> list[float] | None:
 
 def main(argv=None) -> dict:
     args = C.parse(NAME, __doc__, argv)
+    if args.replot:
+        return C.replot(args.out, NAME, lambda n: figure(n["results"], _cfg_of(n["settings"])))
     t0 = time.time()
     from sam_probe.loading.data import load_data
 
@@ -231,10 +238,11 @@ def figure(rows: list[dict], cfg: dict):
         ax.invert_yaxis()
         ax.set_xlabel(unit)
         if ax is axes[0]:
-            ax.set_xlim(-12, 4)
+            ax.set_xlim(-3, 5)
     axes[0].set_title("accuracy: effect of the mask (paired by seed)", fontsize=10)
     axes[1].set_title("loss: the random control beside each mask", fontsize=10)
     axes[1].legend(loc="lower right", fontsize=7)
+    axes[0].legend(loc="lower right", fontsize=7)
     C.caption(fig, "Ratio-masked SAM on digits (SAMECKPT) against a random mask of the same size",
               f"mlp 64-64-64-10, lr {LR}, batch {BATCH}, {cfg['steps']} steps, seeds {cfg['seeds']}; SAM's test "
               "accuracy is the 0 line")

@@ -82,6 +82,8 @@ def analyse(model, states, data, n_train: int, seed: int):
 
 def main(argv=None) -> dict:
     args = C.parse(NAME, __doc__, argv)
+    if args.replot:
+        return C.replot(args.out, NAME, lambda n: figure(n["runs"], n["settings"]))
     t0 = time.time()
     import sam_probe as sp
     from sam_probe.loading.data import load_data
@@ -95,13 +97,20 @@ def main(argv=None) -> dict:
                                         batch_size=BATCH, rho=RHO, keep=kept(cfg))
             rows, masks, flats = analyse(model, states, data, len(data), 0)
             steps = [r["step"] for r in rows]
+            window = [i for i, st in enumerate(steps) if cfg["anchor"] <= st <= cfg["anchor"] + cfg["dense"]]
             ov = {}
             for key in ("minibatch", "selection"):
-                control = out["sgd"]["_overlap"][key] if opt == "sam" else None
-                res = sp.overlap_analysis(masks[key], rows[0]["n_params"], steps, category="C1", anchor=cfg["anchor"],
-                                          flat_masks=flats if key == "minibatch" else None, ire_rank=IRE_RANK,
-                                          pairwise=False, null="shuffled", control=control)
-                ov[key] = res
+                # the whole run (anchor overlap to the last step, IRE link) and the dense window of consecutive
+                # steps after the anchor (the persistent core against its nulls: the shuffled null is an order
+                # of *these* steps, so early training, whose C1 sets differ, does not enter it)
+                control = out["sgd"]["_overlap"][key + " window"] if opt == "sam" else None
+                ov[key] = sp.overlap_analysis(masks[key], rows[0]["n_params"], steps, category="C1",
+                                              anchor=cfg["anchor"], flat_masks=flats if key == "minibatch" else None,
+                                              ire_rank=IRE_RANK, pairwise=False, null="shuffled")
+                ov[key + " window"] = sp.overlap_analysis([masks[key][i] for i in window], rows[0]["n_params"],
+                                                          [steps[i] for i in window], category="C1",
+                                                          anchor=cfg["anchor"], pairwise=False, null="shuffled",
+                                                          control=control)
             out[opt] = {"rows": rows, "_overlap": ov}
     for opt in out:
         out[opt]["overlap"] = {k: v.to_dict() for k, v in out[opt].pop("_overlap").items()}
@@ -119,7 +128,8 @@ def summarise(out: dict, cfg: dict) -> dict:
     """The numbers the README paragraph quotes, per definition, beside the notebook's."""
     s: dict = {}
     for key in ("minibatch", "selection"):
-        ov = out["sam"]["overlap"][key]
+        whole = out["sam"]["overlap"][key]
+        ov = out["sam"]["overlap"][key + " window"]
         st = ov["steps"]
         i0 = st.index(cfg["anchor"])
         a0 = ov["sizes"][i0]
@@ -130,7 +140,9 @@ def summarise(out: dict, cfg: dict) -> dict:
         d: dict = {"C1_fraction": {"first": c1[0], "min": min(c1), "last": c1[-1],
                                    "sgd_last": out["sgd"]["rows"][-1][key]["fractions"]["C1"]},
                    "anchor_C1_fraction_of_P": a0 / ov["n_params"],
-                   "kept_to_final_fraction_of_anchor": ov["anchor"]["overlap"][-1] / a0,
+                   "kept_to_final_fraction_of_anchor": whole["anchor"]["overlap"][-1] / a0,
+                   "kept_to_final_lift": {n: whole["nulls"][n]["anchor"]["lift"][-1] for n in ("independence",
+                                                                                             "shuffled", "markov")},
                    "core_fraction_of_anchor": {str(k): core[i0 + k] / a0 for k in (1, 2, 5, 10, cfg["dense"])
                                                if i0 + k < len(core)},
                    "magnitude_split": {"share_min": min(x for x in share if x is not None),
@@ -143,11 +155,10 @@ def summarise(out: dict, cfg: dict) -> dict:
             if nl is None:
                 continue
             d["lifts"][null] = {"anchor_after_1": nl["anchor"]["lift"][i0 + 1],
-                                "anchor_last": nl["anchor"]["lift"][-1],
                                 "core_after_1": nl["persistent"]["lift"][i0 + 1],
                                 "core_after_5": nl["persistent"]["lift"][min(i0 + 5, len(st) - 1)],
                                 "core_after_dense": nl["persistent"]["lift"][min(i0 + cfg["dense"], len(st) - 1)]}
-        dense = slice(i0 + 2, min(i0 + cfg["dense"], len(st) - 1) + 1)
+        dense = slice(i0 + 2, len(st) - 1)  # the last step of the window is all of it: every order agrees there
         d["claim_persists_beyond_markov"] = _claims.persists_beyond(ov["nulls"]["markov"]["persistent"]["lift"][dense])
         d["claim_persists_beyond_shuffled"] = _claims.persists_beyond(
             ov["nulls"]["shuffled"]["persistent"]["lift"][dense])
@@ -210,10 +221,10 @@ def figure(out: dict, cfg: dict):
     a.set_title("C1 magnitude split", fontsize=10)
     a.legend(loc="lower right", fontsize=6.5)
 
-    i0 = list(sam["overlap"]["minibatch"]["steps"]).index(cfg["anchor"])
-    for a, part, title in ((ax[1][0], "anchor", "C1 overlap with the anchor step"),
+    for a, part, title in ((ax[1][0], "anchor", "C1 overlap with the anchor step (whole run)"),
                            (ax[1][1], "persistent", "C1 at every step since the anchor (core)")):
-        ov = sam["overlap"]["minibatch"]
+        ov = sam["overlap"]["minibatch" if part == "anchor" else "minibatch window"]
+        i0 = list(ov["steps"]).index(cfg["anchor"])
         st = np.array(ov["steps"])[i0:] - cfg["anchor"]
         a0 = ov["sizes"][i0]
         obs = np.array(ov[part]["overlap" if part == "anchor" else "size"][i0:], dtype=float) / a0
@@ -241,9 +252,12 @@ def figure(out: dict, cfg: dict):
         a.legend(loc="lower left", fontsize=6.5)
 
     a = ax[1][2]
-    ov = sam["overlap"]["minibatch"]
+    ov = sam["overlap"]["minibatch window"]
+    i0 = list(ov["steps"]).index(cfg["anchor"])
     for null, c in (("shuffled", pal[2]), ("markov", pal[4]), ("control", col["sgd"]), ("independence",
                                                                                           col["baseline"])):
+        if null not in ov["nulls"]:
+            continue
         lift = ov["nulls"][null]["persistent"]["lift"][i0 + 1:]
         st = np.array(ov["steps"][i0 + 1:]) - cfg["anchor"]
         a.plot(st, [np.nan if v is None else v for v in lift], color=c, marker=".", label=null)
@@ -252,7 +266,7 @@ def figure(out: dict, cfg: dict):
     a.set_yscale("log")
     a.set_xlabel("steps after the anchor (log)")
     a.set_ylabel("core lift = observed / null (log)")
-    a.set_title("persistence against each null", fontsize=10)
+    a.set_title(f"core against each null ({cfg['dense']} consecutive steps)", fontsize=10)
     a.legend(loc="upper left", fontsize=7)
     C.caption(fig, "SAM's ratio categories on the digits MLP (the notebook's minibatch definition)",
               f"l2-SAM rho {RHO}, lr {LR}, batch {BATCH}, {cfg['steps']} steps; anchor step {cfg['anchor']}, every "
