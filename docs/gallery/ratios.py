@@ -157,8 +157,12 @@ def summarise(out: dict, cfg: dict) -> dict:
             d["lifts"][null] = {"anchor_after_1": nl["anchor"]["lift"][i0 + 1],
                                 "core_after_1": nl["persistent"]["lift"][i0 + 1],
                                 "core_after_5": nl["persistent"]["lift"][min(i0 + 5, len(st) - 1)],
+                                "core_after_10": nl["persistent"]["lift"][min(i0 + 10, len(st) - 1)],
+                                "core_after_20": nl["persistent"]["lift"][min(i0 + 20, len(st) - 1)],
                                 "core_after_dense": nl["persistent"]["lift"][min(i0 + cfg["dense"], len(st) - 1)]}
         dense = slice(i0 + 2, len(st) - 1)  # the last step of the window is all of it: every order agrees there
+        d["shuffled_lift_range"] = [min(x for x in ov["nulls"]["shuffled"]["persistent"]["lift"][dense]),
+                                    max(x for x in ov["nulls"]["shuffled"]["persistent"]["lift"][dense])]
         d["claim_persists_beyond_markov"] = _claims.persists_beyond(ov["nulls"]["markov"]["persistent"]["lift"][dense])
         d["claim_persists_beyond_shuffled"] = _claims.persists_beyond(
             ov["nulls"]["shuffled"]["persistent"]["lift"][dense])

@@ -306,27 +306,26 @@ NULLS = ("independence", "shuffled", "markov", "control")
 def other_step_counts(ms: MaskSet, i0: int, block_words: int = 1 << 16) -> np.ndarray:
     """Histogram ``h[c]`` (``c = 0..T-1``) of how many *other* stored steps hold each member of ``S_t0``.
 
-    Streams over blocks of 64-bit words (memory: ``T - 1`` block views plus one count
-    block), never a length-``P`` count vector."""
+    Streams over blocks of ``block_words`` 64-bit words (memory: one count block and one
+    unpacked block, 3 bytes per bit of the block), never a length-``P`` count vector."""
     T = len(ms)
     hist = np.zeros(T, dtype=np.int64)
     others = [t for t in range(T) if t != i0]
     nw = ms.n_head // 8
     dtype = np.uint16 if T < 65535 else np.uint32
 
-    def add(anchor_bits: np.ndarray, other_bits: list[np.ndarray]) -> None:
+    def add(anchor_bits: np.ndarray, others_of) -> None:
         cnt = np.zeros(anchor_bits.size, dtype=dtype)
-        for b in other_bits:
-            cnt += b
+        for t in others:  # one unpacked block at a time
+            cnt += others_of(t)
         hist[:] += np.bincount(cnt[anchor_bits.astype(bool)], minlength=T)[:T]
 
     for lo in range(0, nw, block_words):
         hi = min(nw, lo + block_words)
-        a = np.unpackbits(ms.heads[i0][lo:hi].view(np.uint8))
-        add(a, [np.unpackbits(ms.heads[t][lo:hi].view(np.uint8)) for t in others])
+        add(np.unpackbits(ms.heads[i0][lo:hi].view(np.uint8)),
+            lambda t, lo=lo, hi=hi: np.unpackbits(ms.heads[t][lo:hi].view(np.uint8)))
     if ms.tails.shape[1]:
-        a = np.unpackbits(ms.tails[i0])
-        add(a, [np.unpackbits(ms.tails[t]) for t in others])
+        add(np.unpackbits(ms.tails[i0]), lambda t: np.unpackbits(ms.tails[t]))
     return hist
 
 

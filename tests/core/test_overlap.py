@@ -318,3 +318,14 @@ def test_control_null_is_the_control_runs_retention():
     assert r3["nulls"]["control"]["persistent"]["expected"][3] is None  # the control lacks step 3
     with pytest.raises(ValueError, match="control"):
         overlap.overlap_analysis(masks, n, null="control")
+
+
+def test_shuffled_counts_are_the_same_in_any_block_size():
+    n, T = 1100, 6
+    sets = random_sets(n, T, seed=5)
+    ms = overlap.MaskSet([pack(s, n) for s in sets], n)
+    whole = overlap.other_step_counts(ms, 2)
+    assert np.array_equal(whole, overlap.other_step_counts(ms, 2, block_words=1))
+    assert np.array_equal(whole, overlap.other_step_counts(ms, 2, block_words=3))
+    brute = np.bincount([sum(i in sets[t] for t in range(T) if t != 2) for i in sets[2]], minlength=T)
+    assert np.array_equal(whole, brute)
