@@ -92,6 +92,13 @@ def main(argv=None) -> dict:
                         "final_loss": float(loss[-1]), "plateau_ends_at_step": plateau,
                         "minor_mass_peak": float(max(x for x in res.minor_mass if x is not None))}
     numbers["sweep"] = sweep
+    numbers["paper"] = {"source": "Moon, Si & Yun 2026 (SAM with depth: sequential feature amplification), as "
+                                  "summarised in the project's seed documents",
+                        "claims": ["depth-1 SAM = GD; with depth, l2-SAM at a medium init amplifies minor features "
+                                   "first and major ones last", "small init: collapse to 0; large init: like GD"],
+                        "numbers": "none quoted in the seed summary (statements about the rescaled flow)"}
+    numbers["null"] = {"control": "GD from the same init", "gd_sequence": numbers["sgd"]["sequence"],
+                       "claim_holds_for_gd": False}
     fig = figure(runs, sweep, cfg)
     return C.write(args.out, NAME, fig, numbers, t0)
 

@@ -12,23 +12,38 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+NULL_LABELS = {"independence": "independent sets", "shuffled": "time-shuffled steps",
+               "markov": "first-order Markov chain", "control": "the control run's retention"}
+
+
+def null_of(r: dict[str, Any]) -> str:
+    """The null whose expectation a result's ``anchor``/``persistent`` hold (results before nulls: independence)."""
+    return str(r.get("null") or "independence")
+
+
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     out = []
     for r in results:
         a, k = r["anchor"], r["persistent"]
         ire = r.get("ire") or {}
         cols = [settings.step_kind([r]), f"|{r['category']}|", "% of P", "anchor overlap", "expected", "lift",
-                "persistent", "expected"] + (["IRE flat overlap", "expected", "lift"] if ire else [])
+                "persistent", "expected", "lift"] + (["IRE flat overlap", "expected", "lift"] if ire else [])
         rows = []
         for i, step in enumerate(r["steps"]):
             row = [step_value(step), r["sizes"][i], 100 * r["fractions"][i], a["overlap"][i], a["expected"][i],
-                   a["lift"][i], k["size"][i], k["expected"][i]]
+                   a["lift"][i], k["size"][i], k["expected"][i], (k.get("lift") or [None] * len(r["steps"]))[i]]
             if ire:
                 row += [ire["overlap"][i], ire["expected"][i], ire["lift"][i]]
             rows.append(row)
         title = (f"{figures.run_name(r)}: overlap of {r['category']} with {settings.step_kind([r])} "
-                 f"{step_value(a['step'])} (independence baseline)")
-        out.append(Table(title, cols, rows))
+                 f"{step_value(a['step'])} (expected: {NULL_LABELS.get(null_of(r), null_of(r))}"
+                 + ("; IRE: independence" if ire else "") + ")")
+        notes = []
+        if r.get("nulls"):
+            last = {n: (v["persistent"]["lift"] or [None])[-1] for n, v in r["nulls"].items()}
+            notes.append("core lift at the last step under each null: " + ", ".join(
+                f"{n} {v:.3g}" if isinstance(v, (int, float)) else f"{n} -" for n, v in last.items()))
+        out.append(Table(title, cols, rows, notes))
     return out
 
 
@@ -88,7 +103,9 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     handles, labels = axes[0].get_legend_handles_labels()
     from matplotlib.lines import Line2D
     handles.append(Line2D([], [], ls="--", color="0.3"))
-    labels.append("chance (independent sets)")
+    nulls = sorted({null_of(r) for r in results})
+    labels.append("expected: " + ", ".join(NULL_LABELS.get(n, n) for n in nulls) + (" (IRE: independent sets)"
+                                                                                    if has_ire else ""))
     figures.legend_beside(axes[-1], handles, labels, title="run")
     figures.title(fig, f"persistence of {cat} (normalised: % of the anchor set / of P / of S_t)",
                   settings.caption("overlap", results))
