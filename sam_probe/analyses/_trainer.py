@@ -14,7 +14,8 @@
 - :func:`learning_rate`: the step size ``η`` of the checkpoint, from (in this order) the
   user's ``--lr``, an optimizer state saved beside the weights (``param_groups[0]["lr"]``
   of ``optimizer``/``optimizer_state_dict``/``optimizer_states``/``optim``, or
-  ``train_state.lr`` of ``sam-probe train``), the hyper-parameters (``lr``,
+  ``train_state.lr`` of ``sam-probe train``; only in torch files up to 256 MiB, which are
+  read a second time for it), the hyper-parameters (``lr``,
   ``learning_rate``), else None.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states", "optim", "train_state")
 HPARAM_LR_KEYS = ("lr", "learning_rate")
 SEED_MULT = 1_000_003
-MAX_OPTSTATE_BYTES = 2 << 30  # optimizer states are looked for only in files up to 2 GiB (they are read again)
+MAX_OPTSTATE_BYTES = 256 << 20  # optimizer states are looked for only in files up to 256 MiB (read a second time)
 
 
 def seeded_draw(n: int, size: int, seed: int, step: int | None):

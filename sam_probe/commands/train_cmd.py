@@ -162,8 +162,11 @@ def write_run(out: Path, *, model: str, model_args: dict[str, Any], data: str, d
     selection = load_data(data, split="train", max_samples=o["max_samples"], seed=o["seed"], options=data_args)
     torch.manual_seed(o["seed"])
     net = build_model(model, model_args)
-    if weights is not None:
-        net.load_state_dict(weights, strict=True)
+    if weights is not None:  # matched by resume_run: every parameter is there; optional buffers may be absent
+        missing = [n for n, _ in net.named_parameters() if n not in weights]
+        if missing:
+            raise SpecError(f"--resume: the checkpoint lacks parameters {missing[:5]}")
+        net.load_state_dict(weights, strict=False)
     if o["init_scale"] != 1.0:
         with torch.no_grad():
             for p in net.parameters():
