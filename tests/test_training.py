@@ -106,3 +106,184 @@ def test_bad_configs():
         train(m, data, optimizer="sgd", samckpt="1")
     with pytest.raises(SpecError, match="digits 1-4"):
         train(m, data, optimizer="sam", samckpt="15")
+
+
+# ------------------------------------------------------------------ resume, windows, init scale
+def test_checkpoint_step_windows():
+    from sam_probe.training import parse_checkpoint_steps
+
+    assert parse_checkpoint_steps("0:4:1,4:20:5,33", 30) == {0, 1, 2, 3, 4, 9, 14, 19, 33}
+    assert parse_checkpoint_steps("0:100:50", 60) == {0, 50}
+    assert parse_checkpoint_steps(None, 10) is None
+    for bad in ("5:2", "a:b", "0:10:0", "-1"):
+        with pytest.raises(SpecError, match="checkpoint-steps"):
+            parse_checkpoint_steps(bad, 10)
+
+
+def test_checkpoint_steps_are_written(digits):
+    seen = []
+    train(mlp(), digits, steps=12, batch_size=32, checkpoint_steps={0, 1, 2, 7},
+          on_checkpoint=lambda s, sd, m: seen.append(s))
+    assert seen == [0, 1, 2, 7, 12]
+
+
+def test_batch_stream_skip_equals_consumed():
+    for bs in (3, 4, 10):
+        full = batches(10, bs, seed=5)
+        drawn = [next(full) for _ in range(9)]
+        for skip in range(8):
+            assert torch.equal(next(batches(10, bs, seed=5, skip=skip)), drawn[skip])
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="sam", momentum=0.9, rho=0.1, weight_decay=1e-3, model="cnn"),
+                                dict(optimizer="late-sam", switch_step=3, samckpt="12", condition=0.5),
+                                dict(optimizer="sam", samckpt="234", random_mask=True, momentum=0.5)])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, kw):
+    from sam_probe.commands.train_cmd import resume_run, write_run
+
+    kw = dict(kw)
+    arch = kw.pop("model", "mlp")
+    spec = dict(model=arch, model_args={"width": 2} if arch == "cnn" else {"in_dim": 64, "hidden": [8], "out_dim": 10},
+                data="digits", max_samples=90, lr=0.1, batch_size=20, seed=3)
+    write_run(tmp_path / "whole", steps=9, checkpoint_every=3, **spec, **kw)
+    write_run(tmp_path / "first", steps=4, checkpoint_every=4, **spec, **kw)
+    resume_run(tmp_path / "rest", tmp_path / "first" / "step_000004.pt", model=None, model_args={}, data=None,
+               data_args=None, checkpoint_every=3, steps=9)
+    for step in (6, 9):
+        a = torch.load(tmp_path / "whole" / f"step_{step:06d}.pt", weights_only=True)
+        b = torch.load(tmp_path / "rest" / f"step_{step:06d}.pt", weights_only=True)
+        assert set(a["model"]) == set(b["model"])
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+        assert a["metrics"] == b["metrics"] and a["hparams"]["minibatch"] == b["hparams"]["minibatch"]
+    assert b["hparams"]["resumed_from"].endswith("step_000004.pt") and b["hparams"]["start_step"] == 4
+
+
+def test_resume_switches_optimizer_and_reads_a_plain_state_dict(tmp_path):
+    from clitools import run_cli
+
+    tiny = ["--model", "mlp", "--model-arg", "in_dim=64", "--model-arg", "hidden=5", "--model-arg", "out_dim=10",
+            "--data", "digits", "--max-samples", "60", "--batch-size", "20", "--quiet"]
+    assert run_cli("train", tmp_path / "sgd", *tiny, "--steps", "8", "--checkpoint-every", "4").code == 0
+    res = run_cli("train", tmp_path / "late", "--resume", tmp_path / "sgd" / "step_000004.pt", "--optimizer", "sam",
+                  "--rho", "0.2", "--checkpoint-steps", "4:8:1", "--quiet")
+    assert res.code == 0, res.stderr
+    late = {s: torch.load(tmp_path / "late" / f"step_{s:06d}.pt", weights_only=True) for s in range(4, 9)}
+    sgd4 = torch.load(tmp_path / "sgd" / "step_000004.pt", weights_only=True)
+    sgd8 = torch.load(tmp_path / "sgd" / "step_000008.pt", weights_only=True)
+    assert all(torch.equal(late[4]["model"][n], sgd4["model"][n]) for n in sgd4["model"])  # starts where SGD was
+    assert not torch.equal(late[8]["model"]["net.0.weight"], sgd8["model"]["net.0.weight"])  # then SAM
+    assert late[8]["optimizer"] == "sam" and late[8]["hparams"]["lr"] == 0.1 and late[8]["hparams"]["rho"] == 0.2
+    # a plain state dict (no hyper-parameters) with the model named on the command line
+    torch.save(sgd4["model"], tmp_path / "plain.pt")
+    res = run_cli("train", tmp_path / "cont", "--resume", tmp_path / "plain.pt", *tiny, "--steps", "6",
+                  "--init-scale", "0.5")
+    assert res.code == 0, res.stderr
+    first = torch.load(tmp_path / "cont" / "step_000000.pt", weights_only=True)
+    assert torch.equal(first["model"]["net.0.weight"], 0.5 * sgd4["model"]["net.0.weight"])
+    bad = run_cli("train", tmp_path / "x", "--resume", tmp_path / "plain.pt", "--quiet")
+    assert bad.code == 2 and "--model" in bad.stderr
+
+
+# ------------------------------------------------------------------ masked SAM against a hand-written update
+def _hand_step(model, x, y, rho, rule):
+    """One full-batch step written out with plain autograd: g, g~ = grad at w + rho g/||g||, r = g~/g."""
+    from torch.func import functional_call
+    import torch.nn.functional as F
+
+    names = [n for n, _ in model.named_parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+
+    def grad_at(ws):
+        ws = [t.clone().requires_grad_(True) for t in ws]
+        out = functional_call(model, dict(zip(names, ws)), (x,))
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(out, y), ws)])
+
+    g = grad_at(w)
+    flat = torch.cat([t.reshape(-1) for t in w])
+    e = rho * g / g.norm()
+    sizes = [t.numel() for t in w]
+    gt = grad_at([t.reshape(s.shape) for t, s in zip(torch.split(flat + e, sizes), w)])
+    return flat, g, gt, rule(g, gt)
+
+
+def _category(g, gt):
+    r = gt / g
+    return torch.where(r > 1, 1, torch.where(r > 0, 2, torch.where(r < -1, 3, 4)))  # C1..C4 (no ties here)
+
+
+@pytest.mark.parametrize("mode", ["select 12", "scale 234 x0.5", "select 3", "random 1"])
+def test_masked_sam_equals_a_hand_written_update(mode):
+    from sam_probe.training import mask_generator
+
+    data = load_data("digits", max_samples=40, seed=1)
+    torch.manual_seed(0)
+    model = build_model("mlp", {"in_dim": 64, "hidden": [4], "out_dim": 10}).double()
+    before = build_model("mlp", {"in_dim": 64, "hidden": [4], "out_dim": 10}).double()
+    before.load_state_dict(model.state_dict())
+    x, y = data.inputs.double(), data.targets
+    kind, cats, *c = mode.split()
+    wanted = [int(ch) for ch in cats]
+    condition = float(c[0][1:]) if c else None
+
+    def rule(g, gt):
+        mask = torch.isin(_category(g, gt), torch.tensor(wanted))
+        if kind == "random":
+            m = torch.zeros_like(mask)
+            m[torch.randperm(mask.numel(), generator=mask_generator(7, 0))[:int(mask.sum())]] = True
+            assert int(m.sum()) == int(mask.sum()) and not torch.equal(m, mask)
+            mask = m
+        if condition is None:
+            return torch.where(mask, gt, g)  # g~ on the chosen categories, g elsewhere
+        return torch.where(mask, gt * condition, gt)  # g~ * c there, g~ elsewhere
+
+    flat, g, gt, d = _hand_step(before, x, y, 0.3, rule)
+    train(model, data, optimizer="sam", rho=0.3, lr=0.5, steps=1, batch_size=0, samckpt=cats, condition=condition,
+          random_mask=kind == "random", seed=7)
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, flat - 0.5 * d, rtol=0, atol=1e-12)
+    assert not torch.allclose(d, gt) and not torch.allclose(d, g)  # the mask mattered
+
+
+# ------------------------------------------------------------------ dominant / bulk projected SGD
+@pytest.mark.parametrize("kind", ["dom", "bulk"])
+def test_projected_updates_stay_in_the_subspace(kind):
+    from sam_probe.training import TrainState
+
+    data = load_data("digits", max_samples=60, seed=0)
+    torch.manual_seed(0)
+    model = build_model("mlp", {"in_dim": 64, "hidden": [3], "out_dim": 10}).double()
+    st = TrainState()
+    seen = []
+    train(model, data, optimizer="sgd", lr=0.3, steps=5, batch_size=20, momentum=0.5, project=kind, k=3,
+          eigen_every=2, eigen_tol=1e-6, checkpoint_every=1, state=st,
+          on_checkpoint=lambda s, sd, m: seen.append((s, {n: sd[n] for n, _ in model.named_parameters()},
+                                                      None if st.projector is None else st.projector.clone(), m)))
+    steps_with_new = [m.get("projector_step") for _, _, _, m in seen]
+    assert steps_with_new[1:] == [0, 0, 2, 2, 4]  # recomputed every 2 steps
+    for (s0, w0, _, _), (s1, w1, V, _) in zip(seen, seen[1:]):
+        dw = torch.cat([(w1[n] - w0[n]).reshape(-1) for n in w0])
+        inside = V @ (V.T @ dw)
+        off = dw - inside if kind == "dom" else inside
+        assert float(dw.norm()) > 0 and float(off.norm()) <= 1e-10 * float(dw.norm())
+    # the projector is the top-3 space of the dense Hessian of the full training loss at its step
+    from sam_probe.core.objective import Objective
+
+    obj = Objective(model, data.inputs, data.targets, "ce", bn_mode="train",
+                    params={n: seen[4][1][n] for n in seen[4][1]})
+    P = obj.n_params
+    H = torch.stack([obj.hvp(torch.eye(P, dtype=torch.float64)[i]) for i in range(P)])
+    evals, evecs = torch.linalg.eigh((H + H.T) / 2)
+    U = evecs[:, -3:]
+    V = seen[5][2]  # recomputed at step 4
+    assert float(torch.linalg.matrix_norm(U.T @ V) ** 2 / 3) > 1 - 1e-6
+    assert seen[5][3]["projector_eigenvalues"] == pytest.approx(sorted(evals[-3:].tolist(), reverse=True), rel=1e-6)
+
+
+def test_projection_and_mask_option_checks(digits):
+    with pytest.raises(SpecError, match="dom or bulk"):
+        train(mlp(), digits, project="top", steps=1)
+    with pytest.raises(SpecError, match="random-mask needs --samckpt"):
+        train(mlp(), digits, optimizer="sam", random_mask=True, steps=1)
+    with pytest.raises(SpecError, match="after --steps"):
+        from sam_probe.training import TrainState
+        train(mlp(), digits, steps=2, start=TrainState(step=5))

@@ -37,7 +37,20 @@ def parse(name: str, doc: str, argv: Sequence[str] | None) -> argparse.Namespace
     ap = argparse.ArgumentParser(prog=f"{name}.py", description=doc.splitlines()[0] if doc else name)
     ap.add_argument("--quick", action="store_true", help="CI size (seconds), not the committed figure's size")
     ap.add_argument("--out", type=Path, default=HERE, help="folder for the figure and the JSON (default docs/gallery)")
+    ap.add_argument("--replot", action="store_true", help="redraw the figure from the JSON already in --out "
+                    "(no training)")
     return ap.parse_args(list(argv) if argv is not None else None)
+
+
+def replot(out: Path, name: str, figure) -> dict[str, Any]:
+    """``--replot``: the numbers of ``<out>/<name>.json`` drawn again by ``figure(numbers)`` into ``<name>.png``."""
+    from sam_probe.report.figures import save
+
+    numbers = json.loads((out / f"{name}.json").read_text())
+    path = save(figure(numbers), out / f"{name}.png", "png")
+    os.chmod(path, 0o644)
+    print(f"{name}: redrew {path}")
+    return numbers
 
 
 @contextlib.contextmanager
@@ -52,19 +65,24 @@ def one_thread() -> Iterator[None]:
 
 
 def train_run(model_spec: str, model_args: dict[str, Any], data, *, seed: int = 0, init_scale: float = 1.0,
-              keep: Sequence[int] | None = None, checkpoint_every: int = 0, **train_kw: Any):
+              keep: Sequence[int] | None = None, checkpoint_every: int = 0, weights: dict | None = None,
+              start: Any = None, stream_seed: int | None = None, **train_kw: Any):
     """Build ``model_spec`` under ``torch.manual_seed(seed)`` (weights times ``init_scale``), train it
     with :func:`sam_probe.training.train` and return ``(model, [(step, state_dict, metrics)])``.
 
     States are kept at steps in ``keep`` (every step is visited) or every ``checkpoint_every``
-    steps (and 0 and the last); ``None``/``0`` keeps only the last.
+    steps (and the first and the last); ``None``/``0`` keeps only the last.  ``weights`` and
+    ``start`` (a :class:`~sam_probe.training.TrainState`) continue a run exactly like
+    ``sam-probe train --resume``; ``stream_seed`` draws the minibatches from another seed.
     """
     from sam_probe.loading.models import build_model
     from sam_probe.training import train
 
     torch.manual_seed(seed)
     model = build_model(model_spec, model_args)
-    if init_scale != 1.0:
+    if weights is not None:
+        model.load_state_dict(weights)
+    elif init_scale != 1.0:
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(init_scale)
@@ -77,8 +95,25 @@ def train_run(model_spec: str, model_args: dict[str, Any], data, *, seed: int = 
             states.append((step, state, metrics))
 
     every = 1 if wanted is not None else (checkpoint_every or steps)
-    train(model, data, seed=seed, checkpoint_every=every, on_checkpoint=on_ckpt, **train_kw)
+    train(model, data, seed=seed if stream_seed is None else stream_seed, checkpoint_every=every,
+          on_checkpoint=on_ckpt, start=start, **train_kw)
     return model, states
+
+
+def mean_std(v) -> list[float | None]:
+    """``[mean, std over seeds (ddof 1; None for one seed)]`` of the values that exist."""
+    import numpy as np
+
+    v = [x for x in v if x is not None]
+    if not v:
+        return [None, None]
+    return [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None]
+
+
+def verdict(word: str) -> str:
+    """One of the three words every gallery paragraph states."""
+    assert word in ("reproduced", "partly reproduced", "not reproduced"), word
+    return word
 
 
 def objective(model, state: dict[str, torch.Tensor], data, loss: str | None = None, dtype=torch.float64):
@@ -93,7 +128,7 @@ def objective(model, state: dict[str, torch.Tensor], data, loss: str | None = No
 
 def caption(fig, title: str, settings: str) -> None:
     """Title plus one caption line naming the settings (above the panels, so tight_layout keeps it)."""
-    fig.suptitle(f"{title}\n{settings}", fontsize=10, y=0.995)
+    fig.suptitle(f"{title}\n{settings}", fontsize=10)
 
 
 def legend_outside(ax, **kw: Any) -> None:

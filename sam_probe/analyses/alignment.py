@@ -49,7 +49,7 @@ ANALYSIS = Analysis(
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
         "k": "subspace dimension", "n_params": "P (chance level of chi_k: sqrt(k/P))", "eigenvalues": "top-k eigenvalues", "residuals": "their relative residuals",
         "chi": "chi_k per vector", "chi_sq": "chi_k squared per vector", "dL": "one-step loss changes dom/bulk/full",
-        "dL_pred": "their second-order predictions", "eta": "step size used", "eta_star": "eta*_emp",
+        "dL_pred": "their second-order predictions", "eta": "step size used", "eta_source": "--step-size, optimizer state, hyper-parameters or default 0.1", "eta_star": "eta*_emp",
         "eta_lambda_max": "eta * lambda_max of the --curvature operator",
         "lambda_of": "the operator lambda_max belongs to (Hessian, GGN, ...)",
         "edge_of_stability": "whether eta_lambda_max is the Hessian's (comparable with the edge of stability at 2)", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
@@ -94,12 +94,16 @@ def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, 
     k = cfg["k"] or data.n_classes or 10
     if k >= obj.n_params:
         raise SpecError(f"{ck.path}: --k {k} must be below the parameter count {obj.n_params}")
-    lr = ck.hparams.get("lr")
-    eta = cfg["eta"] if cfg["eta"] is not None else (float(lr) if isinstance(lr, (int, float)) and lr > 0 else 0.1)
+    from ._trainer import learning_rate
+
+    eta, eta_source = learning_rate(ck, cfg["eta"])  # --eta, the optimizer state, the hyper-parameters, else 0.1
+    eta, eta_source = (eta, eta_source) if eta is not None else (0.1, "default 0.1")
     prev = None
     if "update" in cfg["vectors"] and carry.get("prev_path"):
         prev = session.objective(session.load(carry["prev_path"])).flat_params()
-    return warm_started(ck, cfg, carry, lambda warm: compute_alignment(obj, cfg, k, eta, prev, warm, carry))
+    out = warm_started(ck, cfg, carry, lambda warm: compute_alignment(obj, cfg, k, eta, prev, warm, carry))
+    out["eta_source"] = str(eta_source).replace("--lr", "--step-size")
+    return out
 
 
 def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None, warm=None,

@@ -17,31 +17,49 @@ from ..core.names import CATEGORIES as CATEGORY_CHOICES
 if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
+NULL_CHOICES = ("independence", "shuffled", "markov", "control")
+
 ANALYSIS = Analysis(
-    name="overlap", version=1, order=30, target=RUNS,
+    name="overlap", version=2, order=30, target=RUNS,
     summary="Persistence of a ratio category across steps: anchor overlap, Jaccard, persistent core and IRE link, "
-            "each with its independence baseline and lift (uses stored ratio units, computes missing ones).",
+            "against informative nulls (time-shuffled, first-order Markov, a control run) as well as "
+            "independence (uses stored ratio units, computes missing ones).",
     definitions=(
         ("S_t", "the parameters in --category at step t (see `sam-probe ratios --help`)"),
         ("anchor overlap", "|S_anchor ∩ S_t|; expected under independence P p_anchor p_t with p_t = |S_t|/P"),
         ("Jaccard", "|S_s ∩ S_t| / |S_s ∪ S_t| for every pair of steps"),
         ("persistent core", "|S_anchor ∩ ... ∩ S_t| over consecutive steps; expected P Π p_s"),
-        ("lift", "observed / expected under independence (1 = chance)"),
+        ("lift", "observed / expected under the chosen --null (1 = what the null explains)"),
+        ("independence", "sets drawn independently with the observed sizes: E = P p_anchor p_t, E[core] = P Π p_s "
+                         "(falls like p^t: a weak null)"),
+        ("shuffled", "the other stored steps in random order around the anchor (each parameter keeps how often it "
+                     "is in the category): exact mean over all orders"),
+        ("markov", "a first-order two-state chain with the observed stay/enter rates between consecutive stored "
+                   "steps (the first transition is fitted: lift 1 there)"),
+        ("control", "the --control run's retention of its own anchor set at the same steps"),
         ("IRE mask", "coordinates whose g_i^2 is not in the top --ire-rank fraction; overlap of S_t with it"),
     ),
-    json="{category, steps, sizes, anchor{step, overlap, expected, lift}, jaccard, persistent{size, expected}, "
-         "ire{overlap, expected}} ({runs: [...]} for several runs)",
+    json="{category, steps, sizes, anchor{step, overlap, expected, lift}, jaccard, persistent{size, expected, lift}, "
+         "ire{overlap, expected}, null, nulls{independence, shuffled, markov, control}} ({runs: [...]} for several "
+         "runs)",
     options=(
         Option("category", "C1", ("--category", "-c"), "C1, C2, C3, C4, boundary or undefined.",
                choices=CATEGORY_CHOICES),
         Option("anchor", None, ("--anchor",), "Anchor step (default: the first stored step).", annotation=int),
         Option("no_pairwise", False, ("--no-pairwise",), "Skip the T x T Jaccard matrix."),
+        Option("null", "shuffled", ("--null",), "The null the headline expected/lift use: independence, shuffled, "
+               "markov or control (all computed ones are in `nulls`).", choices=NULL_CHOICES),
+        Option("control", None, ("--control",), "A control run (e.g. SGD analysed at the same rho, or another "
+               "seed): its persistence at the same steps is the `control` null.", annotation=str),
         *RATIO_OPTIONS,
     ),
     schema={
         "run": "run directory", "category": "category followed", "steps": "steps", "sizes": "|S_t| per step",
         "anchor": "overlap with the anchor step, expected and lift", "jaccard": "pairwise Jaccard matrix",
-        "persistent": "persistent core size and expected", "ire": "overlap with the IRE flat mask and expected",
+        "persistent": "persistent core size, expected and lift under --null",
+        "ire": "overlap with the IRE flat mask and expected",
+        "null": "the null of the headline expected/lift", "nulls": "{null: {anchor, persistent: {expected, lift}}}",
+        "control": "the control run", "minibatch": "--minibatch B of the ratio units (null: whole selection)",
     },
 )
 
@@ -49,9 +67,15 @@ ANALYSIS = Analysis(
 def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     from .base import check_options
 
+    from ..errors import SpecError
+
     check_options(ANALYSIS, opts)
-    return {"ratios": ratio_config(opts), "category": opts["category"], "anchor": opts["anchor"],
-            "pairwise": not opts["no_pairwise"]}
+    if opts["null"] == "control" and not opts["control"]:
+        raise SpecError("--null control needs --control RUN (the run whose persistence is the baseline)")
+    if opts["control"] and not Path(opts["control"]).exists():
+        raise SpecError(f"--control {opts['control']}: no such run directory")
+    return {"ratios": ratio_config(opts, settings), "category": opts["category"], "anchor": opts["anchor"],
+            "pairwise": not opts["no_pairwise"], "null": opts["null"], "control": opts["control"]}
 
 
 def units(n_checkpoints: int) -> int:
@@ -64,6 +88,32 @@ def execute(session: AnalysisSession, targets: list[Path], cfg: dict[str, Any]):
     for run in targets:
         outcomes += session.guarded(run, functools.partial(overlap_of_run, session, run, cfg))
     return outcomes
+
+
+def control_overlap(session: AnalysisSession, cfg: dict[str, Any], anchor: int | None):
+    """The control run's overlap result (its ratio units read back or computed with the same options)
+    and the digests of its checkpoints (part of the overlap unit's key); raises a SpecError on failure."""
+    from ..core.bitpack import membership_mask
+    from ..core.overlap import overlap_analysis
+    from ..errors import SpecError
+    from . import get
+    from .ratios import compute as ratio_compute
+
+    units = session.per_checkpoint(get("ratios"), Path(cfg["control"]), cfg["ratios"], ratio_compute)
+    good = [o for o in units if o.result is not None and o.step is not None]
+    if not good:
+        raise SpecError(f"--control {cfg['control']}: no readable checkpoints")
+    results: list[dict[str, Any]] = [o.result or {} for o in good]
+    steps = [int(o.step or 0) for o in good]
+    a = anchor if anchor is not None else steps[0]
+    if a not in steps:
+        raise SpecError(f"--control {cfg['control']}: it has no checkpoint at the anchor step {a} (steps: {steps})")
+    masks = [membership_mask(r["codes"], cfg["category"]) for r in results]
+    res = overlap_analysis(masks, int(results[0]["n_params"]), steps=steps, category=cfg["category"], anchor=a,
+                           pairwise=False, nulls=False)
+    from ..loading.checkpoints import file_sha256
+
+    return res, [file_sha256(o.path) for o in good]
 
 
 def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
@@ -86,6 +136,15 @@ def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
         return failed + [session.failed(target, SpecError(f"not a step of {target} (steps: {steps})", option="anchor",
                                                           value=anchor))]
 
+    control, unit_cfg = None, cfg
+    if cfg.get("control"):
+        control, shas = control_overlap(session, cfg, anchor if anchor is not None else steps[0])
+        n_run = int((good[0].result or {})["n_params"])
+        if control.n_params != n_run:
+            return failed + [session.failed(target, f"--control {cfg['control']}: {control.n_params} parameters, "
+                                                     f"{target} has {n_run}")]
+        unit_cfg = {**cfg, "control_shas": shas}
+
     def compute(cks, session: AnalysisSession, _cfg) -> dict[str, Any]:
         by_step = {o.step: o.result for o in good}
         masks, flats = [], []
@@ -101,11 +160,15 @@ def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
                 flats.append(flat_mask(session.objective(ck).grad_flat().square(), rcfg["ire_rank"]))
         n = int((good[0].result or {})["n_params"])
         res = overlap_analysis(masks, n, steps=steps, category=category, anchor=anchor, flat_masks=flats,
-                               ire_rank=rcfg["ire_rank"], pairwise=cfg["pairwise"])
-        return {"run": str(target), **res.to_dict()}
+                               ire_rank=rcfg["ire_rank"], pairwise=cfg["pairwise"], null=cfg.get("null", "shuffled"),
+                               control=control)
+        out = {"run": str(target), **res.to_dict(), "minibatch": rcfg.get("minibatch")}
+        if control is not None:
+            out["control"] = str(cfg["control"])
+        return out
 
     files = [(Path(o.path), o.step) for o in good]  # the run's readable checkpoints, already in step order
-    return failed + [session.over_files(ANALYSIS, run_label(target), f"overlap-{category}", files, cfg, compute,
+    return failed + [session.over_files(ANALYSIS, run_label(target), f"overlap-{category}", files, unit_cfg, compute,
                                         origin=str(target))]
 
 

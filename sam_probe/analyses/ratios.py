@@ -34,6 +34,9 @@ RATIO_OPTIONS = (
     Option("edges", DEFAULT_EDGES, ("--edges",), "C1 bin edges (the first bin starts at 1)."),
     Option("ire_rank", DEFAULT_IRE_RANK, ("--ire-rank",),
            "IRE flat mask: coordinates whose g^2 is not in this top fraction."),
+    Option("minibatch", None, ("--minibatch",), "g and g~ on the step's own minibatch of B samples (the notebook's "
+           "definition): the indices or the seeded stream the trainer recorded, else a seeded draw per checkpoint "
+           "(default: the whole selection).", annotation=int),
 )
 
 ANALYSIS = Analysis(
@@ -46,6 +49,8 @@ ANALYSIS = Analysis(
         ("magnitude split", "share of C1 whose |g_i| is above the |C1|-th largest |g| over all i; chance level "
                             "|C1|/P; lift = share / chance"),
         ("IRE mask", "coordinates whose g_i^2 is not in the top --ire-rank fraction (flat directions)"),
+        ("--minibatch B", "g and g~ on the B samples of the step's own minibatch (recorded by the trainer) or a "
+                          "seeded draw; `minibatch.source` says which"),
     ),
     json="results[{path, step, rho, variant, n_params, grad_norm, perturbed_grad_norm, counts, fractions, buckets, "
          "magnitude_split, per_layer}]",
@@ -61,6 +66,7 @@ ANALYSIS = Analysis(
         "grad_norm": "||g||", "perturbed_grad_norm": "||g~||",
         "counts": "parameters per category (sum to P)", "fractions": "counts / P",
         "buckets": "C1 counts per ratio bin", "magnitude_split": "C1 among the largest |g| with chance and lift",
+        "minibatch": "with --minibatch: {size, source (recorded indices, trainer stream, seeded draw), ...}",
         "per_layer": "the same per parameter tensor", "seconds": "wall time",
     },
 )
@@ -78,7 +84,7 @@ def parse_edges(text: str) -> list[float]:
     return edges
 
 
-def ratio_config(opts: dict[str, Any]) -> dict[str, Any]:
+def ratio_config(opts: dict[str, Any], settings: Any = None) -> dict[str, Any]:
     """The ratio units' config from the ratio options (shared with ``overlap``)."""
     from ..errors import SpecError
 
@@ -88,20 +94,39 @@ def ratio_config(opts: dict[str, Any]) -> dict[str, Any]:
         raise SpecError("--rho must be > 0, --eps >= 0 and --m-sharpness >= 1")
     if not 0 < ire_rank < 1:
         raise SpecError(f"--ire-rank {ire_rank}: a fraction in (0, 1), e.g. 0.9")
-    return {"rho": rho, "variant": opts["variant"], "m": m, "eps": eps, "faithful": opts["faithful"],
-            "edges": parse_edges(opts["edges"]), "eta": opts["eta"], "ire_rank": ire_rank}
+    cfg = {"rho": rho, "variant": opts["variant"], "m": m, "eps": eps, "faithful": opts["faithful"],
+           "edges": parse_edges(opts["edges"]), "eta": opts["eta"], "ire_rank": ire_rank}
+    if opts.get("minibatch") is not None:  # absent otherwise: units stored before --minibatch keep their keys
+        if opts["minibatch"] < 1:
+            raise SpecError(f"--minibatch {opts['minibatch']}: a number of samples >= 1")
+        cfg["minibatch"] = int(opts["minibatch"])
+        cfg["seed"] = int(getattr(settings, "seed", 0) or 0) if settings is not None else 0
+    return cfg
 
 
 def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
-    return ratio_config(opts)
+    return ratio_config(opts, settings)
 
 
 def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
-    return compute_ratios(session.objective(ck), cfg)
+    obj = session.objective(ck)
+    if not cfg.get("minibatch"):
+        return compute_ratios(obj, cfg)
+    from ._trainer import step_minibatch
+
+    s = session.settings
+    idx, desc = step_minibatch(ck, obj.n_samples, cfg["minibatch"], cfg.get("seed", 0),
+                               {"max_samples": s.max_samples, "seed": s.seed})
+    out = compute_ratios(obj.subset(idx.to(obj.device)), cfg)
+    out["minibatch"] = desc
+    if desc.get("note"):
+        out["warnings"] = [desc["note"]]
+    return out
 
 
 def compute_ratios(obj, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Ratio statistics of one objective, with the packed codes and the IRE flat mask (pure)."""
+    """Ratio statistics of one objective (the whole selection, or a step's minibatch as an
+    ``obj.subset``), with the packed codes and the IRE flat mask (pure)."""
     from ..core.overlap import flat_mask
     from ..core.perturb import perturbed_gradient
     from ..core.ratios import ratio_from_gradients

@@ -9,7 +9,7 @@ from .base import (CHECKPOINTS, Analysis, Option, basis_where, check_options, cu
                    perturbation_options, solver_config, solver_options, warm_start_option, warm_started)
 
 if TYPE_CHECKING:
-    from ..pipeline.protocol import AnalysisSession
+    pass
 
 ANALYSIS = Analysis(
     name="sharpness", version=3, order=10, target=CHECKPOINTS,
@@ -26,10 +26,14 @@ ANALYSIS = Analysis(
         ("SAM sharpness", "L(w + e) - L(w) with e the one-step SAM perturbation of radius rho"),
         ("worst case", "max over ||e|| <= rho of L(w + e) - L(w) reached by projected ascent (a lower bound)"),
         ("average case", "mean of L(w + d) - L(w) over Gaussian d of the same radius, with SE"),
+        ("eta*lambda_max", "step size (--lr, else the checkpoint's optimizer state or hyper-parameters) times the top "
+                           "Hessian eigenvalue; gradient descent's edge of stability is 2"),
+        ("SAM edge", "for SAM-trained checkpoints: eta*lambda(1 + rho*lambda/||g||) against 2, i.e. lambda against "
+                     "||g||/(2 rho)(sqrt(1 + 8 rho/(eta ||g||)) - 1) (Long & Bartlett 2024)"),
     ),
     json="results[{path, step, loss, accuracy, curvature, eigenvalues, residuals, n_hvp, trace, trace_se, "
          "per_layer, sam_sharpness, worst_case_sharpness, worst_case_steps, average_case_sharpness, "
-         "average_case_se, seconds}]",
+         "average_case_se, eta, eta_source, eta_lambda_max, lambda_edge, sam_edge, seconds}]",
     unkeyed=("warm_start", "basis_device", "basis_dir"),
     options=(
         Option("top_k", 5, ("--top-k", "-k"), "Number of eigenvalues (0: none)."),
@@ -65,6 +69,8 @@ ANALYSIS = Analysis(
         Option("samples", 20, ("--samples",), "Perturbations of --average-case."),
         Option("backend", "lanczos", ("--backend",), "lanczos (sam-probe) or pyhessian (for comparison).",
                choices=("lanczos", "pyhessian")),
+        Option("lr", None, ("--lr",), "Step size for the edge of stability (default: the checkpoint's optimizer "
+               "state, else its hyper-parameters).", annotation=float),
     ),
     schema={
         "path": "checkpoint file", "step": "training step", "source": "format, layout, prefix and step source",
@@ -91,6 +97,9 @@ ANALYSIS = Analysis(
         "product_residuals": "inexact products (fisher, --hvp fd): their error / |lambda|, included in residuals",
         "trace_sampling_se": "fisher: the trace's sampling error, included in trace_se",
         "total_hvp": "every HVP of the unit", "warnings": "why a number is not certified", "seconds": "wall time",
+        "eta": "step size of the edge of stability (null when unknown)", "eta_source": "--lr, optimizer state or "
+        "hyper-parameters", "eta_lambda_max": "eta * lambda_max (edge of stability at 2)", "lambda_edge": "2 / eta",
+        "sam_edge": "{variant, rho, grad_norm, lambda_edge, eta_lambda_eff} for SAM-trained checkpoints",
     },
 )
 
@@ -118,6 +127,8 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     if opts["backend"] == "pyhessian" and opts["density"]:
         raise SpecError("--density with --backend pyhessian: PyHessian's density needs torch.eig, removed from "
                         "modern torch; use the default backend")
+    if opts.get("lr") is not None and opts["lr"] <= 0:
+        raise SpecError(f"--lr {opts['lr']}: a step size > 0")
     if opts["top_k"] < 0 or opts["tol"] <= 0 or opts["trace_tol"] <= 0 or opts["rho"] < 0:
         raise SpecError("--top-k, --tol, --trace-tol and --rho must be non-negative (tolerances positive)")
     if opts["m"] is not None and opts["m"] < 1:
@@ -134,7 +145,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {**opts, "seed": settings.seed, **solver_config(opts, settings)}
 
 
-def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
     return warm_started(ck, cfg, carry, lambda warm: compute_sharpness(session.objective(ck), cfg, warm, carry))
 
 

@@ -192,6 +192,11 @@ def report(
     html: Optional[str] = typer.Option(None, "--html", metavar="[FILE]", show_default=False,
                                        help="Also write one self-contained HTML page (tables, embedded figures, "
                                             "settings, provenance); FILE defaults to OUTPUT/report.html."),
+    compare: bool = typer.Option(False, "--compare", help="Compare the runs' sharpness results at matched training "
+                                 "loss and over the last checkpoints, seeds grouped (runs named NAME-s0, NAME-s1, ...)."),
+    compare_last: int = typer.Option(3, "--compare-last", help="--compare: checkpoints averaged at the end of each run."),
+    match_loss: Optional[float] = typer.Option(None, "--match-loss", help="--compare: the training loss to match "
+                                               "(default: the largest of the runs' lowest losses)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Render every stored analysis: rich tables (one per settings group), JSON or CSV, figures, HTML."""
@@ -231,8 +236,18 @@ def report(
         for w in ws:
             console.warn(w)
 
+    cmp = None
+    if compare:
+        from ..report import compare as compare_view
+
+        if "sharpness" not in coll.analyses:
+            raise SpecError("--compare needs stored sharpness results (run `sam-probe sharpness RUN...` first)")
+        if compare_last < 1:
+            raise SpecError("--compare-last must be >= 1")
+        cmp = compare_view.comparison(coll.analyses["sharpness"], compare_last, match_loss)
     if format == "json":
         console.print_json(jsonable({
+            **({"compare": cmp} if cmp is not None else {}),
             "analyses": {n: [collect.public(r) for r in rs] for n, rs in coll.analyses.items()},
             "groups": {n: [{"settings": {"config": unit_settings.config(g[0]),
                                          **{k: unit_settings.meta(g[0]).get(k) for k in unit_settings.GROUPING_META[1:]}},
@@ -277,6 +292,10 @@ def report(
             if src is not None:
                 from ..report import tables
                 tables.show([src])
+            if cmp is not None:
+                from ..report import compare as compare_view
+                from ..report import tables
+                tables.show(compare_view.tables_of(cmp))
         written: dict[tuple[str, int], list[Path]] = {}
         if plot:
             with figures.file_format(formats):

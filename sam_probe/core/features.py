@@ -23,6 +23,12 @@ Input features ``j = 1..d`` are the entries of the flattened input ``x ∈ R^d``
   growth ``log a_j(t+1) - log a_j(t)`` (``a`` floored at ``floor``) with ``s_j``
   (negative = minor first), reported at ``t`` (None at the last checkpoint or
   when undefined).
+- collapse: a checkpoint whose total importance ``Σ_j a_j`` is not finite, is 0, or is
+  below :data:`COLLAPSE` (1e-3) of its largest value so far in the run (a model that
+  shrank to nothing, not one that is still small at init) predicts (almost)
+  nothing from its inputs (e.g. SAM at a tiny init, Moon, Si & Yun's first regime): it
+  is flagged ``collapsed`` and has no dominant feature, strength rank, minor mass or
+  growth correlation (None), since its normalised shares are rounding noise.
 - images: heat-map ``a`` reshaped to ``image_shape``; background mass = share of
   ``Σ a`` on features whose mean intensity over the (raw or given) images is below
   ``threshold · max_j mean intensity``.
@@ -44,6 +50,18 @@ from .objective import Objective, analysis_mode
 
 from .names import IMPORTANCES, STRENGTHS  # noqa: F401 - re-exported
 FLOOR = 1e-30
+COLLAPSE = 1e-3  # total importance below this fraction of its peak over the run: the model has vanished
+
+
+def collapsed(importance: Any) -> np.ndarray:
+    """Per checkpoint (rows of ``importance [T, d]``), whether the model has collapsed (module docstring)."""
+    A = np.abs(np.asarray(importance, dtype=float))
+    if A.ndim == 1:
+        A = A[None, :]
+    tot = A.sum(axis=1)
+    finite = np.isfinite(tot)
+    peak = np.maximum.accumulate(np.where(finite, tot, 0.0))  # the largest total so far
+    return ~finite | (tot <= 0) | (tot < COLLAPSE * peak)
 
 
 # ------------------------------------------------------------------ strength
@@ -205,16 +223,17 @@ class FeaturesResult:
     strength: np.ndarray
     importance: np.ndarray  # [T, d]
     minor: np.ndarray  # [d] bool
-    minor_mass: list[float]
-    dominant_index: list[int]
-    dominant_strength_rank: list[int]
+    minor_mass: list[float | None]  # None where the model collapsed (``collapsed``)
+    dominant_index: list[int | None]
+    dominant_strength_rank: list[int | None]
     spearman_growth_strength: list[float | None]
     method: str = "auto"
     strength_method: str = "mean-abs"
     minor_fraction: float = 0.5
     image_shape: tuple[int, ...] | None = None
-    background_mass: list[float] | None = None
+    background_mass: list[float | None] | None = None
     background: np.ndarray | None = None  # [d] bool
+    collapsed: list[bool] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def heatmaps(self) -> np.ndarray | None:
@@ -229,6 +248,8 @@ class FeaturesResult:
             row = {"step": int(step) if float(step).is_integer() else step, "minor_mass": self.minor_mass[t], "dominant_index": self.dominant_index[t],
                    "dominant_strength_rank": self.dominant_strength_rank[t],
                    "spearman_growth_strength": self.spearman_growth_strength[t]}
+            if self.collapsed is not None:
+                row["collapsed"] = bool(self.collapsed[t])
             if self.background_mass is not None:
                 row["background_mass"] = self.background_mass[t]
             rows.append(row)
@@ -236,6 +257,7 @@ class FeaturesResult:
             "results": rows, "strength": self.strength.tolist(), "importance": self.importance.tolist(),
             "minor": np.flatnonzero(self.minor).tolist(), "method": self.method,
             "strength_method": self.strength_method, "minor_fraction": self.minor_fraction,
+            "collapse_threshold": COLLAPSE,
         }
         if self.image_shape is not None:
             out["image_shape"] = list(self.image_shape)
@@ -274,15 +296,19 @@ def analyse_features(importances: Sequence[np.ndarray], strength: np.ndarray, st
         raise ValueError(f"image shape {tuple(image_shape)} does not hold {len(s)} features")
     minor = minor_mask(s, minor_fraction)
     ranks = strength_ranks(s)
-    dom = [int(np.argmax(a)) for a in A]
+    dead = collapsed(A)
+    dom = [None if dead[t] else int(np.argmax(a)) for t, a in enumerate(A)]
     return FeaturesResult(
         steps=steps, strength=s, importance=A, minor=minor,
-        minor_mass=[mass(a, minor) for a in A], dominant_index=dom,
-        dominant_strength_rank=[int(ranks[j]) for j in dom],
-        spearman_growth_strength=[growth_spearman(A[t], A[t + 1], s, floor) for t in range(len(A) - 1)] + [None],
+        minor_mass=[None if dead[t] else mass(a, minor) for t, a in enumerate(A)], dominant_index=dom,
+        dominant_strength_rank=[None if j is None else int(ranks[j]) for j in dom],
+        spearman_growth_strength=[None if dead[t] or dead[t + 1] else growth_spearman(A[t], A[t + 1], s, floor)
+                                  for t in range(len(A) - 1)] + [None],
+        collapsed=[bool(x) for x in dead],
         method=method, strength_method=strength_method, minor_fraction=float(minor_fraction),
         image_shape=None if image_shape is None else tuple(int(x) for x in image_shape),
-        background_mass=None if background is None else [mass(a, background) for a in A],
+        background_mass=None if background is None else [None if dead[t] else mass(a, background)
+                                                          for t, a in enumerate(A)],
         background=background,
     )
 

@@ -14,6 +14,25 @@ With ``p_s = |S_s| / P`` (independence baseline):
   its running average over checkpoints) is NOT among the top ``rank`` fraction;
   ``|S_t ∩ F_t|`` with ``E = P p_t q_t``, ``q_t = |F_t| / P``.
 
+Independence is a weak null: an intersection over ``t`` steps of sets holding a
+fraction ``p`` of the parameters falls like ``p^t`` under it, so any per-parameter
+propensity gives astronomically large lifts.  Informative nulls (:func:`null_baselines`)
+for the anchor overlap and the persistent core:
+
+- ``shuffled`` (time order destroyed, each parameter's frequency kept): the other
+  ``T - 1`` stored sets put in random order around the anchor.  With ``c_i`` = the
+  number of *other* steps holding parameter ``i ∈ S_t0`` and ``j`` other steps in the
+  window, ``E[K] = Σ_{i ∈ S_t0} C(c_i, j) / C(T-1, j)`` (exact; ``j = 1`` for the
+  anchor overlap);
+- ``markov`` (first-order, pooled over parameters, one chain per stored transition):
+  stay ``a_s = |S_s ∩ S_s+1| / |S_s|``, enter ``b_s = (|S_s+1| - |S_s ∩ S_s+1|) / (P - |S_s|)``
+  (forwards; the reversed chain before the anchor).  ``E[K(t0, t)] = |S_t0| Π a_s``;
+  ``E[O(t0, t)] = |S_t0| π_t(in)`` with ``π`` propagated from ``(1, 0)`` at ``t0``.
+  The first transition is fitted, so its lift is 1 by construction; later lifts above
+  1 mean membership is stickier than one-step memory explains (a persistent subset);
+- ``control``: another run's retention at the same steps,
+  ``E = |S_t0| · X_control(t0, t) / |S^c_t0|`` for ``X`` = overlap or core.
+
 ``lift = observed / expected`` (NaN when expected is 0).  Everything works on
 packed bytes viewed as 64-bit words with ``np.bitwise_count`` (lookup table on
 numpy < 2): memory is the masks (1 bit per parameter per step) plus one
@@ -280,6 +299,118 @@ def ire_overlap(ms: MaskSet, flat: Iterable[np.ndarray], sz: np.ndarray) -> dict
     return {"overlap": obs, "expected": exp, "lift": _lift(obs, exp), "flat_size": fsz}
 
 
+# ------------------------------------------------------------------ nulls
+NULLS = ("independence", "shuffled", "markov", "control")
+
+
+def other_step_counts(ms: MaskSet, i0: int, block_words: int = 1 << 16) -> np.ndarray:
+    """Histogram ``h[c]`` (``c = 0..T-1``) of how many *other* stored steps hold each member of ``S_t0``.
+
+    Streams over blocks of ``block_words`` 64-bit words (memory: one count block and one
+    unpacked block, 3 bytes per bit of the block), never a length-``P`` count vector."""
+    T = len(ms)
+    hist = np.zeros(T, dtype=np.int64)
+    others = [t for t in range(T) if t != i0]
+    nw = ms.n_head // 8
+    dtype = np.uint16 if T < 65535 else np.uint32
+
+    def add(anchor_bits: np.ndarray, others_of) -> None:
+        cnt = np.zeros(anchor_bits.size, dtype=dtype)
+        for t in others:  # one unpacked block at a time
+            cnt += others_of(t)
+        hist[:] += np.bincount(cnt[anchor_bits.astype(bool)], minlength=T)[:T]
+
+    for lo in range(0, nw, block_words):
+        hi = min(nw, lo + block_words)
+        add(np.unpackbits(ms.heads[i0][lo:hi].view(np.uint8)),
+            lambda t, lo=lo, hi=hi: np.unpackbits(ms.heads[t][lo:hi].view(np.uint8)))
+    if ms.tails.shape[1]:
+        add(np.unpackbits(ms.tails[i0]), lambda t: np.unpackbits(ms.tails[t]))
+    return hist
+
+
+def shuffled_expectation(hist: np.ndarray, T: int, j: int) -> float:
+    """``Σ_c h[c] C(c, j) / C(T-1, j)``: the mean core over ``j`` other steps drawn without order."""
+    if j == 0:
+        return float(hist.sum())
+    c = np.arange(len(hist), dtype=float)
+    ratio = np.ones_like(c)
+    for i in range(j):  # C(c, j) / C(T-1, j) = Π_i (c - i) / (T - 1 - i)
+        ratio *= np.maximum(c - i, 0.0) / (T - 1 - i)
+    return float(hist @ ratio)
+
+
+def shuffled_null(ms: MaskSet, i0: int, sz: np.ndarray) -> dict[str, np.ndarray]:
+    """``shuffled`` expectations of the anchor overlap and the core at every step (module docstring)."""
+    T = len(ms)
+    if T < 2:
+        return {"anchor": np.array([float(sz[i0])]), "persistent": np.array([float(sz[i0])])}
+    hist = other_step_counts(ms, i0)
+    anchor = np.full(T, shuffled_expectation(hist, T, 1))
+    core = np.array([shuffled_expectation(hist, T, abs(t - i0)) for t in range(T)])
+    anchor[i0] = core[i0] = float(sz[i0])
+    return {"anchor": anchor, "persistent": core}
+
+
+def markov_null(ms: MaskSet, i0: int, sz: np.ndarray, consecutive: Sequence[int] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``markov`` expectations (module docstring); ``consecutive[s] = |S_s ∩ S_s+1|`` if known."""
+    T, n = len(ms), float(ms.n)
+    size = np.asarray(sz, dtype=float)
+    inter = np.array([ms.inter(s, s + 1) for s in range(T - 1)] if consecutive is None else consecutive, dtype=float)
+    anchor = np.zeros(T)
+    core = np.zeros(T)
+    anchor[i0] = core[i0] = size[i0]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else 0.0
+
+    for direction in (1, -1):
+        pin, keep = 1.0, 1.0
+        t = i0
+        while 0 <= t + direction < T:
+            s, nxt = (t, t + 1) if direction == 1 else (t - 1, t)  # the transition between steps s and s+1
+            frm, to = (s, nxt) if direction == 1 else (nxt, s)
+            stay = ratio(inter[s], size[frm])
+            enter = ratio(size[to] - inter[s], n - size[frm])
+            pin = pin * stay + (1.0 - pin) * enter
+            keep *= stay
+            t += direction
+            anchor[t] = size[i0] * pin
+            core[t] = size[i0] * keep
+    return {"anchor": anchor, "persistent": core}
+
+
+def control_null(observed_anchor_size: float, control: "OverlapResult", steps: Sequence[int]) -> dict[str, np.ndarray]:
+    """``control`` expectations at ``steps``: the control run's retention of its own anchor set
+    (same anchor step) applied to this run's anchor size (NaN where the control lacks a step)."""
+    pos = {s: i for i, s in enumerate(control.steps)}
+    a0 = float(control.sizes[pos[control.anchor_step]]) if control.anchor_step in pos else 0.0
+    out = {"anchor": np.full(len(steps), np.nan), "persistent": np.full(len(steps), np.nan)}
+    if a0 <= 0:
+        return out
+    for k, s in enumerate(steps):
+        if s in pos:
+            out["anchor"][k] = observed_anchor_size * control.anchor["overlap"][pos[s]] / a0
+            out["persistent"][k] = observed_anchor_size * control.persistent["size"][pos[s]] / a0
+    return out
+
+
+def null_baselines(ms: MaskSet, i0: int, sz: np.ndarray, anchor: dict[str, np.ndarray],
+                   persistent: dict[str, np.ndarray], control: "OverlapResult | None" = None,
+                   steps: Sequence[int] | None = None) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """``{null: {"anchor": {expected, lift}, "persistent": {expected, lift}}}`` for every null."""
+    exp = {"independence": {"anchor": anchor["expected"], "persistent": persistent["expected"]},
+           "shuffled": shuffled_null(ms, i0, sz), "markov": markov_null(ms, i0, sz)}
+    if control is not None:
+        exp["control"] = control_null(float(sz[i0]), control, steps if steps is not None else range(len(ms)))
+    out = {}
+    for name, e in exp.items():
+        out[name] = {"anchor": {"expected": e["anchor"], "lift": _lift(anchor["overlap"], e["anchor"])},
+                     "persistent": {"expected": e["persistent"], "lift": _lift(persistent["size"], e["persistent"])}}
+    return out
+
+
 # ------------------------------------------------------------------ result
 def _clean(x: Any) -> Any:
     """numpy -> lists, NaN/inf -> None."""
@@ -292,6 +423,12 @@ def _clean(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def _clean_tree(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _clean_tree(v) for k, v in x.items()}
+    return _clean(x)
 
 
 @dataclass
@@ -310,6 +447,8 @@ class OverlapResult:
     persistent: dict[str, np.ndarray]
     ire: dict[str, np.ndarray] | None = None
     ire_rank: float | None = None
+    nulls: dict[str, Any] | None = None
+    null: str = "independence"  # the null whose expectation and lift fill ``anchor`` and ``persistent``
 
     def to_dict(self) -> dict[str, Any]:
         """The issue's JSON (NaN -> null), plus lifts, fractions and pairwise baselines."""
@@ -330,20 +469,35 @@ class OverlapResult:
                              "expected": _clean(expected_pairwise(self.sizes, self.n_params))}
         if self.ire is not None:
             d["ire"] = {"rank": self.ire_rank, **{k: _clean(v) for k, v in self.ire.items()}}
+        if self.nulls is not None:
+            d["null"] = self.null
+            d["nulls"] = _clean_tree(self.nulls)
+            chosen = self.nulls.get(self.null)
+            if chosen is not None:  # the headline expectation and lift are the chosen null's
+                for part in ("anchor", "persistent"):
+                    d[part]["expected"] = _clean(chosen[part]["expected"])
+                    d[part]["lift"] = _clean(chosen[part]["lift"])
         return d
 
 
 def overlap_analysis(masks: Sequence[np.ndarray], n: int, steps: Sequence[int] | None = None,
                      category: str = "C1", anchor: int | None = None,
                      flat_masks: Iterable[np.ndarray] | None = None, ire_rank: float | None = None,
-                     pairwise: bool = True) -> OverlapResult:
+                     pairwise: bool = True, null: str = "independence", nulls: bool = True,
+                     control: OverlapResult | None = None) -> OverlapResult:
     """All overlap statistics of the sets given as packed masks (``n`` = P bits each).
 
     ``steps`` label the masks (default 0..T-1, must be increasing); ``anchor`` is a
     step label (default the first); ``flat_masks`` (1 or T, e.g. from
     :func:`ire_flat_masks`, or a generator) adds the IRE link; ``pairwise=False`` skips the
-    ``T²/2`` pairwise intersections (Jaccard).
+    ``T²/2`` pairwise intersections (Jaccard).  ``nulls``: also the ``shuffled`` and ``markov``
+    baselines (and ``control``: another run's result, same anchor step); ``null`` names the one
+    whose expectation and lift the JSON's ``anchor`` and ``persistent`` carry.
     """
+    if null not in NULLS:
+        raise ValueError(f"unknown null {null!r}; choose one of {', '.join(NULLS)}")
+    if null == "control" and control is None:
+        raise ValueError("the control null needs a control run's overlap result")
     if not masks:
         raise ValueError("no masks given")
     steps = list(range(len(masks))) if steps is None else [int(s) for s in steps]
@@ -361,10 +515,12 @@ def overlap_analysis(masks: Sequence[np.ndarray], n: int, steps: Sequence[int] |
     jac = jaccard(inter) if inter is not None else None
     jexp = jaccard_expected(sz, ms.n) if inter is not None else None
     ire = ire_overlap(ms, flat_masks, sz) if flat_masks is not None else None
+    anchor_d, core = anchor_overlap(ms, i0, sz, inter), persistent_core(ms, i0, sz)
+    base = null_baselines(ms, i0, sz, anchor_d, core, control, steps) if (nulls or null != "independence") else None
     return OverlapResult(
         category=category, steps=steps, n_params=ms.n, sizes=sz, anchor_step=a_step,
-        anchor=anchor_overlap(ms, i0, sz, inter), intersections=inter, jaccard=jac,
-        jaccard_expected=jexp, persistent=persistent_core(ms, i0, sz), ire=ire, ire_rank=ire_rank,
+        anchor=anchor_d, intersections=inter, jaccard=jac,
+        jaccard_expected=jexp, persistent=core, ire=ire, ire_rank=ire_rank, nulls=base, null=null,
     )
 
 

@@ -9,6 +9,14 @@ Distance to a reference ``w_ref`` (parameters only, float64):
   checkpoints after the reference with ``d_t > 0``; per step, so
   ``d_t = c q^t`` gives ``log q``.
 
+Escape diagnostics (:func:`escape_fits`, :func:`subspace_share`): over the first ``K``
+checkpoints after the reference (``τ = t - t_ref > 0``), least-squares fits of
+``log d = a + r τ`` (exponential: rate ``r``) and ``log d = a + p log τ`` (power law:
+exponent ``p``), each with its ``R²`` and residual RMS in ``log d`` (same number of
+parameters, so the larger ``R²`` is the better description); the share of the
+displacement ``w_t - w_ref`` in a top-k eigenspace ``V_k`` of the reference,
+``‖V_kᵀ (w_t - w_ref)‖² / ‖w_t - w_ref‖²`` (chance ``k / P``).
+
 Linear interpolation ``w(a) = (1-a) w_A + a w_B`` (default 0.05 steps on
 ``[-0.2, 1.2]``, always holding 0 and 1): floating buffers (BatchNorm running stats) are interpolated
 the same way (running variances clamped at 0 when extrapolating), integer
@@ -45,6 +53,67 @@ def escape_rate(x: Sequence[float], d: Sequence[float]) -> float | None:
     return float((xc @ (y - y.mean())) / (xc @ xc))
 
 
+def _line_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float] | None:
+    """``y = a + b x`` by least squares: ``{slope, intercept, r2, rms}`` (None with < 3 points or constant x)."""
+    if len(x) < 3 or np.ptp(x) == 0:
+        return None
+    A = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    res = y - A @ coef
+    ss = float(((y - y.mean()) ** 2).sum())
+    return {"slope": float(coef[1]), "intercept": float(coef[0]),
+            "r2": float(1.0 - (res @ res) / ss) if ss > 0 else 1.0, "rms": float(np.sqrt((res @ res) / len(y)))}
+
+
+def escape_fits(x: Sequence[float], d: Sequence[float], ref_x: float) -> dict[str, Any]:
+    """Exponential vs power-law fits of ``d`` against ``τ = x - ref_x`` (points with ``τ > 0``, ``d > 0``).
+
+    Returns ``{n, exponential{rate, r2, rms}, power{exponent, r2, rms}, better}``; ``better`` is the
+    fit with the larger ``R²`` (None with fewer than 3 points)."""
+    tau = np.asarray(x, dtype=np.float64) - float(ref_x)
+    dist = np.asarray(d, dtype=np.float64)
+    keep = (tau > 0) & np.isfinite(dist) & (dist > 0)
+    tau, y = tau[keep], np.log(dist[keep])
+    exp_fit, pow_fit = _line_fit(tau, y), _line_fit(np.log(tau) if len(tau) else tau, y)
+    out: dict[str, Any] = {"n": int(len(tau)), "exponential": None, "power": None, "better": None}
+    if exp_fit is not None:
+        out["exponential"] = {"rate": exp_fit["slope"], "r2": exp_fit["r2"], "rms": exp_fit["rms"]}
+    if pow_fit is not None:
+        out["power"] = {"exponent": pow_fit["slope"], "r2": pow_fit["r2"], "rms": pow_fit["rms"]}
+    if exp_fit is not None and pow_fit is not None:
+        out["better"] = "exponential" if exp_fit["r2"] > pow_fit["r2"] else "power"
+    return out
+
+
+def subspace_share(V: Tensor, displacements: Sequence[Tensor]) -> list[float | None]:
+    """``‖Vᵀ δ‖² / ‖δ‖²`` for each flat displacement ``δ`` (None for ``δ = 0``); ``V`` orthonormal ``[P, k]``."""
+    out: list[float | None] = []
+    for dl in displacements:
+        dl = dl.to(V)
+        n2 = float(dl @ dl)
+        out.append(None if n2 == 0 else float((V.T @ dl).pow(2).sum()) / n2)
+    return out
+
+
+def same_step_distance(a: Sequence[State], steps_a: Sequence[float], b: Sequence[State],
+                       steps_b: Sequence[float]) -> dict[str, list[float]]:
+    """``‖w^A_t - w^B_t‖`` at every step both sequences hold (float64, the floating tensors of ``a``)."""
+    pos = {float(s): i for i, s in enumerate(steps_b)}
+    steps, dist = [], []
+    for i, s in enumerate(steps_a):
+        j = pos.get(float(s))
+        if j is None:
+            continue
+        names = _float_names(a[i])
+        missing = [n for n in names if n not in b[j]]
+        if missing:
+            raise KeyError(f"the other run lacks tensors {missing[:5]}")
+        sq = sum(float((a[i][n].detach().double().cpu() - b[j][n].detach().double().cpu()).pow(2).sum()) for n in names)
+        steps.append(float(s))
+        dist.append(float(np.sqrt(sq)))
+    return {"steps": steps, "distance": dist}
+
+
 def _float_names(ref: State) -> list[str]:
     return [n for n, t in ref.items() if torch.is_floating_point(t)]
 
@@ -62,6 +131,7 @@ class DistanceResult:
     ref_step: float | None = None
     ref_norm: float = 0.0
     escape_by: str = "step"  # "step" or "index"
+    escape_fit: dict[str, Any] | None = None  # exponential vs power law (:func:`escape_fits`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,10 +171,12 @@ def distance(states: Sequence[State], ref: int | State = 0, *, steps: Sequence[f
     rel = [d / ref_norm if ref_norm > 0 else float("nan") for d in dist]
     after = [i for i in range(len(states)) if (ref_x is None or x[i] > ref_x) and dist[i] > 0][:k]
     rate = escape_rate([x[i] for i in after], [dist[i] for i in after])
+    origin = ref_x if ref_x is not None else (x[after[0]] - 1.0 if after else 0.0)
+    fits = escape_fits([x[i] for i in after], [dist[i] for i in after], origin)
     return DistanceResult(
         steps=x, distance=dist, relative=rel, per_tensor=per, escape_rate=rate,
         escape_steps=[x[i] for i in after], ref_step=ref_x, ref_norm=ref_norm,
-        escape_by="step" if steps is not None else "index",
+        escape_by="step" if steps is not None else "index", escape_fit=fits,
     )
 
 

@@ -29,10 +29,28 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     for r in results:
         kind = unit_settings.step_kind([r])
         rows = [[step_value(s), d, rel] for s, d, rel in zip(r["steps"], r["distance"], r["relative"])]
-        note = (f"escape rate {rate_text(r.get('escape_rate'))} per {r.get('escape_by', kind)} (slope of log "
-                f"distance over {kind}s {', '.join(console.fmt(step_value(x)) for x in r.get('escape_steps') or [])})")
+        rate = r.get("escape_rate")
+        note = (f"escape rate {rate_text(rate)} per {r.get('escape_by', kind)} (slope of log distance over "
+                f"{kind}s {', '.join(console.fmt(step_value(x)) for x in r.get('escape_steps') or [])})")
+        notes = [note]
+        fit = r.get("escape_fit") or {}
+        if fit.get("better"):
+            e, pw = fit["exponential"], fit["power"]
+            notes.append(f"escape fits over {fit['n']} points: exponential rate {console.fmt(e['rate'])} (R² "
+                         f"{e['r2']:.3f}), power law exponent {console.fmt(pw['exponent'])} (R² {pw['r2']:.3f}): "
+                         f"{fit['better']} fits better")
+        cols = [kind, "||w - w_ref||", "relative"]
+        same = r.get("same_step") or {}
+        share = r.get("top_k_share") or {}
+        if same.get("steps"):
+            at = dict(zip(same["steps"], same["distance"]))
+            cols.append(f"distance to {Path(str(same.get('run'))).name}")
+            rows = [row + [at.get(row[0])] for row in rows]
+        if share.get("share"):
+            cols.append(f"share in top-{share['k']} (chance {share['chance']:.2g})")
+            rows = [row + [v] for row, v in zip(rows, share["share"])]
         out.append(Table(f"{figures.run_name(r)}: distance to {kind} {console.fmt(step_value(r.get('ref_step')))}",
-                         [kind, "||w - w_ref||", "relative"], rows, [note]))
+                         cols, rows, notes))
     return out
 
 

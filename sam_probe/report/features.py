@@ -27,25 +27,29 @@ def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     for r in results:
         rows = r.get("results") or []
         has_bg = any("background_mass" in x for x in rows)
+        has_dead = any(x.get("collapsed") for x in rows)
         cols = [unit_settings.step_kind([r]), "minor mass", "dominant feature", "its strength rank",
-                "Spearman(growth, strength)"] + (["background mass"] if has_bg else [])
+                "Spearman(growth, strength)"] + (["background mass"] if has_bg else []) + (["collapsed"] if has_dead else [])
         body = [[step_value(x.get("step")), x.get("minor_mass"), x.get("dominant_index"),
                  x.get("dominant_strength_rank"), x.get("spearman_growth_strength")]
-                + ([x.get("background_mass")] if has_bg else []) for x in rows]
+                + ([x.get("background_mass")] if has_bg else [])
+                + (["collapsed: no dominant feature" if x.get("collapsed") else ""] if has_dead else []) for x in rows]
         title = (f"{figures.run_name(r)}: features ({r.get('method')} importance, {r.get('strength_method')} strength; "
                  f"rank 0 = strongest; negative Spearman = minor first)")
         out.append(Table(title, cols, body))
     return out
 
 
-COLLAPSE = 1e-3  # total importance below this fraction of its peak over the run: the model has vanished
+COLLAPSE = 1e-3  # as sam_probe.core.features.COLLAPSE (not imported: no torch in report views)
 
 
-def collapsed(importance) -> Any:
-    """Per checkpoint, whether the model's total importance fell below :data:`COLLAPSE` of its
-    peak over the run (its normalised shares are then rounding noise, e.g. SAM at a tiny init)."""
+def collapsed(importance, rows=None) -> Any:
+    """Per checkpoint, whether the model collapsed: the stored flag when there is one, else its total
+    importance fell below :data:`COLLAPSE` of its largest value so far (docs/metrics.md, "Features")."""
+    if rows and all("collapsed" in x for x in rows):
+        return np.array([bool(x["collapsed"]) for x in rows])
     tot = np.nansum(np.abs(np.asarray(importance, dtype=float)), axis=1)
-    return tot < COLLAPSE * max(float(np.nanmax(tot)) if tot.size else 0.0, 1e-300)
+    return (tot <= 0) | (tot < COLLAPSE * np.maximum.accumulate(tot)) if tot.size else np.zeros(0, dtype=bool)
 
 
 def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
@@ -62,11 +66,11 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         rows = r.get("results") or []
         col = figures.color(r)
         imp = np.asarray(r["importance"], dtype=float)
-        dead = collapsed(imp)
+        dead = collapsed(imp, rows)
         any_collapsed |= bool(dead[-1])
         style = {"ls": "--", "alpha": 0.6} if dead[-1] else {}
         label = figures.label(r) + (" (collapsed)" if dead[-1] else "")
-        axes[0].plot([step_value(x["step"]) for x in rows], [x["minor_mass"] for x in rows], marker="o", ms=3.5,
+        axes[0].plot([step_value(x["step"]) for x in rows], [np.nan if x.get("minor_mass") is None else x["minor_mass"] for x in rows], marker="o", ms=3.5,
                      color=col, label=label, **style)
         order = np.argsort(-np.asarray(r["strength"], dtype=float), kind="stable")  # strongest first
         last = imp[-1][order]
@@ -86,7 +90,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
         axes[1].set_xticks(range(n_feat))
     figures.legend_beside(axes[1], title="run")
     if any_collapsed:
-        axes[1].text(0.98, 0.98, f"dashed: total importance below {COLLAPSE:g} of its peak\n(shares of a vanished "
+        axes[1].text(0.98, 0.98, f"dashed: total importance below {COLLAPSE:g} of its peak so far\n(shares of a vanished "
                      "model are noise)", transform=axes[1].transAxes, ha="right", va="top", fontsize="x-small")
     figures.title(fig, "feature amplification (normalised: shares of each model's total importance)",
                   unit_settings.caption(caption(results), results))

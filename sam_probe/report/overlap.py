@@ -27,23 +27,45 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+NULL_LABELS = {"independence": "independent sets", "shuffled": "time-shuffled steps",
+               "markov": "first-order Markov chain", "control": "the control run's retention"}
+
+
+def null_of(r: dict[str, Any]) -> str:
+    """The null whose expectation a result's ``anchor``/``persistent`` hold (results before nulls: independence)."""
+    return str(r.get("null") or "independence")
+
+
+def expected_label(results: list[dict[str, Any]]) -> str:
+    """The legend entry of the dashed lines: the nulls the results were computed against."""
+    nulls = sorted({null_of(r) for r in results})
+    has_ire = any((r.get("ire") or {}).get("overlap") for r in results)
+    return "expected: " + ", ".join(NULL_LABELS.get(n, n) for n in nulls) + ("; IRE: independent sets" if has_ire else "")
+
+
 def tables_of(results: list[dict[str, Any]]) -> list[Table]:
     out = []
     for r in results:
         a, k = r["anchor"], r["persistent"]
         ire = r.get("ire") or {}
         cols = [unit_settings.step_kind([r]), f"|{r['category']}|", "% of P", "anchor overlap", "expected", "lift",
-                "persistent", "expected"] + (["IRE flat overlap", "expected", "lift"] if ire else [])
+                "persistent", "expected", "lift"] + (["IRE flat overlap", "expected", "lift"] if ire else [])
         rows = []
         for i, step in enumerate(r["steps"]):
             row = [step_value(step), r["sizes"][i], 100 * r["fractions"][i], a["overlap"][i], a["expected"][i],
-                   a["lift"][i], k["size"][i], k["expected"][i]]
+                   a["lift"][i], k["size"][i], k["expected"][i], (k.get("lift") or [None] * len(r["steps"]))[i]]
             if ire:
                 row += [ire["overlap"][i], ire["expected"][i], ire["lift"][i]]
             rows.append(row)
         title = (f"{figures.run_name(r)}: overlap of {r['category']} with {unit_settings.step_kind([r])} "
-                 f"{step_value(a['step'])} (independence baseline)")
-        out.append(Table(title, cols, rows))
+                 f"{step_value(a['step'])} (expected: {NULL_LABELS.get(null_of(r), null_of(r))}"
+                 + ("; IRE: independence" if ire else "") + ")")
+        notes = []
+        if r.get("nulls"):
+            last = {n: (v["persistent"]["lift"] or [None])[-1] for n, v in r["nulls"].items()}
+            notes.append("core lift at the last step under each null: " + ", ".join(
+                f"{n} {v:.3g}" if isinstance(v, (int, float)) else f"{n} -" for n, v in last.items()))
+        out.append(Table(title, cols, rows, notes))
     return out
 
 
@@ -104,7 +126,7 @@ def plot(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     written = plot_over_steps(results, panels, outdir, f"overlap_{cat}",
                               f"persistence of {cat} (normalised: % of the anchor set / of P / of S_t)",
                               unit_settings.caption(caption(results), results), rows=None,
-                              legend_extra=[style_handle("chance (independent sets)", ls="--")], width=4.3,
+                              legend_extra=[style_handle(expected_label(results), ls="--")], width=4.3,
                               height=3.4)
     with_j = [r for r in results if r.get("jaccard") is not None and len(r["jaccard"]) > 1]
     if with_j:

@@ -158,8 +158,16 @@ def panels(results: list[dict[str, Any]]) -> tuple[list[Panel], list[tuple[Any, 
     extra: list[tuple[Any, str]] = []
     if any(_lead(r, end) is not None for r in results):
         name = {"SA": ("smallest", "λ(P)"), "LM": ("largest-magnitude", "λ(LM1)")}.get(end, ("top", "λ1"))
-        out.append(Panel(f"{name[1]}, {name[0]} {curv} eigenvalue", f"{name[1]} ({CURV_UNIT})",
-                         lambda rs: [Series([step_value(r.get("step")) for r in rs], [_lead(r, end) for r in rs])]))
+        top = max((abs(_lead(r, end) or 0.0) for r in results), default=0.0)
+        edged = end == "LA" and any(edge_series([r], top) for r in results)
+
+        def lead(rs: list[dict[str, Any]]) -> list[Series]:
+            line = [Series([step_value(r.get("step")) for r in rs], [_lead(r, end) for r in rs])]
+            return line + (edge_series(rs, top) if edged else [])
+
+        out.append(Panel(f"{name[1]}, {name[0]} {curv} eigenvalue", f"{name[1]} ({CURV_UNIT})", lead))
+        if edged:
+            extra += [style_handle("2/η: edge of stability", ls="--"), style_handle("SAM edge", ls=":")]
     if any(r.get("trace") is not None for r in results):
         out.append(Panel(f"{curv} trace (band: ± SE)", f"tr ({CURV_UNIT})",
                          lambda rs: [Series([step_value(r.get("step")) for r in rs], [_num(r, "trace") for r in rs],
@@ -181,7 +189,7 @@ def panels(results: list[dict[str, Any]]) -> tuple[list[Panel], list[tuple[Any, 
         title = "SAM sharpness" if len(ball) == 1 else "sharpness in the ρ-ball"
         out.append(Panel(title, "L(w+e) − L(w) (loss)", series))
         if len(ball) > 1:
-            extra = [style_handle(text, **style) for _, text, style, _ in ball]
+            extra += [style_handle(text, **style) for _, text, style, _ in ball]
     return out, extra
 
 
@@ -204,6 +212,25 @@ def plot_metrics(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     return plot_over_steps(results, ps, outdir, "sharpness", "sharpness over training",
                            unit_settings.caption(caption(results), results, note), rows="model",
                            legend_extra=extra, width=4.2, height=3.2)
+
+
+def edge_series(rs: list[dict[str, Any]], top: float) -> list[Series]:
+    """Edge of stability on the λ1 panel of one run: 2/η (dashed, where η is known) and SAM's edge
+    (dotted), drawn only when the axis already reaches half-way to them (``top``: the largest λ1 of
+    the figure), so a line far above the data never flattens it."""
+    mine = [r for r in rs if r.get("step") is not None]
+    out: list[Series] = []
+    edges = [(step_value(r["step"]), float(r["lambda_edge"])) for r in mine
+             if isinstance(r.get("lambda_edge"), (int, float))]
+    if edges and min(e for _, e in edges) <= 2 * top:
+        out.append(Series([x for x, _ in edges], [e for _, e in edges], label="_2/eta",
+                          style={"ls": "--", "lw": 1.0, "marker": None}))
+    sam = [(step_value(r["step"]), float(r["sam_edge"]["lambda_edge"])) for r in mine if isinstance(r.get("sam_edge"), dict)
+           and isinstance(r["sam_edge"].get("lambda_edge"), (int, float))]
+    if sam and min(e for _, e in sam) <= 2 * top:
+        out.append(Series([x for x, _ in sam], [e for _, e in sam], label="_sam_edge",
+                          style={"ls": ":", "lw": 1.2, "marker": None}))
+    return out
 
 
 def plot_density(results: list[dict[str, Any]], outdir: Path) -> list[Path]:

@@ -54,3 +54,21 @@ def test_features_images_and_bad_options(tiny_runs, tmp_path):
     assert all(0 <= r["background_mass"] <= 1 for r in d["results"])
     assert list((tmp_path / "res" / "plots").glob("features_heatmaps__*.png"))
     assert run_cli("features", tiny_runs["sam"], "--importance", "magic").code == 2
+
+
+def test_a_collapsed_run_is_flagged_in_table_json_and_figure(tmp_path):
+    """A model whose coefficients shrink to nothing has no dominant feature (not 'feature 0, rank 0')."""
+    run = tmp_path / "dying"
+    run.mkdir()
+    for step, beta in zip((0, 5, 10), ([1, 1, 2, 1, 1, 1], [1e-2, 0, 0, 0, 0, 1e-2], [1e-9, 0, 0, 0, 0, 0])):
+        _write(run, step, beta)
+    args = ("--data-arg", "n=16", "--data-arg", f"d={D}", "--data-arg", "decay=0.5", "--data-arg", "features=aligned")
+    res = run_cli("features", run, *args, "--out", tmp_path / "res", "--json")
+    assert res.code == 0, res.stderr
+    rows = res.json()["results"]
+    assert [r["collapsed"] for r in rows] == [False, False, True]
+    assert rows[2]["dominant_index"] is None and rows[2]["dominant_strength_rank"] is None
+    assert rows[2]["minor_mass"] is None and rows[1]["spearman_growth_strength"] is None
+    table = run_cli("features", run, *args, "--out", tmp_path / "res")
+    assert "collapsed: no dominant feature" in table.stdout
+    assert (tmp_path / "res" / "plots" / "features.png").exists()

@@ -64,3 +64,37 @@ def test_interpolation_endpoints_equal_endpoint_losses(cnn_run, out):
     assert d["barrier"] == pytest.approx(max(0.0, *inside), abs=1e-12)
     assert list((out / "plots").glob("interpolate__*.png"))
     assert run_cli("interpolate", a, b, "--range", "1,0").code == 2
+
+
+def test_distance_escape_diagnostics(tiny_runs, tmp_path):
+    """--same-step: distance to another run at the same step; --eigen-k: displacement share in the
+    reference's top-k Hessian eigenspace (against a dense Hessian); escape fits."""
+    from sam_probe.core.objective import Objective
+    from sam_probe.loading.data import load_data
+    from sam_probe.loading.models import build_model
+
+    sam, sgd = tiny_runs["sam"], tiny_runs["sgd"]
+    res = run_cli("distance", sam, "--ref", "0", "--same-step", sgd, "--eigen-k", "3", "--eigen-tol", "1e-8",
+                  "--max-samples", "60", "--dtype", "float64", "--no-store", "--json")
+    assert res.code == 0, res.stderr
+    d = res.json()
+    a, b = (_params(sam / "step_000020.pt"), _params(sgd / "step_000020.pt"))
+    direct = float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
+    assert d["same_step"]["steps"] == [0, 10, 20] and d["same_step"]["distance"][2] == pytest.approx(direct, rel=1e-12)
+    assert d["same_step"]["distance"][0] == 0  # same init
+    fit = d["escape_fit"]
+    assert set(fit) == {"n", "exponential", "power", "better"} and fit["n"] == 2 and fit["better"] is None
+    ck = torch.load(sam / "step_000000.pt", weights_only=True)
+    net = build_model("mlp", ck["model_spec"]["args"]).double()
+    net.load_state_dict(ck["model"])
+    data = load_data("digits", max_samples=60, seed=0)
+    obj = Objective(net, data.inputs, data.targets, "ce", dtype=torch.float64)
+    P = obj.n_params
+    H = torch.stack([obj.hvp(torch.eye(P, dtype=torch.float64)[i]) for i in range(P)])
+    U = torch.linalg.eigh((H + H.T) / 2).eigenvectors[:, -3:]
+    w0 = obj.space.flatten(_params(sam / "step_000000.pt"))
+    dw = obj.space.flatten(_params(sam / "step_000020.pt")) - w0
+    share = float((U.T @ dw).pow(2).sum() / (dw @ dw))
+    tk = d["top_k_share"]
+    assert tk["k"] == 3 and tk["chance"] == pytest.approx(3 / P) and tk["share"][0] is None
+    assert tk["share"][2] == pytest.approx(share, rel=1e-6)

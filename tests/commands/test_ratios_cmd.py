@@ -21,13 +21,16 @@ KEYS = {"path", "step", "rho", "variant", "n_params", "grad_norm", "perturbed_gr
 N = 120  # samples
 
 
-def reference_codes(path, rho, variant, faithful=False, eps=1e-12):
-    """Codes (0..5 = C1..C4, boundary, undefined) straight from docs/metrics.md with plain autograd, float64."""
+def reference_codes(path, rho, variant, faithful=False, eps=1e-12, n=N, index=None):
+    """Codes (0..5 = C1..C4, boundary, undefined) straight from docs/metrics.md with plain autograd, float64
+    (on the samples ``index`` of the selection when given)."""
     ck = torch.load(path, weights_only=True)
     net = build_model(ck["model_spec"]["name"], ck["model_spec"]["args"]).double()
     net.load_state_dict(ck["model"])
-    data = load_data("digits", max_samples=N, seed=0)
+    data = load_data("digits", max_samples=n, seed=0)
     x, y = data.inputs.double(), data.targets
+    if index is not None:
+        x, y = x[index], y[index]
     names = [n for n, _ in net.named_parameters()]
     w = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
 
@@ -131,8 +134,15 @@ def test_overlap_matches_brute_force_and_reuses_stored_codes(tiny_runs, tmp_path
     anchor, jac, persistent, expected = _brute_force(sets, n)
     assert d["sizes"] == [len(s) for s in sets]
     assert d["anchor"]["overlap"] == anchor
-    np.testing.assert_allclose(d["anchor"]["expected"], expected)
-    np.testing.assert_allclose(d["anchor"]["lift"], np.array(anchor) / np.array(expected))
+    ind = d["nulls"]["independence"]["anchor"]
+    np.testing.assert_allclose(ind["expected"], expected)
+    np.testing.assert_allclose(ind["lift"], np.array(anchor) / np.array(expected))
+    # the default headline null: the other two steps in random order around the anchor
+    assert d["null"] == "shuffled"
+    one = (anchor[1] + anchor[2]) / 2
+    np.testing.assert_allclose(d["anchor"]["expected"], [anchor[0], one, one])
+    np.testing.assert_allclose(d["persistent"]["expected"], [anchor[0], one, persistent[2]])
+    assert set(d["nulls"]) == {"independence", "shuffled", "markov"}
     np.testing.assert_allclose(np.array(d["jaccard"], dtype=float), np.array(jac, dtype=float))
     assert d["persistent"]["size"] == persistent
     # IRE: flat = not among the top 90% of g^2 -> |F| = P - round(0.9 P)
@@ -157,3 +167,53 @@ def test_overlap_computes_missing_ratios_and_reports_bad_files(tiny_runs, tmp_pa
         assert "codes" in f["result"]
     bad = run_cli("overlap", run, "--anchor", "7", "--max-samples", N, "--out", out)
     assert bad.code == 2 and "--anchor 7" in bad.stderr
+
+
+def test_ratios_on_the_steps_own_minibatch(tiny_runs, tmp_path):
+    """--minibatch B: the trainer's recorded stream when the selection is the trainer's, else a seeded draw."""
+    from sam_probe.analyses._trainer import seeded_draw
+    from sam_probe.training import batches
+
+    run = tiny_runs["sam"]  # trained on 60 samples, batch 20, seed 0, checkpoints at steps 0, 10, 20
+    res = run_cli("ratios", run, "--minibatch", "20", "--max-samples", "60", "--dtype", "float64", "--no-store",
+                  "--json")
+    assert res.code == 0, res.stderr
+    stream = batches(60, 20, 0)
+    draws = [next(stream) for _ in range(21)]
+    for r in res.json()["results"]:
+        assert r["minibatch"] == {"size": 20, "source": "trainer stream", "seed": 0, "draw": r["step"]}
+        codes, _ = reference_codes(r["path"], 0.05, "l2", n=60, index=draws[r["step"]])
+        assert r["counts"] == {c: int((codes == i).sum()) for i, c in enumerate(CATS)}
+    # another selection: the documented seeded draw per checkpoint, with a warning
+    other = run_cli("ratios", run / "step_000010.pt", "--minibatch", "20", "--max-samples", "50", "--seed", "4",
+                    "--dtype", "float64", "--no-store", "--json")
+    assert other.code == 0, other.stderr
+    r = other.json()["results"][0]
+    assert r["minibatch"]["source"] == "seeded draw" and "seeded draw was used" in r["minibatch"]["note"]
+    assert "seeded draw" in other.stderr
+    idx = seeded_draw(50, 20, 4, 10)
+    ck = torch.load(run / "step_000010.pt", weights_only=True)
+    net = build_model(ck["model_spec"]["name"], ck["model_spec"]["args"]).double()
+    data = load_data("digits", max_samples=50, seed=4)
+    assert len(idx) == 20 and int(idx.max()) < len(data) and net is not None
+    assert run_cli("ratios", run, "--minibatch", "0", "--no-store").code == 2
+
+
+def test_overlap_nulls_and_a_control_run(tiny_runs, tmp_path):
+    out = tmp_path / "res"
+    res = run_cli("overlap", tiny_runs["sam"], "--max-samples", N, "--control", tiny_runs["sgd"], "--null", "control",
+                  "--out", out, "--json")
+    assert res.code == 0, res.stderr
+    d = res.json()
+    ctl = run_cli("overlap", tiny_runs["sgd"], "--max-samples", N, "--out", out, "--json").json()
+    assert d["null"] == "control" and d["control"] == str(tiny_runs["sgd"])
+    a0, c0 = d["sizes"][0], ctl["sizes"][0]
+    exp = [a0 * k / c0 for k in ctl["persistent"]["size"]]
+    np.testing.assert_allclose(d["persistent"]["expected"], exp)
+    np.testing.assert_allclose(d["nulls"]["control"]["persistent"]["expected"], exp)
+    assert set(d["nulls"]) == {"independence", "shuffled", "markov", "control"}
+    again = run_cli("overlap", tiny_runs["sam"], "--max-samples", N, "--control", tiny_runs["sgd"], "--null", "control",
+                    "--out", out, "--json")
+    drop = ("sources", "seconds")
+    assert {k: v for k, v in again.json().items() if k not in drop} == {k: v for k, v in d.items() if k not in drop}
+    assert run_cli("overlap", tiny_runs["sam"], "--null", "control", "--no-store").code == 2  # needs --control

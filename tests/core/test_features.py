@@ -73,8 +73,26 @@ def test_diag_linear_coefficients():
     assert res.spearman_growth_strength[-1] is None
     d = res.to_dict()
     assert set(d["results"][0]) == {"step", "minor_mass", "dominant_index", "dominant_strength_rank",
-                                    "spearman_growth_strength"}
+                                    "spearman_growth_strength", "collapsed"}
     assert d["strength"] == pytest.approx(s.tolist()) and len(d["importance"]) == 2
+    assert [r["collapsed"] for r in d["results"]] == [False, False]
+
+
+def test_a_collapsed_model_has_no_dominant_feature():
+    """Total importance below 1e-3 of its peak (or zero): flagged, and no dominant feature, rank or minor mass."""
+    from sam_probe.core.features import analyse_features, collapsed
+
+    s = np.array([1.0, 0.5, 0.25, 0.125])
+    A = [np.array([0.3, 0.2, 0.1, 0.1]), np.array([1e-6, 1e-7, 0.0, 2e-7]), np.zeros(4), np.array([1e-3, 0, 0, 0])]
+    assert collapsed(A).tolist() == [False, True, True, False]
+    res = analyse_features(A, s, [0, 1, 2, 3]).to_dict()
+    rows = res["results"]
+    assert [r["collapsed"] for r in rows] == [False, True, True, False]
+    for r in rows[1:3]:
+        assert r["dominant_index"] is None and r["dominant_strength_rank"] is None and r["minor_mass"] is None
+    assert rows[0]["spearman_growth_strength"] is None and rows[2]["spearman_growth_strength"] is None  # to/from noise
+    assert rows[3]["dominant_index"] == 0 and rows[3]["minor_mass"] == 0.0
+    assert collapsed([[np.nan, 1.0]]).tolist() == [True]
 
 
 def test_growth_spearman_sign():

@@ -140,3 +140,30 @@ def test_float64_curve_casts_before_interpolating():
     mid = {k: torch.lerp(a[k].double(), b[k].double(), 0.3) for k in a}
     want = Objective(m, X, y, "ce", params=mid, dtype=torch.float64).loss()
     assert res.loss[0] == pytest.approx(want, rel=1e-14)
+
+
+# ------------------------------------------------------------------ escape diagnostics
+def test_escape_fits_tell_exponential_from_power_law():
+    from sam_probe.core.paths import escape_fits
+
+    tau = np.arange(1, 21, dtype=float)
+    exp = escape_fits(200 + tau, 0.01 * np.exp(0.13 * tau), ref_x=200)
+    assert exp["n"] == 20 and exp["better"] == "exponential"
+    assert exp["exponential"]["rate"] == pytest.approx(0.13, rel=1e-12) and exp["exponential"]["r2"] == pytest.approx(1)
+    assert exp["power"]["r2"] < 0.99
+    pw = escape_fits(200 + tau, 0.3 * tau ** 0.6, ref_x=200)
+    assert pw["better"] == "power" and pw["power"]["exponent"] == pytest.approx(0.6, rel=1e-12)
+    assert pw["power"]["rms"] == pytest.approx(0, abs=1e-12) and pw["exponential"]["r2"] < 0.95
+    assert escape_fits([1, 2], [1.0, 2.0], 0)["better"] is None  # too few points
+
+
+def test_subspace_share_and_same_step_distance():
+    from sam_probe.core.paths import same_step_distance, subspace_share
+
+    V = torch.eye(4, dtype=torch.float64)[:, :2]
+    shares = subspace_share(V, [torch.tensor([3.0, 4.0, 0, 0]), torch.tensor([1.0, 0, 1.0, 0]), torch.zeros(4)])
+    assert shares == [pytest.approx(1.0), pytest.approx(0.5), None]
+    a = [{"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, 0.0])}]
+    b = [{"w": torch.tensor([0.0, 3.0])}, {"w": torch.tensor([5.0, 1.0])}]
+    d = same_step_distance(a, [0, 10, 20], b, [10, 20])
+    assert d == {"steps": [10.0, 20.0], "distance": [pytest.approx(np.sqrt(5)), pytest.approx(np.sqrt(10))]}
