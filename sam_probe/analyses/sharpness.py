@@ -9,7 +9,7 @@ from .base import (CHECKPOINTS, Analysis, Option, basis_where, check_options, cu
                    perturbation_options, solver_config, solver_options, warm_start_option, warm_started)
 
 if TYPE_CHECKING:
-    pass
+    from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
     name="sharpness", version=3, order=10, target=CHECKPOINTS,
@@ -145,8 +145,12 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     return {**opts, "seed": settings.seed, **solver_config(opts, settings)}
 
 
-def compute(ck, session, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
-    return warm_started(ck, cfg, carry, lambda warm: compute_sharpness(session.objective(ck), cfg, warm, carry))
+def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, Any]) -> dict[str, Any]:
+    from ._trainer import eos_fields
+
+    out = warm_started(ck, cfg, carry, lambda warm: compute_sharpness(session.objective(ck), cfg, warm, carry))
+    out.update(eos_fields(ck, session, cfg.get("lr"), out))
+    return out
 
 
 def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -71,4 +71,4 @@ def test_a_collapsed_run_is_flagged_in_table_json_and_figure(tmp_path):
     assert rows[2]["minor_mass"] is None and rows[1]["spearman_growth_strength"] is None
     table = run_cli("features", run, *args, "--out", tmp_path / "res")
     assert "collapsed: no dominant feature" in table.stdout
-    assert (tmp_path / "res" / "plots" / "features.png").exists()
+    assert list((tmp_path / "res" / "plots").glob("features__*.png"))  # features__<run>__<id>.png
