@@ -5,8 +5,9 @@
 chunk, summed, divided by the term count).  Per parameter tensor ``t``:
 ``||g_t||``; per module ``m`` (the tensor names up to their last dot):
 ``||g_m|| = sqrt(sum_{t in m} ||g_t||^2)``, so the squared norms of the tensors
-(and of the modules) add up to ``||g||^2``.  Memory: two parameter-sized vectors
-(the gradient and its per-chunk term); the weights are only read.
+(and of the modules) add up to ``||g||^2``.  Memory: at most three parameter-sized
+vectors, inside the gradient pass (a chunk's per-tensor gradients, their flat copy and the
+running sum); the norms add nothing.  The weights are only read.
 
 This module is the worked example of adding an analysis: its result and config
 are typed (:class:`Result`, :class:`Config`) and the declared ``schema`` is
@@ -87,20 +88,24 @@ def compute(ck: Checkpoint, session: AnalysisSession, cfg: dict[str, Any], carry
 
 
 def gradient_norms(obj: Objective) -> Result:
-    """``||grad L(w)||`` of ``obj`` in total, per tensor and per module, and ``L(w)`` (weights unchanged)."""
+    """``||grad L(w)||`` of ``obj`` in total, per tensor and per module, and ``L(w)`` (weights unchanged).
+
+    Norms are accumulated in float64 slice by slice: nothing beyond the gradient itself is allocated."""
     import torch
 
     loss, acc = obj.evaluate()
-    g = obj.grad_flat().double()
-    w = obj.flat_params().double()
-    space = obj.space
-    tensors = [Part(name=n, norm=float(torch.linalg.vector_norm(g[s])), n_params=int(s.stop - s.start))
-               for n, s in space.slices().items()]
-    gn, wn = float(torch.linalg.vector_norm(g)), float(torch.linalg.vector_norm(w))
-    return Result(loss=float(loss), accuracy=acc, grad_norm=gn,
-                  grad_max_abs=float(g.abs().max()) if g.numel() else 0.0, param_norm=wn,
-                  relative=gn / wn if wn > 0 else None,
-                  n_params=int(g.numel()), per_tensor=tensors, per_module=by_module(tensors))
+    g = obj.grad_flat()
+
+    def norm(t: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(t, dtype=torch.float64)) if t.numel() else 0.0
+
+    tensors = [Part(name=n, norm=norm(g[s]), n_params=int(s.stop - s.start)) for n, s in obj.space.slices().items()]
+    gn = norm(g)
+    wn = sum(norm(obj.params[n]) ** 2 for n in obj.space.names) ** 0.5
+    top = max(float(g.max()), -float(g.min())) if g.numel() else 0.0
+    return Result(loss=float(loss), accuracy=acc, grad_norm=gn, grad_max_abs=top, param_norm=wn,
+                  relative=gn / wn if wn > 0 else None, n_params=int(g.numel()), per_tensor=tensors,
+                  per_module=by_module(tensors))
 
 
 def module_of(name: str) -> str:

@@ -1,0 +1,128 @@
+"""The result contract of every registered analysis: what ``compute`` returns is declared.
+
+Each analysis runs on a tiny real run (every optional part switched on, cheaply) and
+every key of every result must be declared: its ``schema``, or the keys the unit runner
+and the command add for its target (:func:`sam_probe.analyses.base.declared_keys`).
+The JSON keys written in its README command-table row and in its ``--help`` JSON line
+must be declared too, and every analysis must have a README row.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sam_probe import analyses
+from sam_probe.analyses.base import PAIR, declared_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# cheap settings that switch optional parts on ({other} is the second tiny run); an analysis
+# not listed runs with its defaults
+CASES: dict[str, dict] = {
+    "sharpness": dict(top_k=1, trace=True, trace_max_hvp=6, trace_tol=0.5, density=True, density_steps=4,
+                      density_probes=1, per_layer="tensor", worst_case=True, ascent_steps=1, average_case=True,
+                      samples=2),
+    "ratios": dict(faithful=True),
+    "overlap": dict(control="{other}"),
+    "alignment": dict(k=1, eta_grid="0.1,1"),
+    "subspace": dict(k=1),
+    "distance": dict(eigen_k=1, same_step="{other}"),
+    "interpolate": dict(points=3),
+}
+
+
+def _run(name: str, runs: dict[str, Path]):
+    from sam_probe.pipeline.session import Session
+    from sam_probe.pipeline.units import run_analysis
+    from sam_probe.settings import Settings
+
+    analysis = analyses.get(name)
+    run, other = runs["sam"], runs["sgd"]
+    opts = {o.name: o.default for o in analysis.compute_options()}
+    opts.update({k: v.format(other=other) if isinstance(v, str) else v for k, v in CASES.get(name, {}).items()})
+    settings = Settings(store=False, max_samples=40, dtype="float64")
+    cfg = analysis.impl.configure(opts, settings)
+    targets = sorted(run.glob("*.pt"))[::2] if analysis.target == PAIR else [run]
+    outcomes = run_analysis(Session(settings, command=["test"]), analysis, targets, cfg)
+    return analysis, outcomes
+
+
+def test_cases_name_registered_analyses():
+    assert set(CASES) <= set(analyses.names())
+
+
+@pytest.mark.parametrize("name", analyses.names())
+def test_returned_keys_are_declared(name, tiny_runs):
+    from sam_probe.commands.runner import payload_of
+
+    analysis, outcomes = _run(name, tiny_runs)
+    assert outcomes and all(o.status == "ok" for o in outcomes), [o.error for o in outcomes]
+    declared = declared_keys(analysis)
+    for o in outcomes:
+        undeclared = sorted(set(o.result) - set(declared))
+        assert not undeclared, f"{name} returns undeclared keys {undeclared}: add them to its schema"
+    payload, shown = payload_of(analysis, outcomes, 1)
+    for r in shown:  # the JSON printed: with the command's keys
+        assert set(r) <= set(declared)
+    assert all(isinstance(v, str) and v for v in analysis.schema.values())
+
+
+# ----------------------------------------------------------------- the written contract
+def top_level_keys(text: str) -> list[str]:
+    """The top-level keys of a JSON sketch such as ``results[{path, dL{dom, bulk}, per_layer[{name}]}]``
+    or ``{steps, k, anchor{step}} ({runs: [...]} for several runs)``: those of one result."""
+    text = text.strip()
+    m = re.match(r"results\[\{", text)
+    start = m.end() if m else (1 if text.startswith("{") else None)
+    assert start is not None, f"not a JSON sketch: {text!r}"
+    depth, items, cur = 0, [], ""
+    for ch in text[start:]:
+        if ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    keys = [re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", it) for it in items]
+    return [k.group(1) for k in keys if k]
+
+
+def readme_rows() -> dict[str, str]:
+    """``{command: JSON cell}`` of the README command table."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| `sam-probe ([a-z-]+)[ `]", line)
+        if m:
+            cells = re.split(r"(?<!\\)\|", line)
+            rows[m.group(1)] = cells[-2].strip()
+    return rows
+
+
+def test_top_level_keys_parser():
+    assert top_level_keys("results[{path, dL{dom, bulk}, per_layer[{name, n}], seconds}]") == \
+        ["path", "dL", "per_layer", "seconds"]
+    assert top_level_keys("{steps, anchor{step, lift}, nulls} ({runs: [...]} for several runs)") == \
+        ["steps", "anchor", "nulls"]
+
+
+@pytest.mark.parametrize("name", analyses.names())
+def test_readme_row_and_help_json_are_declared(name):
+    analysis = analyses.get(name)
+    rows = readme_rows()
+    assert name in rows, f"README command table: add a row for `sam-probe {name}`"
+    cell = re.match(r"`([^`]*)`", rows[name])
+    assert cell, f"README row of {name}: give its JSON in backticks"
+    declared = declared_keys(analysis)
+    for where, text in (("README row", cell.group(1)), ("--help JSON", analysis.json)):
+        keys = top_level_keys(text)
+        assert keys, f"{name}: {where} names no keys"
+        undeclared = [k for k in keys if k not in declared]
+        assert not undeclared, f"{name}: {where} names undeclared keys {undeclared}"
