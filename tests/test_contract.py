@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 import pytest
 
@@ -126,3 +127,41 @@ def test_readme_row_and_help_json_are_declared(name):
         assert keys, f"{name}: {where} names no keys"
         undeclared = [k for k in keys if k not in declared]
         assert not undeclared, f"{name}: {where} names undeclared keys {undeclared}"
+
+
+@pytest.mark.parametrize("name", analyses.names())
+def test_typed_analyses_derive_schema_json_and_readme_row_from_their_result(name):
+    """An analysis with a ``Result`` ``TypedDict`` (the pattern new analyses follow): its schema and
+    JSON line are derived from it, and the README row is exactly that JSON line."""
+    from sam_probe.analyses.base import json_of, schema_of
+
+    analysis = analyses.get(name)
+    result_type = getattr(analysis.impl, "Result", None)
+    if result_type is None:
+        pytest.skip(f"{name} has no typed Result yet")
+    assert analysis.schema == schema_of(result_type)
+    assert analysis.json == json_of(result_type, analysis.target)
+    assert readme_rows()[name] == f"`{analysis.json}`"
+    config_type = getattr(analysis.impl, "Config", None)
+    assert config_type is not None and config_type.__dataclass_params__.frozen, f"{name}: a frozen Config dataclass"
+
+
+class _Inner(TypedDict):
+    a: int
+    b: float
+
+
+class _Outer(TypedDict):
+    x: Annotated[float, "x"]
+    parts: Annotated[list[_Inner], "parts"]
+    one: Annotated[_Inner, "one"]
+
+
+def test_json_of_spells_nested_results():
+    from sam_probe.analyses.base import CHECKPOINTS, RUNS, json_of, schema_of
+
+    assert json_of(_Outer, CHECKPOINTS) == "results[{path, step, x, parts[{a, b}], one{a, b}, seconds}]"
+    assert json_of(_Outer, RUNS) == "{x, parts[{a, b}], one{a, b}} ({runs: [...]} for several runs)"
+    assert json_of(_Outer, PAIR) == "{x, parts[{a, b}], one{a, b}}"
+    assert schema_of(_Outer) == {"x": "x", "parts": "parts", "one": "one"}
+    assert top_level_keys(json_of(_Outer, RUNS)) == ["x", "parts", "one"]

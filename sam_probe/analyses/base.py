@@ -142,6 +142,30 @@ def schema_of(result_type: Any) -> dict[str, str]:
     return out
 
 
+def json_of(result_type: Any, target: str) -> str:
+    """An analysis's one-line JSON (``json``, ``--help`` and the README row) from its ``Result``:
+    nested ``TypedDict`` keys spelled ``key{a, b}`` (``key[{a, b}]`` for lists of them)."""
+    import typing
+
+    def sketch(t: Any) -> str:
+        keys = []
+        for key, hint in typing.get_type_hints(t, include_extras=True).items():
+            inner = getattr(hint, "__origin__", hint) if hasattr(hint, "__metadata__") else hint
+            args = typing.get_args(inner)
+            if typing.is_typeddict(inner):
+                keys.append(f"{key}{{{sketch(inner)}}}")
+            elif typing.get_origin(inner) is list and args and typing.is_typeddict(args[0]):
+                keys.append(f"{key}[{{{sketch(args[0])}}}]")
+            else:
+                keys.append(key)
+        return ", ".join(keys)
+
+    body = sketch(result_type)
+    if target == CHECKPOINTS:
+        return f"results[{{path, step, {body}, seconds}}]"
+    return f"{{{body}}}" + (" ({runs: [...]} for several runs)" if target == RUNS else "")
+
+
 # ------------------------------------------------------------ shared options
 def perturbation_options(rho: float = 0.05, rho_help: str = "SAM radius rho of the perturbation.") -> tuple[Option, ...]:
     """The SAM perturbation options every analysis that perturbs declares alike."""

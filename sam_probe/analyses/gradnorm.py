@@ -10,15 +10,15 @@ vectors, inside the gradient pass (a chunk's per-tensor gradients, their flat co
 running sum); the norms add nothing.  The weights are only read.
 
 This module is the worked example of adding an analysis: its result and config
-are typed (:class:`Result`, :class:`Config`) and the declared ``schema`` is
-derived from :class:`Result`.
+are typed (:class:`Result`, :class:`Config`) and the declared ``schema`` and
+JSON line are derived from :class:`Result`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
-from .base import CHECKPOINTS, Analysis, Option, schema_of
+from .base import CHECKPOINTS, Analysis, Option, json_of, schema_of
 
 if TYPE_CHECKING:
     from ..core.objective import Objective
@@ -64,8 +64,7 @@ ANALYSIS = Analysis(
         ("||g_t||", "2-norm of g restricted to tensor t; per module m: sqrt(sum over m's tensors of ||g_t||^2)"),
         ("relative", "||g|| / ||w||"),
     ),
-    json="results[{path, step, loss, accuracy, grad_norm, grad_max_abs, param_norm, relative, n_params, "
-         "per_tensor[{name, norm, n_params}], per_module[{name, norm, n_params}], seconds}]",
+    json=json_of(Result, CHECKPOINTS),
     options=(
         Option("per_layer", None, ("--per-layer",), "Show the gradient norm of every parameter tensor "
                "(--per-layer module: of every module); both are always stored.", annotation=str,
