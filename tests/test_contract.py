@@ -19,22 +19,25 @@ from sam_probe.analyses.base import PAIR, declared_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# cheap settings that switch optional parts on ({other} is the second tiny run); an analysis
-# not listed runs with its defaults
-CASES: dict[str, dict] = {
-    "sharpness": dict(top_k=1, trace=True, trace_max_hvp=6, trace_tol=0.5, density=True, density_steps=4,
-                      density_probes=1, per_layer="tensor", worst_case=True, ascent_steps=1, average_case=True,
-                      samples=2),
-    "ratios": dict(faithful=True),
-    "overlap": dict(control="{other}"),
-    "alignment": dict(k=1, eta_grid="0.1,1"),
-    "subspace": dict(k=1),
-    "distance": dict(eigen_k=1, same_step="{other}"),
-    "interpolate": dict(points=3),
+# cheap settings that switch optional parts on ({other} is the second tiny run; _one: the last
+# checkpoint alone); an analysis not listed runs once with its defaults
+CASES: dict[str, list[dict]] = {
+    "sharpness": [dict(top_k=1, trace=True, trace_max_hvp=6, trace_tol=0.5, density=True, density_steps=4,
+                       density_probes=1, per_layer="module", worst_case=True, ascent_steps=1, average_case=True,
+                       samples=2, adaptive=True, m=20, _one=True),
+                  dict(top_k=1, curvature="fisher", mc_samples=2, trace=True, trace_max_hvp=6, trace_tol=0.5,
+                       rho=0.0, cold_check=True)],
+    "ratios": [dict(faithful=True, minibatch=8)],
+    "overlap": [dict(control="{other}")],
+    "alignment": [dict(k=1, eta_grid="0.1,1", variant="usam", minibatch_size=8)],
+    "subspace": [dict(k=1)],
+    "distance": [dict(eigen_k=1, same_step="{other}")],
+    "interpolate": [dict(points=3)],
 }
+RUNS_OF = [(name, i) for name in analyses.names() for i in range(len(CASES.get(name, [{}])))]
 
 
-def _run(name: str, runs: dict[str, Path]):
+def _run(name: str, runs: dict[str, Path], case: int = 0):
     from sam_probe.pipeline.session import Session
     from sam_probe.pipeline.units import run_analysis
     from sam_probe.settings import Settings
@@ -42,10 +45,12 @@ def _run(name: str, runs: dict[str, Path]):
     analysis = analyses.get(name)
     run, other = runs["sam"], runs["sgd"]
     opts = {o.name: o.default for o in analysis.compute_options()}
-    opts.update({k: v.format(other=other) if isinstance(v, str) else v for k, v in CASES.get(name, {}).items()})
+    given = dict(CASES.get(name, [{}])[case])
+    one = given.pop("_one", False)  # the last checkpoint alone (the run's warm starts are another case's)
+    opts.update({k: v.format(other=other) if isinstance(v, str) else v for k, v in given.items()})
     settings = Settings(store=False, max_samples=40, dtype="float64")
     cfg = analysis.impl.configure(opts, settings)
-    targets = sorted(run.glob("*.pt"))[::2] if analysis.target == PAIR else [run]
+    targets = sorted(run.glob("*.pt"))[::2] if analysis.target == PAIR else [sorted(run.glob("*.pt"))[-1] if one else run]
     outcomes = run_analysis(Session(settings, command=["test"]), analysis, targets, cfg)
     return analysis, outcomes
 
@@ -54,11 +59,11 @@ def test_cases_name_registered_analyses():
     assert set(CASES) <= set(analyses.names())
 
 
-@pytest.mark.parametrize("name", analyses.names())
-def test_returned_keys_are_declared(name, tiny_runs):
+@pytest.mark.parametrize("name,case", RUNS_OF)
+def test_returned_keys_are_declared(name, case, tiny_runs):
     from sam_probe.commands.runner import payload_of
 
-    analysis, outcomes = _run(name, tiny_runs)
+    analysis, outcomes = _run(name, tiny_runs, case)
     assert outcomes and all(o.status == "ok" for o in outcomes), [o.error for o in outcomes]
     declared = declared_keys(analysis)
     for o in outcomes:

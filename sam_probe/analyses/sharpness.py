@@ -106,6 +106,8 @@ ANALYSIS = Analysis(
         "density": "{grid, density, sigma, n_hvp, steps, mean, n_probes}: SLQ spectral density (null without "
                    "--density)",
         "per_layer_by": "tensor or module: the blocks of per_layer",
+        "m": "--m-sharpness sub-batch size of sam_sharpness", "n_hvp_cold": "HVPs of the cold solve (--cold-check)",
+        "total_products": "every product with --curvature's operator (other than the Hessian) of the unit",
         "worst_case_start": "L(w+e) - L(w) at the one-step SAM start of the ascent",
         "worst_case_rho": "radius of the worst-case ball", "worst_case_variant": "its norm (l2 or linf)",
         "worst_case_m": "m-sharpness sub-batch size of the ascent (null: the whole selection)",
