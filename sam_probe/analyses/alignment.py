@@ -54,6 +54,14 @@ ANALYSIS = Analysis(
         "lambda_of": "the operator lambda_max belongs to (Hessian, GGN, ...)",
         "edge_of_stability": "whether eta_lambda_max is the Hessian's (comparable with the edge of stability at 2)", "curvature": f"operator of the eigenvectors ({CURVATURE_REGISTRY.choices_text()})",
         "warm_start": "the eigen solve started from the previous checkpoint's Ritz vectors", "warnings": "why a number is not certified", "seconds": "wall time",
+        "warm_start_from": "the step whose Ritz vectors started the solve",
+        "converged": "residual <= --tol, per eigenpair", "n_hvp": "HVPs of the eigen solve",
+        "loss": "L(w)", "lambda_max": "top eigenvalue of the --curvature operator",
+        "eta_lambda_usam": "--variant usam: eta lambda_max (1 + rho lambda_max), USAM's edge at 2",
+        "eta_grid": "the etas of eta*_emp", "delta_chi": "chi_k's change after one step at each eta of the grid",
+        "rho": "SAM radius of the sam vector", "variant": "its perturbation",
+        "batch_size": "samples of the minibatch gradient (null without the minibatch vector)",
+        "seed": "seed of the minibatch draw and the eigen solve",
     },
 )
 

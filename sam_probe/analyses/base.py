@@ -109,6 +109,63 @@ class Analysis:
         return "\n".join(lines)
 
 
+# ------------------------------------------------------------ result contracts
+UNIT_KEYS = {
+    CHECKPOINTS: {"path": "checkpoint file", "step": "training step",
+                  "source": "format, layout, prefix and step source", "n_samples": "samples of the data used",
+                  "seconds": "wall time of the unit"},
+    RUNS: {"sources": "each checkpoint's format, layout, prefix and step source",
+           "n_samples": "samples of the data used", "seconds": "wall time of the unit"},
+    PAIR: {"sources": "each checkpoint's format, layout, prefix and step source",
+           "n_samples": "samples of the data used", "seconds": "wall time of the unit"},
+}  # what the unit runner adds to every result of a target kind (sam_probe/pipeline/units.py)
+COMMAND_KEYS = {"run": "the run's label (--run-name or a short path suffix)", "run_dir": "the run's directory"}
+
+
+def declared_keys(analysis: Analysis) -> dict[str, str]:
+    """Every key a result of ``analysis`` may hold: its ``schema``, the unit runner's keys for its
+    target (:data:`UNIT_KEYS`) and the keys the command adds (:data:`COMMAND_KEYS`)."""
+    return {**UNIT_KEYS.get(analysis.target, {}), **COMMAND_KEYS, **analysis.schema}
+
+
+def schema_of(result_type: Any) -> dict[str, str]:
+    """An analysis's ``schema`` from its ``Result`` ``TypedDict``: each key's ``Annotated`` text."""
+    from typing import get_type_hints
+
+    hints = get_type_hints(result_type, include_extras=True)
+    out = {}
+    for key, hint in hints.items():
+        meta = getattr(hint, "__metadata__", ())
+        if not meta or not isinstance(meta[0], str):
+            raise TypeError(f"{result_type.__name__}.{key}: annotate it as Annotated[type, 'what it holds']")
+        out[key] = meta[0]
+    return out
+
+
+def json_of(result_type: Any, target: str) -> str:
+    """An analysis's one-line JSON (``json``, ``--help`` and the README row) from its ``Result``:
+    nested ``TypedDict`` keys spelled ``key{a, b}`` (``key[{a, b}]`` for lists of them)."""
+    import typing
+
+    def sketch(t: Any) -> str:
+        keys = []
+        for key, hint in typing.get_type_hints(t, include_extras=True).items():
+            inner = getattr(hint, "__origin__", hint) if hasattr(hint, "__metadata__") else hint
+            args = typing.get_args(inner)
+            if typing.is_typeddict(inner):
+                keys.append(f"{key}{{{sketch(inner)}}}")
+            elif typing.get_origin(inner) is list and args and typing.is_typeddict(args[0]):
+                keys.append(f"{key}[{{{sketch(args[0])}}}]")
+            else:
+                keys.append(key)
+        return ", ".join(keys)
+
+    body = sketch(result_type)
+    if target == CHECKPOINTS:
+        return f"results[{{path, step, {body}, seconds}}]"
+    return f"{{{body}}}" + (" ({runs: [...]} for several runs)" if target == RUNS else "")
+
+
 # ------------------------------------------------------------ shared options
 def perturbation_options(rho: float = 0.05, rho_help: str = "SAM radius rho of the perturbation.") -> tuple[Option, ...]:
     """The SAM perturbation options every analysis that perturbs declares alike."""

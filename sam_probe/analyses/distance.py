@@ -45,6 +45,7 @@ ANALYSIS = Analysis(
         "run": "run directory", "paths": "checkpoint files", "steps": "steps", "distance": "||w_t - w_ref||",
         "relative": "distance / ||w_ref||", "per_tensor": "distance per parameter tensor",
         "escape_rate": "slope of log distance per step", "escape_steps": "steps used for the escape rate",
+        "escape_by": "step (the rate is per step) or index (per checkpoint, where steps are unknown)",
         "ref_step": "the reference's step", "ref_norm": "||w_ref||", "n_params": "parameters compared",
         "escape_fit": "{n, exponential{rate, r2, rms}, power{exponent, r2, rms}, better}",
         "same_step": "{run, steps, distance} to --same-step RUN (null without it)",

@@ -39,6 +39,11 @@ ANALYSIS = Analysis(
     schema={
         "run": "run directory", "paths": "checkpoint files", "results": "per checkpoint statistics",
         "strength": "feature strengths", "data": "data spec",
+        "importance": "[T, d] importance per checkpoint and input feature", "method": "importance method used",
+        "strength_method": "mean-abs or corr", "minor": "indices of the minor features (the weakest --minor-fraction)",
+        "minor_fraction": "the fraction of features called minor",
+        "collapse_threshold": "total importance below this fraction of its peak: collapsed",
+        "image_shape": "[H, W] of image inputs (heat-maps)", "background": "indices of background pixels",
     },
 )
 

@@ -60,6 +60,9 @@ ANALYSIS = Analysis(
         "ire": "overlap with the IRE flat mask and expected",
         "null": "the null of the headline expected/lift", "nulls": "{null: {anchor, persistent: {expected, lift}}}",
         "control": "the control run", "minibatch": "--minibatch B of the ratio units (null: whole selection)",
+        "n_params": "P", "fractions": "|S_t| / P per step",
+        "jaccard_expected": "Jaccard expected under independence, per pair (null with --no-pairwise)",
+        "pairwise": "{overlap, expected}: |S_a ∩ S_b| and its independence expectation per pair",
     },
 )
 

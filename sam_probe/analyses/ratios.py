@@ -68,6 +68,10 @@ ANALYSIS = Analysis(
         "buckets": "C1 counts per ratio bin", "magnitude_split": "C1 among the largest |g| with chance and lift",
         "minibatch": "with --minibatch: {size, source (recorded indices, trainer stream, seeded draw), ...}",
         "per_layer": "the same per parameter tensor", "seconds": "wall time",
+        "faithful": "r computed as the notebook's g~/(g + 1e-8)",
+        "warnings": "with --minibatch: why the minibatch is not the step's own (e.g. a seeded draw)",
+        "codes": "category code per parameter, bit-packed (stored, not printed)",
+        "ire_flat": "the IRE flat mask at --ire-rank, bit-packed (stored, not printed)",
     },
 )
 

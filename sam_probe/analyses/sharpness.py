@@ -100,6 +100,20 @@ ANALYSIS = Analysis(
         "eta": "step size of the edge of stability (null when unknown)", "eta_source": "--lr, optimizer state or "
         "hyper-parameters", "eta_lambda_max": "eta * lambda_max (edge of stability at 2)", "lambda_edge": "2 / eta",
         "sam_edge": "{variant, rho, grad_norm, lambda_edge, eta_lambda_eff} for SAM-trained checkpoints",
+        "warm_start_from": "the step whose Ritz vectors started the solve",
+        "trace_method": "hutch++ or hutchinson", "trace_probes": "random probes of the trace",
+        "trace_n_hvp": "HVPs of the trace", "trace_converged": "the trace's relative SE reached --trace-tol",
+        "density": "{grid, density, sigma, n_hvp, steps, mean, n_probes}: SLQ spectral density (null without "
+                   "--density)",
+        "per_layer_by": "tensor or module: the blocks of per_layer",
+        "m": "--m-sharpness sub-batch size of sam_sharpness", "n_hvp_cold": "HVPs of the cold solve (--cold-check)",
+        "total_products": "every product with --curvature's operator (other than the Hessian) of the unit",
+        "worst_case_start": "L(w+e) - L(w) at the one-step SAM start of the ascent",
+        "worst_case_rho": "radius of the worst-case ball", "worst_case_variant": "its norm (l2 or linf)",
+        "worst_case_m": "m-sharpness sub-batch size of the ascent (null: the whole selection)",
+        "worst_case_n_grad": "gradients of the ascent", "worst_case_delta_norm": "norm of the worst perturbation found",
+        "average_case_samples": "Gaussian perturbations drawn", "average_case_rho": "their radius",
+        "adaptive": "worst/average case in the adaptive ball e = T d, T = |w| + eta", "adaptive_eta": "its eta",
     },
 )
 
