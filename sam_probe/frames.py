@@ -31,10 +31,11 @@ MAX_LIST = 100  # list entries expanded into columns; longer lists are left out
 
 
 def singular(name: str) -> str:
-    """``eigenvalues`` -> ``eigenvalue``, ``categories`` -> ``category``; other names as they are."""
+    """``eigenvalues`` -> ``eigenvalue``, ``categories`` -> ``category``; names not in a plural ``s``
+    (``loss``, ``previous``, ``basis``, ``converged``) as they are."""
     if name.endswith("ies") and len(name) > 3:
         return name[:-3] + "y"
-    if name.endswith("s") and not name.endswith("ss") and len(name) > 1:
+    if name.endswith("s") and not name.endswith(("ss", "us", "is")) and len(name) > 1:
         return name[:-1]
     return name
 

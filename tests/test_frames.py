@@ -118,8 +118,8 @@ def test_without_pandas_the_message_says_what_to_install(stored, monkeypatch):
 
 
 def test_column_names():
-    assert [singular(n) for n in ("eigenvalues", "categories", "converged", "loss", "s")] == \
-        ["eigenvalue", "category", "converged", "loss", "s"]
+    assert [singular(n) for n in ("eigenvalues", "categories", "converged", "loss", "previous", "basis", "s")] == \
+        ["eigenvalue", "category", "converged", "loss", "previous", "basis", "s"]
     row, left = columns({"eigenvalues": [3.0, 1.0], "solver": {"steps": [1, 2]}, "per_layer": [{"a": 1}],
                          "grid": [[1, 2]], "long": list(range(5)), "empty": [], "x": None}, max_list=4)
     assert row == {"eigenvalue_1": 3.0, "eigenvalue_2": 1.0, "solver.step_1": 1, "solver.step_2": 2, "x": None}
@@ -142,3 +142,11 @@ def without_nulls(obj):
     if isinstance(obj, dict):
         return {k: without_nulls(v) for k, v in obj.items() if v is not None}
     return [without_nulls(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def test_pandas_is_imported_only_when_called():
+    import subprocess
+
+    code = "import sys, sam_probe as sp; sp.load_results; print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

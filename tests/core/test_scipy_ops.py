@@ -84,3 +84,13 @@ def test_mc_fisher_block_and_float32():
     assert Ab.shape == (24, 24)
     with pytest.raises(ValueError, match="float32 or float64"):
         MatrixOperator(H).to_scipy(np.int64)
+
+
+def test_scipy_is_imported_only_when_converting():
+    import subprocess
+
+    code = ("import sys, torch; from sam_probe.core.operators import MatrixOperator; "
+            "op = MatrixOperator(torch.eye(2)); print('scipy.sparse.linalg' in sys.modules, end=' '); "
+            "op.to_scipy(); print('scipy.sparse.linalg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
