@@ -94,3 +94,11 @@ def test_scipy_is_imported_only_when_converting():
             "op.to_scipy(); print('scipy.sparse.linalg' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_operator_on_the_gpu_takes_and_returns_host_arrays():
+    H = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    A = MatrixOperator(H.cuda()).to_scipy()
+    np.testing.assert_allclose(A @ np.ones(2), [3.0, 4.0])
+    np.testing.assert_allclose(scipy_linalg.eigsh(A, k=1, return_eigenvectors=False), [np.linalg.eigvalsh(H)[-1]])
