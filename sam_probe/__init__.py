@@ -12,6 +12,7 @@ The Python API (imported lazily, so the CLI starts fast)::
     sp.alignment(obj, ...)            # chi_k of gradients with the dominant eigenspace
     sp.analyze("sharpness", "run/", top_k=3, data="digits")   # any analysis, as its --json prints it
     sp.analyses.names()               # every declared analysis
+    sp.load_results("results/")       # stored results as a pandas DataFrame (one row per result)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ _EXPORTS = {
     "per_layer_spectra": "core.per_layer", "subspace_persistence": "core.subspace",
     "subspace_overlap": "core.subspace", "overlap_matrix": "core.subspace",
     "worst_case_sharpness": "core.sharpness_measures", "average_case_sharpness": "core.sharpness_measures",
-    "iter_units": "store", "read_unit": "store", "Session": "pipeline.session", "Settings": "settings",
+    "iter_units": "store", "read_unit": "store", "load_results": "frames", "Session": "pipeline.session", "Settings": "settings",
     "AnalysisSession": "pipeline.protocol",
 }
 

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_write
 
 KIND = "__kind__"
+JSON_KEYS = "__json__"  # a group's attributes stored as JSON text (values HDF5 cannot hold as they are)
 META = "__meta__"
 RESULT = "result"
 
@@ -140,8 +141,9 @@ def _write(group: h5py.Group, data: dict[str, Any]) -> None:
             group.create_dataset(k, data=np.zeros(0))
         else:
             arr = _to_array(v)
-            if arr is None:
+            if arr is None:  # ragged or mixed lists, integers beyond int64: JSON text, named for the reader
                 group.attrs[k] = json.dumps(v, default=str)
+                group.attrs[JSON_KEYS] = json.dumps([*json.loads(group.attrs.get(JSON_KEYS, "[]")), k])
                 continue
             big = arr.size > 4096 and arr.dtype.kind in "biuf"
             group.create_dataset(k, data=arr, compression="gzip" if big else None, shuffle=big)
@@ -377,7 +379,9 @@ def _read(group: Any, budget: ReadBudget | None = None, depth: int = 0) -> Any:
         if bad is not None:
             raise UnsafeResults(f"{bad.name}: a list item that is not a group")
         return [_read(it, budget, depth + 1) for it in items]
-    out: dict[str, Any] = {_unkey(k): v for k, v in attrs.items() if k != KIND}
+    out: dict[str, Any] = {_unkey(k): v for k, v in attrs.items() if k not in (KIND, JSON_KEYS)}
+    for k in _json_keys(attrs, group.name):
+        out[_unkey(k)] = _parse_json(attrs[k], f"{group.name}: attribute {k[:80]!r}")
     for k in keys:
         item = hard_member(group, k)
         if isinstance(item, h5py.Group):
@@ -390,6 +394,27 @@ def _read(group: Any, budget: ReadBudget | None = None, depth: int = 0) -> Any:
 
 
 MAX_JSON_DEPTH = 32
+
+
+def _json_keys(attrs: dict[str, Any], where: str) -> list[str]:
+    """The names in a group's :data:`JSON_KEYS` attribute that are string attributes of the group."""
+    names = _parse_json(attrs.get(JSON_KEYS, "[]"), f"{where}: attribute {JSON_KEYS}")
+    if not isinstance(names, list):
+        raise UnsafeResults(f"{where}: attribute {JSON_KEYS} is not a list of names")
+    return [k for k in names if isinstance(k, str) and k not in (KIND, JSON_KEYS) and isinstance(attrs.get(k), str)]
+
+
+def _parse_json(text: Any, where: str) -> Any:
+    """``text`` parsed as JSON (:class:`UnsafeResults` when it is not, or nests beyond ``MAX_JSON_DEPTH``)."""
+    try:
+        v = json.loads(text)
+    except (TypeError, ValueError):
+        raise UnsafeResults(f"{where}: not JSON text") from None
+    except RecursionError:
+        raise UnsafeResults(f"{where}: nests JSON too deeply") from None
+    if not _json_depth_ok(v):
+        raise UnsafeResults(f"{where}: nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    return v
 
 
 def _json_depth_ok(v: Any) -> bool:

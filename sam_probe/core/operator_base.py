@@ -77,6 +77,13 @@ class CurvatureOperator:
         """Entered around a solver's products (nothing to keep by default)."""
         return contextlib.nullcontext()
 
+    def to_scipy(self, dtype=None):
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (shape ``(P, P)``, symmetric: ``rmatvec`` is
+        ``matvec``; each product one :meth:`matmat`); see :mod:`sam_probe.core.scipy_ops`."""
+        from .scipy_ops import to_scipy
+
+        return to_scipy(self, dtype)
+
     def restrict(self, sel: str | Sequence[str] | slice | Tensor, label: str | None = None) -> "BlockOperator":
         """The diagonal block ``A[S, S]``: ``S`` = the entries of the named parameter
         tensor(s), a flat ``slice`` or an index tensor; its products cost one product of ``A``."""
