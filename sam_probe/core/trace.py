@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -231,12 +231,16 @@ def trace_plan(memory_plan=None, rank: int = 20, block_size: int = 5, max_vector
 
 
 def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: int = 1000, seed: int = 0,
-                    reuse_graph: bool = True, max_vectors: int | None = None, **kwargs) -> TraceResult:
+                    reuse_graph: bool = True, max_vectors: int | None = None, exact_fallback: bool = True,
+                    **kwargs) -> TraceResult:
     """Trace of a :class:`~sam_probe.core.operators.CurvatureOperator` (an objective: its Hessian),
     in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
 
     Unless given, Hutch++'s ``rank`` and ``block_size`` (and Hutchinson's block) come from
-    :func:`trace_plan` of the objective's memory plan (``max_vectors`` overrides it)."""
+    :func:`trace_plan` of the objective's memory plan (``max_vectors`` overrides it).
+
+    When ``2P ≤ max_hvp`` (and ``exact_fallback``), the estimator gets at most ``P`` products and,
+    if it has not reached ``tol`` by then, the exact trace replaces it (:func:`exact_trace`)."""
     from .lanczos import _plan_of
     from .operators import as_operator
 
@@ -254,10 +258,33 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
         kwargs["rank"], kwargs["block_size"] = trace_plan(plan, 20, 5, max_vectors)
     fn = hutchpp if method == "hutch++" else hutchinson
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
+    small = exact_fallback and 2 * op.P <= max_hvp  # an exact trace (P products) is affordable: never spend more on estimates
     with ctx:
-        res = fn(op.matmat, op.P, tol=tol, max_hvp=max_hvp, seed=seed, dtype=op.dtype, device=op.device, **kwargs)
+        res = fn(op.matmat, op.P, tol=tol, max_hvp=op.P if small else max_hvp, seed=seed, dtype=op.dtype,
+                 device=op.device, **kwargs)
+        if small and not res.converged:
+            res = exact_trace(op.matmat, op.P, spent=res.n_hvp, tol=tol, block_size=kwargs.get("block_size") or 4,
+                              dtype=op.dtype, device=op.device)
     res.curvature = op.name
     return res
+
+
+def exact_trace(matmat, n: int, *, spent: int = 0, tol: float = 1e-2, block_size: int = 4,
+                dtype: torch.dtype = torch.float64, device: Any = "cpu") -> TraceResult:
+    """``tr(A) = Σ_i e_iᵀ A e_i`` from ``n`` products with unit vectors, ``block_size`` at a time
+    (exact up to rounding: ``se = 0``).  :func:`curvature_trace` falls back to it when ``2n ≤ max_hvp``
+    and the estimator did not reach ``tol`` within ``n`` products (e.g. a trace near zero, whose
+    relative error no number of probes can make small); ``spent`` products are counted in ``n_hvp``."""
+    b = max(1, int(block_size))
+    total = 0.0
+    for start in range(0, n, b):
+        m = min(b, n - start)
+        E = torch.zeros(n, m, dtype=dtype, device=device)
+        idx = torch.arange(m, device=device)
+        E[start + idx, idx] = 1
+        total += float(matmat(E)[start + idx, idx].double().sum())
+        del E
+    return TraceResult(estimate=total, se=0.0, n_probes=n, n_hvp=spent + n, method="exact", converged=True, tol=tol)
 
 
 hessian_trace = curvature_trace

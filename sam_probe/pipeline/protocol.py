@@ -66,6 +66,11 @@ class AnalysisSession(Protocol):
         """``compute(checkpoints, session, config)`` as one unit keyed by every file's sha256."""
         ...
 
+    def ordered(self, target: str | Path) -> tuple[list[tuple[Path, int | None]], list[UnitOutcome]]:
+        """The readable checkpoints of run ``target`` as ``(path, step)`` in step order, and a failed
+        outcome for each file that could not be read."""
+        ...
+
     def guarded(self, target: Any, fn: Callable[[], list[UnitOutcome]]) -> list[UnitOutcome]:
         """``fn()``, or one failed outcome for ``target`` when it raises a user error."""
         ...

@@ -41,7 +41,7 @@ def test_hessian_trace_within_3_se(name, method, kw):
     exact = float(torch.trace(dense_hessian(obj)))
     for seed in range(3):
         obj.n_hvp = 0
-        res = hessian_trace(obj, method, tol=0.05, max_hvp=400, seed=seed, **kw)
+        res = hessian_trace(obj, method, tol=0.05, max_hvp=400, seed=seed, exact_fallback=False, **kw)
         assert isinstance(res, TraceResult) and res.method == method
         assert res.n_hvp == obj.n_hvp
         assert res.se > 0 and abs(res.estimate - exact) <= 3 * res.se, (seed, res, exact)
@@ -85,3 +85,22 @@ def test_max_hvp_too_small(fn):
     r = fn(lambda V: A @ V, 300, tol=1e-4, max_hvp=30)
     assert r.n_hvp <= 30 and not r.converged and r.warnings and "not converged" in r.warnings[0]
     assert r.to_dict()["converged"] is False
+
+
+def test_small_operator_whose_trace_is_near_zero_gets_the_exact_trace():
+    """An indefinite 40 x 40 matrix with trace ~0: no number of probes reaches a 1% relative SE, so
+    within max_hvp >= 2P the estimate is replaced by the exact sum of e_i' A e_i (P more products)."""
+    from sam_probe.core.operator_base import MatrixOperator
+    from sam_probe.core.trace import curvature_trace
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.linspace(-3, 3, 40, dtype=torch.float64) + 1e-3
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(d) @ Q.T
+    for method in ("hutch++", "hutchinson"):
+        r = curvature_trace(MatrixOperator(A), method, tol=1e-2, max_hvp=1000)
+        assert r.method == "exact" and r.converged and r.se == 0 and r.n_hvp <= 80, r
+        assert r.estimate == pytest.approx(float(torch.trace(A)), abs=1e-12)
+    # a large budget relative to P is what allows it: with max_hvp < 2P the estimator reports its own result
+    r = curvature_trace(MatrixOperator(A), "hutchinson", tol=1e-2, max_hvp=60)
+    assert r.method == "hutchinson" and not r.converged and r.warnings
