@@ -233,12 +233,15 @@ def trace_plan(memory_plan=None, rank: int = 20, block_size: int = 5, max_vector
 def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: int = 1000, seed: int = 0,
                     reuse_graph: bool = True, max_vectors: int | None = None, **kwargs) -> TraceResult:
     """Trace of a :class:`~sam_probe.core.operators.CurvatureOperator` (an objective: its Hessian),
-    in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
+    in its dtype/device and context (float32 arithmetic for a half-precision operator, whose
+    products' rounding, ``c u`` relative (:mod:`sam_probe.core.precision`), is not in ``se``);
+    ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
 
     Unless given, Hutch++'s ``rank`` and ``block_size`` (and Hutchinson's block) come from
     :func:`trace_plan` of the objective's memory plan (``max_vectors`` overrides it)."""
     from .lanczos import _plan_of
     from .operators import as_operator
+    from .precision import solver_dtype
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -255,7 +258,8 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
     fn = hutchpp if method == "hutch++" else hutchinson
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
-        res = fn(op.matmat, op.P, tol=tol, max_hvp=max_hvp, seed=seed, dtype=op.dtype, device=op.device, **kwargs)
+        res = fn(op.matmat, op.P, tol=tol, max_hvp=max_hvp, seed=seed, dtype=solver_dtype(op.dtype), device=op.device,
+                 **kwargs)
     res.curvature = op.name
     return res
 

@@ -150,6 +150,10 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
         raise SpecError(f"{ck.path}: the loss the checkpoint names cannot be used ({exc}); pass {opt('loss')} "
                         "yourself") from None
     chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
+    from ..core.precision import upcast_note
+
+    if note := upcast_note(list(m.params.values()) + list(m.buffers.values()), session.dtype):
+        session.note(note)  # before the copy is made
     try:
         obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
                         params=m.params, buffers=m.buffers, bn_mode=s.bn_mode, chunk_size=chunk,
