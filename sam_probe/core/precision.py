@@ -166,7 +166,8 @@ def _count(n: int) -> str:
 
 
 def _bytes(n: float) -> str:
-    for div, unit in ((2 ** 30, "GB"), (2 ** 20, "MB"), (2 ** 10, "kB")):
-        if n >= div:
+    """Decimal units, from a tenth of each (``0.50 GB``, ``1.84 kB``)."""
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= div / 10:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
