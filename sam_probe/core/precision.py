@@ -17,7 +17,7 @@ with ``s`` the largest ``‖Â v‖ / ‖v‖`` seen in the solve (a lower bound
 that pairs at the small end are not credited with an accuracy relative to their own small
 eigenvalue).  Measured on tanh/GELU MLPs of 2–6 layers against float64 Hessians of the same
 (bfloat16-representable) weights: ``0.7–1.1 u`` for top eigenvectors and ``1–5 u`` relative
-to ``‖Hv‖`` for random directions.  This is a stated model, not a proof: a residual
+to ``‖Hv‖`` for random directions (``1.4 u`` and ``2.1 u`` on a 2-layer GPT-2-style LM).  This is a stated model, not a proof: a residual
 ``r`` plus ``e(y)`` certifies an eigenvalue within ``(r + e(y))`` of ``θ`` as long as the
 products are accurate to ``e``.
 
