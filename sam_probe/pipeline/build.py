@@ -136,6 +136,10 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
         session.note(note)
     m = session.matched(ck, model)
     model.to(session.device)
+    from ..core.precision import is_half
+
+    if is_half(session.dtype):  # the module's own (unused) tensors need not stay float32 beside the half copy
+        model.to(dtype=session.dtype)
     from ..loading.data import check_token_ids, unused_fields
 
     check_token_ids(data, model)
