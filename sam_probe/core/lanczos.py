@@ -715,7 +715,20 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
     res.curvature = op.name
     res.plan = {**plan, **res.plan}
     if rounding is not None:
-        res.plan["precision"] = precision.info(op.dtype)
+        res.plan["precision"] = {**precision.info(op.dtype), "certified_by": "rounding model"}
+        ref = precision.reference_operator(op)
+        kk = sum(1 for t in res.eigenvalues if t == t)  # the pairs found (NaN: none)
+        if ref is not None and kk:  # certify against float32 products (k of each dtype, counted)
+            chk = precision.certify_in_float32(op, ref, list(res.eigenvalues[:kk]), res.eigenvectors[:, :kk], tol)
+            res.residuals = chk["residuals"] + list(res.residuals[kk:])
+            res.converged = chk["converged"] + list(res.converged[kk:])
+            res.n_hvp += 2 * kk
+            res.plan["precision"].update(certified_by="float32 products",
+                                         product_errors=chk["product_errors"])
+            if "warning" in chk:
+                from ..errors import render
+
+                res.warnings = list(res.warnings) + [render(chk["warning"])]
     return res
 
 

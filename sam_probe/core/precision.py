@@ -21,6 +21,11 @@ to ``‖Hv‖`` for random directions (``1.4 u`` and ``2.1 u`` on a 2-layer GPT-
 ``r`` plus ``e(y)`` certifies an eigenvalue within ``(r + e(y))`` of ``θ`` as long as the
 products are accurate to ``e``.
 
+*What is certified* is decided in float32: the model can be badly wrong (a width-4 GPT-2
+amplifies rounding ~70x), so for the Hessian :func:`certify_in_float32` checks each returned
+pair with a product of a float32 twin of the objective (:func:`reference_operator`) and
+reports the half products' measured error; other operators rest on the model.
+
 *What can be asked.*  The solver's residual and ``e(y)`` add up, so a relative residual
 tolerance below :func:`min_tol` ``= 2 c u`` (``2^-5 ≈ 0.031`` for bfloat16, ``2^-8 ≈
 0.0039`` for float16) cannot be certified and is refused (:func:`check_tol`).
@@ -138,6 +143,40 @@ class RoundingModel:
         an = AV.double().norm(dim=0).cpu()
         vn = V.double().norm(dim=0).cpu()
         return self.rel * torch.maximum(an, self.scale * vn)
+
+
+def reference_operator(op: Any) -> Any:
+    """A float32 twin of a half-precision Hessian operator (its objective's :meth:`in_dtype`), or ``None``
+    where there is none (other curvatures, blocks: their certificates rest on :class:`RoundingModel`)."""
+    from .hessian import HessianOperator
+
+    if type(op) is not HessianOperator or not hasattr(op.obj, "in_dtype"):
+        return None
+    return HessianOperator(op.obj.in_dtype(torch.float32), reuse_graph=False)
+
+
+def certify_in_float32(op: Any, ref: Any, theta: list[float], Y: Tensor, tol: float) -> dict[str, Any]:
+    """Residuals of the half-precision Ritz pairs ``(θ_j, y_j)`` from float32 products (``ref``):
+    ``‖A₃₂ y − θ y‖ / |θ|`` (what is certified), and the measured relative error of each half product,
+    ``‖Â y − A₃₂ y‖ / |θ|`` (``2k`` products: ``k`` of each)."""
+    res, perr = [], []
+    for j, t in enumerate(theta):
+        y = Y[:, j:j + 1].to(torch.float32)
+        a32 = ref.matmat(y).to(torch.float32)
+        ah = op.matmat(y).to(torch.float32)
+        scale = abs(t) if t else 1.0
+        res.append(float((a32 - t * y).double().norm()) / scale)
+        perr.append(float((ah - a32).double().norm()) / scale)
+        del a32, ah
+    out: dict[str, Any] = {"residuals": res, "product_errors": perr, "converged": [r <= tol for r in res]}
+    bad = [j + 1 for j, r in enumerate(res) if not r <= tol]
+    if bad:
+        name = dtype_name(op.dtype)
+        out["warning"] = (f"eigenpairs {bad}: checked with float32 products, their residuals "
+                          f"({', '.join(f'{res[j - 1]:.2g}' for j in bad)}) exceed {opt('tol', f'{tol:g}')}: the "
+                          f"{name} products are accurate to only {max(perr):.2g} relative on this model (measured); "
+                          f"they are not certified (use {opt('dtype', 'float32')})")
+    return out
 
 
 def upcast_note(tensors: Iterable[Tensor], dtype: Any) -> str | None:
