@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import SpecError, opt
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16", "float16")  # half: the model runs in it, solvers in float32
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Settings:
         import torch
 
         if self.dtype not in DTYPES:
-            raise SpecError("choose float32 or float64", option="dtype", value=self.dtype)
+            raise SpecError("choose float32, float64, bfloat16 or float16", option="dtype", value=self.dtype)
         return getattr(torch, self.dtype)
 
     def torch_device(self) -> Any:

@@ -221,6 +221,11 @@ def solver_config(opts: dict[str, Any], settings: Any = None) -> dict[str, Any]:
     from ..errors import SpecError
 
     out: dict[str, Any] = {"basis_device": opts.get("basis_device") or "device", "basis_dir": None}
+    dtype = getattr(settings, "dtype", None)
+    if dtype in ("bfloat16", "float16") and opts.get("tol") is not None:  # before any checkpoint is read
+        from ..core.precision import check_tol
+
+        check_tol(float(opts["tol"]), dtype)
     if out["basis_device"] not in BASIS_DEVICES:
         raise SpecError(f"--basis-device {out['basis_device']}: choose device or cpu")
     if opts.get("basis_dir"):

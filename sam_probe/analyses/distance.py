@@ -87,6 +87,10 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         if opts["eigen_k"] < 1:
             raise SpecError("--eigen-k must be >= 1")
         cfg.update(eigen_k=int(opts["eigen_k"]), eigen_tol=float(opts["eigen_tol"]), seed=settings.seed)
+        if getattr(settings, "dtype", None) in ("bfloat16", "float16"):  # what half-precision products certify
+            from ..core.precision import check_tol
+
+            check_tol(cfg["eigen_tol"], settings.dtype, option="eigen_tol")
     return cfg
 
 

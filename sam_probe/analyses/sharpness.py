@@ -94,6 +94,8 @@ ANALYSIS = Analysis(
         "average_case_sharpness": "mean L(w+d) - L(w) (null without --average-case)",
         "average_case_se": "its standard error",
         "eigenvalue_se": "fisher: sampling standard error of each eigenvalue against the exact Fisher",
+        "precision": "--dtype bfloat16/float16: model and solver dtypes, unit roundoff u, per-product accuracy "
+                     "c*u (included in residuals) and the smallest --tol it certifies (docs/metrics.md)",
         "product_residuals": "inexact products (fisher, --hvp fd): their error / |lambda|, included in residuals",
         "trace_sampling_se": "fisher: the trace's sampling error, included in trace_se",
         "total_hvp": "every HVP of the unit", "warnings": "why a number is not certified", "seconds": "wall time",
@@ -185,6 +187,10 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
     out["loss"] = loss
     out["accuracy"] = acc
     out["n_params"] = obj.n_params
+    from ..core import precision
+
+    if precision.is_half(obj.dtype):  # the model in half precision, the solvers in float32
+        out["precision"] = precision.info(obj.dtype)
     out.update(trace=None, trace_se=None, sam_sharpness=None, curvature=cfg["curvature"], per_layer=None,
                worst_case_sharpness=None, worst_case_steps=None, average_case_sharpness=None, average_case_se=None)
     op = curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"], tol=cfg["tol"])

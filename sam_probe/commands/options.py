@@ -56,7 +56,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "loss": (Optional[str], _opt(None, "--loss", help=LOSS_REGISTRY.help("Loss:")[:-1] + ", or pkg.module:fn / file.py:fn returning one loss per sample. Default: lm for causal LMs, ce for integer targets, mse otherwise.")),
     "hvp": (str, _opt("rev-rev", "--hvp", help=HVP_REGISTRY.help("Hessian-vector products:"))),
     "device": (str, _opt("auto", "--device", help="auto, cpu, cuda or cuda:N.")),
-    "dtype": (str, _opt("float32", "--dtype", help="float32 or float64.")),
+    "dtype": (str, _opt("float32", "--dtype", help="float32 (default: half-precision checkpoints are upcast), float64, or bfloat16/float16: the model runs in half precision, the solvers in float32 (residual tolerances from 2^-5 for bfloat16, 2^-8 for float16; docs/metrics.md).")),
     "bn_mode": (str, _opt("eval", "--bn-mode", help="BatchNorm: eval (running stats) or train (batch stats, running stats never updated).")),
     "seed": (int, _opt(0, "--seed", help="Seed for data selection and random probes.")),
     "max_memory": (Optional[str], _opt(None, "--max-memory", help="Memory budget per process, e.g. 2GB or 512MiB: picks the chunk (unless --batch-size) and vector-block sizes from one probe forward/backward (memory only; results unchanged).", panel="Scale")),

@@ -224,6 +224,7 @@ def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, 
     """:func:`slq_density` of a :class:`~sam_probe.core.operators.CurvatureOperator` (an
     objective: its Hessian), in its dtype/device and context."""
     from .operators import as_operator
+    from .precision import solver_dtype
 
     from .lanczos import _plan_of
 
@@ -234,7 +235,7 @@ def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, 
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
         res = slq_density(op.matmat, op.P, steps=steps, n_probes=n_probes, seed=seed,
-                          dtype=op.dtype, device=op.device, **kwargs)
+                          dtype=solver_dtype(op.dtype), device=op.device, **kwargs)
     res.curvature = op.name
     return res
 

@@ -690,23 +690,45 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
     without extra products.  An inexact operator's own product error (finite differences, the MC
     Fisher) is added to the residuals afterwards by :func:`sam_probe.core.product_errors.eigen_errors`
     (its ``product_error(V)`` has another signature than the solver's per-product hook)."""
+    from . import precision
     from .memory import solver_plan
     from .operators import as_operator
 
     op = as_operator(op)
+    precision.check_tol(tol, op.dtype)
     if warm is not None and warm.shape[0] != op.P:  # vectors of another parameter space: start cold
         warm = None
-    plan = solver_plan(k, op.P, op.dtype, block_size, memory_plan=_plan_of(op), max_vectors=max_vectors,
+    dtype = precision.solver_dtype(op.dtype)  # half-precision models: float32 solver arithmetic
+    plan = solver_plan(k, op.P, dtype, block_size, memory_plan=_plan_of(op), max_vectors=max_vectors,
                        max_basis=max_basis, keep_products=keep_products, where=where)
+    matmat, rounding = op.matmat, None
+    if precision.is_half(op.dtype):  # each product's rounding enters the certificate (core/precision.py)
+        rounding = precision.RoundingModel(op.dtype)
+        matmat = rounding.observe(op.matmat)
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     with ctx:
-        res = lanczos(op.matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
-                      max_basis=plan["basis_vectors"], seed=seed, dtype=op.dtype, device=op.device, warm=warm,
+        res = lanczos(matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
+                      max_basis=plan["basis_vectors"], seed=seed, dtype=dtype, device=op.device, warm=warm,
                       keep_products=plan["keep_products"], where=where, check=check,
-                      extend_cluster=extend_cluster,
+                      extend_cluster=extend_cluster, product_error=rounding,
                       count=count)
     res.curvature = op.name
     res.plan = {**plan, **res.plan}
+    if rounding is not None:
+        res.plan["precision"] = {**precision.info(op.dtype), "certified_by": "rounding model"}
+        ref = precision.reference_operator(op)
+        kk = sum(1 for t in res.eigenvalues if t == t)  # the pairs found (NaN: none)
+        if ref is not None and kk:  # certify against float32 products (k of each dtype, counted)
+            chk = precision.certify_in_float32(op, ref, list(res.eigenvalues[:kk]), res.eigenvectors[:, :kk], tol)
+            res.residuals = chk["residuals"] + list(res.residuals[kk:])
+            res.converged = chk["converged"] + list(res.converged[kk:])
+            res.n_hvp += 2 * kk
+            res.plan["precision"].update(certified_by="float32 products",
+                                         product_errors=chk["product_errors"])
+            if "warning" in chk:
+                from ..errors import render
+
+                res.warnings = list(res.warnings) + [render(chk["warning"])]
     return res
 
 

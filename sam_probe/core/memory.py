@@ -154,7 +154,9 @@ def plan_memory(obj, budget: int | str, *, reserve_vectors: int | None = None, p
         a = points[-1][1] / points[-1][0]
     fixed = max(0.0, points[0][1] - a * points[0][0])
     a *= margin  # allocator rounding and kernel workspaces grow a little faster than the probes show
-    vec = obj.n_params * torch.empty((), dtype=obj.dtype).element_size()
+    from .precision import solver_dtype
+
+    vec = obj.n_params * torch.empty((), dtype=solver_dtype(obj.dtype)).element_size()  # the solvers' vectors
     left = budget - fixed - reserve_vectors * vec
     b = max_block
     while b > 1 and BLOCK_VECTORS * b * vec > left / 2:

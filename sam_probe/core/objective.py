@@ -284,6 +284,12 @@ class Objective:
         kw = self._same(chunk_size=chunk_size, vector_block=vector_block, _denominator=self._shared_denominator())
         return Objective(self.model, self.data, None, self.loss_obj, **kw)
 
+    def in_dtype(self, dtype: torch.dtype) -> "Objective":
+        """The same objective with parameters, buffers, inputs and products in ``dtype`` (e.g. the float32
+        twin that certifies a half-precision run's eigenpairs, :mod:`sam_probe.core.precision`)."""
+        kw = self._same(dtype=dtype, _denominator=self._shared_denominator())
+        return Objective(self.model, self.data, None, self.loss_obj, **kw)
+
     def _shared_denominator(self) -> float | None:
         """The term count for an objective on the same data (user losses count their own terms)."""
         return None if self.is_custom_loss else self._denom

@@ -40,12 +40,18 @@ def eigen_errors(op: Any, eigenvalues: list[float], eigenvectors: Tensor, residu
     if bad:
         what = "sampling error of the MC Fisher" if hasattr(op, "mc_samples") else "error of the products"
         fix = (f"raise {opt('mc_samples')} or use {opt('curvature', 'ggn')}, its expectation" if hasattr(op, "mc_samples")
-               else f"use {opt('dtype', 'float64')}")
+               else f"use {opt('dtype', 'float32' if _half(op) else 'float64')}")
         warnings.append(render(f"eigenpairs {bad}: the {what} (relative {max(part):.2g}) exceeds {opt('tol', f'{tol:g}')}; "
                         f"they are not certified ({fix})"))
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+def _half(op: Any) -> bool:
+    from .precision import is_half
+
+    return is_half(getattr(op, "dtype", "float32"))
 
 
 def trace_errors(op: Any, estimate: float, se: float, tol: float) -> dict[str, Any]:

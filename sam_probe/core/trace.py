@@ -234,7 +234,9 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
                     reuse_graph: bool = True, max_vectors: int | None = None, exact_fallback: bool = True,
                     **kwargs) -> TraceResult:
     """Trace of a :class:`~sam_probe.core.operators.CurvatureOperator` (an objective: its Hessian),
-    in its dtype/device and context; ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
+    in its dtype/device and context (float32 arithmetic for a half-precision operator, whose
+    products' rounding, ``c u`` relative (:mod:`sam_probe.core.precision`), is not in ``se``);
+    ``kwargs`` go to :func:`hutchpp` / :func:`hutchinson`.
 
     Unless given, Hutch++'s ``rank`` and ``block_size`` (and Hutchinson's block) come from
     :func:`trace_plan` of the objective's memory plan (``max_vectors`` overrides it).
@@ -243,6 +245,7 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
     if it has not reached ``tol`` by then, the exact trace replaces it (:func:`exact_trace`)."""
     from .lanczos import _plan_of
     from .operators import as_operator
+    from .precision import solver_dtype
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -260,11 +263,11 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
     small = exact_fallback and 2 * op.P <= max_hvp  # an exact trace (P products) is affordable: never spend more on estimates
     with ctx:
-        res = fn(op.matmat, op.P, tol=tol, max_hvp=op.P if small else max_hvp, seed=seed, dtype=op.dtype,
-                 device=op.device, **kwargs)
+        res = fn(op.matmat, op.P, tol=tol, max_hvp=op.P if small else max_hvp, seed=seed,
+                 dtype=solver_dtype(op.dtype), device=op.device, **kwargs)
         if small and not res.converged:
             res = exact_trace(op.matmat, op.P, spent=res.n_hvp, tol=tol, block_size=kwargs.get("block_size") or 4,
-                              dtype=op.dtype, device=op.device)
+                              dtype=solver_dtype(op.dtype), device=op.device)
     res.curvature = op.name
     return res
 

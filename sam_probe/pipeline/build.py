@@ -136,6 +136,10 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
         session.note(note)
     m = session.matched(ck, model)
     model.to(session.device)
+    from ..core.precision import is_half
+
+    if is_half(session.dtype):  # the module's own (unused) tensors need not stay float32 beside the half copy
+        model.to(dtype=session.dtype)
     from ..loading.data import check_token_ids, unused_fields
 
     check_token_ids(data, model)
@@ -150,6 +154,10 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
         raise SpecError(f"{ck.path}: the loss the checkpoint names cannot be used ({exc}); pass {opt('loss')} "
                         "yourself") from None
     chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
+    from ..core.precision import upcast_note
+
+    if note := upcast_note(list(m.params.values()) + list(m.buffers.values()), session.dtype):
+        session.note(note)  # before the copy is made
     try:
         obj = Objective(model, data.batches(), None, fn or name, loss_name=name if fn else None,
                         params=m.params, buffers=m.buffers, bn_mode=s.bn_mode, chunk_size=chunk,

@@ -209,8 +209,14 @@ def meta(session: Session, analysis: Analysis, config: dict[str, Any], paths: li
 
 
 def _size(session: Session) -> dict[str, Any]:
-    """``n_samples`` of the data the unit used (when it used data)."""
-    return {"n_samples": session.used_data["n_samples"]} if session.used_data else {}
+    """``n_samples`` of the data the unit used (when it used data), and with a half-precision model the
+    precision it ran in (the per-product accuracy its residuals include; core/precision.py)."""
+    if not session.used_data:
+        return {}
+    from ..core import precision
+
+    half = {"precision": precision.info(session.dtype)} if precision.is_half(session.dtype) else {}
+    return {"n_samples": session.used_data["n_samples"], **half}
 
 
 def _stored(unit: Path) -> bool:
