@@ -209,6 +209,9 @@ def warn_results(common: Common, outcomes: list[Any]) -> None:
     """Show every result's ``warnings`` on stderr (never silently unconverged)."""
     if common.output.quiet:
         return
+    names = {str(o.path): Path(o.path).name for o in outcomes}
+    if len(set(names.values())) < len(names):  # files of several runs share names: say whose
+        names = {p: "/".join(Path(p).parts[-2:]) for p in names}
     for o in outcomes:
         for w in (o.result or {}).get("warnings", []) or []:
-            console.warn(f"{Path(o.path).name}: {w}")
+            console.warn(f"{names[str(o.path)]}: {w}")

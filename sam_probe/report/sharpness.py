@@ -159,15 +159,22 @@ def panels(results: list[dict[str, Any]]) -> tuple[list[Panel], list[tuple[Any, 
     if any(_lead(r, end) is not None for r in results):
         name = {"SA": ("smallest", "λ(P)"), "LM": ("largest-magnitude", "λ(LM1)")}.get(end, ("top", "λ1"))
         top = max((abs(_lead(r, end) or 0.0) for r in results), default=0.0)
-        edged = end == "LA" and any(edge_series([r], top) for r in results)
+        drawn = [x.label for k in figures.runs_of(results)
+                 for x in edge_series([r for r in results if figures.run_key(r) == k], top)] if end == "LA" else []
+        edged = bool(drawn)
 
         def lead(rs: list[dict[str, Any]]) -> list[Series]:
             line = [Series([step_value(r.get("step")) for r in rs], [_lead(r, end) for r in rs])]
             return line + (edge_series(rs, top) if edged else [])
 
         out.append(Panel(f"{name[1]}, {name[0]} {curv} eigenvalue", f"{name[1]} ({CURV_UNIT})", lead))
-        if edged:
-            extra += [style_handle("2/η: edge of stability", ls="--"), style_handle("SAM edge", ls=":")]
+        if "_2/eta" in drawn:
+            extra.append(style_handle("2/η: edge of stability", ls="--"))
+        if "_sam_edge" in drawn:
+            extra.append(style_handle("SAM edge", ls=":"))
+        above = edges_above(results, top) if end == "LA" else []
+        if above:  # named in the legend, not drawn: a line far above the data would flatten it
+            extra.append(style_handle("2/η above the axis: " + ", ".join(above[:3]), ls="none"))
     if any(r.get("trace") is not None for r in results):
         out.append(Panel(f"{curv} trace (band: ± SE)", f"tr ({CURV_UNIT})",
                          lambda rs: [Series([step_value(r.get("step")) for r in rs], [_num(r, "trace") for r in rs],
@@ -212,6 +219,17 @@ def plot_metrics(results: list[dict[str, Any]], outdir: Path) -> list[Path]:
     return plot_over_steps(results, ps, outdir, "sharpness", "sharpness over training",
                            unit_settings.caption(caption(results), results, note), rows="model",
                            legend_extra=extra, width=4.2, height=3.2)
+
+
+def edges_above(results: list[dict[str, Any]], top: float) -> list[str]:
+    """``2/η = 20`` for every η known whose edge lies beyond twice the largest λ1 (so not drawn)."""
+    out = []
+    for k in figures.runs_of(results):
+        e = [float(r["lambda_edge"]) for r in results if figures.run_key(r) == k and r.get("step") is not None
+             and isinstance(r.get("lambda_edge"), (int, float))]
+        if e and min(e) > 2 * top:
+            out.append(f"{min(e):.3g}")
+    return list(dict.fromkeys(out))
 
 
 def edge_series(rs: list[dict[str, Any]], top: float) -> list[Series]:
