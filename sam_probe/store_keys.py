@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any
 
 from . import __version__
@@ -43,7 +42,14 @@ def unit_meta(analysis: Any, config: dict[str, Any], settings: Settings, *, comm
         "step": step if step is not None else -1, "model_spec": model_spec,
         "data_spec": {**s.data_identity(), **(used_data or {})}, "seed": s.seed, "device": device,
         "dtype": s.dtype, "bn_mode": s.bn_mode, "wall_time": seconds, "host": socket.gethostname(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+        "created": _now(), "pid": os.getpid(),
         "world_size": world_size,
     }
 
+
+def _now() -> str:
+    """Local time to the microsecond (``2026-12-06T12:41:46.123456+0000``): two units stored within one
+    second still order by age (a report shows the newest of equal units)."""
+    import datetime
+
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M:%S.%f%z")
