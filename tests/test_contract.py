@@ -33,6 +33,7 @@ CASES: dict[str, list[dict]] = {
     "subspace": [dict(k=1)],
     "distance": [dict(eigen_k=1, same_step="{other}")],
     "interpolate": [dict(points=3)],
+    "landscape": [dict(grid=3), dict(grid=3, directions="top-eigen", tol=0.5, _one=True)],
 }
 RUNS_OF = [(name, i) for name in analyses.names() for i in range(len(CASES.get(name, [{}])))]
 
