@@ -111,8 +111,23 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _project_error(argv: list[str]) -> Exception | None:
+    """The project config's error when ``argv`` runs (or asks for the help of) an analysis command."""
+    from .commands.options import PROJECT_ERROR
+
+    if PROJECT_ERROR[0] is None:
+        return None
+    from .analyses import names
+
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return PROJECT_ERROR[0] if first in names() else None
+
+
 def _run(argv: list[str], debug: bool) -> None:
     try:
+        bad = _project_error(argv)
+        if bad is not None:
+            raise bad
         command().main(args=argv, prog_name="sam-probe")
     except SamProbeError as exc:
         from . import distributed

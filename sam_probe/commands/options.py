@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .. import distributed
+from .. import distributed, project_config
 from ..core.registry import HVP_REGISTRY, LOSS_REGISTRY
 from ..errors import SpecError
 from ..settings import Settings
@@ -74,7 +74,62 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (bool, _out_opt(False, "--quiet", "-q", help="No progress or tables.")),
     "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
     "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
+    "verbose": (bool, _out_opt(False, "--verbose", help="Say where the defaults of --out, --model, --data and --max-samples came from (the project config: sam-probe.toml or \\[tool.sam-probe] in pyproject.toml).")),
 }
+BUILTIN_DEFAULTS = {name: ANALYSIS_OPTIONS[name][1].default for name in project_config.OPTION_OF.values()}
+
+
+PROJECT_ERROR: list[Exception | None] = [None]  # the project config's error, found when the commands were built
+
+
+def _project_defaults() -> None:
+    """The project config's values as the shown defaults of their options (``--help`` reads them
+    here); a config that is not valid is reported when a command runs (:func:`apply_project`)."""
+    cfg, PROJECT_ERROR[0] = project_config.safe_find()
+    for name, value in cfg.values.items():
+        info = ANALYSIS_OPTIONS[name][1]
+        info.default = Path(value) if name == "out" else value
+        info.show_default = True
+        info.help = f"{info.help} Project default from {cfg.where}.".replace("[", "\\[")  # not rich markup
+
+
+_project_defaults()
+
+
+def _given(name: str, value: Any) -> bool:
+    """Whether option ``name`` was given on the command line (click's parameter source; without a
+    click context: whether it differs from the default shown)."""
+    import importlib
+
+    for module in ("typer._click.globals", "click.globals"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None and name in ctx.params:
+            src = ctx.get_parameter_source(name)
+            return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+    return value != ANALYSIS_OPTIONS[name][1].default
+
+
+def apply_project(values: dict[str, Any]) -> list[str]:
+    """``values`` with the project config's defaults (found from the current directory now) for the
+    options not given on the command line; returns where each default came from, in words."""
+    cfg = project_config.find()  # a config that is not valid: one line, exit 2
+    said = []
+    for name in project_config.OPTION_OF.values():
+        if name not in values or _given(name, values[name]):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in cfg.values:
+            values[name] = Path(cfg.values[name]) if name == "out" else cfg.values[name]
+            said.append(f"{flag} {values[name]} from the project config {cfg.where}")
+        else:
+            values[name] = BUILTIN_DEFAULTS[name]
+    if not cfg.values:
+        said.append("no project config (sam-probe.toml or [tool.sam-probe] in pyproject.toml) found from "
+                    "the current directory up to the repository root: built-in defaults")
+    return said
 
 
 def parse_kv(items: list[str]) -> dict[str, Any]:
@@ -136,6 +191,12 @@ def analysis_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in ANALYSIS_OPTIONS if name in kwargs}
+        said = apply_project(values)
+        if values.get("verbose") and distributed.is_main():
+            from ..report.console import note_line
+
+            for line in said:
+                note_line(line)
         return fn(**kwargs, common=build_common(values))
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
