@@ -41,6 +41,8 @@ class Settings:
     hvp: str = "rev-rev"  # Hessian-vector products: rev-rev, fwd-rev, fd or auto (core/registry.py HVP_REGISTRY)
     distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
     run_names: list[str] = field(default_factory=list)  # --run-name NAME or PATH=NAME (labels; numbers unchanged)
+    base_model: str | None = None  # --base-model: the model a LoRA adapter checkpoint adapts (loading/peft.py)
+    merge_adapter: bool = False  # --merge-adapter: analyse base + adapter merged instead of the adapter's factors
 
     def torch_dtype(self) -> Any:
         """The ``torch.dtype`` of :attr:`dtype`."""

@@ -25,6 +25,10 @@ def unit_key(analysis: Any, config: dict[str, Any], settings: Settings, shas: li
     s = settings
     ident = {"model": s.model, "model_args": s.model_args, "loss": s.loss, "dtype": s.dtype,
              "bn_mode": s.bn_mode, "key": s.key, **s.data_identity()}
+    if s.base_model:  # an adapter's numbers depend on the base model's bytes, and on merging or not
+        from .loading.checkpoints import file_sha256
+
+        ident.update(base_model=file_sha256(s.base_model), merge_adapter=bool(s.merge_adapter))
     keyed = {k: v for k, v in config.items() if k not in analysis.unkeyed}
     return config_key(analysis.name, analysis.version, keyed, ident, shas)
 

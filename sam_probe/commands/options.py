@@ -65,6 +65,8 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
     "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),
     "allow_model": (list[str], _opt([], "--allow-model", help="A pkg.module:factory / file.py:factory that checkpoints may name as their model (repeatable); without it a checkpoint may only name a zoo model.", panel="Checkpoints")),
+    "base_model": (Optional[str], _opt(None, "--base-model", help="The base model a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) adapts: its save_pretrained folder or checkpoint. The adapter's factors are the parameters analysed (the base frozen), unless --merge-adapter.", panel="Checkpoints")),
+    "merge_adapter": (bool, _opt(False, "--merge-adapter", help="With --base-model: analyse the merged model W + (alpha/r) B A (every base parameter) instead of the adapter's factors.", panel="Checkpoints")),
     "allow_nonfinite": (bool, _opt(False, "--allow-nonfinite", help="Continue when weights hold NaN/Inf.", panel="Checkpoints")),
     "out": (Path, _out_opt(Path("sam_probe_results"), "--out", "-o", help="Results directory (one HDF5 file per unit).")),
     "run_name": (list[str], _out_opt([], "--run-name", help="Label of the run in tables, figures, the store, CSV and JSON (repeatable: one per run in order, or PATH=NAME). Default: the shortest informative trailing part of its path.")),
@@ -150,11 +152,25 @@ def build_common(values: dict[str, Any]) -> Common:
         max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
         distributed=bool(values.get("distributed")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
         run_names=list(values.get("run_name") or []),
+        base_model=_checked_base(values.get("base_model"), bool(values.get("merge_adapter"))),
+        merge_adapter=bool(values.get("merge_adapter")),
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
     if not distributed.is_main():  # rank 0 alone prints and plots
         output = Output(json=False, quiet=True, debug=values["debug"], plot=False)
     return Common(settings, output)
+
+
+def _checked_base(path: str | None, merge: bool) -> str | None:
+    """``--base-model`` exists (said before anything heavy is imported); ``--merge-adapter`` needs it."""
+    if path is None:
+        if merge:
+            raise SpecError("--merge-adapter merges an adapter into its base model: give --base-model DIR too")
+        return None
+    if not Path(path).expanduser().exists():
+        raise SpecError(f"--base-model {path}: no such file or folder; give the base model's save_pretrained folder "
+                        "or checkpoint")
+    return str(Path(path).expanduser())
 
 
 def _checked_hvp(method: str) -> str:

@@ -58,6 +58,10 @@ def build_model(session: Session, ck: Checkpoint) -> nn.Module:
     from ..loading.bounded_build import Budget
     from ..loading.models import build_model as build, factory_for
 
+    from ..loading import peft
+
+    if peft.is_adapter(ck):  # a LoRA adapter on the --base-model (loading/peft.py)
+        return peft.build_model(session, ck)
     s = session.settings
     name, args = session.model_spec(ck)
     if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
@@ -122,7 +126,7 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
     if CACHE.enabled and model is None and data is None:
         key = repr((ck.path, file_identity(ck.path), s.key, s.model, sorted(s.model_args.items()),
                     session.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
-                    s.batch_size, s.max_memory, s.hvp, str(session.device)))
+                    s.batch_size, s.max_memory, s.hvp, str(session.device), s.base_model, s.merge_adapter))
         if key in CACHE.objectives:
             obj, session.used_data = CACHE.objectives[key]
             obj.n_grad = obj.n_hvp = 0

@@ -82,6 +82,10 @@ class Session:
         """The model name and keyword arguments (:func:`~sam_probe.pipeline.boundary.resolve_model`)."""
         from ..loading.hf import config_path
 
+        from ..loading import peft
+
+        if peft.is_adapter(ck):  # a LoRA adapter: the base model's spec, with the adapter's settings
+            return peft.model_spec(self, ck)
         saved = ck.model_spec or {}
         hf_config = not self.settings.model and not saved.get("name") and config_path(ck.path) is not None
         return boundary.resolve_model(self.settings, saved, ck.path, hf_config)
@@ -114,8 +118,11 @@ class Session:
 
     def matched(self, ck: Checkpoint, model: nn.Module) -> Matched:
         """``ck``'s tensors matched to ``model``'s parameters and buffers."""
+        from ..loading import peft
         from ..loading.matching import match_state
 
+        if peft.is_adapter(ck) and self.settings.merge_adapter:  # the base's tensors with the adapter merged in
+            return peft.merged(self, ck, model)
         m = match_state(model, ck.state, ck.stripped_prefixes)
         self.layouts[ck.path] = m.layout
         return m
