@@ -100,6 +100,8 @@ def _log_levels(L: Any) -> tuple[Any, bool]:
     import numpy as np
 
     finite = L[np.isfinite(L)]
+    if not finite.size:  # every point diverged: an empty panel, still labelled
+        return np.linspace(0.0, 1.0, 16), False
     lo, hi = float(finite.min()), float(finite.max())
     if lo > 0 and hi / lo > 10:
         return np.geomspace(lo, hi, 16), True

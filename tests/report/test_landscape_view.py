@@ -50,3 +50,11 @@ def test_at_most_six_checkpoints_are_drawn_evenly_spaced_with_the_last():
     chosen = landscape._chosen(rs)
     assert len(chosen) == landscape.MAX_PANELS == 6 and chosen[0] is rs[0] and chosen[-1] is rs[-1]
     assert landscape._chosen(rs[:3]) == rs[:3]
+
+
+def test_a_diverged_grid_is_drawn_without_failing(tmp_path, umask_022):  # noqa: F811
+    (r,) = results(steps=[0])
+    r["loss"] = [[float("nan") if (i + j) % 2 else float("inf") for j in range(9)] for i in range(9)]
+    r["loss"][4][4] = 0.05
+    assert landscape._log_levels(__import__("numpy").asarray([[float("nan")]]))[1] is False
+    assert len(landscape._contours([r], tmp_path, "x")) == 1
