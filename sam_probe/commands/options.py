@@ -28,6 +28,9 @@ class Output:
     quiet: bool = False
     debug: bool = False
     plot: bool = True
+    tensorboard: Path | None = None  # --tensorboard DIR: scalars of every result to TensorBoard
+    wandb: str | None = None  # --wandb PROJECT: to Weights & Biases
+    wandb_offline: bool = False
 
 
 @dataclass
@@ -40,8 +43,8 @@ def _opt(default: Any, *flags: str, help: str, **kw: Any) -> Any:
     return typer.Option(default, *flags, help=help, rich_help_panel=kw.pop("panel", "Model, data and numerics"), **kw)
 
 
-def _out_opt(default: Any, *flags: str, help: str) -> Any:
-    return typer.Option(default, *flags, help=help, rich_help_panel="Output")
+def _out_opt(default: Any, *flags: str, help: str, panel: str = "Output") -> Any:
+    return typer.Option(default, *flags, help=help, rich_help_panel=panel)
 
 
 # name -> (annotation, typer.Option)
@@ -74,6 +77,9 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (bool, _out_opt(False, "--quiet", "-q", help="No progress or tables.")),
     "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
     "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
+    "tensorboard": (Optional[Path], _out_opt(None, "--tensorboard", help="Also log every result's scalars to TensorBoard event files in DIR (tags RUN/ANALYSIS/NAME, step = the checkpoint's step; needs tensorboard).", panel="Trackers")),
+    "wandb": (Optional[str], _out_opt(None, "--wandb", help="Also log every result's scalars as one Weights & Biases run of PROJECT (needs wandb; offline, under --out, without an API key).", panel="Trackers")),
+    "wandb_offline": (bool, _out_opt(False, "--wandb-offline", help="Write the W&B run offline (no network; `wandb sync` uploads it later).", panel="Trackers")),
 }
 
 
@@ -96,8 +102,12 @@ def build_common(values: dict[str, Any]) -> Common:
         distributed=bool(values.get("distributed")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
         run_names=list(values.get("run_name") or []),
     )
-    output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
-    if not distributed.is_main():  # rank 0 alone prints and plots
+    output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"],
+                    tensorboard=values.get("tensorboard"), wandb=values.get("wandb"),
+                    wandb_offline=bool(values.get("wandb_offline")))
+    if values.get("wandb_offline") and not values.get("wandb"):
+        raise SpecError("--wandb-offline: name the project too (--wandb PROJECT)")
+    if not distributed.is_main():  # rank 0 alone prints, plots and logs to trackers
         output = Output(json=False, quiet=True, debug=values["debug"], plot=False)
     return Common(settings, output)
 
