@@ -69,6 +69,7 @@ def lightning_fit(tmp_path, callback):
     return model, snapshots, trainer, (x[:24], y[:24])
 
 
+@pytest.mark.slow  # two Lightning fits: ~5 s on 2 idle cores, most of it importing lightning
 def test_lightning_callback_logs_lambda_max_and_changes_nothing(tmp_path):
     pytest.importorskip("lightning", reason="lightning does not install here")
     from sam_probe.integrations.lightning import SamProbeCallback
@@ -97,6 +98,7 @@ def test_lightning_callback_logs_lambda_max_and_changes_nothing(tmp_path):
     assert any(r.get("train_loss") for r in csv.DictReader(metrics.open()))  # beside the loss
 
 
+@pytest.mark.slow
 def test_lightning_callback_on_the_training_batch_and_other_analyses(tmp_path):
     pytest.importorskip("lightning", reason="lightning does not install here")
     from sam_probe.integrations.lightning import SamProbeCallback
@@ -113,7 +115,7 @@ def test_lightning_callback_on_the_training_batch_and_other_analyses(tmp_path):
 
 
 # ------------------------------------------------------------------ transformers Trainer
-def hf_train(tmp_path, callback):
+def hf_train(tmp_path, callback, report_to=()):
     pytest.importorskip("transformers", reason="transformers does not install here")
     from hftiny import bert, token_batch
     from transformers import Trainer, TrainingArguments, TrainerCallback
@@ -128,14 +130,16 @@ def hf_train(tmp_path, callback):
             snapshots[state.global_step] = copy.deepcopy(model.state_dict())
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=0.1,
-                             logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                             logging_steps=100, save_strategy="no", report_to=list(report_to), use_cpu=True, seed=0,
                              disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows,
-                      callbacks=[Snapshot(), *([callback] if callback else [])])
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Snapshot()])
+    if callback is not None:  # ahead of the report_to integrations, which then log its numbers too
+        trainer.callback_handler.callbacks.insert(0, callback)
     trainer.train()
     return model, snapshots, trainer
 
 
+@pytest.mark.slow  # two Trainer runs: ~6 s on 2 idle cores, most of it importing transformers' Trainer
 def test_trainer_callback_logs_beside_the_loss_and_changes_nothing(tmp_path):
     pytest.importorskip("transformers", reason="transformers does not install here")
     from hftiny import token_batch
@@ -144,13 +148,21 @@ def test_trainer_callback_logs_beside_the_loss_and_changes_nothing(tmp_path):
 
     batch = token_batch(8, seed=9)
     probe = SamProbeCallback("sharpness", every_n_steps=2, data=batch, **OPTS)
-    with_cb, _, trainer = hf_train(tmp_path / "a", probe)
+    with_cb, _, trainer = hf_train(tmp_path / "a", probe, report_to=["tensorboard"])
     without, snaps, _ = hf_train(tmp_path / "b", None)
     assert_same_weights(with_cb.state_dict(), without.state_dict())
 
     assert [h["step"] for h in probe.history] == [2, 4]
     logged = [r for r in trainer.state.log_history if "sam_probe/lambda_max" in r]
     assert [r["step"] for r in logged] == [2, 4] and all("loss" in r for r in logged)  # the loss row of that step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "a").glob("**/events.out.tfevents.*")
+    ea = EventAccumulator(str(events.parent))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/sam_probe/lambda_max")] == \
+        [(h["step"], pytest.approx(h["sam_probe/lambda_max"], rel=1e-6)) for h in probe.history]
+    assert "train/loss" in ea.Tags()["scalars"]
     for h, r in zip(probe.history, logged):
         assert r["sam_probe/lambda_max"] == h["sam_probe/lambda_max"]
         net = copy.deepcopy(without)
