@@ -43,8 +43,8 @@ def _opt(default: Any, *flags: str, help: str, **kw: Any) -> Any:
     return typer.Option(default, *flags, help=help, rich_help_panel=kw.pop("panel", "Model, data and numerics"), **kw)
 
 
-def _out_opt(default: Any, *flags: str, help: str, panel: str = "Output") -> Any:
-    return typer.Option(default, *flags, help=help, rich_help_panel=panel)
+def _out_opt(default: Any, *flags: str, help: str, panel: str = "Output", metavar: str | None = None) -> Any:
+    return typer.Option(default, *flags, help=help, rich_help_panel=panel, metavar=metavar)
 
 
 # name -> (annotation, typer.Option)
@@ -77,8 +77,8 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (bool, _out_opt(False, "--quiet", "-q", help="No progress or tables.")),
     "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
     "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
-    "tensorboard": (Optional[Path], _out_opt(None, "--tensorboard", help="Also log every result's scalars to TensorBoard event files in DIR (tags RUN/ANALYSIS/NAME, step = the checkpoint's step; needs tensorboard).", panel="Trackers")),
-    "wandb": (Optional[str], _out_opt(None, "--wandb", help="Also log every result's scalars as one Weights & Biases run of PROJECT (needs wandb; offline, under --out, without an API key).", panel="Trackers")),
+    "tensorboard": (Optional[Path], _out_opt(None, "--tensorboard", help="Also log every result's scalars to TensorBoard event files in DIR (tags RUN/ANALYSIS/NAME, step = the checkpoint's step; needs tensorboard).", panel="Trackers", metavar="DIR")),
+    "wandb": (Optional[str], _out_opt(None, "--wandb", help="Also log every result's scalars as one Weights & Biases run of PROJECT (needs wandb; offline, under --out, without an API key).", panel="Trackers", metavar="PROJECT")),
     "wandb_offline": (bool, _out_opt(False, "--wandb-offline", help="Write the W&B run offline (no network; `wandb sync` uploads it later).", panel="Trackers")),
 }
 
