@@ -8,9 +8,9 @@ Booleans, strings, ``null`` and non-finite numbers are not scalars; lists of dic
 and lists longer than :data:`MAX_LIST` are left out.
 
 Every scalar is logged at a step: a checkpoint's unit at its ``step``.  A run's unit (``subspace``,
-``distance``, ``overlap``) logs a list as long as its ``steps`` one entry per step under the field's
-singular name (``overlap`` at each step), its other scalars at the run's last step; a pair's unit
-(``interpolate``) at ``step_b``.  Tags read ``RUN/ANALYSIS/NAME``.
+``distance``, ``overlap``) logs each list as long as its ``steps`` (nested ones too) one entry per step
+under the list's own name (``distance``, ``per_tensor.fc1.weight`` at each step), its other scalars at
+the run's last step; a pair's unit (``interpolate``) at ``step_b``.  Tags read ``RUN/ANALYSIS/NAME``.
 """
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def scalars(result: dict[str, Any], keys: Any = None, skip: frozenset[str] = BOO
             xs = _numbers(v)
             if xs is None:
                 continue
-            head, _, leaf = name.rpartition(".")
-            base = f"{head}.{singular(leaf)}" if head else singular(leaf)
+            base = name if "." in name else singular(name)  # eigenvalues -> eigenvalue_1..k (as load_results)
             if base in out or any(f"{base}_{i}" in out for i in range(1, len(xs) + 1)):
                 base = name
             out.update({f"{base}_{i}": x for i, x in enumerate(xs, 1) if x is not None})
@@ -83,6 +82,7 @@ def points(analysis: Any, result: dict[str, Any], run: str | None = None) -> lis
     prefix = f"{label}/{analysis.name}/"
     keys = [k for k in analysis.schema if k in result]
     out: list[tuple[int, str, float]] = []
+    rest: dict[str, Any] = {}
     if analysis.target == CHECKPOINTS:
         step = _step(result.get("step"))
         return [(step, prefix + k, v) for k, v in scalars(result, keys).items()]
@@ -92,16 +92,33 @@ def points(analysis: Any, result: dict[str, Any], run: str | None = None) -> lis
     given = result.get("steps")
     steps = [_step(s) for s in given] if isinstance(given, list) else []
     last = steps[-1] if steps else 0
-    from ..frames import singular
-
-    along: set[str] = set()
     for k in keys:
-        xs = _numbers(result[k], gaps=True, limit=None) if k not in BOOKKEEPING and len(steps) > 1 else None
-        if xs is not None and len(xs) == len(steps):  # one value per step of the run (null: none there)
-            along.add(k)
-            out += [(s, prefix + singular(k), x) for s, x in zip(steps, xs) if x is not None]
-    out += [(last, prefix + k, v) for k, v in scalars(result, [k for k in keys if k not in along]).items()]
+        if k in BOOKKEEPING:
+            continue
+        series, left = _along(k, result[k], len(steps)) if len(steps) > 1 else ([], result[k])
+        out += [(s, prefix + name, x) for name, xs in series for s, x in zip(steps, xs) if x is not None]
+        if left is not None:
+            rest[k] = left
+    out += [(last, prefix + k, v) for k, v in scalars(rest).items()]
     return sorted(out, key=lambda p: p[0])
+
+
+def _along(name: str, v: Any, n: int) -> tuple[list[tuple[str, list[float | None]]], Any]:
+    """``(series, rest)`` of a run's field: its lists of ``n`` numbers (one per step; nested ones under dotted
+    names) and what is left of it (``None`` when nothing)."""
+    if isinstance(v, dict):
+        series: list[tuple[str, list[float | None]]] = []
+        rest = {}
+        for k, x in v.items():
+            s, left = _along(f"{name}.{k}", x, n)
+            series += s
+            if left is not None:
+                rest[k] = left
+        return series, (rest or None)
+    xs = _numbers(v, gaps=True, limit=None)
+    if xs is not None and len(xs) == n:
+        return [(name, xs)], None
+    return [], v
 
 
 def all_points(analysis: Any, results: list[dict[str, Any]]) -> list[tuple[int, str, float]]:

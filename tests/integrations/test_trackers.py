@@ -30,11 +30,14 @@ def test_scalars_come_from_the_declared_schema():
     # a run's lists as long as its steps are one value per step; its other scalars at the last step
     dist = analyses.get("distance")
     r = {"run": "b", "steps": [0, 10, 20], "distance": [0.0, 1.5, 2.5], "relative": [None, 0.1, 0.2],
-         "escape_rate": 0.3, "n_params": 460}
+         "escape_rate": 0.3, "n_params": 460, "per_tensor": {"fc.bias": [0.0, 0.5, 1.0]},
+         "escape_fit": {"n": 2, "power": {"exponent": 0.5}}}
     assert sorted(points(dist, r)) == sorted([
         (0, "b/distance/distance", 0.0), (10, "b/distance/distance", 1.5), (10, "b/distance/relative", 0.1),
         (20, "b/distance/distance", 2.5), (20, "b/distance/relative", 0.2), (20, "b/distance/escape_rate", 0.3),
-        (20, "b/distance/n_params", 460.0)])
+        (20, "b/distance/n_params", 460.0), (0, "b/distance/per_tensor.fc.bias", 0.0),
+        (10, "b/distance/per_tensor.fc.bias", 0.5), (20, "b/distance/per_tensor.fc.bias", 1.0),
+        (20, "b/distance/escape_fit.n", 2.0), (20, "b/distance/escape_fit.power.exponent", 0.5)])
 
 
 @pytest.fixture
@@ -86,6 +89,21 @@ def test_tensorboard_and_wandb_offline_log_the_stored_results(tiny_runs, tmp_pat
         (row,) = [r for r in rows if r["_step"] == step]
         assert row[tag] == value  # JSON: exact
     assert config(run_dir)["analysis"] == "sharpness"
+
+
+def test_a_run_level_analysis_logs_its_series_at_each_step(tiny_runs, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard does not install here")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run_cli("distance", tiny_runs["sam"], "--no-store", "--no-plot", "--tensorboard", tmp_path / "tb", "--json")
+    assert res.code == 0, res.stderr
+    r = res.json()
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    got = [(e.step, e.value) for e in ea.Scalars("tiny-sam/distance/distance")]
+    assert got == [(s, pytest.approx(d, rel=1e-6, abs=1e-12)) for s, d in zip(r["steps"], r["distance"])]
+    name = next(iter(r["per_tensor"]))
+    assert len(ea.Scalars(f"tiny-sam/distance/per_tensor.{name}")) == len(r["steps"]) == 3
 
 
 def test_trackers_are_one_line_errors_when_missing(tiny_runs, tmp_path, monkeypatch):
