@@ -17,8 +17,8 @@ Analyses (``analysis=``) and the keys they return (the callbacks prefix them wit
 - ``gradnorm``: ``grad_norm``, ``param_norm``.
 
 Options: ``top_k`` (1), ``tol`` (1e-3, eigen solver), ``rho`` (0.05), ``variant`` (l2), ``trace_tol``
-(1e-2), ``max_hvp``, ``seed`` (0), and the objective's ``dtype``, ``bn_mode`` (eval), ``chunk_size``,
-``hvp_method``.
+(1e-2), ``max_hvp``, ``seed`` (0), and the objective's ``dtype`` (default: the weights', float32 for
+half-precision weights; ``"float64"`` accepted), ``bn_mode`` (eval), ``chunk_size``, ``hvp_method``.
 """
 from __future__ import annotations
 
@@ -81,7 +81,10 @@ def probe(model: Any, data: Any, analysis: str = "sharpness", loss: Any = None, 
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype={obj_kw['dtype']!r}: give a torch dtype name such as float64")
         obj_kw["dtype"] = dtype
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if "dtype" not in obj_kw and first is not None and first.dtype in (torch.float16, torch.bfloat16):
+        obj_kw["dtype"] = torch.float32  # half-precision weights are upcast (as the command line does)
     with kept_rng(device), torch.enable_grad():
         obj = sp.Objective(model, x, y, loss, **obj_kw)
         return _run(sp, obj, analysis, options)
