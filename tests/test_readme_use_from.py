@@ -12,8 +12,6 @@ import pytest
 from clitools import run_cli
 
 pytest.importorskip("pandas")
-for _package in ("tensorboard", "wandb", "lightning", "transformers"):  # the section's trackers and callbacks
-    pytest.importorskip(_package, reason=f"{_package} does not install here")
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLE = "## Use it from…"
@@ -43,6 +41,8 @@ def test_the_section_names_every_client():
 
 @pytest.mark.slow  # the section end to end (trackers and both trainers included): ~35 s on 2 idle cores
 def test_every_snippet_runs(tmp_path, monkeypatch, capsys):
+    for package in ("tensorboard", "wandb", "lightning", "transformers"):  # the section's trackers and callbacks
+        pytest.importorskip(package, reason=f"{package} does not install here")
     (tmp_path / "sample_runs").symlink_to(ROOT / "sample_runs")
     monkeypatch.chdir(tmp_path)
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):

@@ -208,7 +208,9 @@ def log_to_trackers(analysis: Analysis, results: list[dict[str, Any]], cfg: dict
 
         def to_wandb() -> str:
             s = common.settings
-            run = wandb.log_results(project, analysis, results, offline=out.wandb_offline, directory=s.out,
+            runs = list(dict.fromkeys(str(r.get("run")) for r in results))
+            name = f"{analysis.name} {', '.join(runs[:3])}{' +' + str(len(runs) - 3) if len(runs) > 3 else ''}"
+            run = wandb.log_results(project, analysis, results, offline=out.wandb_offline, directory=s.out, name=name,
                                     config={"config": cfg, "data": s.data_identity(), "dtype": s.dtype,
                                             "bn_mode": s.bn_mode})
             if run["mode"] == "offline":

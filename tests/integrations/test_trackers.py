@@ -58,7 +58,7 @@ def test_tensorboard_and_wandb_offline_log_the_stored_results(tiny_runs, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import sam_probe as sp
-    from wandb_files import config, history
+    from wandb_files import config, history, run_name
 
     out, tb = tmp_path / "results", tmp_path / "tb"
     res = run_cli("sharpness", tiny_runs["sgd"], "--top-k", "2", *COMMON, "--out", out,
@@ -88,7 +88,7 @@ def test_tensorboard_and_wandb_offline_log_the_stored_results(tiny_runs, tmp_pat
     for (tag, step), value in expected.items():
         (row,) = [r for r in rows if r["_step"] == step]
         assert row[tag] == value  # JSON: exact
-    assert config(run_dir)["analysis"] == "sharpness"
+    assert config(run_dir)["analysis"] == "sharpness" and run_name(run_dir) == "sharpness tiny-sgd"
 
 
 def test_a_run_level_analysis_logs_its_series_at_each_step(tiny_runs, tmp_path):

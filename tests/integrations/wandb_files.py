@@ -48,3 +48,8 @@ def config(run_dir: Path) -> dict[str, Any]:
         if r.WhichOneof("record_type") == "run":
             out.update({u.key: json.loads(u.value_json) for u in r.run.config.update})
     return out
+
+
+def run_name(run_dir: Path) -> str:
+    (file,) = Path(run_dir).glob("run-*.wandb")
+    return next(r.run.display_name for r in records(file) if r.WhichOneof("record_type") == "run")
