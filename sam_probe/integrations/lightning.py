@@ -42,7 +42,13 @@ class SamProbeCallback(_pl.Callback):  # type: ignore[misc, name-defined]
         if not every(step, self.every_n_steps, self._last):
             return
         self._last = step
-        model = getattr(pl_module, self.module) if self.module else pl_module
+        if self.module:
+            model = getattr(pl_module, self.module)
+        elif type(pl_module).forward is _pl.LightningModule.forward:
+            raise ValueError(f"SamProbeCallback: {type(pl_module).__name__} has no forward(); define one or "
+                             "name the network it trains, e.g. SamProbeCallback(..., module='net')")
+        else:
+            model = pl_module
         data = self.data if self.data is not None else batch
         values = probe(model, data, self.analysis, self.loss, **self.options)
         metrics = {self.prefix + k: v for k, v in values.items()}

@@ -109,8 +109,20 @@ def test_lightning_callback_on_the_training_batch_and_other_analyses(tmp_path):
         SamProbeCallback("sharpnes")
     with pytest.raises(ValueError, match="top_k"):
         SamProbeCallback("sharpness", topk=3)
-    lightning_fit(tmp_path, probe)
+    lightning_fit(tmp_path / "a", probe)
     (h,) = probe.history
+    from types import SimpleNamespace
+
+    import lightning.pytorch as L
+
+    class NoForward(L.LightningModule):  # trains self.net in training_step, has no forward
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 3)
+
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with pytest.raises(ValueError, match="module='net'"):
+        SamProbeCallback("lambda_max", 1).on_train_batch_end(SimpleNamespace(global_step=1), NoForward(), None, batch, 0)
     assert h["step"] == 6 and sum(v for k, v in h.items() if k.startswith("sam_probe/fraction.")) == pytest.approx(1)
 
 
