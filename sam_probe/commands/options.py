@@ -28,6 +28,9 @@ class Output:
     quiet: bool = False
     debug: bool = False
     plot: bool = True
+    tensorboard: Path | None = None  # --tensorboard DIR: scalars of every result to TensorBoard
+    wandb: str | None = None  # --wandb PROJECT: to Weights & Biases
+    wandb_offline: bool = False
 
 
 @dataclass
@@ -40,8 +43,8 @@ def _opt(default: Any, *flags: str, help: str, **kw: Any) -> Any:
     return typer.Option(default, *flags, help=help, rich_help_panel=kw.pop("panel", "Model, data and numerics"), **kw)
 
 
-def _out_opt(default: Any, *flags: str, help: str) -> Any:
-    return typer.Option(default, *flags, help=help, rich_help_panel="Output")
+def _out_opt(default: Any, *flags: str, help: str, panel: str = "Output", metavar: str | None = None) -> Any:
+    return typer.Option(default, *flags, help=help, rich_help_panel=panel, metavar=metavar)
 
 
 # name -> (annotation, typer.Option)
@@ -77,6 +80,9 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
     "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
     "verbose": (bool, _out_opt(False, "--verbose", help="Say where the defaults of --out, --model, --data and --max-samples came from (the project config: sam-probe.toml or \\[tool.sam-probe] in pyproject.toml).")),
+    "tensorboard": (Optional[Path], _out_opt(None, "--tensorboard", help="Also log every result's scalars to TensorBoard event files in DIR (tags RUN/ANALYSIS/NAME, step = the checkpoint's step; needs tensorboard).", panel="Trackers", metavar="DIR")),
+    "wandb": (Optional[str], _out_opt(None, "--wandb", help="Also log every result's scalars as one Weights & Biases run of PROJECT (needs wandb; offline, under --out, without an API key).", panel="Trackers", metavar="PROJECT")),
+    "wandb_offline": (bool, _out_opt(False, "--wandb-offline", help="Write the W&B run offline (no network; `wandb sync` uploads it later).", panel="Trackers")),
 }
 BUILTIN_DEFAULTS = {name: ANALYSIS_OPTIONS[name][1].default for name in project_config.OPTION_OF.values()}
 
@@ -155,8 +161,12 @@ def build_common(values: dict[str, Any]) -> Common:
         base_model=_checked_base(values.get("base_model"), bool(values.get("merge_adapter"))),
         merge_adapter=bool(values.get("merge_adapter")),
     )
-    output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
-    if not distributed.is_main():  # rank 0 alone prints and plots
+    output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"],
+                    tensorboard=values.get("tensorboard"), wandb=values.get("wandb"),
+                    wandb_offline=bool(values.get("wandb_offline")))
+    if values.get("wandb_offline") and not values.get("wandb"):
+        raise SpecError("--wandb-offline: name the project too (--wandb PROJECT)")
+    if not distributed.is_main():  # rank 0 alone prints, plots and logs to trackers
         output = Output(json=False, quiet=True, debug=values["debug"], plot=False)
     return Common(settings, output)
 

@@ -148,6 +148,7 @@ def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: 
     from ..errors import SpecError
 
     check_targets(targets)
+    check_trackers(common)
     try:
         names = run_names.parse_names(common.settings.run_names, targets)
     except ValueError as exc:
@@ -175,8 +176,57 @@ def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: 
         with figures.named_for(drawn):
             return view.plot(drawn, outdir, **plot_opts)
 
+    log_to_trackers(analysis, results, cfg, common)
     finish(common, outcomes, with_errors(payload, outcomes), show=lambda: views.show(view, results, **view_opts),
            plot=plot)
+
+
+def check_trackers(common: Common) -> None:
+    """The packages of ``--tensorboard`` / ``--wandb`` import, checked before anything is computed."""
+    if common.output.tensorboard is not None:
+        from ..integrations import tensorboard
+
+        tensorboard.check()
+    if common.output.wandb:
+        from ..integrations import wandb
+
+        wandb.check()
+
+
+def log_to_trackers(analysis: Analysis, results: list[dict[str, Any]], cfg: dict[str, Any], common: Common) -> None:
+    """Every result's scalars to TensorBoard / W&B (:mod:`sam_probe.integrations.scalars`); a tracker
+    that fails is one warning (the results are stored)."""
+    out = common.output
+    trackers = []
+    logdir, project = out.tensorboard, out.wandb
+    if logdir is not None:
+        from ..integrations import tensorboard
+
+        trackers.append(("tensorboard", lambda: f"tensorboard: {tensorboard.log_results(logdir, analysis, results)}"))
+    if project:
+        from ..integrations import wandb
+
+        def to_wandb() -> str:
+            s = common.settings
+            runs = list(dict.fromkeys(str(r.get("run")) for r in results))
+            name = f"{analysis.name} {', '.join(runs[:3])}{' +' + str(len(runs) - 3) if len(runs) > 3 else ''}"
+            run = wandb.log_results(project, analysis, results, offline=out.wandb_offline, directory=s.out, name=name,
+                                    config={"config": cfg, "data": s.data_identity(), "dtype": s.dtype,
+                                            "bn_mode": s.bn_mode})
+            if run["mode"] == "offline":
+                return f"wandb: offline run {run['dir']} (upload: wandb sync {run['dir']})"
+            return f"wandb: run {run['id']} of project {project}"
+
+        trackers.append(("wandb", to_wandb))
+    for name, log in trackers:
+        try:
+            line = log()
+        except Exception as exc:  # noqa: BLE001 - a tracker must never lose computed results
+            console.warn(f"{name} logging failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); results are stored")
+            continue
+        if not out.quiet and not out.json:
+            console.err.print(line, highlight=False, markup=False)
 
 
 def with_errors(payload: dict[str, Any], outcomes: list[Any]) -> dict[str, Any]:
