@@ -61,6 +61,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "seed": (int, _opt(0, "--seed", help="Seed for data selection and random probes.")),
     "max_memory": (Optional[str], _opt(None, "--max-memory", help="Memory budget per process, e.g. 2GB or 512MiB: picks the chunk (unless --batch-size) and vector-block sizes from one probe forward/backward (memory only; results unchanged).", panel="Scale")),
     "distributed": (bool, _opt(False, "--distributed", help="Data parallel over torch.distributed (gloo on CPU, nccl on CUDA); automatic under torchrun. Each rank sums over its shard; rank 0 writes and prints.", panel="Scale")),
+    "shard_model": (bool, _opt(False, "--shard-model", help="Shard the model and every parameter-sized vector over the torch.distributed ranks (FSDP2; under torchrun, or a group of one): per-rank memory about (3 + k + c) P / R; Hessian products by finite differences through FSDP's backward (sharpness: top-k, trace, SAM sharpness).", panel="Scale")),
     "key": (Optional[str], _opt(None, "--key", help="Dotted key of the state dict inside the checkpoint (e.g. ema.model).", panel="Checkpoints")),
     "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
     "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),
@@ -93,7 +94,7 @@ def build_common(values: dict[str, Any]) -> Common:
         allow_models=list(values.get("allow_model") or []),
         allow_nonfinite=values["allow_nonfinite"], store=not values["no_store"],
         max_memory=_checked_memory(values.get("max_memory"), values["bn_mode"], values["batch_size"]),
-        distributed=bool(values.get("distributed")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
+        distributed=bool(values.get("distributed")), shard_model=bool(values.get("shard_model")), hvp=_checked_hvp(values.get("hvp") or "rev-rev"),
         run_names=list(values.get("run_name") or []),
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"])
