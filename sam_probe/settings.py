@@ -40,6 +40,7 @@ class Settings:
     max_memory: str | None = None  # e.g. "2GB": chunk and vector-block sizes from this budget (core/memory.py)
     hvp: str = "rev-rev"  # Hessian-vector products: rev-rev, fwd-rev, fd or auto (core/registry.py HVP_REGISTRY)
     distributed: bool = False  # data parallel over a torch.distributed group (also when torchrun set WORLD_SIZE)
+    shard_model: bool = False  # FSDP2: every rank holds a shard of the model and of every vector (core/sharded.py)
     run_names: list[str] = field(default_factory=list)  # --run-name NAME or PATH=NAME (labels; numbers unchanged)
     base_model: str | None = None  # --base-model: the model a LoRA adapter checkpoint adapts (loading/peft.py)
     merge_adapter: bool = False  # --merge-adapter: analyse base + adapter merged instead of the adapter's factors

@@ -47,7 +47,7 @@ def unit_meta(analysis: Any, config: dict[str, Any], settings: Settings, *, comm
         "data_spec": {**s.data_identity(), **(used_data or {})}, "seed": s.seed, "device": device,
         "dtype": s.dtype, "bn_mode": s.bn_mode, "wall_time": seconds, "host": socket.gethostname(),
         "created": _now(), "pid": os.getpid(),
-        "world_size": world_size,
+        "world_size": world_size, "shard_model": bool(getattr(s, "shard_model", False)),
     }
 
 

@@ -143,7 +143,11 @@ def eos_fields(ck: Any, session: Any, lr: float | None, result: dict[str, Any]) 
     if eta is not None and variant == "l2":
         import torch
 
-        g = session.objective(ck).grad_flat()
-        gnorm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        from ..core import inner
+
+        obj = session.objective(ck)
+        with inner.over(obj):  # a model-sharded objective's gradient is this rank's shard
+            g = obj.grad_flat()
+            gnorm = inner.norm(g.to(torch.float64))
     out = edge_of_stability(eta, lam, sam_rho=rho, sam_variant=variant, grad_norm=gnorm)
     return {"eta": eta, "eta_source": source, **out}

@@ -173,7 +173,15 @@ def compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any]
     """All curvature numbers of one objective (pure: no files, no terminal).
 
     ``warm``: the previous checkpoint's Ritz vectors (a warm start); the new ones are left in
-    ``carry["warm"]`` for the next checkpoint."""
+    ``carry["warm"]`` for the next checkpoint.  A model-sharded objective (``--shard-model``) is
+    computed with every inner product summed over its ranks (:mod:`sam_probe.core.inner`)."""
+    from ..core import inner
+
+    with inner.over(obj):
+        return _compute_sharpness(obj, cfg, warm, carry)
+
+
+def _compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..core.density import curvature_density
     from ..core.lanczos import top_eigen
     from ..core.operators import curvature_operator

@@ -11,7 +11,7 @@ divided by the term count ``N`` (:attr:`~sam_probe.core.objective.Objective.deno
   a forward-mode derivative but no reverse second derivative).
 - :class:`FiniteDifferenceProducts` (``fd``): ``D(h) = (∇L(w + hv) − ∇L(w − hv)) / 2h`` at ``h`` and
   ``h/2``, Richardson-extrapolated ``R = (4 D(h/2) − D(h)) / 3`` (error ``O(h⁴)``); first derivatives
-  only.  ``h = ε_dtype^(1/4) · max(rms(w), 0.01) · √P / ‖v‖`` (each weight moves by about
+  only; where truncation dominates (a kink crossed) retried at ``h/16`` (:func:`extrapolated_difference`).  ``h = ε_dtype^(1/4) · max(rms(w), 0.01) · √P / ‖v‖`` (each weight moves by about
   ``ε^(1/4)`` of its typical size: ``1.2e-4`` in float64, ``1.9e-2`` in float32).  The error estimate
   of a product is ``‖D(h/2) − D(h)‖ / 3 + 4 ε (‖∇L(w + hv/2)‖ + ‖∇L(w − hv/2)‖) / h``: the first term
   is the truncation error of the lower-order ``D(h/2)`` (so it is conservative for ``R``, and it grows
@@ -192,6 +192,39 @@ class FwdRevProducts(HessianProducts):
         return self._finish(out)
 
 
+FD_SHRINK = 16  # a retried step is h / 16
+FD_TRIES = 4  # at most this many step sizes per product
+
+
+def extrapolated_difference(diff, h: float, eps: float, norm) -> tuple[Tensor, float, int]:
+    """``(R, error estimate, tries)``: the Richardson product ``R = (4 D(h/2) − D(h)) / 3`` from
+    ``diff(h) -> (D(h), ‖g₊‖ + ‖g₋‖)``, its error ``‖D(h/2) − D(h)‖/3 + 4 ε size / h`` (``norm``:
+    the vectors' 2-norm, summed over shards when sharded).
+
+    On a smooth loss the truncation part is ``O(h²)`` (about ``ε^½`` of ``‖R‖`` at the default
+    step).  When it exceeds ``ε^⅓ ‖R‖`` instead (the steps crossed a kink, e.g. a ReLU whose input
+    changes sign) the product is retried at ``h / 16``, up to :data:`FD_TRIES` step sizes, while
+    the estimate improves; the product with the smallest estimate is returned."""
+    best: tuple[Tensor, float] | None = None
+    tries = 0
+    for _ in range(FD_TRIES):
+        tries += 1
+        d1, _ = diff(h)
+        d2, size = diff(h / 2)
+        trunc = norm(d2 - d1) / 3
+        R = (4 * d2 - d1) / 3
+        del d1, d2
+        err = trunc + 4 * eps * size / h
+        improved = best is None or err < best[1]
+        if improved:
+            best = (R, err)
+        if not improved or trunc <= eps ** (1 / 3) * norm(R):
+            break
+        h /= FD_SHRINK
+    assert best is not None
+    return best[0], best[1], tries
+
+
 def fd_step(dtype: torch.dtype) -> float:
     """``ε_dtype^(1/4)``: the relative step of the extrapolated central differences."""
     return float(torch.finfo(dtype).eps) ** 0.25
@@ -232,11 +265,9 @@ class FiniteDifferenceProducts(HessianProducts):
             h = self.step(w, v)
             if h == 0.0:
                 continue
-            d1, _ = self._difference(w, v, h)
-            d2, size = self._difference(w, v, h / 2)
-            out[:, j] = (4 * d2 - d1) / 3
             eps = float(torch.finfo(V.dtype).eps)
-            err[j] = float((d2 - d1).double().norm()) / 3 + 4 * eps * size / h
+            out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(w, v, hh), h, eps,
+                                                           lambda t: float(t.double().norm()))
         self.last_error = err
         return out
 

@@ -75,6 +75,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import inner
 from .names import WHICH
 from .vectors import WORK_VECTORS, VectorCount, VectorStore, where_label
 
@@ -182,8 +183,8 @@ def _orthonormalise_block(W: Tensor, Q: VectorStore, gen: torch.Generator, scale
     orthogonal to everything so far (its diagonal ``B`` entry is zero).  Columns beyond the
     remaining dimension ``P - len(Q)`` are dropped (``b' < b``)."""
     P, b = W.shape
-    room = P - len(Q)
-    scales = (W.norm(dim=0) if scales is None else scales).double().cpu().clone()
+    room = inner.size(P) - len(Q)
+    scales = (inner.colnorms(W) if scales is None else scales).double().cpu().clone()
     for _ in range(passes):
         Q.subtract(W, Q.dots(W))
     B = torch.zeros(b, b, dtype=torch.float64)
@@ -193,19 +194,19 @@ def _orthonormalise_block(W: Tensor, Q: VectorStore, gen: torch.Generator, scale
         for attempt in range(3):
             for _ in range(2 if keep else 0):
                 for i in keep:
-                    c = float(W[:, i] @ w)
+                    c = inner.dot(W[:, i], w)
                     w.add_(W[:, i], alpha=-c)
                     if attempt == 0:
                         B[i, j] += c
-            nrm = float(w.norm())
+            nrm = inner.norm(w)
             if nrm > 1e-10 * float(scales[j]) and nrm > 0:
                 break
             w.copy_(_gaussian(P, 1, gen, w.dtype, w.device)[:, 0])  # breakdown: a fresh direction
             for _ in range(2):
                 Q.subtract(w[:, None], Q.dots(w[:, None]))
-            scales[j] = float(w.norm())
+            scales[j] = inner.norm(w)
         B[j, j] = nrm if attempt == 0 else 0.0
-        w.div_(w.norm())
+        w.div_(inner.norm(w))
         keep.append(j)
     if len(keep) < b:
         return W[:, keep], B[keep]
@@ -225,11 +226,11 @@ def warm_start_block(warm: Tensor, n: int, b: int, gen: torch.Generator, dtype: 
     if not bool(good.all()):
         W = W[:, good]
     G = _gaussian(n, b, gen, dtype, device)
-    G = G.div_(G.norm(dim=0, keepdim=True))
+    G = G.div_(inner.colnorms(G)[None, :])
     if W.shape[1] == 0:
         return G
     kw = W.shape[1]
-    gram = (W.T @ W).double().cpu()  # W = Wq R (QR) with R from the Gram matrix: Wq C = W R⁻¹ C
+    gram = inner.gram(W, W).double().cpu()  # W = Wq R (QR) with R from the Gram matrix: Wq C = W R⁻¹ C
     L, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0 and float(L.diagonal().min()) > 1e-6 * float(L.diagonal().max()):
         Rinv = torch.linalg.inv(L.T)
@@ -246,7 +247,7 @@ def warm_start_block(warm: Tensor, n: int, b: int, gen: torch.Generator, dtype: 
         C[:, :min(kw, b)] = R[:, :min(kw, b)]
     coef = (Rinv @ C).to(device=W.device, dtype=W.dtype)
     A = (W @ coef).to(device=device, dtype=dtype)
-    nrm = A.norm(dim=0, keepdim=True)
+    nrm = inner.colnorms(A)[None, :]
     A = torch.where(nrm > 0, A / nrm.clamp_min(1e-300), A)
     return A.add_(G)
 
@@ -261,10 +262,8 @@ def krylov_sketch(matmat: Matmat, n: int, r: int, *, block_size: int = 1, seed: 
 
     Holds ``r`` rows plus one product block: the products are not kept (``tr(Qᵀ A Q)`` is
     accumulated as they come)."""
-    from .trace import coldots
-
-    gen = torch.Generator().manual_seed(seed)
-    r = min(r, n)
+    gen = inner.generator(seed)
+    r = min(r, inner.size(n))
     count = count if count is not None else VectorCount()
     Q = VectorStore(n, dtype, device, where, count)
     b = max(1, min(block_size, r))
@@ -276,7 +275,7 @@ def krylov_sketch(matmat: Matmat, n: int, r: int, *, block_size: int = 1, seed: 
         Z = Z[:, :r - used]
         AZ = matmat(Z).to(device=device, dtype=dtype)
         count.add(b)
-        tr += float(coldots(Z, AZ).sum())
+        tr += float(inner.coldots(Z, AZ).sum())
         Q.append(Z)
         used += Z.shape[1]
         del Z
@@ -370,19 +369,20 @@ def lanczos(
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+    N = inner.size(n)  # the dimension (n: the local length of a vector; N = n on one process)
+    if not 1 <= k <= N:
+        raise ValueError(f"k must be in [1, {N}], got {k}")
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
     k_req = k
-    kmax = min(n, k + max(0, int(extend_cluster)))
-    b = min(block_size, n)
+    kmax = min(N, k + max(0, int(extend_cluster)))
+    b = min(block_size, N)
     max_hvp = max(300, 60 * kmax) if max_hvp is None else int(max_hvp)
     m_max = max_basis or default_basis(k, b, max_vectors, keep_products)
-    m_max = min(max(m_max, k + 2 * b), n)
+    m_max = min(max(m_max, k + 2 * b), N)
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    check_gen = torch.Generator().manual_seed(seed + CHECK_SEED)
+    gen = inner.generator(seed)
+    check_gen = inner.generator(seed + CHECK_SEED)
     eps = torch.finfo(dtype).eps
     count = count if count is not None else VectorCount()
     Q = VectorStore(n, dtype, device, where, count, first_page=k)
@@ -410,7 +410,7 @@ def lanczos(
     n_hvp = n_restarts = n_certify = 0
     hit_cap = False
     phase = "solve"  # "solve" (until the wanted estimates pass) or "check" (the fresh-block order check)
-    checked = not check or n <= k
+    checked = not check or N <= k
     n_checks = n_missed = 0
     theta_ref = 0.0
     guard = guard_abs = None
@@ -447,7 +447,7 @@ def lanczos(
                 s = S[:, idx[j]]
                 with count.hold(2):
                     y, ay = Q.combine(s), AQ.combine(s)
-                    res[j] = float(ay.add_(y, alpha=-float(theta[j])).norm())
+                    res[j] = inner.norm(ay.add_(y, alpha=-float(theta[j])))
                     del y, ay
                 if pe is not None:
                     err[j] = float((s.abs() * pe).sum())
@@ -461,7 +461,7 @@ def lanczos(
                 n_certify += 1
                 if product_error is not None:
                     err[j] = float(product_error(y[:, None], ay).reshape(-1)[0])
-                res[j] = float(ay[:, 0].add_(y, alpha=-float(theta[j])).norm())
+                res[j] = inner.norm(ay[:, 0].add_(y, alpha=-float(theta[j])))
                 del ay, y
         return theta, res, err
 
@@ -505,8 +505,8 @@ def lanczos(
         evals, S, idx = _ritz(T, which)
 
         # ---- the next block (in AZ's memory) and the residual estimates it implies
-        if nq < n:
-            scales = AZ.norm(dim=0)
+        if nq < N:
+            scales = inner.colnorms(AZ)
             Q.subtract(AZ, H)  # first Gram–Schmidt pass reuses Qᵀ AZ
             Znext, Bc = _orthonormalise_block(AZ, Q, gen, scales=scales, passes=1)
             est_all = (Bc @ S[nq - bz:nq]).norm(dim=0)
@@ -528,7 +528,7 @@ def lanczos(
                 if guard_abs <= check_tol * scale and (guard_abs <= 0.5 * abs(float(evals[idx[k - 1]]) - guard)
                                                        or guard_abs <= tol * scale):
                     phase, checked = "solve", True
-            if phase == "check" and (nq >= n or Znext.shape[1] == 0):
+            if phase == "check" and (nq >= N or Znext.shape[1] == 0):
                 phase, checked = "solve", True  # nothing left to find
 
         wanted = idx[:min(k, nq)]
@@ -560,7 +560,7 @@ def lanczos(
                     count.sub(bz)
                     break
                 k += 1  # extend k into the cluster at the boundary (one more basis row), certify and check again
-                m_max = min(n, m_max + 1)
+                m_max = min(N, m_max + 1)
                 checked, final, guard, guard_abs = False, None, None, None
             else:
                 slack = max(slack * 2, float((res / est_all[wanted].clamp_min(floor * eps)).max()))
@@ -699,14 +699,15 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
     if warm is not None and warm.shape[0] != op.P:  # vectors of another parameter space: start cold
         warm = None
     dtype = precision.solver_dtype(op.dtype)  # half-precision models: float32 solver arithmetic
-    plan = solver_plan(k, op.P, dtype, block_size, memory_plan=_plan_of(op), max_vectors=max_vectors,
-                       max_basis=max_basis, keep_products=keep_products, where=where)
+    with inner.over(op):  # a model-sharded operator: the basis is capped by the whole dimension
+        plan = solver_plan(k, op.P, dtype, block_size, memory_plan=_plan_of(op), max_vectors=max_vectors,
+                           max_basis=max_basis, keep_products=keep_products, where=where)
     matmat, rounding = op.matmat, None
     if precision.is_half(op.dtype):  # each product's rounding enters the certificate (core/precision.py)
         rounding = precision.RoundingModel(op.dtype)
         matmat = rounding.observe(op.matmat)
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
-    with ctx:
+    with inner.over(op), ctx:  # inner products summed over the shards of a model-sharded operator
         res = lanczos(matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
                       max_basis=plan["basis_vectors"], seed=seed, dtype=dtype, device=op.device, warm=warm,
                       keep_products=plan["keep_products"], where=where, check=check,

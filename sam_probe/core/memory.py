@@ -213,7 +213,9 @@ def solver_plan(k: int, P: int, dtype: torch.dtype, block_size: int = 1, *, memo
         m, keep = default_basis(k, b, vectors, True), True
     else:
         m, keep = min(big, default_basis(k, b, vectors, False)), False
-    m = min(max(m, k + 2 * b), P)
+    from . import inner
+
+    m = min(max(m, k + 2 * b), inner.size(P))  # the dimension (P: a shard's length when the model is sharded)
     plan = {"basis_vectors": m, "keep_products": keep, "block": b, "vector_budget": vectors, "budget_from": source,
             "vectors": vectors_needed(k, b, m, keep), "vector_bytes": P * itemsize,
             "basis_device": where_label(where)}

@@ -21,7 +21,7 @@ import inspect
 from typing import Any
 
 from .empirical_fisher import EmpiricalFisherOperator  # noqa: F401 - re-exported
-from .errors import CurvatureError
+from .errors import CurvatureError, opt
 from .fisher import FisherOperator  # noqa: F401 - re-exported
 from .ggn import GGNOperator  # noqa: F401 - re-exported
 from .hessian import HessianOperator
@@ -44,6 +44,12 @@ def curvature_operator(obj, name: str = "hessian", **kwargs: Any) -> CurvatureOp
         entry = CURVATURE_REGISTRY.get(name)
     except ValueError as exc:
         raise CurvatureError(str(exc), option="curvature", value=name) from None
+    if getattr(obj, "shard_group", None) is not None:  # a model-sharded objective (core/sharded.py)
+        if name != "hessian":
+            raise CurvatureError(f"{opt('curvature')} {name} with {opt('shard_model')}: a sharded model gives "
+                                 "Hessian products only (finite differences of gradients)", option="curvature",
+                                 value=name)
+        return obj.hessian()
     cls = entry.load()
     accepted = inspect.signature(cls.__init__).parameters
     known = {p for e in CURVATURE_REGISTRY for p in inspect.signature(e.load().__init__).parameters}

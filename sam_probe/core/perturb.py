@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import inner
 from .objective import Objective
 
 from .names import VARIANTS  # noqa: F401 - re-exported
@@ -44,7 +45,7 @@ def perturbation(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.
                  w: Tensor | None = None) -> Tensor:
     """Flat SAM perturbation ``e`` for flat gradient ``g`` (see module docstring)."""
     if variant == "l2":
-        return rho * g / g.norm().clamp_min(NORM_FLOOR)
+        return rho * g / max(inner.norm(g), NORM_FLOOR)
     if variant == "linf":
         return rho * torch.sign(g)
     if variant == "usam":
@@ -52,7 +53,7 @@ def perturbation(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.
     if variant == "asam":
         w = obj.flat_params() if w is None else w
         t = asam_scale(obj, w, eta)
-        return rho * t * t * g / (t * g).norm().clamp_min(NORM_FLOOR)
+        return rho * t * t * g / max(inner.norm(t * g), NORM_FLOOR)
     raise ValueError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 

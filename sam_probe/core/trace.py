@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
+from . import inner
 from .names import TRACE_METHODS as METHODS
 from .vectors import WORK_VECTORS, VectorCount
 
@@ -128,8 +129,9 @@ def _adaptive_hutchinson(matmat: Matmat, n: int, project: Callable[[Tensor], Ten
 
 
 def coldots(A: Tensor, B: Tensor) -> Tensor:
-    """``[aⱼ · bⱼ]`` of the columns of ``A, B [P, b]`` (float64, CPU), without a ``[P, b]`` temporary."""
-    return torch.tensor([float(A[:, j] @ B[:, j]) for j in range(A.shape[1])], dtype=torch.float64)
+    """``[aⱼ · bⱼ]`` of the columns of ``A, B [P, b]`` (float64, CPU), without a ``[P, b]`` temporary
+    (summed over the shards when the model is sharded, :mod:`.inner`)."""
+    return inner.coldots(A, B)
 
 
 def _se(samples: list[float]) -> float:
@@ -152,7 +154,7 @@ def hutchinson(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000
                block_size: int = 5, seed: int = 0, dtype: torch.dtype = torch.float64,
                device: torch.device | str = "cpu", count: VectorCount | None = None) -> TraceResult:
     """Hutchinson's estimator with adaptive stopping at relative SE ``tol`` (``2 · block_size`` vectors)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = inner.generator(seed)
     samples, ok, used = _adaptive_hutchinson(matmat, n, lambda Z: Z, 0.0, max_hvp, tol, min_probes, block_size,
                                              gen, dtype, device, count)
     est = sum(samples) / len(samples) if samples else math.nan
@@ -178,9 +180,10 @@ def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, r
     from .vectors import VectorStore
 
     count = count if count is not None else VectorCount()
-    gen = torch.Generator().manual_seed(seed)
+    gen = inner.generator(seed)
     cost = 1 if sketch == "krylov" else 2
-    r = max(0, min(rank, n, (max_hvp - 2) // cost))
+    N = inner.size(n)  # the dimension (n: a vector's local length)
+    r = max(0, min(rank, N, (max_hvp - 2) // cost))
     Q = VectorStore(n, dtype, device, where, count)
     exact, used = 0.0, 0
     if r and sketch == "krylov":
@@ -197,10 +200,10 @@ def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, r
         for j in range(len(Q)):  # exact part tr(Qᵀ A Q), one product per row
             with count.hold(1 if Q.local else 2):
                 q = Q.row(j)[:, None]
-                exact += float(q[:, 0] @ matmat(q).to(device=device, dtype=dtype)[:, 0])
+                exact += inner.dot(q[:, 0], matmat(q).to(device=device, dtype=dtype)[:, 0])
         used = r + len(Q)
     method = "hutch++"
-    if len(Q) >= n:
+    if len(Q) >= N:
         return TraceResult(exact, 0.0, 0, used, method, True, tol, exact, len(Q), sketch)
 
     def project(Z: Tensor) -> Tensor:
@@ -261,9 +264,10 @@ def curvature_trace(op, method: str = "hutch++", *, tol: float = 1e-2, max_hvp: 
         kwargs["rank"], kwargs["block_size"] = trace_plan(plan, 20, 5, max_vectors)
     fn = hutchpp if method == "hutch++" else hutchinson
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
-    small = exact_fallback and 2 * op.P <= max_hvp  # an exact trace (P products) is affordable: never spend more on estimates
-    with ctx:
-        res = fn(op.matmat, op.P, tol=tol, max_hvp=op.P if small else max_hvp, seed=seed,
+    with inner.over(op), ctx:
+        N = inner.size(op.P)  # the dimension (op.P: the local length on a model-sharded rank)
+        small = exact_fallback and 2 * N <= max_hvp  # an exact trace (N products) is affordable: never spend more on estimates
+        res = fn(op.matmat, op.P, tol=tol, max_hvp=N if small else max_hvp, seed=seed,
                  dtype=solver_dtype(op.dtype), device=op.device, **kwargs)
         if small and not res.converged:
             res = exact_trace(op.matmat, op.P, spent=res.n_hvp, tol=tol, block_size=kwargs.get("block_size") or 4,
@@ -280,14 +284,21 @@ def exact_trace(matmat, n: int, *, spent: int = 0, tol: float = 1e-2, block_size
     relative error no number of probes can make small); ``spent`` products are counted in ``n_hvp``."""
     b = max(1, int(block_size))
     total = 0.0
-    for start in range(0, n, b):
-        m = min(b, n - start)
-        E = torch.zeros(n, m, dtype=dtype, device=device)
-        idx = torch.arange(m, device=device)
-        E[start + idx, idx] = 1
-        total += float(matmat(E)[start + idx, idx].double().sum())
-        del E
-    return TraceResult(estimate=total, se=0.0, n_probes=n, n_hvp=spent + n, method="exact", converged=True, tol=tol)
+    me, sizes = inner.rank(), inner.sizes(n)  # one process: 0, [n]; sharded: each rank's unit vectors in turn
+    for owner, n_o in enumerate(sizes):
+        for start in range(0, n_o, b):
+            m = min(b, n_o - start)
+            E = torch.zeros(n, m, dtype=dtype, device=device)
+            idx = torch.arange(m, device=device)
+            if owner == me:
+                E[start + idx, idx] = 1
+            AE = matmat(E)
+            if owner == me:
+                total += float(AE[start + idx, idx].double().sum())
+            del E, AE
+    N = sum(sizes)
+    total = float(inner.allsum(torch.tensor([total], dtype=torch.float64))[0])
+    return TraceResult(estimate=total, se=0.0, n_probes=N, n_hvp=spent + N, method="exact", converged=True, tol=tol)
 
 
 hessian_trace = curvature_trace

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import inner
+
 #: ``c``: parameter-sized vectors a solver may hold beyond the ``k`` it returns
 #: (docs/metrics.md, "Memory of the solvers").
 WORK_VECTORS = 8
@@ -216,7 +218,7 @@ class VectorStore:
             Wp = W[a:b]
             for i in range(n):
                 out[i] += pieces[i] @ Wp
-        return out
+        return inner.allsum(out)  # summed over the shards of a model-sharded group (core/inner.py)
 
     def subtract(self, W: Tensor, H: Tensor) -> None:
         """``W ← W − Q[:, :n] H`` in place (``H [n, b]``)."""

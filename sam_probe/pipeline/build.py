@@ -157,6 +157,11 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
             raise
         raise SpecError(f"{ck.path}: the loss the checkpoint names cannot be used ({exc}); pass {opt('loss')} "
                         "yourself") from None
+    if s.shard_model:
+        obj = sharded_objective(session, ck, model, data, m, fn or name, name if fn else None)
+        if key is not None:
+            CACHE.objectives[key] = (obj, session.used_data)
+        return obj
     chunk = s.batch_size or (data.chunk_hint or STREAM_CHUNK if data.streamed else None)
     from ..core.precision import upcast_note
 
@@ -188,6 +193,38 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
             CACHE.objectives.pop(next(iter(CACHE.objectives)))
         CACHE.objectives[key] = (obj, session.used_data)
     return obj
+
+
+def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: DataSelection, m: Any,
+                      loss: Any, loss_name: str | None) -> Any:
+    """``--shard-model``: the checkpoint's weights put into ``model`` (built for this unit, so it is
+    ours to change), which FSDP2 then shards over the ranks (:mod:`sam_probe.core.sharded`)."""
+    from ..core.precision import is_half
+    from ..core.sharded import ShardedObjective
+
+    s = session.settings
+    if data.streamed:
+        raise SpecError(f"{opt('shard_model')} needs the data selection in memory (a .pt/.npz file, digits, or a "
+                        f"factory returning tensors); pass {opt('max_samples')} for a selection of a streamed set")
+    if s.hvp == "fwd-rev":
+        raise SpecError(f"{opt('hvp')} {s.hvp}: a sharded model has no double backward; its Hessian products are "
+                        f"finite differences ({opt('hvp')} fd)")
+    if is_half(session.dtype):
+        raise SpecError(f"{opt('shard_model')} with {opt('dtype')} {s.dtype}: finite-difference products need "
+                        "float32 or float64 here")
+    with torch.no_grad():
+        for n, t in m.params.items():
+            model.get_parameter(n).copy_(t)
+        for n, t in m.buffers.items():
+            try:
+                model.get_buffer(n).copy_(t)
+            except AttributeError:  # a buffer the model does not register
+                continue
+    model.to(device=session.device, dtype=session.dtype)
+    session.note(f"{opt('shard_model')}: Hessian products are finite differences of gradients through FSDP's "
+                 "backward (Richardson-extrapolated; their error is part of every residual)")
+    return ShardedObjective(model, data.inputs, data.targets, loss, loss_name=loss_name, chunk_size=s.batch_size,
+                            bn_mode=s.bn_mode, copy=False, dtype=session.dtype)
 
 
 def _integer_hint(exc: BaseException, data: DataSelection) -> str:

@@ -49,7 +49,7 @@ class Session:
         self.store_failed: str | None = None  # the first write error: later units are not attempted
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()
-        if settings.distributed or distributed.launched():  # every rank shards each Objective; rank 0 writes
+        if settings.distributed or settings.shard_model or distributed.launched():  # every rank shards each Objective; rank 0 writes
             self.device = distributed.rank_device(self.device)
             distributed.init(self.device)
 

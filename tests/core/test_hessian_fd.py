@@ -42,10 +42,37 @@ def test_fd_error_estimate_flags_a_kink():
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[0].bias.fill_(0.0)
-    x = torch.tensor([[1e-7]], dtype=torch.float64)  # pre-activation 1e-7: a step of 6e-6 crosses 0
+    # pre-activation 1e-12: every step tried (6e-6 down to 6e-6 / 16^3) crosses 0
+    x = torch.tensor([[1e-12]], dtype=torch.float64)
     obj = Objective(model, x, torch.tensor([[1.0]], dtype=torch.float64), "mse", hvp_method="fd")
     obj.hvp_block(torch.tensor([[0.0], [1.0]], dtype=torch.float64))
     assert float(obj.hessian_products.last_error[0]) > 0.1
+
+
+def test_fd_retries_a_smaller_step_at_relu_kinks():
+    """A ReLU network whose steps cross kinks: the product is retried at h/16 until no kink is crossed,
+    and the reported error bounds the actual one (exact double backward, float64)."""
+    from sam_probe.core.hessian import extrapolated_difference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (300,), generator=g)
+    exact = Objective(model, x, y, "ce")
+    fd = Objective(model, x, y, "ce", hvp_method="fd")
+    V = torch.randn(exact.n_params, 2, generator=g, dtype=torch.float64)
+    ref = exact.hvp_block(V)
+    got = fd.hvp_block(V)
+    err = (got - ref).norm(dim=0)
+    assert (err <= fd.hessian_products.last_error).all()
+    assert float((err / ref.norm(dim=0)).max()) <= 1e-7
+    # one step only (no retry) is far off on the same products: the retry is what makes them exact
+    w = fd.flat_params()
+    prods = fd.hessian_products
+    one, _, _ = extrapolated_difference(lambda h: prods._difference(w, V[:, 0], h), prods.step(w, V[:, 0]), 0.0,
+                                        lambda t: 0.0)  # error measure 0: accept the first step
+    assert float((one - ref[:, 0]).norm() / ref[:, 0].norm()) > 1e-5
 
 
 class NoDoubleBackward(torch.autograd.Function):

@@ -1,0 +1,141 @@
+"""Inner products of parameter-sized vectors: on one process, or over a model-sharded process group.
+
+When a model is sharded (``--shard-model``, :mod:`sam_probe.core.sharded`), every
+parameter-sized vector ``v`` of a solver is held as its rank's shard ``v_r`` (the
+entries of the parameters that rank owns, in the same layout as its parameter
+shards), and the global vector is the concatenation over ranks::
+
+    v = (v_0, v_1, …, v_{R-1}),      uᵀv = Σ_r u_rᵀ v_r,      ‖v‖ = (Σ_r ‖v_r‖²)^½.
+
+The solvers (:mod:`.lanczos`, :mod:`.trace`, :mod:`.vectors`) compute every inner
+product and norm through this module: outside :func:`sharded` (the default) these
+are the plain local operations, bit for bit what they were; inside, the local
+partial sums are all-reduced, so every rank sees the same scalars and the same
+small Rayleigh–Ritz matrices and takes the same steps (all decisions depend only
+on reduced values).  Local arithmetic on shards (``v ← v − c q``) needs nothing.
+
+Random vectors: each rank draws its shard from its own stream (seed and rank), so
+the global vector is a Gaussian vector of the full space; the solver's result
+depends on ``R`` only through its random start (eigenvalues agree to the tolerance).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("sam_probe_shard_group", default=None)
+_RANK_SEED = 1_000_003  # seed offset per rank (a prime: streams of different ranks never coincide)
+
+
+@contextlib.contextmanager
+def sharded(group: Any = None):
+    """Within this block, inner products are summed over ``group`` (``None``: the default group)."""
+    import torch.distributed as dist
+
+    token = _GROUP.set(group if group is not None else dist.group.WORLD)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
+
+
+def over(op: Any):
+    """:func:`sharded` over ``op.shard_group`` when the operator (or objective) acts on shards, else nothing."""
+    group = getattr(op, "shard_group", None)
+    return sharded(group) if group is not None else contextlib.nullcontext()
+
+
+def active() -> bool:
+    """Whether vectors are shards of a model-sharded group here."""
+    return _GROUP.get() is not None
+
+
+def allsum(t: Tensor) -> Tensor:
+    """``Σ_r t_r`` over the shard group (``t`` itself outside :func:`sharded`)."""
+    group = _GROUP.get()
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    out = t.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def dot(a: Tensor, b: Tensor) -> float:
+    """``aᵀ b`` of two (shards of) vectors."""
+    if _GROUP.get() is None:
+        return float(a @ b)
+    return float(allsum((a @ b).reshape(1))[0])
+
+
+def norm(v: Tensor) -> float:
+    """``‖v‖₂``."""
+    if _GROUP.get() is None:
+        return float(v.norm())
+    sq = allsum(torch.linalg.vector_norm(v, dtype=torch.float64).square().reshape(1))
+    return math.sqrt(float(sq[0]))
+
+
+def colnorms(W: Tensor) -> Tensor:
+    """``[‖W[:, j]‖₂]`` of a block ``W [P, b]`` (in ``W``'s dtype and device)."""
+    if _GROUP.get() is None:
+        return W.norm(dim=0)
+    sq = allsum(torch.linalg.vector_norm(W, dim=0, dtype=torch.float64).square())
+    return sq.sqrt().to(dtype=W.dtype)
+
+
+def coldots(A: Tensor, B: Tensor) -> Tensor:
+    """``[A[:, j]ᵀ B[:, j]]`` in float64 on the CPU."""
+    local = torch.tensor([float(A[:, j] @ B[:, j]) for j in range(A.shape[1])], dtype=torch.float64)
+    return allsum(local)
+
+
+def gram(A: Tensor, B: Tensor) -> Tensor:
+    """``Aᵀ B`` for blocks ``A [P, a]``, ``B [P, b]``."""
+    return allsum(A.T @ B)
+
+
+def size(n: int) -> int:
+    """The global length of vectors whose local shards have ``n`` entries."""
+    if _GROUP.get() is None:
+        return int(n)
+    return int(allsum(torch.tensor([int(n)], dtype=torch.int64))[0])
+
+
+def rank() -> int:
+    """This process's index in the shard group (0 outside :func:`sharded`)."""
+    group = _GROUP.get()
+    if group is None:
+        return 0
+    import torch.distributed as dist
+
+    return int(dist.get_rank(group))
+
+
+def sizes(n: int) -> list[int]:
+    """The local lengths of every rank's shard, in rank order (``[n]`` outside :func:`sharded`)."""
+    group = _GROUP.get()
+    if group is None:
+        return [int(n)]
+    import torch.distributed as dist
+
+    R = dist.get_world_size(group)
+    t = torch.zeros(R, dtype=torch.int64)
+    t[dist.get_rank(group)] = int(n)
+    return [int(x) for x in allsum(t)]
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator for random (shards of) vectors: ``seed``, offset by the rank when sharded."""
+    group = _GROUP.get()
+    if group is None:
+        return torch.Generator().manual_seed(int(seed))
+    import torch.distributed as dist
+
+    return torch.Generator().manual_seed(int(seed) + _RANK_SEED * (dist.get_rank(group) + 1))

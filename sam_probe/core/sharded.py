@@ -1,0 +1,345 @@
+"""Model-sharded objectives: the model under FSDP2, every parameter-sized vector a shard.
+
+:class:`ShardedObjective` wraps a model with ``torch.distributed.fsdp.fully_shard``
+(each transformer block, i.e. each element of a parameterised ``nn.ModuleList``, else
+each top-level child with parameters, then the root), so rank ``r`` of ``R`` holds
+only its shard ``w_r`` of each parameter (FSDP2 shards dimension 0 of every tensor).
+Every parameter-sized vector is held the same way: ``v_r`` = the entries of ``v``
+belonging to ``w_r``, flattened tensor by tensor (:class:`ShardSpace`), and the
+solvers sum their inner products over ranks (:mod:`sam_probe.core.inner`).
+
+Loss and gradient.  The data selection of ``N`` samples is split into ``R`` contiguous
+parts (every rank the same number of chunks); with ``T`` loss terms in all::
+
+    L(w) = (1/T) Σ_r Σ_{chunks c of rank r} Σ_{terms i ∈ c} ℓ_i(w)
+
+Each rank back-propagates ``R · Σ_c ℓ / T`` through FSDP's own backward, whose
+reduce-scatter averages over ranks, so the gradient shard left on rank ``r`` is
+``(∇L)_r``.  (With fewer samples than ranks every rank uses all of them, unscaled.)
+
+Hessian products.  Double backward is not available through FSDP's hooks, so products
+are central differences of gradients with one Richardson step (as ``--hvp fd``,
+:class:`sam_probe.core.hessian.FiniteDifferenceProducts`)::
+
+    D(h) = (∇L(w + h v) − ∇L(w − h v)) / 2h,      H v ≈ (4 D(h/2) − D(h)) / 3,
+
+(retried at ``h/16`` where a kink was crossed: :func:`sam_probe.core.hessian.extrapolated_difference`)
+
+``h = ε^¼ · max(rms(w), 0.01) · √N / ‖v‖`` (``ε`` the dtype's machine epsilon) and
+the error estimate ``‖D(h/2) − D(h)‖/3 + 4 ε (‖g₊‖ + ‖g₋‖)/h`` (norms over all
+ranks), which the solvers add to each residual before certifying.  Four gradients
+per product.  The weights are set to ``w ± h v`` *in place* on the sharded copy and
+restored from a saved shard after each gradient (exactly: copied back, never
+subtracted); the caller's model is never touched (``copy=True``, the default).
+
+Memory per rank: the model shard ``P/R``, its gradient shard, the saved shard and the
+solver's ``k + c`` vector shards, i.e. ``(3 + k + c) · P / R`` entries, plus one
+transformer block gathered at a time and the activations of one chunk.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import inner
+from . import losses as _losses
+from .batches import batch_len
+from .hessian import extrapolated_difference
+from .model_calls import BN_MODES, analysis_mode, split_labels, unwrap_logits, unwrap_loss
+from .operator_base import CurvatureOperator
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that get their own ``fully_shard`` before the root: every element (with
+    parameters) of a ``nn.ModuleList`` (transformer blocks), else every top-level child with
+    parameters."""
+    blocks = [m for ml in model.modules() if isinstance(ml, nn.ModuleList) for m in ml
+              if any(True for _ in m.parameters())]
+    if blocks:
+        return blocks
+    return [c for c in model.children() if any(True for _ in c.parameters())]
+
+
+def fully_shard_model(model: nn.Module, group: Any = None) -> nn.Module:
+    """``model`` wrapped in place by FSDP2 over ``group`` (:func:`shard_units`, then the root)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    group = group if group is not None else dist.group.WORLD
+    dev = next(iter(model.parameters())).device
+    ranks = dist.get_process_group_ranks(group)
+    mesh = DeviceMesh.from_group(group, dev.type, mesh=torch.tensor(ranks)) if group is not dist.group.WORLD \
+        else DeviceMesh(dev.type, torch.arange(dist.get_world_size()))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _local(p: Tensor) -> Tensor:
+    """The local shard of a (DTensor) parameter or gradient."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+class ShardSpace:
+    """This rank's shard of every parameter as one flat local vector (tensor after tensor)."""
+
+    def __init__(self, params: Mapping[str, Tensor]):
+        self.names = list(params)
+        self.shapes = [tuple(params[n].shape) for n in self.names]  # global shapes
+        self.local_shapes = [tuple(_local(params[n]).shape) for n in self.names]
+        self.numels = [math.prod(s) for s in self.local_shapes]
+        self.offsets = [0]
+        for k in self.numels:
+            self.offsets.append(self.offsets[-1] + k)
+        self.size = self.offsets[-1]
+
+    def slices(self) -> dict[str, slice]:
+        return {n: slice(self.offsets[i], self.offsets[i + 1]) for i, n in enumerate(self.names)}
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Local shards (or DTensors) of every tensor, concatenated."""
+        return torch.cat([_local(tensors[n]).reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return {n: flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.local_shapes[i])
+                for i, n in enumerate(self.names)}
+
+
+class ShardedObjective:
+    """Mean loss of an FSDP2-sharded model over a data selection (module docstring).
+
+    Must be created on every rank of ``group`` (default: the whole default process group,
+    which must exist), with the same model, data and settings; every method is collective.
+    ``inputs``/``targets``: the whole selection (each rank keeps its part); ``loss``: a name
+    of the loss registry, a :class:`~sam_probe.core.losses.Loss` or a function.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Any, targets: Tensor | None = None, loss: Any = None, *,
+                 group: Any = None, chunk_size: int | None = None, bn_mode: str = "eval", copy: bool = True,
+                 dtype: torch.dtype | None = None, rel_step: float | None = None, loss_name: str | None = None):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("a sharded model needs a torch.distributed process group (torchrun, or --distributed)")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("--bn-mode train is not available with a sharded model (batch statistics would be "
+                             "each rank's); use --bn-mode eval")
+        self.group = group if group is not None else dist.group.WORLD
+        self.shard_group = self.group  # vectors of this objective are shards (core/inner.py)
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        module = _copy.deepcopy(model) if copy else model
+        if dtype is not None:
+            module = module.to(dtype)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        self.module = fully_shard_model(module, self.group)
+        self.bn_mode = bn_mode
+        self.named = dict(self.module.named_parameters())
+        self.space = ShardSpace(self.named)
+        first = next(iter(self.named.values()))
+        self.dtype = first.dtype
+        self.device = _local(first).device
+        if inputs is not None and isinstance(inputs, Tensor) and inputs.is_floating_point():
+            inputs = inputs.to(self.dtype)
+        n = batch_len(inputs)
+        if targets is not None and len(targets) != n:
+            raise ValueError(f"{n} inputs but {len(targets)} targets")
+        if n == 0:
+            raise ValueError("the data selection is empty")
+        self.n_samples = n
+        self.loss_obj = _losses.resolve(loss if loss is not None else (_losses.default_loss(targets) if targets
+                                        is not None else "model"), loss_name)
+        self.loss_name = self.loss_obj.name
+        if isinstance(self.loss_obj, _losses.UserLoss):
+            raise ValueError("a loss function of your own is not yet available with a sharded model; use a "
+                             "registered loss (--loss ce, lm, mse, bce or model)")
+        split = n >= self.world
+        lo, hi = ((self.rank * n) // self.world, ((self.rank + 1) * n) // self.world) if split else (0, n)
+        self.scale = float(self.world) if split else 1.0
+        per_rank = n // self.world if split else n
+        chunk = int(chunk_size) if chunk_size else per_rank
+        n_chunks = max(1, math.ceil(per_rank / max(1, chunk)))  # the same on every rank (collectives match)
+        bounds = torch.linspace(lo, hi, n_chunks + 1).round().long().tolist()
+        self._chunks = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            x = _take(inputs, a, b)
+            y = targets[a:b] if targets is not None else self.loss_obj.targets_from_inputs(x)  # token-only data: ids
+            self._chunks.append((x, y))
+        self.rel_step = float(torch.finfo(self.dtype).eps) ** 0.25 if rel_step is None else float(rel_step)
+        saved = self.space.flatten(self.named).detach().clone()
+        self._w0 = saved  # the weights' shard, restored after every shifted gradient
+        self.N = inner_size(self.space.size, self.group)
+        self.n_grad = 0
+        self.n_hvp = 0  # Hessian-vector products (each four gradients)
+        self.notes: list[str] = []
+        self._T = self._term_count()
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def n_params(self) -> int:
+        """``P``: the parameters of the whole model (all ranks)."""
+        return self.N
+
+    def _term_count(self) -> float:
+        total = torch.zeros(1, dtype=torch.float64)
+        for x, y in self._chunks:
+            x, y = split_labels(x, y, isinstance(self.loss_obj, _losses.ModelOwnLoss))
+            total += float(self.loss_obj.term_count(y, batch_len(x)))
+        if self.scale != 1.0:
+            with inner.sharded(self.group):
+                total = inner.allsum(total)
+        return float(total[0])
+
+    def _chunk_sum(self, x: Any, y: Tensor | None, with_output: bool = False) -> Any:
+        """``Σ ℓ`` of one chunk (``with_output``: with the model's return and the targets)."""
+        own = isinstance(self.loss_obj, _losses.ModelOwnLoss)
+        x, y = split_labels(x, y, own)
+        if isinstance(x, Mapping):
+            out = self.module(**x)
+        elif own:
+            out = self.module(x, labels=y)
+        else:
+            out = self.module(x)
+        if own:
+            s = unwrap_loss(out) * self.loss_obj.term_count(y, batch_len(x))
+        else:
+            out = unwrap_logits(out)
+            s = self.loss_obj.chunk_sum(out, y, x)
+        return (s, out, y) if with_output else s
+
+    def _set(self, flat: Tensor) -> None:
+        with torch.no_grad():
+            for name, s in self.space.slices().items():
+                loc = _local(self.named[name])
+                loc.copy_(flat[s].reshape(loc.shape))
+
+    @property
+    def denominator(self) -> float:
+        """``T``: the loss terms of the whole selection."""
+        return self._T
+
+    def loss(self, w: Tensor | None = None) -> float:
+        """``L(w)`` (``w``: a local shard; default the model's weights)."""
+        return self.evaluate(w)[0]
+
+    def evaluate(self, w: Tensor | None = None) -> tuple[float, float | None]:
+        """``(L(w), accuracy)`` over the whole selection (accuracy ``None`` where undefined)."""
+        if w is not None:
+            self._set(w)
+        try:
+            sums = torch.zeros(3, dtype=torch.float64)  # [Σ loss, Σ correct, Σ predictions]
+            has_acc = True
+            with analysis_mode(self.module, self.bn_mode), torch.no_grad():
+                for x, y in self._chunks:
+                    s, out, yy = self._chunk_sum(x, y, with_output=True)
+                    sums[0] += float(s)
+                    hit = self.loss_obj.correct(out, yy) if has_acc else None
+                    if hit is None:
+                        has_acc = False
+                    else:
+                        sums[1] += float(hit[0])
+                        sums[2] += float(hit[1])
+            if self.scale != 1.0:
+                with inner.sharded(self.group):
+                    sums = inner.allsum(sums)
+            acc = float(sums[1] / sums[2]) if has_acc and float(sums[2]) > 0 else None
+            return float(sums[0]) / self._T, acc
+        finally:
+            if w is not None:
+                self._set(self._w0)
+
+    def grad_flat(self, w: Tensor | None = None, count: bool = True) -> Tensor:
+        """The local shard of ``∇L(w)`` (as :meth:`grad`; ``count`` is accepted for the Objective's signature)."""
+        return self.grad(w)
+
+    def grad(self, w: Tensor | None = None) -> Tensor:
+        """The local shard of ``∇L(w)`` (``w`` default: the model's weights; restored exactly after)."""
+        if w is not None:
+            self._set(w)
+        try:
+            for p in self.named.values():
+                p.grad = None
+            with analysis_mode(self.module, self.bn_mode):
+                for x, y in self._chunks:
+                    (self._chunk_sum(x, y) * (self.scale / self._T)).backward()
+            out = torch.cat([(_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
+                             for p in self.named.values()])
+            for p in self.named.values():
+                p.grad = None
+            self.n_grad += 1
+            return out
+        finally:
+            if w is not None:
+                self._set(self._w0)
+
+    def flat_params(self) -> Tensor:
+        """This rank's shard of ``w`` (a copy)."""
+        return self._w0.clone()
+
+    def hessian(self) -> "ShardedHessian":
+        """The Hessian as a curvature operator on shards (finite-difference products)."""
+        return ShardedHessian(self)
+
+
+def inner_size(n: int, group: Any) -> int:
+    with inner.sharded(group):
+        return inner.size(n)
+
+
+def _take(x: Any, a: int, b: int) -> Any:
+    if isinstance(x, Mapping):
+        return {k: v[a:b] for k, v in x.items()}
+    return x[a:b]
+
+
+class ShardedHessian(CurvatureOperator):
+    """``H = ∇²L(w)`` of a :class:`ShardedObjective`, applied to local shards ``[P_r, b]`` (module docstring)."""
+
+    exact = False
+
+    def __init__(self, obj: ShardedObjective):
+        super().__init__("hessian", obj.space.size, obj.dtype, obj.device)
+        self.obj = obj
+        self.shard_group = obj.group  # the solvers sum inner products over it (core/inner.py)
+
+    def step(self, v: Tensor) -> float:
+        """``h`` for direction ``v`` (module docstring; norms over all ranks)."""
+        with inner.sharded(self.shard_group):
+            N = self.obj.N
+            rms = inner.norm(self.obj._w0.double()) / math.sqrt(max(N, 1))
+            nv = inner.norm(v.double())
+        return self.obj.rel_step * max(rms, 0.01) * math.sqrt(N) / nv if nv > 0 else 0.0
+
+    def _difference(self, v: Tensor, h: float) -> tuple[Tensor, float]:
+        w = self.obj._w0
+        plus = self.obj.grad(w + h * v)
+        minus = self.obj.grad(w - h * v)
+        with inner.sharded(self.shard_group):
+            size = inner.norm(plus.double()) + inner.norm(minus.double())
+        return (plus - minus).div_(2 * h), size
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        err = torch.zeros(V.shape[1], dtype=torch.float64)
+        eps = float(torch.finfo(V.dtype).eps)
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            h = self.step(v)
+            if h == 0.0:
+                continue
+            with inner.sharded(self.shard_group):
+                out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(v, hh), h, eps,
+                                                               lambda t: inner.norm(t.double()))
+            self.obj.n_hvp += 1
+        self.last_product_error = err
+        return out

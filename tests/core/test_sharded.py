@@ -1,0 +1,212 @@
+"""Model-sharded objectives (FSDP2, core/sharded.py): R gloo ranks = one process with exact products (float64).
+
+(Kinks such as ReLU's are where finite differences are not exact: tests/core/test_hessian_fd.py checks
+that the retried step and the error estimate cover them.)  The workers are this file run as a script with torchrun's environment (tests/test_distributed.py's
+``run_ranks``).  Each rank computes, for an MLP, a BatchNorm
+CNN in eval mode and a tiny GPT-2 LM: the loss, its gradient shard, one Hessian product, the top-3
+eigenvalues, the exact trace and SAM sharpness, all through the shards; the test recomputes them on
+one process with exact double-backward products and dense float64 Hessians.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sam_probe import distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_distributed import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.slow  # gloo ranks as processes
+
+N = 13  # odd: data shards of unequal size
+K = 2  # eigenvalues compared
+
+
+def cases() -> dict:
+    """``name -> (model, inputs, targets, loss)``, float64, seeded."""
+    import hftiny
+
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)).double()
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    with torch.no_grad():  # running statistics off their init, so eval mode differs from identity
+        cnn[1].running_mean.uniform_(-0.5, 0.5, generator=g)
+        cnn[1].running_var.uniform_(0.5, 2.0, generator=g)
+    xi = torch.randn(N, 1, 6, 6, generator=g, dtype=torch.float64)
+    yi = torch.randint(0, 2, (N,), generator=g)
+    gpt = hftiny.perturb(hftiny.gpt2(attn_implementation="eager")).double()
+    ids = torch.randint(0, hftiny.VOCAB, (6, hftiny.SEQ), generator=g)
+    return {"mlp": (mlp, x, y, "ce"), "cnn": (cnn, xi, yi, "ce"), "gpt2": (gpt, ids, None, "lm")}
+
+
+def direction(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+def local_part(obj, full: torch.Tensor, names: list[str], shapes: list) -> torch.Tensor:
+    """This rank's shard of a full flat vector (FSDP2 shards dimension 0 of every tensor in R chunks)."""
+    R, r = obj.world, obj.rank
+    out, a = [], 0
+    for _name, shape in zip(names, shapes):
+        k = int(torch.Size(shape).numel())
+        t = full[a:a + k].reshape(shape)
+        a += k
+        chunks = torch.chunk(t, R, 0)
+        out.append((chunks[r] if r < len(chunks) else t[:0]).reshape(-1))
+    return torch.cat(out)
+
+
+WORLDS = {2: ("mlp", "cnn", "gpt2"), 4: ("mlp",)}  # (4 ranks on 2 shared CPU cores: the cheapest case only)
+
+
+def sharded_numbers(names) -> dict:
+    from sam_probe.core import inner
+    from sam_probe.core.lanczos import top_eigen
+    from sam_probe.core.perturb import sam_sharpness
+    from sam_probe.core.sharded import ShardedObjective
+    from sam_probe.core.trace import curvature_trace
+    from sam_probe.core.vectors import VectorCount
+
+    out = {}
+    for name, (model, x, y, loss) in cases().items():
+        if name not in names:
+            continue
+        obj = ShardedObjective(model, x, y, loss, chunk_size=3 if name == "mlp" else None)
+        P = obj.n_params
+        v = local_part(obj, direction(P), obj.space.names, obj.space.shapes)
+        op = obj.hessian()
+        hv = op.matmat(v[:, None])[:, 0]
+        count = VectorCount()
+        eig = top_eigen(op, K, tol=1e-7, max_hvp=600, count=count)
+        with inner.over(obj):
+            sam = sam_sharpness(obj, rho=0.05)
+        out[name] = {
+            "loss": obj.loss(), "grad": obj.grad().tolist(), "hv": hv.tolist(),
+            "product_error": float(op.last_product_error[0]), "eigenvalues": eig.eigenvalues,
+            "residuals": eig.residuals,
+            # the MLP's exact trace (P unit vectors, each rank's in turn); Hutch++ within its SE elsewhere
+            "trace": (tr := curvature_trace(op, tol=1e-3, max_hvp=2 * P if name == "mlp" else 40, seed=1)).estimate,
+            "trace_se": tr.se, "trace_method": tr.method,
+            "sam": sam, "P": P, "P_local": obj.space.size, "peak_vectors": count.peak,
+            "weights_unchanged": bool(torch.equal(obj.flat_params(), obj._w0)),
+        }
+    return out
+
+
+def worker(outdir: str) -> None:
+    distributed.init("cpu")
+    try:
+        names = WORLDS[distributed.world_size()]
+        Path(outdir, f"rank{distributed.rank()}.json").write_text(json.dumps(sharded_numbers(names)))
+    finally:
+        distributed.shutdown()
+
+
+def reference() -> dict:
+    """The same numbers on one process: exact products, dense float64 Hessians."""
+    from sam_probe.core.dense import dense_hessian
+    from sam_probe.core.objective import Objective
+    from sam_probe.core.perturb import sam_sharpness
+
+    ref = {}
+    for name, (model, x, y, loss) in cases().items():
+        obj = Objective(model, x, y, loss)
+        H = dense_hessian(obj)
+        v = direction(obj.n_params)
+        ref[name] = {"loss": obj.loss(), "grad": obj.grad_flat(), "hv": H @ v,
+                     "eigenvalues": torch.linalg.eigvalsh(H).flip(0)[:K].tolist(), "trace": float(H.trace()),
+                     "sam": sam_sharpness(obj, rho=0.05), "names": obj.space.names, "shapes": obj.space.shapes}
+    return ref
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, request) -> dict[int, list[dict]]:
+    got = {}
+    for world in (2, 4):
+        out = tmp_path_factory.mktemp(f"ranks{world}")
+        procs = run_ranks([sys.executable, __file__, str(out)], world, timeout=400)
+        for p in procs:
+            assert p.returncode == 0, p.stderr[-3000:]
+        got[world] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return got
+
+
+class _Shards:
+    def __init__(self, world: int, rank: int):
+        self.world, self.rank = world, rank
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_equals_one_process(ranks, world):
+    ref = reference()
+    per_rank = ranks[world]
+    for name in WORLDS[world]:
+        r = ref[name]
+        rows = [got[name] for got in per_rank]
+        P = rows[0]["P"]
+        assert P == len(r["grad"]) and sum(row["P_local"] for row in rows) == P  # the shards partition w
+        for k, row in enumerate(rows):
+            assert abs(row["loss"] - r["loss"]) <= 1e-12 * abs(r["loss"])
+            shard = _Shards(world, k)
+            g = local_part(shard, r["grad"], r["names"], r["shapes"])
+            hv = local_part(shard, r["hv"], r["names"], r["shapes"])
+            assert rel(row["grad"], g) <= 1e-10, name
+            if hv.norm() > 0:
+                assert rel(row["hv"], hv) <= 1e-8, (name, k)
+            assert row["weights_unchanged"]
+            # every rank: the same eigenvalues, residuals, trace (reduced scalars only)
+            assert row["eigenvalues"] == rows[0]["eigenvalues"] and row["trace"] == rows[0]["trace"]
+        full_err = rel(torch.cat([torch.tensor(row["hv"]) for row in rows]),
+                       torch.cat([local_part(_Shards(world, k), r["hv"], r["names"], r["shapes"])
+                                  for k in range(world)]))
+        assert full_err <= 1e-8, name
+        assert rows[0]["product_error"] <= 1e-6 * float(torch.as_tensor(r["hv"]).norm()), name
+        assert rel(rows[0]["eigenvalues"], r["eigenvalues"]) <= 1e-8, (name, rows[0]["eigenvalues"], r["eigenvalues"])
+        assert max(rows[0]["residuals"]) <= 1e-7
+        if name == "mlp":
+            assert rows[0]["trace_method"] == "exact" and abs(rows[0]["trace"] - r["trace"]) <= 1e-8 * abs(r["trace"])
+        else:
+            assert abs(rows[0]["trace"] - r["trace"]) <= 5 * rows[0]["trace_se"] + 1e-8 * abs(r["trace"]), name
+        assert abs(rows[0]["sam"] - r["sam"]) <= 1e-10 * max(abs(r["sam"]), 1e-12), name
+
+
+def test_per_rank_vectors_are_shards(ranks):
+    """Memory: every vector a solver holds is a shard, so a rank's vector memory is about 1/R of one process's."""
+    for world, names in WORLDS.items():
+        for name in names:
+            rows = [got[name] for got in ranks[world]]
+            P = rows[0]["P"]
+            biggest = max(row["P_local"] for row in rows)
+            assert biggest <= P / world + 64  # rows of a tensor split in R chunks (at most one row more)
+            assert all(row["peak_vectors"] <= K + 8 for row in rows)  # k + c vectors, each a shard
+
+
+def test_unsharded_solvers_unchanged_outside_a_group():
+    """Outside a sharded block the inner products are the plain local ones (bit for bit)."""
+    from sam_probe.core import inner
+
+    a = torch.randn(7, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert not inner.active()
+    assert torch.equal(inner.colnorms(a), a.norm(dim=0))
+    assert inner.norm(a[:, 0]) == float(a[:, 0].norm()) and inner.size(7) == 7 and inner.sizes(7) == [7]
+    assert inner.dot(a[:, 0], a[:, 1]) == float(a[:, 0] @ a[:, 1])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    worker(sys.argv[1])
