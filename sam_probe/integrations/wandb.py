@@ -69,4 +69,9 @@ def log_results(project: str, analysis: Any, results: list[dict[str, Any]], *, o
             run.log({tag: value for _, tag, value in group}, step=step)
     finally:
         run.finish()
+        # the run's files are written by W&B's service process: shutting it down waits until they are on disk
+        # (otherwise a loaded machine may still be writing the offline run when the command returns)
+        teardown = getattr(wandb, "teardown", None)
+        if callable(teardown):
+            teardown()
     return {"mode": how, "dir": str(Path(run.dir).parent), "id": run.id}
