@@ -266,6 +266,9 @@ def validate(spec: Spec) -> None:
         values = dict(ctx.params)
         common = build_common({k: values[k] for k in ANALYSIS_OPTIONS if k in values})
         analysis = get(job.analysis)
+        from .analyses.base import check_sharding
+
+        check_sharding(analysis, common.settings)
         analysis.impl.configure({o.name: values[o.name] for o in analysis.compute_options()}, common.settings)
 
 

@@ -81,6 +81,7 @@ class Analysis:
     view_defaults: dict[str, Any] = field(default_factory=dict)  # view options `report` passes
     gradients: bool = True  # needs torch.func transforms (imported once, before a unit's clock starts)
     unkeyed: tuple[str, ...] = ()  # config entries that change cost, not results (e.g. warm starts): not in unit keys
+    shardable: bool = False  # runs with --shard-model (every vector a shard of an FSDP2 model: core/sharded.py)
 
     @property
     def view_module(self) -> str:
@@ -254,6 +255,17 @@ def check_choice(value: Any, option: str, choices: tuple[str, ...] | list[str]) 
 
     if value not in choices:
         raise SpecError(f"{option} {value}: unknown{suggest(str(value), choices)}; choose one of {', '.join(choices)}")
+
+
+def check_sharding(analysis: Analysis, settings: Any) -> None:
+    """``--shard-model`` only for the analyses that compute on shards (one-line error otherwise)."""
+    if getattr(settings, "shard_model", False) and not analysis.shardable:
+        from ..errors import SpecError
+        from . import all_analyses
+
+        can = ", ".join(a.name for a in all_analyses() if a.shardable)
+        raise SpecError(f"--shard-model is available for {can} so far, not {analysis.name}; run {analysis.name} "
+                        "without it (data parallel: --distributed or torchrun)")
 
 
 def check_options(analysis: Analysis, opts: dict[str, Any]) -> None:

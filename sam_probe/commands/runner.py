@@ -155,6 +155,9 @@ def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: 
         raise SpecError(str(exc)) from None
     compute_opts = {o.name: opts[o.name] for o in analysis.compute_options()}
     view_opts = {o.name: opts[o.name] for o in analysis.options if o.view}
+    from ..analyses.base import check_sharding
+
+    check_sharding(analysis, common.settings)
     cfg = analysis.impl.configure(compute_opts, common.settings)
     t0 = time.perf_counter()
     KEPT.clear()

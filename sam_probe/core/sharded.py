@@ -77,9 +77,19 @@ def fully_shard_model(model: nn.Module, group: Any = None) -> nn.Module:
     mesh = DeviceMesh.from_group(group, dev.type, mesh=torch.tensor(ranks)) if group is not dist.group.WORLD \
         else DeviceMesh(dev.type, torch.arange(dist.get_world_size()))
     for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP unit of ``model`` back to its sharded parameters (a unit left gathered after a forward
+    pass would otherwise compute with its gathered copy, not with shards changed since)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _local(p: Tensor) -> Tensor:
@@ -218,6 +228,7 @@ class ShardedObjective:
         return (s, out, y) if with_output else s
 
     def _set(self, flat: Tensor) -> None:
+        reshard(self.module)
         with torch.no_grad():
             for name, s in self.space.slices().items():
                 loc = _local(self.named[name])
@@ -285,6 +296,11 @@ class ShardedObjective:
     def flat_params(self) -> Tensor:
         """This rank's shard of ``w`` (a copy)."""
         return self._w0.clone()
+
+    def current_shard(self) -> Tensor:
+        """The shard the model holds now (equal to :meth:`flat_params` between calls: weights are restored)."""
+        reshard(self.module)
+        return self.space.flatten(self.named).detach().clone()
 
     def hessian(self) -> "ShardedHessian":
         """The Hessian as a curvature operator on shards (finite-difference products)."""

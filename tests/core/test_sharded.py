@@ -82,6 +82,7 @@ def sharded_numbers(names) -> dict:
         if name not in names:
             continue
         obj = ShardedObjective(model, x, y, loss, chunk_size=3 if name == "mlp" else None)
+        w0 = obj.current_shard()
         P = obj.n_params
         v = local_part(obj, direction(P), obj.space.names, obj.space.shapes)
         op = obj.hessian()
@@ -98,7 +99,7 @@ def sharded_numbers(names) -> dict:
             "trace": (tr := curvature_trace(op, tol=1e-3, max_hvp=2 * P if name == "mlp" else 40, seed=1)).estimate,
             "trace_se": tr.se, "trace_method": tr.method,
             "sam": sam, "P": P, "P_local": obj.space.size, "peak_vectors": count.peak,
-            "weights_unchanged": bool(torch.equal(obj.flat_params(), obj._w0)),
+            "weights_unchanged": bool(torch.equal(obj.current_shard(), w0)),
         }
     return out
 
@@ -171,7 +172,7 @@ def test_sharded_equals_one_process(ranks, world):
             assert row["weights_unchanged"]
             # every rank: the same eigenvalues, residuals, trace (reduced scalars only)
             assert row["eigenvalues"] == rows[0]["eigenvalues"] and row["trace"] == rows[0]["trace"]
-        full_err = rel(torch.cat([torch.tensor(row["hv"]) for row in rows]),
+        full_err = rel(torch.cat([torch.tensor(row["hv"], dtype=torch.float64) for row in rows]),
                        torch.cat([local_part(_Shards(world, k), r["hv"], r["names"], r["shapes"])
                                   for k in range(world)]))
         assert full_err <= 1e-8, name
@@ -194,6 +195,62 @@ def test_per_rank_vectors_are_shards(ranks):
             biggest = max(row["P_local"] for row in rows)
             assert biggest <= P / world + 64  # rows of a tensor split in R chunks (at most one row more)
             assert all(row["peak_vectors"] <= K + 8 for row in rows)  # k + c vectors, each a shard
+
+
+def test_cli_shard_model_equals_one_process(tmp_path):
+    """``sharpness --shard-model`` as 2 ranks (torchrun's environment): rank 0 alone prints and writes one
+    unit; its loss, eigenvalues, trace and SAM sharpness equal a one-process run with exact products."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clitools import run_cli
+    from test_distributed import close
+
+    from sam_probe import store
+    from sam_probe.commands.train_cmd import write_run
+
+    run = tmp_path / "run"
+    write_run(run, optimizer="sam", model="mlp", model_args={"in_dim": 64, "hidden": [5], "out_dim": 10},
+              data="digits", max_samples=41, steps=1, lr=0.1, batch_size=20, checkpoint_every=1, seed=0)
+    ck = sorted(run.glob("*.pt"))[-1]
+    args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "41", "--dtype", "float64", "--top-k", "2",
+            "--tol", "1e-7", "--trace", "--trace-method", "hutch++", "--trace-max-hvp", "30", "--rho", "0.05",
+            "--json", "--no-plot"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert one.code == 0, one.stderr
+    procs = run_ranks([sys.executable, "-m", "sam_probe", *args, "--shard-model", "--out", str(tmp_path / "two")],
+                      2, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-2000:] + procs[1].stderr[-2000:]
+    assert procs[1].stdout == ""
+    assert "finite differences" in procs[0].stderr  # said once, by rank 0
+    units = list((tmp_path / "two").rglob("*.h5"))
+    assert len(units) == 1
+    a, b = one.json()["results"][0], json.loads(procs[0].stdout)["results"][0]
+    for key in ("loss", "accuracy", "eigenvalues", "sam_sharpness"):
+        close(a[key], b[key], rel=1e-8, path=key)
+    assert abs(a["trace"] - b["trace"]) <= 5 * (a["trace_se"] + b["trace_se"]) + 1e-8 * abs(a["trace"])
+    assert max(b["residuals"]) <= 1e-7 and "product_residuals" in b  # the fd error is in the certificate
+    _, meta = store.read_unit(units[0])
+    assert meta["world_size"] == 2 and meta["shard_model"] is True
+
+
+def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
+    """Curvatures other than the Hessian, and the per-layer/density/worst-case parts, are one-line errors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from clitools import run_cli
+
+    from sam_probe.commands.train_cmd import write_run
+
+    run = tmp_path / "run"
+    write_run(run, optimizer="sgd", model="mlp", model_args={"in_dim": 64, "hidden": [4], "out_dim": 10},
+              data="digits", max_samples=20, steps=1, lr=0.1, batch_size=20, checkpoint_every=1, seed=0)
+    ck = sorted(run.glob("*.pt"))[-1]
+    base = ["sharpness", str(ck), "--data", "digits", "--max-samples", "20", "--shard-model", "--no-store",
+            "--no-plot"]
+    for extra, words in ((["--curvature", "ggn"], "Hessian products only"), (["--per-layer"], "--per-layer"),
+                         (["--density"], "--density"), (["--worst-case"], "--worst-case")):
+        res = run_cli(*base, *extra)
+        assert res.code == 2, (extra, res.stderr)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
+        assert len(lines) == 1 and words in lines[0], (extra, res.stderr)
 
 
 def test_unsharded_solvers_unchanged_outside_a_group():
