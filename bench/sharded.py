@@ -118,7 +118,7 @@ def main() -> None:
               f"alloc peak {rows[str(R)]['alloc_peak_max'] / 2**20:.0f} MiB, {rows[str(R)]['seconds_per_hvp']:.1f} s/HVP",
               flush=True)
     base = rows[str(min(args.ranks))]["tensor_bytes_max"]
-    for R, row in rows.items():
+    for row in rows.values():
         row["tensor_ratio"] = row["tensor_bytes_max"] / base
     write_results(args.out, {"environment": environment(load=os.getloadavg()), "layers": args.layers,
                              "width": args.width, "rows": rows}, time.perf_counter() - t0)
