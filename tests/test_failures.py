@@ -125,7 +125,8 @@ def test_sigint_prints_interrupted_exits_130_and_leaves_no_partial_files(tiny_ru
 
     out = tmp_path / "res"
     proc = subprocess.Popen([sys.executable, "-m", "sam_probe", "sharpness", str(tiny_runs["sgd"]), "--max-samples",
-                             "60", "--trace", "--trace-tol", "1e-9", "--trace-max-hvp", "1000000", "--out", str(out)],
+                             "60", "--trace", "--trace-tol", "1e-9", "--trace-max-hvp", "1000000", "--batch-size", "1",
+                             "--out", str(out)],  # chunks of 1: every product 60 passes, so the run outlasts the wait
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(1200):  # until torch is loaded: the command is then inside its analysis
