@@ -170,8 +170,13 @@ def per_layer_breakdown(codes: Tensor | np.ndarray, g: Tensor | np.ndarray, r: T
 
 # ----------------------------------------------------------------- result
 def _norm(v: Tensor) -> float:
-    """``||v||`` accumulated in float64."""
-    return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    """``||v||`` accumulated in float64 (a half-precision ``v`` chunk by chunk: a whole float64 copy would
+    be four vectors of its size)."""
+    if v.dtype in (torch.float32, torch.float64):
+        return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    c = chunk_size()
+    sq = sum(float(torch.linalg.vector_norm(v[s:s + c], dtype=torch.float64)) ** 2 for s in range(0, v.numel(), c))
+    return math.sqrt(sq)
 
 
 def _json_float(x: float | None) -> float | None:

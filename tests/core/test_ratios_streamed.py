@@ -131,3 +131,14 @@ def test_dense_and_sparse_exceptions_and_ties_match():
             assert np.array_equal(res.ire_flat, ref["flat"])
             assert res.counts == ref["counts"] and res.magnitude_split == ref["split"]
             assert torch.equal(res.codes, codes_from_ratio(ratio(g, gt)))
+
+
+def test_half_precision_norms_are_taken_chunk_by_chunk(monkeypatch):
+    """A bfloat16 gradient's float64 norm is summed chunk by chunk (no float64 copy of four times its size)."""
+    from sam_probe.core import perturb
+    from sam_probe.core.ratios import _norm
+
+    monkeypatch.setattr(perturb, "CHUNK", 64)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert _norm(g) == pytest.approx(float(g.double().norm()), rel=1e-12)
+    assert _norm(g.float()) == float(torch.linalg.vector_norm(g.float(), dtype=torch.float64))
