@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "gpt350m": {"vocab": 50257, "d": 1024, "layers": 24, "heads": 16, "k": 1, "positions": 1024},
     "resnet18": {"k": 5},
 }
-TOOLS = ("sam-probe", "pyhessian", "curvlinops", "eigenthings", "reference")
+TOOLS = ("sam-probe", "pyhessian", "curvlinops", "eigenthings", "reference", "ratios")
 SEQS, SEQ_LEN, IMAGES = 8, 32, 32
 
 
@@ -120,6 +120,28 @@ def child(size: str, tool: str, k: int, seed: int, threads: int) -> dict[str, An
             sec = time.perf_counter() - t0
             out.update(values=list(r.eigenvalues), n_hvp=r.n_hvp, seconds=sec, certified=bool(r.certified),
                        max_residual=max(r.residuals), plan=r.plan)
+        elif tool == "ratios":  # not an eigen solve: sam-probe ratios (issue 20, item 6), its tracked peak
+            from sam_probe.analyses.ratios import compute_ratios
+            from sam_probe.core.memory import peak_bytes
+
+            obj = prob.objective()
+            cfg = {"rho": 0.05, "variant": "l2", "m": None, "eta": 0.01, "eps": 1e-12, "faithful": False,
+                   "edges": [1.2, 1.5, 2.0, 4.0, 8.0, 16.0], "ire_rank": 0.9}
+            box: dict[str, Any] = {}
+            t0 = time.perf_counter()
+            tracked = peak_bytes(lambda: box.setdefault("r", compute_ratios(obj, cfg)), "cpu")
+            sec = time.perf_counter() - t0
+            box_counts = box["r"]["counts"]
+            vec = 4 * obj.n_params
+            del box
+            one_pass = peak_bytes(obj.grad_flat, "cpu")  # gradient + its flat copy + the graph's activations
+            out.update(values=[], n_hvp=0, seconds=sec, counts=box_counts,
+                       tracked_peak_bytes=tracked, tracked_peak_vectors=tracked / vec,
+                       gradient_pass_vectors=one_pass / vec,
+                       note="seconds include torch-profiler memory tracking; tracked peak = torch allocations "
+                            "during compute_ratios above those before it, in float32 parameter-sized vectors "
+                            "(the gradient autograd returns is one of them); gradient_pass_vectors: the same for "
+                            "one plain obj.grad_flat() (gradient, its flat copy, the graph's activations)")
         elif tool == "pyhessian":
             run = compare._ph_solve(prob, {"tol": 1e-4, "maxIter": 100}, seed)
             out.update(values=run.values, n_hvp=run.n_hvp, seconds=run.seconds)
@@ -204,7 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
+    ap.add_argument("--merge", default=None, help="merge the sizes of another results file into --out and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        base = json.loads(Path(args.out).read_text())
+        other = json.loads(Path(args.merge).read_text())
+        for size, e in other.get("sizes", {}).items():
+            mine = base["sizes"].setdefault(size, {"k": e["k"], "tools": {}})
+            mine["tools"].update(e["tools"])
+        base.setdefault("merged_from", []).append({"environment": other.get("environment"),
+                                                   "sizes": sorted(other.get("sizes", {}))})
+        base["largest_handled"] = largest(base)
+        Path(args.out).write_text(json.dumps(base, indent=1))
+        return
     if args.table:
         print(table(json.loads(Path(args.out).read_text())))
         return
@@ -245,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             runs = [run_child(size, tool, k, seed, args.threads, args.timeout) for seed in range(args.repeats)]
             entry["tools"][tool] = summarise(runs)
             s = entry["tools"][tool]
+            if tool == "ratios" and "failed" not in s:
+                s.update({k: s["runs"][0].get(k) for k in ("tracked_peak_vectors", "tracked_peak_bytes", "counts",
+                                                           "gradient_pass_vectors")})
             print(f"{size:9s} {tool:12s} " + (f"FAILED {s['failed']}" if "failed" in s else
                   f"{s['seconds']:.1f} s  {s['n_hvp']} HVPs  peak RSS {s['peak_rss_mib']:.0f} MiB  "
                   f"{[round(v, 5) for v in s['eigenvalues']]}"), flush=True)
@@ -286,6 +323,9 @@ def table(data: dict[str, Any]) -> str:
             err_s = "" if err is None else f"{err:.1e}" + (" (vs sam-probe)" if v.get("error_vs", "").startswith("sam") else "")
             if tool == "sam-probe":
                 err_s = f"residual <= {v['runs'][0].get('max_residual', float('nan')):.1e}" + (f"; {err_s}" if err_s else "")
+            if tool == "ratios":
+                err_s = (f"(ratios: tracked peak {v.get('tracked_peak_vectors') or 0:.2f} v; one gradient pass "
+                         f"{v.get('gradient_pass_vectors') or 0:.2f} v)")
             load = v["runs"][0].get("load_before", {}).get("loadavg", [None])[0]
             rows.append(f"| {size} | {v['n_params'] / 1e6:.1f}M | {e['k']} | {tool} | {v['seconds']:.0f} | {v['n_hvp']:.0f} | "
                         f"{err_s} | {v['peak_rss_mib']:.0f} | {v['solve_rss_mib'] or 0:.0f} | {load} |")
