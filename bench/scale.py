@@ -309,7 +309,7 @@ def table(data: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for size in SIZES:
         e = data.get("sizes", {}).get(size)
-        if e is None:
+        if e is None or not e.get("tools"):
             rows.append(f"| {size} | | {SIZES[size]['k']} | (not run) | | | | | | |")
             continue
         for tool in TOOLS:
@@ -317,7 +317,7 @@ def table(data: dict[str, Any]) -> str:
             if v is None:
                 continue
             if "failed" in v:
-                rows.append(f"| {size} | | {e['k']} | {tool} | {v['failed'][:60]} | | | | | |")
+                rows.append(f"| {size} | | {e['k']} | {tool} | {v['failed'].split(';')[0][:70]} | | | | | |")
                 continue
             err = v.get("max_rel_err")
             err_s = "" if err is None else f"{err:.1e}" + (" (vs sam-probe)" if v.get("error_vs", "").startswith("sam") else "")
