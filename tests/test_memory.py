@@ -286,3 +286,44 @@ def test_basis_in_pinned_host_memory_with_products_on_the_gpu():
     assert host.certified and host.n_hvp == dev.n_hvp and host.plan["basis_device"] == "cpu"
     assert host.eigenvalues == pytest.approx(dev.eigenvalues, rel=1e-12)
     assert host.eigenvectors.is_cuda and gpu_vectors <= k + 3
+
+
+# ------------------------------------------------- ratios at scale (issue 20, item 6)
+def wide_mlp_objective(width=700):
+    """~1M float32 parameters and 4 samples: one parameter-sized vector (4 MB) dwarfs the activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+    g = torch.Generator().manual_seed(1)
+    return Objective(model, torch.randn(4, 300, generator=g), torch.randint(0, 10, (4,), generator=g))
+
+
+@pytest.mark.parametrize("variant,m", [("l2", None), ("asam", None), ("linf", 2)])
+def test_ratios_hold_at_most_four_vectors_beyond_the_model_and_its_gradient(monkeypatch, variant, m):
+    """``ratios`` (both gradients, codes packed chunk by chunk, the IRE flat mask) peaks at the
+    gradient's own tensors plus <= 4 flat vectors (docs/metrics.md, "Memory of ratios, overlap,
+    distance").  torch's allocations are counted by ``peak_bytes`` (the scratch vector of the
+    selections and the bit planes are numpy views of torch buffers, so they are counted there);
+    numpy's own (chunk temporaries) by tracemalloc in a second identical run; the sum of the two
+    peaks bounds the joint one."""
+    import tracemalloc
+
+    from sam_probe.analyses.ratios import compute_ratios
+    from sam_probe.core import perturb
+
+    monkeypatch.setattr(perturb, "CHUNK", 1 << 14)  # many chunks; each chunk's temporaries stay small
+    obj = wide_mlp_objective()
+    vec = 4 * obj.n_params
+    cfg = {"rho": 0.05, "variant": variant, "m": m, "eta": 0.01, "eps": 1e-12, "faithful": False,
+           "edges": [1.2, 1.5, 2.0, 4.0, 8.0, 16.0], "ire_rank": 0.9}
+    out = {}
+    torch_peak = peak_bytes(lambda: out.setdefault("r", compute_ratios(obj, cfg)), "cpu")
+    tracemalloc.start()
+    try:
+        compute_ratios(obj, cfg)
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    gradient = vec  # the per-tensor gradient autograd returns
+    assert numpy_peak < vec / 4  # numpy itself holds chunks, never a parameter-sized array
+    assert torch_peak + numpy_peak <= gradient + 4 * vec + 2 * 2 ** 20, (torch_peak / vec, numpy_peak / vec)
+    assert sum(out["r"]["counts"].values()) == obj.n_params

@@ -131,17 +131,18 @@ def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, 
 def compute_ratios(obj, cfg: dict[str, Any]) -> dict[str, Any]:
     """Ratio statistics of one objective (the whole selection, or a step's minibatch as an
     ``obj.subset``), with the packed codes and the IRE flat mask (pure)."""
-    from ..core.overlap import flat_mask
     from ..core.perturb import perturbed_gradient
     from ..core.ratios import ratio_from_gradients
 
     pg = perturbed_gradient(obj, rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"], with_loss=False)
     res = ratio_from_gradients(pg.grad, pg.perturbed_grad, obj.space, rho=cfg["rho"], variant=cfg["variant"],
-                               m=cfg["m"], eta=cfg["eta"], eps=cfg["eps"], faithful=cfg["faithful"], edges=cfg["edges"])
+                               m=cfg["m"], eta=cfg["eta"], eps=cfg["eps"], faithful=cfg["faithful"], edges=cfg["edges"],
+                               ire_rank=cfg["ire_rank"])
+    del pg  # g and g~ are not needed past this point
     out = res.to_dict()
     if cfg["m"]:
         out["m"] = cfg["m"]
     out["faithful"] = cfg["faithful"]
     out["codes"] = res.packed_codes()
-    out["ire_flat"] = {"rank": cfg["ire_rank"], "mask": flat_mask(pg.grad.square(), cfg["ire_rank"])}
+    out["ire_flat"] = {"rank": cfg["ire_rank"], "mask": res.ire_flat}
     return out

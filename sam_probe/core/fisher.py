@@ -81,6 +81,7 @@ class FisherOperator(OutputSpaceOperator):
             raise CurvatureError("mc_samples must be >= 1", option="mc_samples", value=mc_samples)
         self.seed = int(seed)
         self.tol = float(tol)
+        self.noise_dtype: torch.dtype | None = None  # draws rounded to this dtype first (a half run's float32 twin)
         self.relative_error: float | None = None
         self.warning: str | None = None
         self.mc_samples = int(mc_samples) if mc_samples is not None else self._choose(max_mc_samples)
@@ -89,8 +90,8 @@ class FisherOperator(OutputSpaceOperator):
     def output_gradients(self, out: Tensor, y: Tensor | None, offset: int, s0: int, s1: int) -> Tensor:
         """The sampled ``q`` of draws ``s0..s1-1`` of one chunk, ``[s1 - s0, *out.shape]``."""
         width = self.loss.noise_width(out, y)
-        z = noise(self.seed, offset, offset + out.shape[0], s0, s1, width, self.loss.noise or "u", out.dtype,
-                  out.device)
+        z = noise(self.seed, offset, offset + out.shape[0], s0, s1, width, self.loss.noise or "u",
+                  self.noise_dtype or out.dtype, out.device).to(out.dtype)
         return self.loss.sampled_output_gradients(out, y, z)
 
     def _draw_blocks(self, S: int, out: Tensor):

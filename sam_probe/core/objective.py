@@ -96,6 +96,7 @@ class Objective:
         shift_labels: bool | None = None,
         _denominator: float | None = None,
         _hvp_note: str | None = None,
+        _share_params: bool = False,
     ):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -115,12 +116,15 @@ class Objective:
             dtype = next(iter(src_params.values())).dtype if src_params else torch.float32
         self.dtype = dtype
 
-        def _cast(t: Tensor) -> Tensor:
+        def _cast(t: Tensor, share: bool = False) -> Tensor:
             t = t.detach()
+            same = t.device == self.device and (t.dtype == dtype or not t.is_floating_point())
+            if share and same:  # another objective's private copy (read only): no second copy
+                return t
             t = t.to(device=self.device, dtype=dtype) if t.is_floating_point() else t.to(self.device)
             return t.clone()
 
-        self.params: Params = {k: _cast(v) for k, v in src_params.items()}
+        self.params: Params = {k: _cast(v, _share_params) for k, v in src_params.items()}
         self.buffers: Params = {k: _cast(v) for k, v in src_buffers.items()}
         self.space = ParamSpace(self.params)
         self.call = ModelCall(model, self.buffers)
@@ -267,7 +271,8 @@ class Objective:
         kw = self._same() if shard is None else self._same(shard=shard)
         chunk = kw["chunk_size"]
         kw["chunk_size"] = chunk if chunk < self.n_samples else None
-        return Objective(self.model, self.data.take(torch.as_tensor(index)), None, self.loss_obj, **kw)
+        return Objective(self.model, self.data.take(torch.as_tensor(index)), None, self.loss_obj, **kw,
+                         _share_params=True)  # the same parameters: m-sharpness makes one subset per sub-batch
 
     def with_params(self, params: Mapping[str, Tensor] | Tensor, buffers: Mapping[str, Tensor] | None = None
                     ) -> "Objective":

@@ -79,6 +79,7 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
     are done densely and exactly (module docstring); ``where``: where the solvers' bases live
     (:mod:`sam_probe.core.vectors`).
     """
+    from . import precision
     from .lanczos import top_eigen
     from .operators import as_operator
     from .trace import curvature_trace
@@ -97,8 +98,13 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
                 evals, evecs = torch.linalg.eigh(B)
                 lam, v = evals[-1], evecs[:, -1]
                 res = float((B @ v - lam * v).norm() / lam.abs().clamp_min(1e-300))
+                extra = 0
+                if precision.is_half(op.dtype):  # B is made of half products: check the pair in float32
+                    ref = precision.reference_operator(block)
+                    if ref is not None:
+                        res, extra = precision.check_pair_in_float32(ref, float(lam), v), 1
                 rows.append(LayerSpectrum(gname, float(lam), res, float(torch.trace(B)), 0.0, n,
-                                          converged=res <= tol, exact=True, n_hvp=op.n_matvec - before))
+                                          converged=res <= tol, exact=True, n_hvp=op.n_matvec - before + extra))
                 continue
             eig = top_eigen(block, 1, tol=tol, max_hvp=max_hvp, seed=seed, where=where)
             tr = curvature_trace(block, trace_method, tol=trace_tol, max_hvp=trace_max_hvp, seed=seed,

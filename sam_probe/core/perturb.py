@@ -57,6 +57,60 @@ def perturbation(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.
     raise ValueError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
+#: Entries per chunk of the chunkwise loops over flat vectors (a multiple of 8, so packed bit
+#: planes of chunks concatenate): temporaries are O(CHUNK), never parameter-sized.
+CHUNK = 1 << 20
+
+
+def chunk_size(chunk: int | None = None) -> int:
+    """``chunk`` (default :data:`CHUNK`, read at call time) rounded down to a multiple of 8, at least 8."""
+    c = CHUNK if chunk is None else int(chunk)
+    return max(8, c - c % 8)
+
+
+def perturbed_point(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.05, eta: float = 0.01,
+                    chunk: int | None = None) -> Tensor:
+    """``w + e`` as ONE new flat vector, filled chunk by chunk.
+
+    Entry for entry the same floating-point operations as ``w + perturbation(obj, g, ...)``
+    (so bit-identical), without its parameter-sized temporaries: ``w`` is read from the
+    model's tensors, ``e`` exists one chunk at a time.  ``asam`` needs ``||T g||`` over the
+    whole vector, so it holds one more vector (``T g``) until the norm is taken.
+    """
+    if variant not in ("l2", "linf", "usam", "asam"):
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    chunk = chunk_size(chunk)
+    out = obj.flat_params()  # w; updated in place, chunk by chunk
+    if variant == "l2":
+        nrm = g.norm().clamp_min(NORM_FLOOR)
+        for s in range(0, out.numel(), chunk):
+            out[s:s + chunk].add_(rho * g[s:s + chunk] / nrm)
+        return out
+    if variant in ("linf", "usam"):
+        for s in range(0, out.numel(), chunk):
+            gc = g[s:s + chunk]
+            out[s:s + chunk].add_(rho * torch.sign(gc) if variant == "linf" else rho * gc)
+        return out
+
+    def pieces():  # (slice of the flat vector, is a bias), within one tensor each
+        for name, sl in obj.space.slices().items():
+            for s in range(sl.start, sl.stop, chunk):
+                yield slice(s, min(s + chunk, sl.stop)), _is_bias(name)
+
+    def scale(sl: slice, bias: bool) -> Tensor:  # T on one piece, as asam_scale computes it
+        return torch.ones_like(out[sl]) if bias else out[sl].abs() + eta
+
+    tg = torch.empty_like(g)
+    for sl, bias in pieces():
+        torch.mul(scale(sl, bias), g[sl], out=tg[sl])
+    nrm = tg.norm().clamp_min(NORM_FLOOR)
+    del tg
+    for sl, bias in pieces():
+        t = scale(sl, bias)
+        out[sl].add_(rho * t * t * g[sl] / nrm)
+    return out
+
+
 def sub_batches(obj: Objective, m: int | None) -> list[tuple[Objective, float]]:
     """``[(objective on sub-batch, weight T_b / T)]`` with ``T`` the loss terms (``denominator``);
     the whole selection when ``m`` is None."""
@@ -86,29 +140,34 @@ def perturbed_gradient(obj: Objective, rho: float = 0.05, variant: str = "l2", m
 
     ``with_loss=False`` skips the two extra forward passes for the losses (then NaN).
     """
-    w = obj.flat_params()
     subs = sub_batches(obj, m)
-    if len(subs) == 1:  # the whole selection: no accumulation buffers
-        g = gt = None
-    else:
-        g = torch.zeros_like(w)
-        gt = torch.zeros_like(w)
+    g: Tensor | None = None
+    gt: Tensor | None = None
     loss = 0.0 if with_loss else float("nan")
     ploss = 0.0 if with_loss else float("nan")
     for sub, weight in subs:
         gb = sub.grad_flat()
-        e = perturbation(sub, gb, variant, rho, eta, w)
-        gtb = sub.grad_flat(w + e)
+        point = perturbed_point(sub, gb, variant, rho, eta)  # w + e
+        if len(subs) > 1 and g is None:  # accumulation buffers; with the whole selection there are none
+            g, gt = torch.zeros_like(gb), torch.zeros_like(gb)
         if g is None:
-            g, gt = gb, gtb
-        else:
+            g = gb
+        else:  # add this sub-batch's g before its g~ is computed: at most 4 vectors alive
             g.add_(gb, alpha=weight)
+        del gb
+        gtb = sub.grad_flat(point)
+        if gt is None:
+            gt = gtb
+        else:
             gt.add_(gtb, alpha=weight)
+        del gtb
         if with_loss:
             loss += weight * sub.loss()
-            ploss += weight * sub.loss(w + e)
+            ploss += weight * sub.loss(point)
+        del point
         if sub is not obj:  # sub-batch passes; obj counts its own
             obj.n_grad += 2
+    assert g is not None and gt is not None
     return PerturbedGradient(g, gt, loss, ploss)
 
 

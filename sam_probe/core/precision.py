@@ -22,9 +22,10 @@ to ``‖Hv‖`` for random directions (``1.4 u`` and ``2.1 u`` on a 2-layer GPT-
 products are accurate to ``e``.
 
 *What is certified* is decided in float32: the model can be badly wrong (a width-4 GPT-2
-amplifies rounding ~70x), so for the Hessian :func:`certify_in_float32` checks each returned
-pair with a product of a float32 twin of the objective (:func:`reference_operator`) and
-reports the half products' measured error; other operators rest on the model.
+amplifies rounding ~70x), so :func:`certify_in_float32` checks each returned pair with a
+product of a float32 twin of the operator on a float32 twin of the objective
+(:func:`reference_operator`: Hessian, GGN, MC Fisher, empirical Fisher, ``hessian-ggn`` and
+their per-layer blocks) and reports the half products' measured error.
 
 *What can be asked.*  The solver's residual and ``e(y)`` add up, so a relative residual
 tolerance below :func:`min_tol` ``= 2 c u`` (``2^-5 ≈ 0.031`` for bfloat16, ``2^-8 ≈
@@ -146,13 +147,52 @@ class RoundingModel:
 
 
 def reference_operator(op: Any) -> Any:
-    """A float32 twin of a half-precision Hessian operator (its objective's :meth:`in_dtype`), or ``None``
-    where there is none (other curvatures, blocks: their certificates rest on :class:`RoundingModel`)."""
-    from .hessian import HessianOperator
+    """A float32 twin of a half-precision curvature operator, on the objective's float32 twin
+    (:meth:`~sam_probe.core.objective.Objective.in_dtype`), or ``None`` where there is none (then the
+    certificates rest on :class:`RoundingModel`).
 
-    if type(op) is not HessianOperator or not hasattr(op.obj, "in_dtype"):
+    Every registered curvature has one: the Hessian, the GGN (same closed form or autograd output
+    Hessian), the MC Fisher (the same ``S`` draws of the same seeded noise, rounded to the half dtype
+    as the half operator used it, so the twin is the float32 model's Fisher with the same random
+    numbers), the empirical Fisher (output-space form: no per-sample cache), ``hessian-ggn``, and the
+    diagonal blocks of any of them (per-layer spectra)."""
+    from .empirical_fisher import EmpiricalFisherOperator
+    from .fisher import FisherOperator
+    from .ggn import GGNOperator
+    from .hessian import HessianOperator
+    from .hessian_minus_ggn import HessianMinusGGNOperator
+    from .operator_base import BlockOperator
+
+    if type(op) is BlockOperator:
+        parent = reference_operator(op.parent)
+        return None if parent is None else BlockOperator(parent, op.index, op.label)
+    kind = type(op)
+    obj = getattr(op, "obj", None)
+    if kind is HessianMinusGGNOperator:
+        obj = op.hessian.obj
+    if obj is None or not hasattr(obj, "in_dtype"):
         return None
-    return HessianOperator(op.obj.in_dtype(torch.float32), reuse_graph=False)
+    obj32 = obj.in_dtype(torch.float32)
+    if kind is HessianOperator:
+        return HessianOperator(obj32, reuse_graph=False)
+    if kind is GGNOperator:
+        return GGNOperator(obj32, closed_form=op.closed_form)
+    if kind is FisherOperator:
+        twin = FisherOperator(obj32, mc_samples=op.mc_samples, seed=op.seed, tol=op.tol)
+        twin.noise_dtype = op.dtype
+        return twin
+    if kind is EmpiricalFisherOperator:
+        return EmpiricalFisherOperator(obj32, per_sample=False, terms=op.terms)
+    if kind is HessianMinusGGNOperator:
+        return HessianMinusGGNOperator(obj32, reuse_graph=False)
+    return None
+
+
+def check_pair_in_float32(ref: Any, theta: float, y: Tensor) -> float:
+    """``‖A₃₂ y − θ y‖ / |θ|`` for one pair (one float32 product of ``ref``)."""
+    y = y.reshape(-1, 1).to(torch.float32)
+    a32 = ref.matmat(y).to(torch.float32)
+    return float((a32 - theta * y).double().norm()) / (abs(theta) if theta else 1.0)
 
 
 def certify_in_float32(op: Any, ref: Any, theta: list[float], Y: Tensor, tol: float) -> dict[str, Any]:

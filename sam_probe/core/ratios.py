@@ -28,7 +28,7 @@ from . import bitpack
 from .categories import CATEGORIES, CODE, codes_from_ratio, ratio
 from .objective import Objective
 from .params import ParamSpace
-from .perturb import perturbed_gradient
+from .perturb import chunk_size, perturbed_gradient
 
 DEFAULT_EDGES: tuple[float, ...] = (1.2, 1.5, 2.0, 4.0, 8.0, 16.0)
 
@@ -170,8 +170,13 @@ def per_layer_breakdown(codes: Tensor | np.ndarray, g: Tensor | np.ndarray, r: T
 
 # ----------------------------------------------------------------- result
 def _norm(v: Tensor) -> float:
-    """``||v||`` accumulated in float64."""
-    return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    """``||v||`` accumulated in float64 (a half-precision ``v`` chunk by chunk: a whole float64 copy would
+    be four vectors of its size)."""
+    if v.dtype in (torch.float32, torch.float64):
+        return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    c = chunk_size()
+    sq = sum(float(torch.linalg.vector_norm(v[s:s + c], dtype=torch.float64)) ** 2 for s in range(0, v.numel(), c))
+    return math.sqrt(sq)
 
 
 def _json_float(x: float | None) -> float | None:
@@ -184,7 +189,7 @@ def _json_buckets(buckets: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @dataclass
 class RatioResult:
-    """Ratio categories of one checkpoint; ``codes`` (uint8 ``[P]``) are kept for storage."""
+    """Ratio categories of one checkpoint; the codes are kept bit-packed (:mod:`.bitpack`) for storage."""
 
     rho: float
     variant: str
@@ -196,12 +201,18 @@ class RatioResult:
     buckets: list[dict[str, Any]]
     magnitude_split: dict[str, float | None]
     per_layer: list[dict[str, Any]]
-    codes: Tensor = field(repr=False)
+    packed: bitpack.Packed = field(repr=False)
     m: int | None = None
     eta: float = 0.01
     eps: float = 1e-12
     faithful: bool = False
     edges: tuple[float, ...] = DEFAULT_EDGES
+    ire_flat: np.ndarray | None = field(default=None, repr=False)  # packed IRE flat mask, when asked for
+
+    @property
+    def codes(self) -> Tensor:
+        """Category code per parameter (uint8 ``[P]``, unpacked on demand: one byte per parameter)."""
+        return torch.from_numpy(bitpack.unpack_codes(self.packed))
 
     def to_dict(self) -> dict[str, Any]:
         """The issue's JSON entry (without path/step and without the codes).
@@ -237,55 +248,240 @@ class RatioResult:
 
     def packed_codes(self) -> bitpack.Packed:
         """Codes in the compact format of :mod:`.bitpack` (for the HDF5 store)."""
-        return bitpack.pack_codes(self.codes)
+        return self.packed
+
+
+def _buffer(n: int, dtype: Any, zero: bool = False) -> np.ndarray:
+    """A numpy array in memory from torch's allocator (so the memory tests' tracked peak sees it)."""
+    t = torch.from_numpy(np.empty(0, dtype=dtype))
+    buf = (torch.zeros if zero else torch.empty)(int(n), dtype=t.dtype)
+    return buf.numpy()
+
+
+class CodePacker:
+    """Builds the :func:`~.bitpack.pack_codes` dict of ``n`` codes from chunks given in order,
+    each starting at a multiple of 8 (bit planes of P/8 bytes; exception indices are kept
+    only while they are smaller than a plane)."""
+
+    def __init__(self, n: int):
+        nb = bitpack.n_bytes(n)
+        self.n = n
+        self.lo, self.hi, self.exc = (_buffer(nb, np.uint8, zero=True) for _ in range(3))
+        self.itype = np.uint32 if n <= bitpack._INDEX_LIMIT else np.uint64
+        self.idx: list[np.ndarray] | None = []
+        self.n_exc = 0
+
+    def add(self, start: int, codes: np.ndarray) -> None:
+        if start % 8:
+            raise ValueError("chunks of codes must start at a multiple of 8")
+        b = start // 8
+        e = b + bitpack.n_bytes(codes.size)
+        self.lo[b:e] = np.packbits(codes & 1)
+        self.hi[b:e] = np.packbits(codes & 2)
+        exc = codes >= 4
+        self.exc[b:e] = np.packbits(exc)
+        if self.idx is not None:
+            idx = np.flatnonzero(exc)
+            self.n_exc += idx.size
+            if self.n_exc * np.dtype(self.itype).itemsize > bitpack.n_bytes(self.n):
+                self.idx = None  # the dense plane is smaller: indices are not needed
+            elif idx.size:
+                self.idx.append((idx + start).astype(self.itype))
+
+    def c1_bits(self, start: int, count: int) -> np.ndarray:
+        """Boolean ``[count]``: which of the codes ``start ..`` are C1 (``start`` a multiple of 8)."""
+        b = start // 8
+        e = b + bitpack.n_bytes(count)
+        return np.unpackbits(~(self.lo[b:e] | self.hi[b:e] | self.exc[b:e]), count=count).astype(bool)
+
+    def packed(self) -> bitpack.Packed:
+        dense = self.idx is None
+        exc = self.exc if dense else (np.concatenate(self.idx) if self.idx else np.zeros(0, dtype=self.itype))
+        return {"version": bitpack.VERSION, "n": self.n, "lo": self.lo, "hi": self.hi,
+                "exc_dense": int(dense), "exc": exc}
+
+
+def _spans(bounds: np.ndarray, start: int, stop: int):
+    """``(j, a, b)``: the part ``[a, b)`` (relative to ``start``) of ``[start, stop)`` in tensor ``j``,
+    whose flat range is ``[bounds[j], bounds[j+1])``."""
+    j = int(np.searchsorted(bounds, start, side="right")) - 1
+    while j < len(bounds) - 1 and bounds[j] < stop:
+        a, b = max(bounds[j], start), min(bounds[j + 1], stop)
+        if b > a:
+            yield j, a - start, b - start
+        j += 1
+
+
+def _score_numpy(x: Tensor) -> np.ndarray:
+    """``g²`` of a chunk as :func:`~.overlap.flat_mask` reads it (low precision -> float64)."""
+    x = x.detach().cpu()
+    return (x if x.dtype in (torch.float32, torch.float64) else x.double()).numpy().reshape(-1)
+
+
+def flat_mask_streamed(g: Tensor, rank: float, scratch: np.ndarray | None = None,
+                       chunk: int | None = None) -> np.ndarray:
+    """:func:`~.overlap.flat_mask` of ``g²`` (bit-identical) with one score vector (``scratch``,
+    reused when given) for the selection, and everything else chunk by chunk."""
+    n = g.numel()
+    chunk = chunk_size(chunk)
+    if not 0.0 <= rank <= 1.0:
+        raise ValueError(f"rank must be in [0, 1], got {rank}")
+    k = int(round(rank * n))
+    if k == 0:
+        return bitpack.clear_tail(np.packbits(np.ones(n, dtype=bool)), n)
+    if k == n:
+        return np.zeros(bitpack.n_bytes(n), dtype=np.uint8)
+    first = _score_numpy(g[:1].square())
+    if scratch is None or scratch.dtype != first.dtype or scratch.size != n:
+        scratch = _buffer(n, first.dtype)
+    for s in range(0, n, chunk):
+        scratch[s:s + chunk] = _score_numpy(g[s:s + chunk].square())
+    scratch.partition(n - k)
+    thr = scratch[n - k]  # the k-th largest score
+    sharp = 0
+    for s in range(0, n, chunk):
+        sharp += int(np.count_nonzero(_score_numpy(g[s:s + chunk].square()) > thr))
+    need = k - sharp  # ties at the threshold go to the lowest indices
+    out = _buffer(bitpack.n_bytes(n), np.uint8)
+    for s in range(0, n, chunk):
+        sc = _score_numpy(g[s:s + chunk].square())
+        mask = sc > thr
+        if need > 0:
+            ties = np.flatnonzero(sc == thr)[:need]
+            mask[ties] = True
+            need -= ties.size
+        np.logical_not(mask, out=mask)
+        out[s // 8:s // 8 + bitpack.n_bytes(sc.size)] = np.packbits(mask)
+    return out
 
 
 def ratio_from_gradients(g: Tensor, g_tilde: Tensor, space: ParamSpace | None = None, *,
                          rho: float = 0.05, variant: str = "l2", m: int | None = None,
                          eta: float = 0.01, eps: float = 1e-12, faithful: bool = False,
                          edges: Sequence[float] = DEFAULT_EDGES,
-                         per_layer: bool = True) -> RatioResult:
-    """All ratio statistics from flat ``g`` and ``g~`` (``space`` for the per-layer part)."""
+                         per_layer: bool = True, ire_rank: float | None = None,
+                         chunk: int | None = None) -> RatioResult:
+    """All ratio statistics from flat ``g`` and ``g~`` (``space`` for the per-layer part).
+
+    Streamed: ``r``, the codes and the tallies exist one chunk of ``chunk`` entries at a
+    time; codes go straight into their bit planes.  Beyond ``g`` and ``g~`` it holds one
+    parameter-sized vector (``|g|``, then ``g²`` with ``ire_rank``: the selections of the
+    magnitude split and of the IRE flat mask) and the planes (``P/8`` bytes each).
+    """
     e = check_edges(edges)
+    chunk = chunk_size(chunk)
     g = g.reshape(-1)
     g_tilde = g_tilde.reshape(-1)
     if g.shape != g_tilde.shape:
         raise ValueError(f"g has {g.numel()} entries but g~ has {g_tilde.numel()}")
     n = g.numel()
-    r = ratio(g, g_tilde, eps, faithful)
-    codes = codes_from_ratio(r)
-    if per_layer and space is not None:
+    with_layers = per_layer and space is not None
+    if with_layers:
+        assert space is not None
         if space.size != n:
             raise ValueError(f"parameter space has {space.size} entries, gradients {n}")
-        layers = per_layer_breakdown(codes, g, r, space, e)
-        cnt = {c: sum(layer["counts"][c] for layer in layers) for c in CATEGORIES}
-        c1_bins = [sum(layer["buckets"][i]["count"] for layer in layers) for i in range(len(e) + 1)]
+        names = list(space.slices())
+        bounds = np.asarray([0, *(sl.stop for sl in space.slices().values())], dtype=np.int64)
     else:
-        layers = []
-        cnt, c1_bins = tally(category_bin_key(codes, r, e), e)
-    codes = codes.cpu()
+        names, bounds = [""], np.asarray([0, n], dtype=np.int64)
+    n_keys = N_CAT + len(e) + 1
+    bc = np.zeros((len(names), n_keys), dtype=np.int64)
+    packer = CodePacker(n)
+    for s in range(0, n, chunk):  # pass 1: ratio, codes, bins, tallies; codes into the planes
+        gc, tc = g[s:s + chunk], g_tilde[s:s + chunk]
+        r = ratio(gc, tc, eps, faithful)
+        codes = as_numpy(codes_from_ratio(r))
+        packer.add(s, codes)
+        key = category_bin_key(codes, r, e)
+        for j, a, b in _spans(bounds, s, s + codes.size):
+            bc[j] += np.bincount(key[a:b], minlength=n_keys)
+    grad_norm, perturbed_grad_norm = _norm(g), _norm(g_tilde)
+    tallies = [_tally_counts(row, e) for row in bc]
+    if with_layers:
+        cnt = {c: sum(t[0][c] for t in tallies) for c in CATEGORIES}
+        c1_bins = [sum(t[1][i] for t in tallies) for i in range(len(e) + 1)]
+    else:
+        cnt, c1_bins = tallies[0]
+    # magnitude split: the k-th largest |g| by selection on one scratch vector (per tensor first:
+    # each partition permutes within its tensor only), then counts chunk by chunk
+    a0 = np.abs(as_numpy(g[:1]))
+    scratch = _buffer(n, a0.dtype)
+    for s in range(0, n, chunk):
+        np.abs(as_numpy(g[s:s + chunk]), out=scratch[s:s + chunk])
+    taus: list[float | None] = []
+    for j in range(len(names) if with_layers else 0):
+        lo, hi, k = int(bounds[j]), int(bounds[j + 1]), tallies[j][0]["C1"]
+        if k == 0 or hi == lo:
+            taus.append(None)
+            continue
+        view = scratch[lo:hi]
+        view.partition(hi - lo - k)
+        taus.append(float(view[hi - lo - k]))
+    k_all = cnt["C1"]
+    tau_all = None
+    if k_all and n:
+        scratch.partition(n - k_all)
+        tau_all = float(scratch[n - k_all])
+    above = np.zeros(len(names), dtype=np.int64)
+    above_all = 0
+    for s in range(0, n, chunk):  # pass 2: C1 entries above tau
+        a = np.abs(as_numpy(g[s:s + chunk]))
+        c1 = packer.c1_bits(s, a.size)
+        if tau_all is not None:
+            above_all += int(np.count_nonzero((a > tau_all) & c1))
+        for j, lo, hi in (_spans(bounds, s, s + a.size) if with_layers else ()):
+            if taus[j] is not None:
+                above[j] += int(np.count_nonzero((a[lo:hi] > taus[j]) & c1[lo:hi]))
+    layers = []
+    for j, name in enumerate(names if with_layers else ()):
+        lc, lbins = tallies[j]
+        nj = int(bounds[j + 1] - bounds[j])
+        layers.append({"name": name, "n": nj, "counts": lc, "fractions": fractions(lc, nj),
+                       "buckets": _bins(lbins, e), "magnitude_split": _split_of(taus[j], int(above[j]), lc["C1"], nj)})
+    ire = flat_mask_streamed(g, ire_rank, scratch, chunk) if ire_rank is not None else None
+    del scratch
     return RatioResult(
         rho=float(rho), variant=variant, n_params=n,
-        grad_norm=_norm(g), perturbed_grad_norm=_norm(g_tilde),
+        grad_norm=grad_norm, perturbed_grad_norm=perturbed_grad_norm,
         counts=cnt, fractions=fractions(cnt, n), buckets=_bins(c1_bins, e),
-        magnitude_split=_split(np.abs(as_numpy(g)), as_numpy(codes) == CODE["C1"], cnt["C1"]),
-        per_layer=layers, codes=codes, m=m, eta=float(eta), eps=float(eps), faithful=bool(faithful), edges=e,
+        magnitude_split=_split_of(tau_all, above_all, k_all, n),
+        per_layer=layers, packed=packer.packed(), m=m, eta=float(eta), eps=float(eps), faithful=bool(faithful),
+        edges=e, ire_flat=ire,
     )
+
+
+def _tally_counts(bc: np.ndarray, edges: tuple[float, ...]) -> tuple[dict[str, int], list[int]]:
+    """:func:`tally` from the bincount of the keys (rather than the keys)."""
+    c1_bins = [int(x) for x in bc[N_CAT:N_CAT + len(edges) + 1]]
+    cnt = {name: int(bc[i]) for i, name in enumerate(CATEGORIES)}
+    cnt["C1"] = int(sum(c1_bins))
+    return cnt, c1_bins
+
+
+def _split_of(tau: float | None, above: int, k: int, n: int) -> dict[str, float | None]:
+    """:func:`_split` from its pieces: ``tau``, ``|{i in C1: |g_i| > tau}|``, ``k = |C1|``, ``n``."""
+    if k == 0 or n == 0 or tau is None:
+        return {"tau": None, "share": None, "chance": 0.0, "lift": None}
+    share = above / k
+    chance = k / n
+    return {"tau": tau, "share": share, "chance": chance, "lift": share / chance}
 
 
 def ratio_analysis(obj: Objective, rho: float = 0.05, variant: str = "l2", m: int | None = None,
                    eps: float = 1e-12, faithful: bool = False,
                    edges: Sequence[float] = DEFAULT_EDGES, eta: float = 0.01,
-                   per_layer: bool = True) -> RatioResult:
+                   per_layer: bool = True, ire_rank: float | None = None) -> RatioResult:
     """Ratio categories of ``obj`` at its parameters: ``g``, ``g~`` (two gradient
     passes, or two per sub-batch with m-sharpness) and :func:`ratio_from_gradients`."""
     check_edges(edges)
     pg = perturbed_gradient(obj, rho=rho, variant=variant, m=m, eta=eta, with_loss=False)
     res = ratio_from_gradients(pg.grad, pg.perturbed_grad, obj.space, rho=rho, variant=variant, m=m,
-                               eta=eta, eps=eps, faithful=faithful, edges=edges, per_layer=per_layer)
+                               eta=eta, eps=eps, faithful=faithful, edges=edges, per_layer=per_layer,
+                               ire_rank=ire_rank)
+    del pg
     return res
 
 
-__all__ = ["DEFAULT_EDGES", "RatioResult", "as_numpy", "bin_index", "bucket_counts", "category_bin_key", "check_edges",
-           "fractions", "kth_largest", "magnitude_split", "per_layer_breakdown", "per_layer_counts",
+__all__ = ["DEFAULT_EDGES", "CodePacker", "RatioResult", "as_numpy", "bin_index", "bucket_counts", "category_bin_key", "check_edges",
+           "flat_mask_streamed", "fractions", "kth_largest", "magnitude_split", "per_layer_breakdown", "per_layer_counts",
            "ratio_analysis", "ratio_from_gradients", "tally"]

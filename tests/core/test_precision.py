@@ -110,3 +110,69 @@ def test_settings_accept_half_dtypes():
     assert Settings(dtype="float16").torch_dtype() == torch.float16
     with pytest.raises(SpecError, match="bfloat16 or float16"):
         Settings(dtype="int8").torch_dtype()
+
+
+# ------------------------------------------- every curvature checked in float32 (issue 20, half precision)
+def _dense(op):
+    return op.matmat(torch.eye(op.P, dtype=op.dtype)).double()
+
+
+def _small_mlp_data():
+    """A tanh MLP with P = 51, bfloat16-representable weights and inputs (dense operators are cheap)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    x = torch.randn(24, 4).to(torch.bfloat16).float()
+    return m, x, torch.randint(0, 3, (24,))
+
+
+@pytest.mark.parametrize("name", ["ggn", "fisher", "ef", "hessian-ggn"])
+def test_every_curvature_is_certified_with_float32_products(name):
+    """GGN, MC Fisher, EF and H - G in bfloat16: each returned pair is checked with a product of a float32
+    twin of the operator; the reported residual is that product's, recomputed here from a dense float32
+    matrix of an independently built operator (for the Fisher: the same draws, rounded to bfloat16)."""
+    from sam_probe.core.operators import curvature_operator
+
+    m, x, y = _small_mlp_data()
+    dtype = torch.bfloat16
+    op = curvature_operator(Objective(m, x, y, "ce", dtype=dtype), name, mc_samples=4)
+    tol = 2 * precision.min_tol(dtype)
+    res = top_eigen(op, 1, tol=tol, seed=0, which="LA")
+    stated = res.plan["precision"]
+    assert stated["certified_by"] == "float32 products", name
+    twin = curvature_operator(Objective(m, x, y, "ce", dtype=torch.float32), name, mc_samples=4)
+    if name == "fisher":
+        twin.noise_dtype = dtype
+    A32 = _dense(twin)
+    theta, v = res.eigenvalues[0], res.eigenvectors[:, 0].double()
+    r = float((A32 @ v - theta * v).norm()) / abs(theta)
+    assert res.residuals[0] == pytest.approx(r, rel=1e-3, abs=1e-6)
+    if res.converged[0]:  # certified: within the residual of an eigenvalue of the float32 operator
+        assert float((torch.linalg.eigvalsh(A32) - theta).abs().min()) <= r * abs(theta) * 1.001
+    if name != "fisher":  # the float32 operator is the float64 one up to float32 rounding: λ1 close to it
+        lam = float(torch.linalg.eigvalsh(_dense(curvature_operator(Objective(m, x, y, "ce", dtype=torch.float64),
+                                                                    name)))[-1])
+        assert abs(theta - lam) <= max(r, 1e-4) * abs(theta) + 1e-5 or not res.converged[0]
+
+
+def test_per_layer_blocks_of_a_half_curvature_are_checked_in_float32():
+    """Per-layer spectra in bfloat16: dense blocks (<= exact_max entries) and Lanczos blocks alike are
+    checked against float32 products; the checked residuals bound the distance to float64's λ1 of the block."""
+    from sam_probe.core.operators import curvature_operator
+    from sam_probe.core.per_layer import per_layer_spectra
+
+    m, x, y = _mlp_data()
+    dtype = torch.bfloat16
+    tol = 2 * precision.min_tol(dtype)
+    rows = per_layer_spectra(curvature_operator(Objective(m, x, y, "ce", dtype=dtype), "ggn"), tol=tol,
+                             exact_max=64, seed=0, trace_tol=0.5, trace_max_hvp=12)
+    ref = curvature_operator(Objective(m, x, y, "ce", dtype=torch.float64), "ggn")
+    names = ref.space.names
+    assert {r.exact for r in rows} == {True, False}  # both paths
+    for row, name in zip(rows, names):
+        lam = float(torch.linalg.eigvalsh(_dense(ref.restrict([name], label=name)))[-1])
+        assert row.residual > 1e-6  # a float32 check of half products, not the dense matrix's own ~1e-16
+        if row.converged:
+            assert abs(row.top_eigenvalue - lam) <= max(row.residual, 1e-4) * abs(lam) + 1e-5, (name, row, lam)
