@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from . import inner
 from . import losses as _losses
 from .batches import batch_len
+from .errors import LossError, SpecError, opt
 from .hessian import extrapolated_difference
 from .model_calls import BN_MODES, analysis_mode, split_labels, unwrap_logits, unwrap_loss
 from .operator_base import CurvatureOperator
@@ -137,12 +138,13 @@ class ShardedObjective:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("a sharded model needs a torch.distributed process group (torchrun, or --distributed)")
+            raise SpecError(f"a sharded model needs a torch.distributed process group (torchrun, or "
+                            f"{opt('distributed')})", option="shard_model")
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise ValueError("--bn-mode train is not available with a sharded model (batch statistics would be "
-                             "each rank's); use --bn-mode eval")
+            raise SpecError(f"{opt('bn_mode', 'train')} is not available with a sharded model (batch statistics "
+                            f"would be each rank's); use {opt('bn_mode', 'eval')}")
         self.group = group if group is not None else dist.group.WORLD
         self.shard_group = self.group  # vectors of this objective are shards (core/inner.py)
         self.world = dist.get_world_size(self.group)
@@ -171,8 +173,8 @@ class ShardedObjective:
                                         is not None else "model"), loss_name)
         self.loss_name = self.loss_obj.name
         if isinstance(self.loss_obj, _losses.UserLoss):
-            raise ValueError("a loss function of your own is not yet available with a sharded model; use a "
-                             "registered loss (--loss ce, lm, mse, bce or model)")
+            raise LossError(f"a loss function of your own is not yet available with a sharded model; use a "
+                            f"registered loss ({opt('loss')} ce, lm, mse, bce or model)", option="loss")
         split = n >= self.world
         lo, hi = ((self.rank * n) // self.world, ((self.rank + 1) * n) // self.world) if split else (0, n)
         self.scale = float(self.world) if split else 1.0
