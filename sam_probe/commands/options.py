@@ -99,7 +99,9 @@ def _project_defaults() -> None:
         info = ANALYSIS_OPTIONS[name][1]
         info.default = Path(value) if name == "out" else value
         info.show_default = True
-        info.help = f"{info.help} Project default from {cfg.where}.".replace("[", "\\[")  # not rich markup
+        file, _, table = str(cfg.where).partition(" [")  # "PATH" or "PATH [tool.sam-probe]"
+        where = Path(file).name + (f" [{table}" if table else "")  # the file's name: a long path would be cut off
+        info.help = f"{info.help} Project default from {where} (--verbose: its path).".replace("[", "\\[")
 
 
 _project_defaults()
