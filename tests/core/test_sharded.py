@@ -28,10 +28,8 @@ N = 13  # odd: data shards of unequal size
 K = 2  # eigenvalues compared
 
 
-def cases() -> dict:
-    """``name -> (model, inputs, targets, loss)``, float64, seeded."""
-    import hftiny
-
+def cases(names=("mlp", "cnn", "gpt2")) -> dict:
+    """``name -> (model, inputs, targets, loss)``, float64, seeded (only ``names``: GPT-2 imports transformers)."""
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)).double()
@@ -44,9 +42,14 @@ def cases() -> dict:
         cnn[1].running_var.uniform_(0.5, 2.0, generator=g)
     xi = torch.randn(N, 1, 6, 6, generator=g, dtype=torch.float64)
     yi = torch.randint(0, 2, (N,), generator=g)
-    gpt = hftiny.perturb(hftiny.gpt2(attn_implementation="eager")).double()
-    ids = torch.randint(0, hftiny.VOCAB, (6, hftiny.SEQ), generator=g)
-    return {"mlp": (mlp, x, y, "ce"), "cnn": (cnn, xi, yi, "ce"), "gpt2": (gpt, ids, None, "lm")}
+    out = {"mlp": (mlp, x, y, "ce"), "cnn": (cnn, xi, yi, "ce")}
+    if "gpt2" in names:
+        import hftiny
+
+        gpt = hftiny.perturb(hftiny.gpt2(attn_implementation="eager")).double()
+        ids = torch.randint(0, hftiny.VOCAB, (6, hftiny.SEQ), generator=g)
+        out["gpt2"] = (gpt, ids, None, "lm")
+    return {k: v for k, v in out.items() if k in names}
 
 
 def direction(n: int) -> torch.Tensor:
@@ -78,9 +81,7 @@ def sharded_numbers(names) -> dict:
     from sam_probe.core.vectors import VectorCount
 
     out = {}
-    for name, (model, x, y, loss) in cases().items():
-        if name not in names:
-            continue
+    for name, (model, x, y, loss) in cases(names).items():
         obj = ShardedObjective(model, x, y, loss, chunk_size=3 if name == "mlp" else None)
         w0 = obj.current_shard()
         P = obj.n_params
@@ -88,7 +89,7 @@ def sharded_numbers(names) -> dict:
         op = obj.hessian()
         hv = op.matmat(v[:, None])[:, 0]
         count = VectorCount()
-        eig = top_eigen(op, K, tol=1e-7, max_hvp=600, count=count)
+        eig = top_eigen(op, K, tol=1e-6, max_hvp=600, count=count)  # eigenvalue error ~ residual²/gap
         with inner.over(obj):
             sam = sam_sharpness(obj, rho=0.05)
         out[name] = {
@@ -96,7 +97,7 @@ def sharded_numbers(names) -> dict:
             "product_error": float(op.last_product_error[0]), "eigenvalues": eig.eigenvalues,
             "residuals": eig.residuals,
             # the MLP's exact trace (P unit vectors, each rank's in turn); Hutch++ within its SE elsewhere
-            "trace": (tr := curvature_trace(op, tol=1e-3, max_hvp=2 * P if name == "mlp" else 40, seed=1)).estimate,
+            "trace": (tr := curvature_trace(op, tol=1e-3, max_hvp=2 * P if name == "mlp" and obj.world == 2 else 16, seed=1)).estimate,
             "trace_se": tr.se, "trace_method": tr.method,
             "sam": sam, "P": P, "P_local": obj.space.size, "peak_vectors": count.peak,
             "weights_unchanged": bool(torch.equal(obj.current_shard(), w0)),
@@ -178,8 +179,8 @@ def test_sharded_equals_one_process(ranks, world):
         assert full_err <= 1e-8, name
         assert rows[0]["product_error"] <= 1e-6 * float(torch.as_tensor(r["hv"]).norm()), name
         assert rel(rows[0]["eigenvalues"], r["eigenvalues"]) <= 1e-8, (name, rows[0]["eigenvalues"], r["eigenvalues"])
-        assert max(rows[0]["residuals"]) <= 1e-7
-        if name == "mlp":
+        assert max(rows[0]["residuals"]) <= 1e-6
+        if name == "mlp" and world == 2:  # (4 ranks: Hutch++, to keep 4 processes on 2 cores short)
             assert rows[0]["trace_method"] == "exact" and abs(rows[0]["trace"] - r["trace"]) <= 1e-8 * abs(r["trace"])
         else:
             assert abs(rows[0]["trace"] - r["trace"]) <= 5 * rows[0]["trace_se"] + 1e-8 * abs(r["trace"]), name
