@@ -211,9 +211,10 @@ def extrapolated_difference(diff, h: float, eps: float, norm) -> tuple[Tensor, f
         tries += 1
         d1, _ = diff(h)
         d2, size = diff(h / 2)
-        trunc = norm(d2 - d1) / 3
-        R = (4 * d2 - d1) / 3
-        del d1, d2
+        e = d1.sub_(d2).neg_()  # D(h/2) − D(h), in d1's memory
+        trunc = norm(e) / 3
+        R = d2.add_(e, alpha=1 / 3)  # (4 D(h/2) − D(h)) / 3 = D(h/2) + (D(h/2) − D(h)) / 3, in d2's memory
+        del d1, d2, e
         err = trunc + 4 * eps * size / h
         improved = best is None or err < best[1]
         if improved:
@@ -243,17 +244,17 @@ class FiniteDifferenceProducts(HessianProducts):
     def step(self, w: Tensor, v: Tensor) -> float:
         """``h`` for direction ``v`` at ``w`` (module docstring)."""
         P = w.numel()
-        rms = float(w.double().norm()) / math.sqrt(max(P, 1))
-        nv = float(v.double().norm())
+        rms = float(torch.linalg.vector_norm(w, dtype=torch.float64)) / math.sqrt(max(P, 1))
+        nv = float(torch.linalg.vector_norm(v, dtype=torch.float64))
         return self.rel_step * max(rms, 0.01) * math.sqrt(P) / nv if nv > 0 else 0.0
 
     def _difference(self, w: Tensor, v: Tensor, h: float) -> tuple[Tensor, float]:
-        """``(D(h), ‖g₊‖ + ‖g₋‖)``."""
+        """``(D(h), ‖g₊‖ + ‖g₋‖)`` (the difference formed in ``g₊``'s memory)."""
         obj = self.obj
-        plus = obj.grad_flat(w + h * v, count=False)
-        minus = obj.grad_flat(w - h * v, count=False)
-        size = float(plus.double().norm() + minus.double().norm())
-        return (plus - minus).div_(2 * h), size
+        plus = obj.grad_flat(torch.add(w, v, alpha=h), count=False)
+        minus = obj.grad_flat(torch.add(w, v, alpha=-h), count=False)
+        size = float(torch.linalg.vector_norm(plus, dtype=torch.float64) + torch.linalg.vector_norm(minus, dtype=torch.float64))
+        return plus.sub_(minus).div_(2 * h), size
 
     def matmat(self, V: Tensor, params: Params | None) -> Tensor:
         obj = self.obj
@@ -267,7 +268,7 @@ class FiniteDifferenceProducts(HessianProducts):
                 continue
             eps = float(torch.finfo(V.dtype).eps)
             out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(w, v, hh), h, eps,
-                                                           lambda t: float(t.double().norm()))
+                                                           lambda t: float(torch.linalg.vector_norm(t, dtype=torch.float64)))
         self.last_error = err
         return out
 

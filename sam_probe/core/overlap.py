@@ -210,6 +210,19 @@ def _numpy_1d(x: Any) -> np.ndarray:
     return np.asarray(x).reshape(-1)
 
 
+def sharp_count(n: int, rank: float) -> tuple[int, np.ndarray | None]:
+    """``(k, mask)``: ``k = round(rank · n)`` sharp coordinates, and the packed flat mask when it needs
+    no scores (``k = 0``: every coordinate flat; ``k = n``: none), else ``None``."""
+    if not 0.0 <= rank <= 1.0:
+        raise ValueError(f"rank must be in [0, 1], got {rank}")
+    k = int(round(rank * n))
+    if k == 0:
+        return k, bitpack.clear_tail(np.packbits(np.ones(n, dtype=bool)), n)
+    if k == n:
+        return k, np.zeros(bitpack.n_bytes(n), dtype=np.uint8)
+    return k, None
+
+
 def flat_mask(score: Any, rank: float) -> np.ndarray:
     """Packed mask of the coordinates NOT among the top ``rank`` fraction of ``score``.
 
@@ -218,13 +231,9 @@ def flat_mask(score: Any, rank: float) -> np.ndarray:
     """
     s = _numpy_1d(score)
     n = s.size
-    if not 0.0 <= rank <= 1.0:
-        raise ValueError(f"rank must be in [0, 1], got {rank}")
-    k = int(round(rank * n))
-    if k == 0:
-        return bitpack.clear_tail(np.packbits(np.ones(n, dtype=bool)), n)
-    if k == n:
-        return np.zeros(bitpack.n_bytes(n), dtype=np.uint8)
+    k, trivial = sharp_count(n, rank)
+    if trivial is not None:
+        return trivial
     thr = np.partition(s, n - k)[n - k]  # k-th largest
     sharp = s > thr
     need = k - int(sharp.sum())

@@ -322,15 +322,13 @@ def flat_mask_streamed(g: Tensor, rank: float, scratch: np.ndarray | None = None
                        chunk: int | None = None) -> np.ndarray:
     """:func:`~.overlap.flat_mask` of ``g²`` (bit-identical) with one score vector (``scratch``,
     reused when given) for the selection, and everything else chunk by chunk."""
+    from .overlap import sharp_count
+
     n = g.numel()
     chunk = chunk_size(chunk)
-    if not 0.0 <= rank <= 1.0:
-        raise ValueError(f"rank must be in [0, 1], got {rank}")
-    k = int(round(rank * n))
-    if k == 0:
-        return bitpack.clear_tail(np.packbits(np.ones(n, dtype=bool)), n)
-    if k == n:
-        return np.zeros(bitpack.n_bytes(n), dtype=np.uint8)
+    k, trivial = sharp_count(n, rank)
+    if trivial is not None:
+        return trivial
     first = _score_numpy(g[:1].square())
     if scratch is None or scratch.dtype != first.dtype or scratch.size != n:
         scratch = _buffer(n, first.dtype)

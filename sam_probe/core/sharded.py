@@ -229,12 +229,23 @@ class ShardedObjective:
             s = self.loss_obj.chunk_sum(out, y, x)
         return (s, out, y) if with_output else s
 
-    def _set(self, flat: Tensor) -> None:
+    def _set(self, flat: Tensor, v: Tensor | None = None, h: float = 0.0) -> None:
+        """The model's shard set to ``flat`` (+ ``h v``), tensor by tensor (no full temporary)."""
         reshard(self.module)
         with torch.no_grad():
             for name, s in self.space.slices().items():
                 loc = _local(self.named[name])
                 loc.copy_(flat[s].reshape(loc.shape))
+                if v is not None:
+                    loc.add_(v[s].reshape(loc.shape), alpha=h)
+
+    def grad_shifted(self, v: Tensor, h: float) -> Tensor:
+        """The local shard of ``∇L(w + h v)`` (weights restored after)."""
+        self._set(self._w0, v, h)
+        try:
+            return self.grad()
+        finally:
+            self._set(self._w0)
 
     @property
     def denominator(self) -> float:
@@ -334,17 +345,18 @@ class ShardedHessian(CurvatureOperator):
         """``h`` for direction ``v`` (module docstring; norms over all ranks)."""
         with inner.sharded(self.shard_group):
             N = self.obj.N
-            rms = inner.norm(self.obj._w0.double()) / math.sqrt(max(N, 1))
-            nv = inner.norm(v.double())
+            rms = inner.norm(self.obj._w0) / math.sqrt(max(N, 1))
+            nv = inner.norm(v)
         return self.obj.rel_step * max(rms, 0.01) * math.sqrt(N) / nv if nv > 0 else 0.0
 
     def _difference(self, v: Tensor, h: float) -> tuple[Tensor, float]:
-        w = self.obj._w0
-        plus = self.obj.grad(w + h * v)
-        minus = self.obj.grad(w - h * v)
+        """``(D(h), ‖g₊‖ + ‖g₋‖)``: the weights set to ``w ± h v`` slice by slice (no shifted copy of ``w``),
+        the difference formed in ``g₊``'s memory."""
+        plus = self.obj.grad_shifted(v, h)
+        minus = self.obj.grad_shifted(v, -h)
         with inner.sharded(self.shard_group):
-            size = inner.norm(plus.double()) + inner.norm(minus.double())
-        return (plus - minus).div_(2 * h), size
+            size = inner.norm(plus) + inner.norm(minus)
+        return plus.sub_(minus).div_(2 * h), size
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
@@ -357,7 +369,7 @@ class ShardedHessian(CurvatureOperator):
                 continue
             with inner.sharded(self.shard_group):
                 out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(v, hh), h, eps,
-                                                               lambda t: inner.norm(t.double()))
+                                                               inner.norm)
             self.obj.n_hvp += 1
         self.last_product_error = err
         return out
