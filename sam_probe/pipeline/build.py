@@ -126,7 +126,8 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
     if CACHE.enabled and model is None and data is None:
         key = repr((ck.path, file_identity(ck.path), s.key, s.model, sorted(s.model_args.items()),
                     session.data_spec(ck), s.split, s.max_samples, s.seed, s.loss, s.dtype, s.bn_mode,
-                    s.batch_size, s.max_memory, s.hvp, str(session.device), s.base_model, s.merge_adapter))
+                    s.batch_size, s.max_memory, s.hvp, str(session.device), s.base_model, s.merge_adapter,
+                    s.shard_model))
         if key in CACHE.objectives:
             obj, session.used_data = CACHE.objectives[key]
             obj.n_grad = obj.n_hvp = 0
