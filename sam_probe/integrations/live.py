@@ -46,15 +46,13 @@ def check(analysis: str, options: Mapping[str, Any]) -> None:
 def split_batch(data: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch: ``(x, y)`` / ``[x, y]``, a dict (its ``labels`` are the
     targets, as :class:`~sam_probe.core.objective.Objective` reads them) or ``x`` alone."""
-    if isinstance(data, Mapping):
-        return dict(data), None
-    if isinstance(data, (tuple, list)):
-        if len(data) == 2:
-            return data[0], data[1]
-        if len(data) == 1:
-            return data[0], None
-        raise ValueError(f"a batch of {len(data)} items: give data=(inputs, targets)")
-    return data, None
+    from ..core.batches import DataError, split_item
+
+    try:
+        x, y = split_item(data)  # the dataset items' rule: (x, y), (x,), x or a dict
+    except DataError:
+        raise ValueError(f"a batch of {len(data)} items: give data=(inputs, targets)") from None
+    return (dict(x) if isinstance(x, Mapping) else x), y
 
 
 @contextlib.contextmanager
