@@ -66,14 +66,15 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [c for c in model.children() if any(True for _ in c.parameters())]
 
 
-def fully_shard_model(model: nn.Module, group: Any = None) -> nn.Module:
-    """``model`` wrapped in place by FSDP2 over ``group`` (:func:`shard_units`, then the root)."""
+def fully_shard_model(model: nn.Module, group: Any = None, device: torch.device | str | None = None) -> nn.Module:
+    """``model`` wrapped in place by FSDP2 over ``group`` (:func:`shard_units`, then the root) on ``device``
+    (default: where its parameters are; meta-device parameters are sharded for ``device``)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     group = group if group is not None else dist.group.WORLD
-    dev = next(iter(model.parameters())).device
+    dev = torch.device(device) if device is not None else next(iter(model.parameters())).device
     ranks = dist.get_process_group_ranks(group)
     mesh = DeviceMesh.from_group(group, dev.type, mesh=torch.tensor(ranks)) if group is not dist.group.WORLD \
         else DeviceMesh(dev.type, torch.arange(dist.get_world_size()))
@@ -149,12 +150,19 @@ class ShardedObjective:
         self.shard_group = self.group  # vectors of this objective are shards (core/inner.py)
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        module = _copy.deepcopy(model) if copy else model
-        if dtype is not None:
-            module = module.to(dtype)
+        from torch.distributed.fsdp import FSDPModule
+
+        module: nn.Module
+        if isinstance(model, FSDPModule):  # sharded already (core/meta_init.py: never whole on a rank)
+            module = model
+        else:
+            module = _copy.deepcopy(model) if copy else model
+            if dtype is not None:
+                module = module.to(dtype)
+            module = fully_shard_model(module, self.group)
         for p in module.parameters():
             p.requires_grad_(True)
-        self.module = fully_shard_model(module, self.group)
+        self.module = module
         self.bn_mode = bn_mode
         self.named = dict(self.module.named_parameters())
         self.space = ShardSpace(self.named)

@@ -6,6 +6,7 @@ process that runs many commands (``batch`` workers), kept in the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -52,8 +53,11 @@ def file_identity(path: str | Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def build_model(session: Session, ck: Checkpoint) -> nn.Module:
-    """The model of ``ck``: seeded init (the checkpoint's weights are matched on top later)."""
+def build_model(session: Session, ck: Checkpoint, meta_params: bool = False) -> nn.Module:
+    """The model of ``ck``: seeded init (the checkpoint's weights are matched on top later).
+    ``meta_params``: its parameters on the meta device (:func:`sam_probe.core.meta_init.params_on_meta`,
+    for ``--shard-model``; not cached)."""
+    from ..core.meta_init import params_on_meta
     from ..loading import hf
     from ..loading.bounded_build import Budget
     from ..loading.models import build_model as build, factory_for
@@ -64,18 +68,38 @@ def build_model(session: Session, ck: Checkpoint) -> nn.Module:
         return peft.build_model(session, ck)
     s = session.settings
     name, args = session.model_spec(ck)
+    where = params_on_meta() if meta_params else contextlib.nullcontext()
     if hf.is_hf_spec(name):  # Hugging Face: the config.json beside the weights (loading/hf.py)
         torch.manual_seed(s.seed)
-        return hf.build_model(ck.path, name, args, budget=Budget.of(ck.state))
+        with where:
+            return hf.build_model(ck.path, name, args, budget=Budget.of(ck.state))
     args = saved_factory_args(factory_for(name), ck.hparams, args)
     key = repr((name, sorted(args.items(), key=lambda kv: kv[0]), s.seed))
-    if CACHE.enabled and key in CACHE.models:
+    if CACHE.enabled and key in CACHE.models and not meta_params:
         return copy.deepcopy(CACHE.models[key])
     torch.manual_seed(s.seed)
-    model = build(name, args, strict=not s.model, budget=Budget.of(ck.state))  # strict: the checkpoint chose it
-    if CACHE.enabled:
+    with where:
+        model = build(name, args, strict=not s.model, budget=Budget.of(ck.state))  # strict: the checkpoint chose it
+    if CACHE.enabled and not meta_params:
         CACHE.models[key] = copy.deepcopy(model)
     return model
+
+
+def sharded_build(session: Session, ck: Checkpoint) -> nn.Module:
+    """``--shard-model``: the model with meta-device parameters (each rank then allocates only its shards),
+    or, where its constructor cannot build that way, the whole model (said in a note)."""
+    from ..loading import peft
+
+    if peft.is_adapter(ck):
+        return build_model(session, ck)
+    try:
+        return build_model(session, ck, meta_params=True)
+    except SamProbeError:
+        raise
+    except Exception as exc:  # a constructor that computes with its parameters: build it whole
+        session.note(f"{opt('shard_model')}: the model could not be built with its parameters on the meta device "
+                     f"({blame.first_line(exc, 100)}); every rank builds it whole before sharding")
+        return build_model(session, ck)
 
 
 def select_data(session: Session, ck: Checkpoint | None) -> DataSelection:
@@ -132,7 +156,7 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
             obj, session.used_data = CACHE.objectives[key]
             obj.n_grad = obj.n_hvp = 0
             return obj
-    model = model or session.build_model(ck)
+    model = model or (sharded_build(session, ck) if s.shard_model else session.build_model(ck))
     data = data or session.data(ck)
     has_bn = any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules())
     world = distributed.world_size() if distributed.active() else 1
@@ -140,7 +164,15 @@ def build_objective(session: Session, ck: Checkpoint, model: nn.Module | None = 
     if note:
         session.note(note)
     m = session.matched(ck, model)
-    model.to(session.device)
+    from ..core.meta_init import has_meta_params
+
+    if has_meta_params(model):  # --shard-model: only the buffers are real until the shards are allocated
+        for mod in model.modules():
+            for bn, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[bn] = b.to(session.device)
+    else:
+        model.to(session.device)
     from ..core.precision import is_half
 
     if is_half(session.dtype):  # the module's own (unused) tensors need not stay float32 beside the half copy
@@ -213,19 +245,33 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
     if is_half(session.dtype):
         raise SpecError(f"{opt('shard_model')} with {opt('dtype')} {s.dtype}: finite-difference products need "
                         "float32 or float64 here")
-    with torch.no_grad():
-        for n, t in m.params.items():
-            model.get_parameter(n).copy_(t)
-        for n, t in m.buffers.items():
-            try:
-                model.get_buffer(n).copy_(t)
-            except AttributeError:  # a buffer the model does not register
-                continue
-    model.to(device=session.device, dtype=session.dtype)
-    session.note(f"{opt('shard_model')}: Hessian products are finite differences of gradients through FSDP's "
-                 "backward (Richardson-extrapolated; their error is part of every residual)")
-    return ShardedObjective(model, data.inputs, data.targets, loss, loss_name=loss_name, chunk_size=s.batch_size,
-                            bn_mode=s.bn_mode, copy=False, dtype=session.dtype)
+    from ..core.meta_init import has_meta_params, materialise_shards
+    from ..core.sharded import fully_shard_model
+
+    built = "every rank built the whole model, then sharded it"
+    if has_meta_params(model):  # each rank allocates and reads only its shards (core/meta_init.py)
+        import torch.distributed as dist
+
+        model.to(dtype=session.dtype)  # meta parameters and the real buffers
+        fully_shard_model(model, device=session.device)
+        materialise_shards(model, m.params, m.buffers, session.device, dist.get_world_size(), dist.get_rank())
+        built = "built on the meta device, each rank allocated and read only its shard of the weights"
+    else:
+        with torch.no_grad():
+            for n, t in m.params.items():
+                model.get_parameter(n).copy_(t)
+            for n, t in m.buffers.items():
+                try:
+                    model.get_buffer(n).copy_(t)
+                except AttributeError:  # a buffer the model does not register
+                    continue
+        model.to(device=session.device, dtype=session.dtype)
+    obj = ShardedObjective(model, data.inputs, data.targets, loss, loss_name=loss_name, chunk_size=s.batch_size,
+                           bn_mode=s.bn_mode, copy=False, dtype=session.dtype)
+    session.note(f"{opt('shard_model')}: {built} (rank 0 holds {obj.space.size:,} of the {obj.N:,} parameter "
+                 "entries); Hessian products are finite differences of gradients through FSDP's backward "
+                 "(Richardson-extrapolated; their error is part of every residual)")
+    return obj
 
 
 def _integer_hint(exc: BaseException, data: DataSelection) -> str:
