@@ -136,7 +136,7 @@ def test_bad_checkpoints_among_good_ones(tmp_path, tiny_runs):
 
 def test_two_batches_into_one_output_directory(tmp_path):
     out = tmp_path / "res"
-    spec = _spec(tmp_path, SLOW_RUN, "top-k = 2\nmax-samples = 100\n")
+    spec = _spec(tmp_path, SLOW_RUN, "top-k = 1\nrho = 0\nmax-samples = 40\n")  # the writes race, not the maths
     a, b = _batch(spec, "--out", str(out)), _batch(spec, "--out", str(out))
     (ca, da), (cb, db) = _finish(a), _finish(b)
     assert ca == cb == 0, (da, db)
