@@ -43,10 +43,15 @@ def model_and_optimizer(seed: int = 0):
 
 
 def titan_like(folder: Path, step: int, seed: int = 0) -> tuple[Path, dict]:
-    """A torchtitan-style nested checkpoint: model, optimizer, train_state with its step."""
+    """A torchtitan-style nested checkpoint: model, optimizer, train_state with its step (an int, or a tensor as
+    torchtitan's TrainState saves it) and raw bytes (a BytesIO, stored unpickled: never read)."""
+    import io
+
     m, opt = model_and_optimizer(seed)
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    save({"model": sd, "optimizer": opt.state_dict(), "train_state": {"step": step}}, folder)
+    train = {"step": step if seed == 0 else torch.tensor(step, dtype=torch.int32),
+             "global_avg_losses": io.BytesIO(b"\x80\x04cos\nsystem\n.")}
+    save({"model": sd, "optimizer": opt.state_dict(), "train_state": train}, folder)
     return folder, sd
 
 
@@ -96,7 +101,20 @@ def test_a_flat_state_dict_loads_bit_for_bit_with_a_stable_digest(tmp_path):
           "bf": torch.randn(3, generator=g).bfloat16()}
     folder = save({**sd, "step": 7}, tmp_path / "ckpt")
     assert sources.of(folder).name == "dcp" and sources.discover(folder) == [folder]
-    ck = load_checkpoint(folder)
+    import builtins
+
+    real_import, imported = builtins.__import__, []
+
+    def spy(name, *args, **kw):
+        imported.append(name)
+        return real_import(name, *args, **kw)
+
+    builtins.__import__ = spy
+    try:
+        ck = load_checkpoint(folder)
+    finally:
+        builtins.__import__ = real_import
+    assert not [n for n in imported if n.startswith(("torch.distributed", "pathlib"))]  # DCP's classes stay inert
     assert (ck.source, ck.layout, ck.format, ck.step, ck.step_source) == ("dcp", "dcp", "dcp", 7, "content:step")
     assert set(ck.state) == set(sd)
     for k, v in sd.items():
@@ -123,17 +141,20 @@ def test_a_run_of_torchtitan_folders_is_discovered_and_analysed_end_to_end(tmp_p
     _, sd200 = titan_like(run / "step-200", 200, seed=1)
     assert sources.discover(run) == [run / "step-100", run / "step-200"]
     ck = load_checkpoint(run / "step-200")
-    assert (ck.layout, ck.step, ck.step_source) == ("dcp:model", 200, "content:train_state.step")
+    assert (ck.layout, ck.step, ck.step_source) == ("dcp:model", 200, "content:train_state.step")  # a tensor
+    assert load_checkpoint(run / "step-100").step_source == "content:train_state.step"  # an int
     assert ck.extra_keys == ["optimizer", "train_state"]
     assert set(ck.state) == set(sd200) and all(torch.equal(ck.state[k], v) for k, v in sd200.items())
     torch.save(sd100, tmp_path / "same.pt")
     args = ["--model", "mlp", "--model-arg", "in_dim=64", "--model-arg", "hidden=6", "--model-arg", "out_dim=10",
             "--data", "digits", "--max-samples", "40", "-k", "1", "--json", "--no-store", "--no-plot", "-q"]
-    res, pt = run_cli("sharpness", run, *args), run_cli("sharpness", tmp_path / "same.pt", *args)
-    assert res.code == 0 and pt.code == 0, res.stderr + pt.stderr
+    res = run_cli("sharpness", run, tmp_path / "same.pt", *args)  # the same weights as a .pt file beside them
+    assert res.code == 0, res.stderr
     results = res.json()["results"]
-    assert [r["step"] for r in results] == [100, 200] and results[0]["source"]["layout"] == "dcp:model"
-    assert results[0]["eigenvalues"] == pytest.approx(pt.json()["results"][0]["eigenvalues"], rel=1e-6)
+    dcp100, dcp200, pt = sorted(results, key=lambda r: r["path"].endswith(".pt"))
+    assert (dcp100["step"], dcp200["step"]) == (100, 200) and dcp100["source"]["layout"] == "dcp:model"
+    assert dcp100["eigenvalues"] == pytest.approx(pt["eigenvalues"], rel=1e-6)
+    assert dcp200["eigenvalues"] != pytest.approx(pt["eigenvalues"], rel=1e-3)
     shown = run_cli("inspect", run / "step-100", "--json")
     assert shown.code == 0 and "dcp" in shown.stdout and "100" in shown.stdout, shown.stderr
 
@@ -216,6 +237,11 @@ def test_hostile_metadata_is_refused_before_anything_runs(tmp_path):
         with pytest.raises(CheckpointError, match="refused|never names") as ei:
             load_checkpoint(folder)
         assert "\n" not in str(ei.value) and not marker.exists()
+    # a stored item (the step) whose pickle calls os.system: the restricted loader refuses it
+    folder = save({"w": torch.ones(2), "step": _Call(os.system, f"touch {marker}")}, tmp_path / "evil-item")
+    with pytest.raises(CheckpointError, match="evil-item.__0_0.distcp: refused: its pickle references (os|posix).system") as ei:
+        load_checkpoint(folder)
+    assert not marker.exists()
     res = run_cli("inspect", tmp_path / "evil0")
     assert res.code == 2 and "refused" in res.stderr and not marker.exists()
     # a reduce to a class that is not DCP's (not a code-running one either): refused, nothing imported
@@ -228,12 +254,13 @@ def test_hostile_metadata_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("parent", "not a plain file name"), ("absolute", "not a plain file name"), ("link", "missing|not a regular"),
+    ("parent", "not a plain file name"), ("absolute", "not a plain file name"), ("link", "not a regular file"),
     ("outside-link", "not a regular file"), ("bytes", "needs 4,800 bytes"), ("shape", "holds \\[4, 3\\]"),
     ("overlap", "overlap"), ("gap", "hold 9 entries"), ("outside", "outside the tensor"),
     ("missing-chunk", "has no storage entry"), ("missing-shard", "is missing"), ("truncated", "past the end"),
     ("huge", "needs"), ("items-overlap", "overlap in"), ("dtype", "no dtype"), ("not-metadata", "not DCP Metadata"),
     ("cut", "malformed or truncated"), ("garbage-item", "not a torch.save archive"),
+    ("metadata-item", "not a .distcp file"), ("newline", "no storage entry"),
 ])
 def test_hostile_folders_are_one_line_errors(tmp_path, case, match):
     folder = _two_chunks(tmp_path, case)
@@ -244,9 +271,8 @@ def test_hostile_folders_are_one_line_errors(tmp_path, case, match):
     if case in ("parent", "absolute", "link"):
         target = {"parent": "../x.distcp", "absolute": str(tmp_path / "x.distcp"), "link": "x.distcp"}[case]
         (tmp_path / "x.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
-        if case == "link":
-            os.symlink(tmp_path / "x.distcp", folder / "x")
-            target = "x"
+        if case == "link":  # a shard named in the metadata that is a link leading out of the folder
+            os.symlink(tmp_path / "x.distcp", folder / "x.distcp")
         info["w"][1].relative_path = target
     elif case == "outside-link":
         os.replace(folder / "__0_0.distcp", tmp_path / "moved.distcp")
@@ -286,6 +312,10 @@ def test_hostile_folders_are_one_line_errors(tmp_path, case, match):
         w.properties.dtype = "float32"  # a name, not a dtype
     elif case == "not-metadata":
         md = {"state_dict_metadata": {}}
+    elif case == "metadata-item":  # an item inside .metadata itself
+        info["w"][1].relative_path = ".metadata"
+    elif case == "newline":  # a name that would break the error line
+        sdm["w\nx"] = sdm.pop("w")
     elif case == "garbage-item":
         at = info["w"][1].offset
         with open(folder / "__0_0.distcp", "r+b") as fh:
@@ -299,3 +329,5 @@ def test_hostile_folders_are_one_line_errors(tmp_path, case, match):
     with pytest.raises(CheckpointError, match=match) as ei:
         load_checkpoint(folder)
     assert "\n" not in str(ei.value)
+    res = run_cli("inspect", folder)
+    assert res.code == 2 and res.stderr.count("\n") <= 1, res.stderr

@@ -64,7 +64,7 @@ MAX_METADATA = 64 * 2**20  # bytes of .metadata
 MAX_OPS = 4_000_000  # opcodes of .metadata
 MAX_ITEMS = 2**20  # entries of state_dict_metadata / storage_data
 MAX_CHUNKS = 2**22  # chunks over all tensors
-MAX_CELLS = 2**22  # cells of the grid a tensor's chunks are checked on
+MAX_CELLS = 2**24  # cells of the grids the chunks are checked on (all tensors)
 MAX_NDIM = 64
 MAX_TUPLE_DEPTH = 64
 MAX_FILES = 100_000
@@ -344,11 +344,14 @@ def _plain_name(name: Any) -> str:
     _need(type(name) is str and 0 < len(name) <= 255 and name not in (".", "..") and "/" not in name
           and "\\" not in name and "\0" not in name and not os.path.isabs(name),
           f"relative_path {str(name)[:80]!r} is not a plain file name in the folder")
+    _need(name.endswith(SUFFIX), f"relative_path {name[:80]!r} is not a {SUFFIX} file")
     return name
 
 
-def _covers(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]], fqn: str) -> None:
-    """The chunks lie inside the tensor and tile it: no overlap, no gap (checked on the grid of their edges)."""
+def _covers(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]], fqn: str,
+            budget: list[int]) -> None:
+    """The chunks lie inside the tensor and tile it: no overlap, no gap (checked on the grid of their edges;
+    ``budget[0]``: grid cells left for the whole folder)."""
     import torch
 
     numel = math.prod(size)
@@ -362,7 +365,8 @@ def _covers(size: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int
     cuts = [sorted({0, d, *(o for off, _ in chunks for o in [off[i]]), *(off[i] + sz[i] for off, sz in chunks)})
             for i, d in enumerate(size)]
     cells = math.prod(len(c) - 1 for c in cuts)
-    _need(cells <= MAX_CELLS, f"the chunks of {fqn[:80]} cut it into more than {MAX_CELLS:,} pieces")
+    budget[0] -= cells
+    _need(budget[0] >= 0, f"the chunks of {fqn[:80]} cut it into too many pieces (more than {MAX_CELLS:,} in all)")
     index = [{v: j for j, v in enumerate(c)} for c in cuts]
     grid = torch.zeros([len(c) - 1 for c in cuts], dtype=torch.int32)
     for off, sz in chunks:
@@ -400,7 +404,7 @@ def layout_of(md: Any) -> Layout:
         where[(fqn, off)] = item
     tensors: dict[str, TensorMeta] = {}
     objects: dict[str, Item] = {}
-    n_chunks = 0
+    n_chunks, budget = 0, [MAX_CELLS]
     for fqn, meta in sdm.items():
         _need(type(fqn) is str and len(fqn) <= 4096, "a state_dict_metadata key is not text")
         if _is(meta, "BytesStorageMetadata"):
@@ -422,7 +426,7 @@ def layout_of(md: Any) -> Layout:
             _need(_is(c, "ChunkStorageMetadata"), f"a chunk of {fqn[:80]} is a {_label(c)[:80]}")
             cf = _fields(c, "ChunkStorageMetadata")
             pairs.append((_size(cf.get("offsets"), "chunk offsets"), _size(cf.get("sizes"), "chunk sizes")))
-        _covers(size, pairs, fqn)
+        _covers(size, pairs, fqn, budget)
         itemsize = _itemsize(dtype)
         chunks = []
         for off, sz in pairs:
@@ -489,8 +493,8 @@ def digest(folder: Path) -> str:
 
 
 def _fail(folder: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{display(folder)}: not a consistent torch.distributed.checkpoint folder ({why}); copy "
-                           "the whole folder")
+    return CheckpointError(printable(f"{display(folder)}: not a consistent torch.distributed.checkpoint folder "
+                                     f"({why}); copy the whole folder"))
 
 
 def read_layout(folder: Path) -> Layout:
@@ -605,26 +609,28 @@ def select(lay: Layout, key: str | None) -> tuple[dict[str, str], str]:
 # ------------------------------------------------------------------ loading
 def _read_step(folder: Path, lay: Layout, maps: dict[str, MappedFile]) -> tuple[int | None, str]:
     """The saved step (a bytes item or a one-entry tensor), else the folder name."""
+    from ..formats import refused
     from ..steps import as_step, step_from_name
 
     for fqn in STEP_ITEMS:
         item = lay.objects.get(fqn)
-        if item is not None:
-            mf = maps.get(item.file) or map_file(folder / item.file)
-            with memoryview(mf.data) as view:
-                buf = _anon(view[item.start:item.start + item.length])
-            if bytes(buf.data[:4]) != b"PK\x03\x04":
-                continue  # raw bytes (a BytesIO the trainer saved), not a pickled value
-            step = as_step(_item_object(buf))
-        elif fqn in lay.tensors and math.prod(lay.tensors[fqn].size) == 1:
-            t = lay.tensors[fqn]
-            mf = maps.get(t.chunks[0].file) or map_file(folder / t.chunks[0].file)
-            c = t.chunks[0]
-            with memoryview(mf.data) as view:
-                buf = _anon(view[c.start:c.start + c.length])
-            step = as_step(_chunk_tensor(buf, t.dtype, c, fqn).reshape(()))
-        else:
+        t = lay.tensors.get(fqn)
+        if item is None and (t is None or math.prod(t.size) != 1):
             continue
+        file, start, length = (item.file, item.start, item.length) if item is not None else \
+            (t.chunks[0].file, t.chunks[0].start, t.chunks[0].length)  # type: ignore[union-attr]
+        try:
+            mf = maps.get(file) or map_file(folder / file)
+            with memoryview(mf.data) as view:
+                buf = _anon(view[start:start + length])
+            if item is not None:
+                if bytes(buf.data[:4]) != b"PK\x03\x04":
+                    continue  # raw bytes (a BytesIO the trainer saved), not a pickled value
+                step = as_step(_item_object(buf))
+            else:
+                step = as_step(_chunk_tensor(buf, t.dtype, t.chunks[0], fqn).reshape(()))  # type: ignore[union-attr]
+        except RefusedFile as exc:
+            raise refused(folder / file, exc) from None
         if step is not None:
             return step, f"content:{fqn}"
     step = step_from_name(folder.name)
@@ -674,10 +680,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
             remember_sha256(mf, sha.hexdigest())
         except RefusedFile as exc:
             raise refused(path, exc) from None
-    try:
-        step, step_source = _read_step(folder, lay, maps)
-    except RefusedFile as exc:
-        raise refused(folder, exc) from None
+    step, step_source = _read_step(folder, lay, maps)
     state = {chosen[f]: t for f, t in out.items()}
     check_tensors(folder, state)
     state, stripped = strip_prefixes(state)
