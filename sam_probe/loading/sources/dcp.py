@@ -61,7 +61,7 @@ from .base import FOLDER, Source
 METADATA = ".metadata"
 SUFFIX = ".distcp"
 MAX_METADATA = 64 * 2**20  # bytes of .metadata
-MAX_OPS = 4_000_000  # opcodes of .metadata
+MAX_OPS = 32_000_000  # opcodes of .metadata (a 256-rank save of a large model holds ~10M)
 MAX_ITEMS = 2**20  # entries of state_dict_metadata / storage_data
 MAX_CHUNKS = 2**22  # chunks over all tensors
 MAX_CELLS = 2**24  # cells of the grids the chunks are checked on (all tensors)
@@ -79,8 +79,10 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "complex64", "complex128"
           "int32", "int64", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
           "uint16", "uint32", "uint64", "complex32")
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.storage")
-_INERT = frozenset({"torch.Size", "torch.serialization._get_layout", "torch.strided", "pathlib.PosixPath",
+                "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.storage",
+                "torch.distributed._shard.sharded_tensor.metadata")  # where torch <= 2.1 kept TensorProperties
+_INERT = frozenset({"torch.Size", "torch.serialization._get_layout", "torch.strided", "torch.contiguous_format",
+                    "torch.preserve_format", "torch.channels_last", "torch.channels_last_3d", "pathlib.PosixPath",
                     "pathlib.WindowsPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "pathlib.Path",
                     "collections.OrderedDict"})
 
@@ -304,7 +306,7 @@ def _is(obj: Any, cls: str) -> bool:
     from ..placeholders import Placeholder
 
     return isinstance(obj, Placeholder) and _label(obj).rsplit(".", 1)[-1] == cls \
-        and _label(obj).startswith("torch.distributed.checkpoint.")
+        and _label(obj).startswith(_DCP_MODULES)
 
 
 def _fields(obj: Any, what: str) -> dict[str, Any]:
