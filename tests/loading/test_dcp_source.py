@@ -73,6 +73,22 @@ def work(rank, world, out, port, src):  # forked: the imports above are shared
     sd = {"model": {k: distribute_tensor(v, mesh, place[k]) for k, v in full.items()},
           "optim": {"state": {"a": {"exp_avg": distribute_tensor(full["a"] * 2, mesh, place["a"])}}}, "step": 9}
     dcp.save(sd, checkpoint_id=out)
+    # FSDP2 as trainers use it: fully_shard, then get_state_dict's (model, optimizer) pair saved nested
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    if rank == 0:
+        torch.save(m.state_dict(), src + ".fsdp.pt")
+    flat = init_device_mesh("cpu", (world,))
+    for part in (m[0], m[2], m):
+        fully_shard(part, mesh=flat)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.0)  # a step that leaves the weights as they were
+    m(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(m, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(os.path.dirname(out), "fsdp", "step-7"))
     dist.destroy_process_group()
 
 if __name__ == "__main__":
@@ -82,7 +98,8 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def ranks4(tmp_path_factory) -> tuple[Path, dict]:
-    """A checkpoint written by 4 ranks (a 2 x 2 mesh): chunks of rows, of columns, replicated, uneven."""
+    """A checkpoint written by 4 ranks (a 2 x 2 mesh): chunks of rows, of columns, replicated, uneven; and beside
+    it ``fsdp/step-7``, an FSDP2 model and AdamW state written by the same 4 ranks."""
     root = tmp_path_factory.mktemp("dcp4")
     g = torch.Generator().manual_seed(1)
     full = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g), "c": torch.randn(2, 2, generator=g),
@@ -176,6 +193,12 @@ def test_four_ranks_are_assembled_exactly_and_one_rank_reads_only_its_rows(ranks
     for k, v in full.items():
         assert ck.state[k].dtype == v.dtype and torch.equal(ck.state[k], v), k
     assert len({c.file for c in D.read_layout(folder).tensors["model.a"].chunks}) == 4  # really 4 shards
+    fsdp = folder.parent / "fsdp"
+    assert sources.discover(fsdp) == [fsdp / "step-7"]
+    ck, want = load_checkpoint(fsdp / "step-7"), torch.load(folder.parent / "full.pt.fsdp.pt")
+    assert (ck.layout, ck.step, ck.extra_keys) == ("dcp:model", 7, ["optim"]) and set(ck.state) == set(want)
+    assert all(torch.equal(ck.state[k], v) for k, v in want.items())
+    assert len(D.read_layout(fsdp / "step-7").tensors["model.0.weight"].chunks) == 4  # 7 rows: 2, 2, 2, 1
     opened: list[tuple[int, int]] = []
     real = D._anon
     monkeypatch.setattr(D, "_anon", lambda view: opened.append(len(view)) or real(view))

@@ -662,11 +662,10 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
     for f in chosen:
         for c in lay.tensors[f].chunks:
             wanted.setdefault(c.file, []).append((c.start, f, c))
-    maps: dict[str, MappedFile] = {}
     for path in _listing(folder)[1:]:
         name = path.name
         try:
-            mf = maps[name] = map_file(path)
+            mf = map_file(path)
             sha, at = hashlib.sha256(), 0
             with memoryview(mf.data) as view:
                 for start, fqn, c in sorted(wanted.get(name, []), key=lambda w: w[0]):
@@ -682,7 +681,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
             remember_sha256(mf, sha.hexdigest())
         except RefusedFile as exc:
             raise refused(path, exc) from None
-    step, step_source = _read_step(folder, lay, maps)
+    step, step_source = _read_step(folder, lay, {})
     state = {chosen[f]: t for f, t in out.items()}
     check_tensors(folder, state)
     state, stripped = strip_prefixes(state)
