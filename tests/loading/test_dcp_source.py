@@ -160,7 +160,7 @@ def test_a_run_of_torchtitan_folders_is_discovered_and_analysed_end_to_end(tmp_p
     ck = load_checkpoint(run / "step-200")
     assert (ck.layout, ck.step, ck.step_source) == ("dcp:model", 200, "content:train_state.step")  # a tensor
     assert load_checkpoint(run / "step-100").step_source == "content:train_state.step"  # an int
-    assert ck.extra_keys == ["optimizer", "train_state"]
+    assert ck.extra_keys == ["optimizer", "train_state"] and ck.hparams == {"lr": 1e-3}  # Adam's default
     assert set(ck.state) == set(sd200) and all(torch.equal(ck.state[k], v) for k, v in sd200.items())
     torch.save(sd100, tmp_path / "same.pt")
     args = ["--model", "mlp", "--model-arg", "in_dim=64", "--model-arg", "hidden=6", "--model-arg", "out_dim=10",
@@ -171,6 +171,7 @@ def test_a_run_of_torchtitan_folders_is_discovered_and_analysed_end_to_end(tmp_p
     dcp100, dcp200, pt = sorted(results, key=lambda r: r["path"].endswith(".pt"))
     assert (dcp100["step"], dcp200["step"]) == (100, 200) and dcp100["source"]["layout"] == "dcp:model"
     assert dcp100["eigenvalues"] == pytest.approx(pt["eigenvalues"], rel=1e-6)
+    assert (dcp100["eta"], pt["eta"]) == (1e-3, None)  # the saved optimizer's learning rate
     assert dcp200["eigenvalues"] != pytest.approx(pt["eigenvalues"], rel=1e-3)
     shown = run_cli("inspect", run / "step-100", "--json")
     assert shown.code == 0 and "dcp" in shown.stdout and "100" in shown.stdout, shown.stderr

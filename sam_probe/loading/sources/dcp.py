@@ -39,7 +39,8 @@ The model part of a nested state dict is kept: the entries under ``model`` (or
 saved as ``{'model': ..., 'optim': ...}``), else the top-level tensors without
 ``optimizer`` / ``optim`` / ``lr_scheduler`` / ``dataloader`` / ``train_state``.
 The step is the saved ``step`` / ``global_step`` / ``train_state.step`` item, else
-the folder name (``step-100``, ``global_step100``).  :func:`read_rows` reads only
+the folder name (``step-100``, ``global_step100``); the learning rate (``hparams['lr']``)
+is the first parameter group's ``lr`` of the saved optimizer state, when there is one.  :func:`read_rows` reads only
 the rows one FSDP rank needs, opening only the items that hold them.
 """
 from __future__ import annotations
@@ -609,34 +610,47 @@ def select(lay: Layout, key: str | None) -> tuple[dict[str, str], str]:
 
 
 # ------------------------------------------------------------------ loading
-def _read_step(folder: Path, lay: Layout, maps: dict[str, MappedFile]) -> tuple[int | None, str]:
-    """The saved step (a bytes item or a one-entry tensor), else the folder name."""
+def _saved_value(folder: Path, lay: Layout, fqn: str) -> Any:
+    """A saved non-tensor item (or a one-entry tensor) by fqn, read inertly; ``None`` when absent or raw bytes."""
     from ..formats import refused
+
+    item, t = lay.objects.get(fqn), lay.tensors.get(fqn)
+    if item is None and (t is None or math.prod(t.size) != 1):
+        return None
+    file, start, length = (item.file, item.start, item.length) if item is not None else \
+        (t.chunks[0].file, t.chunks[0].start, t.chunks[0].length)  # type: ignore[union-attr]
+    try:
+        mf = map_file(folder / file)
+        with memoryview(mf.data) as view:
+            buf = _anon(view[start:start + length])
+        if item is None:
+            return _chunk_tensor(buf, t.dtype, t.chunks[0], fqn).reshape(())  # type: ignore[union-attr]
+        if bytes(buf.data[:4]) != b"PK\x03\x04":
+            return None  # raw bytes (a BytesIO the trainer saved), not a pickled value
+        return _item_object(buf)
+    except RefusedFile as exc:
+        raise refused(folder / file, exc) from None
+
+
+def _read_step(folder: Path, lay: Layout) -> tuple[int | None, str]:
+    """The saved step (a bytes item or a one-entry tensor), else the folder name."""
     from ..steps import as_step, step_from_name
 
     for fqn in STEP_ITEMS:
-        item = lay.objects.get(fqn)
-        t = lay.tensors.get(fqn)
-        if item is None and (t is None or math.prod(t.size) != 1):
-            continue
-        file, start, length = (item.file, item.start, item.length) if item is not None else \
-            (t.chunks[0].file, t.chunks[0].start, t.chunks[0].length)  # type: ignore[union-attr]
-        try:
-            mf = maps.get(file) or map_file(folder / file)
-            with memoryview(mf.data) as view:
-                buf = _anon(view[start:start + length])
-            if item is not None:
-                if bytes(buf.data[:4]) != b"PK\x03\x04":
-                    continue  # raw bytes (a BytesIO the trainer saved), not a pickled value
-                step = as_step(_item_object(buf))
-            else:
-                step = as_step(_chunk_tensor(buf, t.dtype, t.chunks[0], fqn).reshape(()))  # type: ignore[union-attr]
-        except RefusedFile as exc:
-            raise refused(folder / file, exc) from None
+        step = as_step(_saved_value(folder, lay, fqn))
         if step is not None:
             return step, f"content:{fqn}"
     step = step_from_name(folder.name)
     return (step, "filename") if step is not None else (None, "position")
+
+
+def _read_lr(folder: Path, lay: Layout) -> dict[str, Any]:
+    """``{'lr': ...}`` from the first optimizer parameter group saved beside the weights, if any."""
+    for top in ("optimizer", "optim", "optimizers"):
+        v = _saved_value(folder, lay, f"{top}.param_groups.0.lr")
+        if type(v) in (int, float) and math.isfinite(v) and v > 0:
+            return {"lr": float(v)}
+    return {}
 
 
 def load(folder: Path, *, key: str | None = None, trust: bool = False):
@@ -681,7 +695,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
             remember_sha256(mf, sha.hexdigest())
         except RefusedFile as exc:
             raise refused(path, exc) from None
-    step, step_source = _read_step(folder, lay, {})
+    step, step_source = _read_step(folder, lay)
     state = {chosen[f]: t for f, t in out.items()}
     check_tensors(folder, state)
     state, stripped = strip_prefixes(state)
@@ -690,7 +704,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
         extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
     return Checkpoint(
         path=str(folder), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
-        extra_keys=extra, hparams={}, model_spec=None, placeholders=[], stripped_prefixes=stripped,
+        extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
         trusted=trust, source=SOURCE.name, digest=digest(folder),
         scanned={n: count_nonfinite(t) for n, t in state.items() if t.is_floating_point() or t.is_complex()})
 
