@@ -39,9 +39,10 @@ The model part of a nested state dict is kept: the entries under ``model`` (or
 saved as ``{'model': ..., 'optim': ...}``), else the top-level tensors without
 ``optimizer`` / ``optim`` / ``lr_scheduler`` / ``dataloader`` / ``train_state``.
 The step is the saved ``step`` / ``global_step`` / ``train_state.step`` item, else
-the folder name (``step-100``, ``global_step100``); the learning rate (``hparams['lr']``)
-is the first parameter group's ``lr`` of the saved optimizer state, when there is one.  :func:`read_rows` reads only
-the rows one FSDP rank needs, opening only the items that hold them.
+the folder name (``step-100``, ``global_step100``); ``hparams['lr']`` is the first
+parameter group's ``lr`` of the saved optimizer state, when there is one.
+:func:`read_rows` reads only the rows one FSDP rank needs (:func:`rank_rows`),
+opening only the items that hold them.
 """
 from __future__ import annotations
 
@@ -524,10 +525,14 @@ def read_layout(folder: Path) -> Layout:
             spans.setdefault(it.file, []).append((it.start, it.start + it.length, fqn))
         for name, items in spans.items():
             _need(name in listed, f"shard {name} is missing")
-            size = (folder / name).stat().st_size
+            try:
+                size = (folder / name).stat().st_size
+            except OSError:
+                raise _Bad(f"shard {name} cannot be read") from None
             items.sort()
-            _need(items[-1][1] <= size, f"an item of {items[-1][2][:80]} runs past the end of {name} "
-                  f"({items[-1][1]:,} > {size:,} bytes)")
+            last = max(items, key=lambda it: it[1])
+            _need(last[1] <= size, f"an item of {last[2][:80]} runs past the end of {name} ({last[1]:,} > {size:,} "
+                  "bytes)")
             for (_, end_a, a), (start_b, _, b) in zip(items, items[1:]):
                 _need(end_a <= start_b, f"items {a[:60]} and {b[:60]} overlap in {name}")
     except _Bad as exc:
