@@ -185,6 +185,17 @@ def test_the_step_comes_from_the_folder_name_when_none_was_saved(tmp_path):
     assert list(load_checkpoint(folder, key="optim").state) == ["state.w.m"]
     with pytest.raises(CheckpointError, match="--key nope: no tensors"):
         load_checkpoint(folder, key="nope")
+    # torchtitan's flattened layout: the model's own names at the top, optimizer and trainer state nested
+    m, opt = model_and_optimizer()
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    flat = save({**sd, "optimizer": opt.state_dict(), "lr_scheduler": {"last_epoch": torch.tensor(3)},
+                 "train_state": {"step": torch.tensor(12)}}, tmp_path / "flat")
+    ck = load_checkpoint(flat)
+    assert (ck.layout, ck.step, ck.hparams) == ("dcp", 12, {"lr": 1e-3}) and set(ck.state) == set(sd)
+    assert all(torch.equal(ck.state[k], v) for k, v in sd.items())
+    only_optimizer = save({"optimizer": opt.state_dict()}, tmp_path / "optimizer_0")  # Accelerate's optimizer folder
+    with pytest.raises(CheckpointError, match="no tensors found besides optimizer"):
+        load_checkpoint(only_optimizer)
 
 
 def test_four_ranks_are_assembled_exactly_and_one_rank_reads_only_its_rows(ranks4, monkeypatch):
