@@ -251,12 +251,11 @@ class _Call:
         return self.fn, (self.arg,)
 
 
-def _two_chunks(tmp_path: Path, name: str) -> Path:
-    """A one-process folder whose metadata is then rewritten as if rows 0-1 and 2-3 of w were two ranks' chunks
-    in one file (each item holding the whole 4 x 3 tensor's bytes is enough for the sizes checked)."""
-    folder = save({"w": torch.arange(12.0).reshape(4, 3), "v": torch.arange(12.0).reshape(4, 3) + 100},
-                  tmp_path / name)
-    return folder
+def _two_tensors(tmp_path: Path, name: str) -> Path:
+    """A one-process folder of two 4 x 3 tensors, whose metadata the hostile cases rewrite (e.g. w's chunks made
+    of rows 0-1 from w's own item and rows from v's item, as if two ranks had written them)."""
+    return save({"w": torch.arange(12.0).reshape(4, 3), "v": torch.arange(12.0).reshape(4, 3) + 100},
+                tmp_path / name)
 
 
 def test_hostile_metadata_is_refused_before_anything_runs(tmp_path):
@@ -298,7 +297,7 @@ def test_hostile_metadata_is_refused_before_anything_runs(tmp_path):
     ("metadata-item", "not a .distcp file"), ("newline", "no storage entry"),
 ])
 def test_hostile_folders_are_one_line_errors(tmp_path, case, match):
-    folder = _two_chunks(tmp_path, case)
+    folder = _two_tensors(tmp_path, case)
     md = _meta(folder)
     sdm, storage = md.state_dict_metadata, md.storage_data
     info = {k.fqn: (k, v) for k, v in storage.items()}
