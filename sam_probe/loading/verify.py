@@ -215,3 +215,11 @@ def file_sha256(path: str | Path) -> str:
     if known.sha256 is None:
         known.sha256 = _pass(mf, (), (), True)[0]
     return known.sha256  # type: ignore[return-value]
+
+
+def remember_sha256(mf: MappedFile, sha256: str) -> None:
+    """Remember the sha256 a source computed in its own pass over a mapped file (e.g. over the copies of the
+    parts it read and the bytes between them), so that keying it later does not read it again."""
+    known = _remember(mf)
+    if known.sha256 is None:
+        known.sha256 = sha256

@@ -1,7 +1,8 @@
 """Source ``folder-run``: a run directory whose checkpoints are folders named by their step.
 
 A Hugging Face Trainer output (``checkpoint-500/``, ``checkpoint-1000/``), a DeepSpeed
-save directory (``global_step100/``, ``global_step200/`` beside ``latest``), or any
+save directory (``global_step100/``, ``global_step200/`` beside ``latest``), a torchtitan
+``checkpoint/`` folder of ``torch.distributed.checkpoint`` saves (``step-100/``), or any
 directory of folder checkpoints of another registered source whose names carry a step:
 every such sub-folder that a folder source claims is one checkpoint of the run, in the
 order of the step in its name (``checkpoint-500`` before ``checkpoint-1000``); each one's
@@ -32,6 +33,7 @@ def members(target: Path, is_folder_checkpoint: Callable[[Path], bool]) -> list[
 
 SOURCE = Source(
     name="folder-run", kind=RUN, order=10,
-    summary="run directory of checkpoint folders named by step: Trainer checkpoint-N/, DeepSpeed global_stepN/",
+    summary="run directory of checkpoint folders named by step: Trainer checkpoint-N/, DeepSpeed global_stepN/, "
+            "torchtitan / DCP step-N/",
     members=members, step="each folder's own source (trainer_state.json, DeepSpeed global_steps), by name order",
 )
