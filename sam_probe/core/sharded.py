@@ -401,9 +401,55 @@ class ShardedObjective:
         reshard(self.module)
         return self.space.flatten(self.named).detach().clone()
 
+    def evaluate_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+                    ) -> tuple[float, float | None]:
+        """``(L, accuracy)`` with the parameters' shards set to ``params`` (``{name: this rank's shard}``,
+        as :func:`local_state` gives) and the named ``buffers`` (whole: FSDP2 leaves buffers unsharded) set
+        too; weights and buffers restored exactly after."""
+        saved = {n: b.detach().clone() for n, b in self.module.named_buffers()} if buffers else {}
+        try:
+            with torch.no_grad():
+                for n, t in (buffers or {}).items():
+                    self.module.get_buffer(n).copy_(t)
+            return self.evaluate(self.space.flatten(params).to(self.dtype))
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    self.module.get_buffer(n).copy_(t)
+
     def hessian(self) -> "ShardedHessian":
         """The Hessian as a curvature operator on shards (finite-difference products)."""
         return ShardedHessian(self)
+
+
+class ShardedPath:
+    """A :class:`ShardedObjective` as :func:`sam_probe.core.paths.interpolate` reads an objective: states
+    hold every parameter as this rank's shard (:meth:`local`) and the buffers whole, and each point is one
+    sharded evaluation (:meth:`ShardedObjective.evaluate_at`).  The interpolation is elementwise, so each
+    shard of ``w(a)`` is bit for bit the one-process value; only the loss sums are reduced over ranks."""
+
+    def __init__(self, obj: ShardedObjective):
+        self.obj = obj
+        self.space = obj.space
+        self.device, self.dtype = obj.device, obj.dtype
+        self.buffers = {n: b.detach() for n, b in obj.module.named_buffers()}
+
+    def local(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (whole tensors) with every parameter cut to this rank's shard (buffers kept whole)."""
+        out = {n: t for n, t in state.items() if n in self.buffers}
+        out.update(local_state(self.space, state, self.obj.rank, self.obj.world))
+        return out
+
+    def with_params(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None) -> "_At":
+        return _At(self.obj, params, buffers)
+
+
+class _At:
+    def __init__(self, obj: ShardedObjective, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None):
+        self.obj, self.params, self.buffers = obj, params, buffers
+
+    def evaluate(self) -> tuple[float, float | None]:
+        return self.obj.evaluate_at(self.params, self.buffers)
 
 
 def inner_size(n: int, group: Any) -> int:
