@@ -229,5 +229,25 @@ def test_shard_model_refuses_what_ratios_cannot_do():
         assert "\n" not in str(err.value)
 
 
+def test_a_lost_rank_ends_the_run_in_one_line(monkeypatch):
+    """In a multi-rank group, a unit failing because a peer is gone (or this rank ran out of memory) is not a
+    per-unit failure: the ranks no longer meet in the same collectives, so RankLost ends the command (the CLI
+    prints its one line and exits 2; units are written only once computed, so none is partial)."""
+    from sam_probe.errors import RankLost
+    from sam_probe.pipeline.outcome import failure
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1\nmore")
+    assert failure("ck.pt", 1, lost).status == "failed"  # one process: an ordinary failed unit
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setitem(distributed._STATE, "lost", False)
+    with pytest.raises(RankLost) as err:
+        failure("ck.pt", 1, lost)
+    assert "one of the 2 ranks died" in str(err.value) and "\n" not in str(err.value)
+    assert failure("ck.pt", 1, ValueError("a bug")).status == "failed"  # other errors stay per unit
+    with pytest.raises(RankLost, match="ran out of memory"):
+        failure("ck.pt", 1, MemoryError("no room"))
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])
