@@ -32,6 +32,11 @@ per product.  The weights are set to ``w ± h v`` *in place* on the sharded copy
 restored from a saved shard after each gradient (exactly: copied back, never
 subtracted); the caller's model is never touched (``copy=True``, the default).
 
+Whole vectors.  :func:`gather_flat` assembles a shard vector on rank 0 in one process's flat
+order (what ``ratios`` stores: codes and masks byte for byte as one process writes them);
+:func:`local_state` cuts whole tensors (a checkpoint's state) to this rank's shards, as FSDP2 does
+(``interpolate``: :class:`ShardedPath`).
+
 Memory per rank: the model shard ``P/R``, its gradient shard, the saved shard and the
 solver's ``k + c`` vector shards, i.e. ``(3 + k + c) · P / R`` entries, plus one
 transformer block gathered at a time and the activations of one chunk.
