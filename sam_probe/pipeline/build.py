@@ -222,8 +222,9 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
             except AttributeError:  # a buffer the model does not register
                 continue
     model.to(device=session.device, dtype=session.dtype)
-    session.note(f"{opt('shard_model')}: Hessian products are finite differences of gradients through FSDP's "
-                 "backward (Richardson-extrapolated; their error is part of every residual)")
+    session.note(f"{opt('shard_model')}: gradients through FSDP's backward; Hessian products, where the analysis "
+                 "takes them, are their finite differences (Richardson-extrapolated; their error is part of every "
+                 "residual)")
     return ShardedObjective(model, data.inputs, data.targets, loss, loss_name=loss_name, chunk_size=s.batch_size,
                             bn_mode=s.bn_mode, copy=False, dtype=session.dtype)
 
