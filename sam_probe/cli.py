@@ -138,6 +138,14 @@ def _run(argv: list[str], debug: bool) -> None:
                 traceback.print_exc()
             error(str(exc), getattr(exc, "rows", None))
         sys.exit(exc.exit_code)
+    except errors.RankLost as exc:
+        from .report.console import error
+
+        from . import distributed
+
+        if distributed.is_main() or getattr(exc, "own", False):  # rank 0, or the rank whose failure it is
+            error(str(exc))
+        sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Interrupted):
         from .commands.runner import KEPT
         from .report.console import note

@@ -92,13 +92,46 @@ def init(device: Any = None, backend: str | None = None, timeout_s: float = 1800
     return True
 
 
+_LOST_WORDS = ("closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+               "failed to pass monitoredbarrier", "nccl communicator was aborted", "watchdog caught collective")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` says a peer rank is gone (or this rank cannot go on with its peers: out of memory),
+    in a multi-process group: the run must end, since the ranks no longer meet in the same collectives."""
+    if not (active() and world_size() > 1):
+        return False
+    if isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError", "DistNetworkError"):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _LOST_WORDS)
+
+
+def rank_lost(exc: BaseException) -> BaseException:
+    """The one-line :class:`~sam_probe.errors.RankLost` for ``exc`` (:func:`lost_peer`); the group is then
+    left without the final barrier (a lost rank would never reach it)."""
+    from .errors import RankLost
+
+    _STATE["lost"] = True
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        why, own = f"rank {rank()} of {world_size()} ran out of memory ({first})", True
+    else:
+        why, own = f"one of the {world_size()} ranks died or left ({first})", False
+    out = RankLost(f"{why}: the run stops here; every stored unit is whole, re-run the same command to resume")
+    out.own = own  # type: ignore[attr-defined]
+    return out
+
+
 def shutdown() -> None:
     """Leave the process group (if this module started using one), after every rank got here:
     rank 0 hosts the rendezvous store, and a rank leaving early aborts the others."""
     if _STATE["active"] and _group_up():
         dist = _dist()
         try:
-            if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            if _STATE.get("lost"):
+                pass  # a rank is gone: no barrier would complete
+            elif dist.get_world_size() > 1 and dist.get_backend() == "gloo":
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))  # names a rank that died
             elif dist.get_world_size() > 1:
                 dist.barrier()

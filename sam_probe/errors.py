@@ -167,6 +167,14 @@ def suggest(name: str, choices: Any, n: int = 3) -> str:
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
+class RankLost(BaseException):
+    """A rank of a multi-process run died, or failed where its peers cannot follow (out of memory): the
+    others would wait in a collective, so nothing catches it per unit; the CLI's entry point prints its
+    one line and exits 2.  Units stored before it are whole (a unit is written after it is computed)."""
+
+    exit_code = 2
+
+
 class Interrupted(BaseException):
     """Ctrl-C / SIGINT: like KeyboardInterrupt, nothing catches it on the way out but the CLI's
     entry point, which says what was kept and exits 130."""

@@ -15,6 +15,7 @@ JSON line are derived from :class:`Result`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
@@ -57,7 +58,7 @@ class Config:
 
 
 ANALYSIS = Analysis(
-    name="gradnorm", version=1, order=15, target=CHECKPOINTS,
+    name="gradnorm", version=1, order=15, target=CHECKPOINTS, shardable=True,
     summary="Full-batch gradient norm ||g|| per checkpoint, per parameter tensor and per module, with the loss.",
     definitions=(
         ("g", "grad L(w): the exact mean gradient of the loss over the whole data selection"),
@@ -89,9 +90,18 @@ def compute(ck: Checkpoint, session: AnalysisSession, cfg: dict[str, Any], carry
 def gradient_norms(obj: Objective) -> Result:
     """``||grad L(w)||`` of ``obj`` in total, per tensor and per module, and ``L(w)`` (weights unchanged).
 
-    Norms are accumulated in float64 slice by slice: nothing beyond the gradient itself is allocated."""
+    Norms are accumulated in float64 slice by slice: nothing beyond the gradient itself is allocated.
+    A model-sharded objective (``--shard-model``): ``g`` and ``w`` are this rank's shards; the squared
+    norms of every tensor's shards (float64) are summed over the ranks and ``max |g_i|`` is the maximum
+    over them, so every rank returns the whole model's numbers."""
     import torch
 
+    from ..core import inner
+
+    group = getattr(obj, "shard_group", None)
+    if group is not None:
+        with inner.sharded(group):
+            return _sharded_norms(obj)
     loss, acc = obj.evaluate()
     g = obj.grad_flat()
 
@@ -104,6 +114,34 @@ def gradient_norms(obj: Objective) -> Result:
     top = max(float(g.max()), -float(g.min())) if g.numel() else 0.0
     return Result(loss=float(loss), accuracy=acc, grad_norm=gn, grad_max_abs=top, param_norm=wn,
                   relative=gn / wn if wn > 0 else None, n_params=int(g.numel()), per_tensor=tensors,
+                  per_module=by_module(tensors))
+
+
+def _sharded_norms(obj: Any) -> Result:
+    """:func:`gradient_norms` of a :class:`~sam_probe.core.sharded.ShardedObjective` (inside its group)."""
+    import torch
+
+    from ..core import inner
+
+    loss, acc = obj.evaluate()
+    g = obj.grad_flat()
+    w = obj.flat_params()
+    sl = list(obj.space.slices().values())
+    sq = torch.zeros(2, len(sl), dtype=torch.float64, device=g.device)  # [||g_t||², ||w_t||²] of the shards
+    for j, s in enumerate(sl):
+        if s.stop > s.start:
+            sq[0, j] = torch.linalg.vector_norm(g[s], dtype=torch.float64).square()
+            sq[1, j] = torch.linalg.vector_norm(w[s], dtype=torch.float64).square()
+    del w
+    top = torch.zeros(1, dtype=torch.float64, device=g.device)
+    if g.numel():
+        top[0] = max(float(g.max()), -float(g.min()))
+    sq, top = inner.allsum(sq).cpu(), inner.allmax(top).cpu()
+    n = [math.prod(shape) for shape in obj.space.shapes]
+    tensors = [Part(name=name, norm=float(sq[0, j].sqrt()), n_params=int(n[j])) for j, name in enumerate(obj.space.names)]
+    gn, wn = float(sq[0].sum().sqrt()), float(sq[1].sum().sqrt())
+    return Result(loss=float(loss), accuracy=acc, grad_norm=gn, grad_max_abs=float(top[0]), param_norm=wn,
+                  relative=gn / wn if wn > 0 else None, n_params=int(obj.n_params), per_tensor=tensors,
                   per_module=by_module(tensors))
 
 

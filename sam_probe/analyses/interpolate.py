@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="interpolate", version=2, order=60, target=PAIR, gradients=False,
+    name="interpolate", version=2, order=60, target=PAIR, gradients=False, shardable=True,
     summary="Loss and accuracy along w(a) = (1-a) w_A + a w_B (buffers too) and the barrier above the chord.",
     definitions=(
         ("w(a)", "(1-a) w_A + a w_B for every alpha of the grid (always holding 0 and 1); BatchNorm buffers too"),
@@ -79,6 +79,13 @@ def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any
     model = session.build_model(ca)
     ma, mb = session.matched(ca, model), session.matched(cb, model)
     lo, hi = cfg["range"]
-    res = core_interpolate(obj, {**ma.params, **ma.buffers}, {**mb.params, **mb.buffers}, points=cfg["points"],
-                           lo=lo, hi=hi)
+    sa, sb = {**ma.params, **ma.buffers}, {**mb.params, **mb.buffers}
+    if getattr(obj, "shard_group", None) is not None:  # --shard-model: each point one sharded evaluation
+        from ..core.sharded import ShardedPath
+
+        path = ShardedPath(obj)  # type: ignore[arg-type]
+        res = core_interpolate(path, path.local(sa), path.local(sb), points=cfg["points"], lo=lo,  # type: ignore[arg-type]
+                               hi=hi)
+    else:
+        res = core_interpolate(obj, sa, sb, points=cfg["points"], lo=lo, hi=hi)
     return {"a": str(ca.path), "b": str(cb.path), "step_a": ca.step, "step_b": cb.step, **res.to_dict()}

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 NULL_CHOICES = ("independence", "shuffled", "markov", "control")
 
 ANALYSIS = Analysis(
-    name="overlap", version=2, order=30, target=RUNS,
+    name="overlap", version=2, order=30, target=RUNS, shardable=True,
     summary="Persistence of a ratio category across steps: anchor overlap, Jaccard, persistent core and IRE link, "
             "against informative nulls (time-shuffled, first-order Markov, a control run) as well as "
             "independence (uses stored ratio units, computes missing ones).",
@@ -111,18 +111,43 @@ def control_overlap(session: AnalysisSession, cfg: dict[str, Any], anchor: int |
     a = anchor if anchor is not None else steps[0]
     if a not in steps:
         raise SpecError(f"--control {cfg['control']}: it has no checkpoint at the anchor step {a} (steps: {steps})")
+    from ..loading.checkpoints import file_sha256
+
+    if not _writes(session):  # --shard-model: rank 0 alone holds the codes and computes the overlap
+        return None, [file_sha256(o.path) for o in good], int(results[0]["n_params"])
     masks = [membership_mask(r["codes"], cfg["category"]) for r in results]
     res = overlap_analysis(masks, int(results[0]["n_params"]), steps=steps, category=cfg["category"], anchor=a,
                            pairwise=False, nulls=False)
-    from ..loading.checkpoints import file_sha256
+    return res, [file_sha256(o.path) for o in good], res.n_params
 
-    return res, [file_sha256(o.path) for o in good]
+
+def _writes(session: AnalysisSession) -> bool:
+    """Whether this process computes the overlap itself: always, except on ranks other than 0 under
+    ``--shard-model`` (only rank 0 holds the gathered codes and masks; the others take part in the
+    gradients and ratio units, then return a placeholder that is neither printed nor stored)."""
+    from .. import distributed
+
+    return not getattr(session.settings, "shard_model", False) or distributed.is_main()
+
+
+def _flat_mask(obj: Any, rank: float) -> Any:
+    """The IRE flat mask of ``obj``'s gradient (sharded: gathered to rank 0, ``None`` elsewhere)."""
+    from ..core import inner
+    from ..core.overlap import flat_mask
+
+    group = getattr(obj, "shard_group", None)
+    if group is None:
+        return flat_mask(obj.grad_flat().square(), rank)
+    from ..core.ratios import flat_mask_of_shards
+
+    with inner.sharded(group):
+        return flat_mask_of_shards(obj.grad(), obj.space, rank)
 
 
 def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
     """Ratio units of every checkpoint (read back or computed), then the overlap unit of the run."""
     from ..core.bitpack import membership_mask
-    from ..core.overlap import flat_mask, overlap_analysis
+    from ..core.overlap import overlap_analysis
     from ..loading.runs import run_label
     from ..errors import SpecError
     from . import get
@@ -141,26 +166,30 @@ def overlap_of_run(session: AnalysisSession, target: Path, cfg: dict[str, Any]):
 
     control, unit_cfg = None, cfg
     if cfg.get("control"):
-        control, shas = control_overlap(session, cfg, anchor if anchor is not None else steps[0])
+        control, shas, n_control = control_overlap(session, cfg, anchor if anchor is not None else steps[0])
         n_run = int((good[0].result or {})["n_params"])
-        if control.n_params != n_run:
-            return failed + [session.failed(target, f"--control {cfg['control']}: {control.n_params} parameters, "
+        if n_control != n_run:
+            return failed + [session.failed(target, f"--control {cfg['control']}: {n_control} parameters, "
                                                      f"{target} has {n_run}")]
         unit_cfg = {**cfg, "control_shas": shas}
 
     def compute(cks, session: AnalysisSession, _cfg) -> dict[str, Any]:
         by_step = {o.step: o.result for o in good}
         masks, flats = [], []
+        mine = _writes(session)
         for ck in cks:
             r = by_step.get(ck.step)
             if r is None:
                 continue
-            masks.append(membership_mask(r["codes"], category))
+            if mine:
+                masks.append(membership_mask(r["codes"], category))
             stored = r.get("ire_flat") or {}
             if stored.get("rank") == rcfg["ire_rank"]:
                 flats.append(stored["mask"])
-            else:  # a unit stored without its flat mask: one gradient pass
-                flats.append(flat_mask(session.objective(ck).grad_flat().square(), rcfg["ire_rank"]))
+            else:  # a unit stored without its flat mask: one gradient pass (on every rank when sharded)
+                flats.append(_flat_mask(session.objective(ck), rcfg["ire_rank"]))
+        if not mine:
+            return {"run": str(target)}
         n = int((good[0].result or {})["n_params"])
         res = overlap_analysis(masks, n, steps=steps, category=category, anchor=anchor, flat_masks=flats,
                                ire_rank=rcfg["ire_rank"], pairwise=cfg["pairwise"], null=cfg.get("null", "shuffled"),

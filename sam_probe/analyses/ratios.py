@@ -40,7 +40,7 @@ RATIO_OPTIONS = (
 )
 
 ANALYSIS = Analysis(
-    name="ratios", version=1, order=20, target=CHECKPOINTS,
+    name="ratios", version=1, order=20, target=CHECKPOINTS, shardable=True,
     summary="Per-parameter ratio r = g~/g of SAM's perturbed to current gradient: categories C1-C4, bins, "
             "magnitude split.",
     definitions=(
@@ -98,6 +98,10 @@ def ratio_config(opts: dict[str, Any], settings: Any = None) -> dict[str, Any]:
         raise SpecError("--rho must be > 0, --eps >= 0 and --m-sharpness >= 1")
     if not 0 < ire_rank < 1:
         raise SpecError(f"--ire-rank {ire_rank}: a fraction in (0, 1), e.g. 0.9")
+    if getattr(settings, "shard_model", False) and (m is not None or opts.get("minibatch") is not None):
+        raise SpecError("--shard-model computes ratios on the whole selection: drop "
+                        + ", ".join(f for f, v in (("--m-sharpness", m), ("--minibatch", opts.get("minibatch")))
+                                    if v is not None))
     cfg = {"rho": rho, "variant": opts["variant"], "m": m, "eps": eps, "faithful": opts["faithful"],
            "edges": parse_edges(opts["edges"]), "eta": opts["eta"], "ire_rank": ire_rank}
     if opts.get("minibatch") is not None:  # absent otherwise: units stored before --minibatch keep their keys
@@ -130,14 +134,26 @@ def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, 
 
 def compute_ratios(obj, cfg: dict[str, Any]) -> dict[str, Any]:
     """Ratio statistics of one objective (the whole selection, or a step's minibatch as an
-    ``obj.subset``), with the packed codes and the IRE flat mask (pure)."""
-    from ..core.perturb import perturbed_gradient
-    from ..core.ratios import ratio_from_gradients
+    ``obj.subset``), with the packed codes and the IRE flat mask (pure).
 
-    pg = perturbed_gradient(obj, rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"], with_loss=False)
-    res = ratio_from_gradients(pg.grad, pg.perturbed_grad, obj.space, rho=cfg["rho"], variant=cfg["variant"],
-                               m=cfg["m"], eta=cfg["eta"], eps=cfg["eps"], faithful=cfg["faithful"], edges=cfg["edges"],
-                               ire_rank=cfg["ire_rank"])
+    A model-sharded objective (``--shard-model``): every rank computes ``g`` and ``g~`` on its shards
+    (``||g||`` summed over ranks) and the statistics per shard, summed over ranks; the codes and the IRE
+    mask are gathered to rank 0 in one process's order and packed there
+    (:func:`~sam_probe.core.ratios.ratio_from_shards`, which says what that costs), so the stored unit
+    holds the bytes of a one-process run.  Other ranks return ``codes: None`` (rank 0 writes)."""
+    from ..core import inner
+    from ..core.perturb import perturbed_gradient
+    from ..core.ratios import ratio_from_gradients, ratio_from_shards
+
+    kw = dict(rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"], eps=cfg["eps"],
+              faithful=cfg["faithful"], edges=cfg["edges"], ire_rank=cfg["ire_rank"])
+    with inner.over(obj):
+        pg = perturbed_gradient(obj, rho=cfg["rho"], variant=cfg["variant"], m=cfg["m"], eta=cfg["eta"],
+                                with_loss=False)
+        if inner.active():
+            res = ratio_from_shards(pg.grad, pg.perturbed_grad, obj.space, **kw)
+        else:
+            res = ratio_from_gradients(pg.grad, pg.perturbed_grad, obj.space, **kw)
     del pg  # g and g~ are not needed past this point
     out = res.to_dict()
     if cfg["m"]:

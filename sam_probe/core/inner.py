@@ -139,3 +139,68 @@ def generator(seed: int) -> torch.Generator:
     import torch.distributed as dist
 
     return torch.Generator().manual_seed(int(seed) + _RANK_SEED * (dist.get_rank(group) + 1))
+
+
+def allmax(t: Tensor) -> Tensor:
+    """``max_r t_r`` entrywise over the shard group (``t`` itself outside :func:`sharded`)."""
+    group = _GROUP.get()
+    if group is None:
+        return t
+    import torch.distributed as dist
+
+    out = t.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+_RADIX = 8  # bits decided per pass of :func:`kth_largest`
+
+
+def kth_largest(score: Any, segments: list[tuple[int, int]], ks: list[int], chunk: int = 1 << 20) -> list[float | None]:
+    """The ``k``-th largest value of each segment of a non-negative vector whose entries are spread over
+    the ranks (exact: the value a sort of the whole segment would give).
+
+    ``score(a, b)``: this rank's entries ``a..b`` (float32 or float64, ``>= 0``: ``|g|`` or ``g²``);
+    ``segments``: ``[(lo, hi)]`` local ranges, one per segment on every rank (the same count on every
+    rank, possibly empty); ``ks``: each segment's ``k`` over all ranks (the same on every rank; ``0``:
+    ``None``).  Radix selection on the bit patterns (for non-negative IEEE floats, integer order is
+    value order): ``bits/8`` passes (8 for float64, 4 for float32), each reading this rank's entries
+    chunk by chunk and all-reducing one ``[segments, 256]`` histogram; nothing parameter-sized is
+    held.  Outside :func:`sharded` it is the same selection on the local vector."""
+    if not segments:
+        return []
+    probe = score(segments[0][0], segments[0][0])
+    itype, bits = {torch.float64: (torch.int64, 64), torch.float32: (torch.int32, 32)}.get(probe.dtype, (None, 0))
+    if itype is None:
+        raise TypeError(f"kth_largest needs float32 or float64 scores, got {probe.dtype}")
+    remaining = [int(k) for k in ks]
+    prefix = [0] * len(segments)
+    device = probe.device
+    for p in range(bits // _RADIX):
+        shift = bits - _RADIX * (p + 1)
+        hist = torch.zeros(len(segments), 1 << _RADIX, dtype=torch.int64, device=device)
+        for s, (lo, hi) in enumerate(segments):
+            if remaining[s] <= 0:
+                continue
+            for a in range(lo, hi, chunk):
+                u = score(a, min(a + chunk, hi)).reshape(-1).view(itype)
+                digit = (u >> shift) & ((1 << _RADIX) - 1)
+                if p:
+                    digit = digit[(u >> (shift + _RADIX)) == (prefix[s] >> (shift + _RADIX))]
+                hist[s] += torch.bincount(digit.long(), minlength=1 << _RADIX)
+        hist = allsum(hist).cpu()
+        for s in range(len(segments)):
+            if remaining[s] <= 0:
+                continue
+            above = 0
+            for b in range((1 << _RADIX) - 1, -1, -1):
+                h = int(hist[s, b])
+                if above + h >= remaining[s]:
+                    prefix[s] |= b << shift
+                    remaining[s] -= above
+                    break
+                above += h
+            else:
+                raise ValueError(f"segment {s}: k = {ks[s]} is more than its entries")
+    return [float(torch.tensor([prefix[s]], dtype=itype).view(probe.dtype)[0]) if int(ks[s]) > 0 else None
+            for s in range(len(segments))]

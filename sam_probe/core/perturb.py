@@ -68,6 +68,14 @@ def chunk_size(chunk: int | None = None) -> int:
     return max(8, c - c % 8)
 
 
+def _global_norm(v: Tensor) -> Tensor:
+    """``max(||v||, NORM_FLOOR)`` as a 0-dim tensor of ``v``'s dtype: ``v.norm()`` on one process (bit for
+    bit as before), the norm over all ranks when ``v`` is a shard (:mod:`.inner`)."""
+    if not inner.active():
+        return v.norm().clamp_min(NORM_FLOOR)
+    return torch.tensor(inner.norm(v), dtype=v.dtype, device=v.device).clamp_min(NORM_FLOOR)
+
+
 def perturbed_point(obj: Objective, g: Tensor, variant: str = "l2", rho: float = 0.05, eta: float = 0.01,
                     chunk: int | None = None) -> Tensor:
     """``w + e`` as ONE new flat vector, filled chunk by chunk.
@@ -82,7 +90,7 @@ def perturbed_point(obj: Objective, g: Tensor, variant: str = "l2", rho: float =
     chunk = chunk_size(chunk)
     out = obj.flat_params()  # w; updated in place, chunk by chunk
     if variant == "l2":
-        nrm = g.norm().clamp_min(NORM_FLOOR)
+        nrm = _global_norm(g)
         for s in range(0, out.numel(), chunk):
             out[s:s + chunk].add_(rho * g[s:s + chunk] / nrm)
         return out
@@ -103,7 +111,7 @@ def perturbed_point(obj: Objective, g: Tensor, variant: str = "l2", rho: float =
     tg = torch.empty_like(g)
     for sl, bias in pieces():
         torch.mul(scale(sl, bias), g[sl], out=tg[sl])
-    nrm = tg.norm().clamp_min(NORM_FLOOR)
+    nrm = _global_norm(tg)
     del tg
     for sl, bias in pieces():
         t = scale(sl, bias)

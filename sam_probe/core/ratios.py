@@ -448,6 +448,167 @@ def ratio_from_gradients(g: Tensor, g_tilde: Tensor, space: ParamSpace | None = 
     )
 
 
+def ratio_from_shards(g: Tensor, g_tilde: Tensor, space: Any, *, rho: float = 0.05, variant: str = "l2",
+                      m: int | None = None, eta: float = 0.01, eps: float = 1e-12, faithful: bool = False,
+                      edges: Sequence[float] = DEFAULT_EDGES, ire_rank: float | None = None,
+                      chunk: int | None = None) -> RatioResult:
+    """:func:`ratio_from_gradients` of a model-sharded objective (``--shard-model``): ``g``, ``g~`` are this
+    rank's shards (laid out as ``space``, a :class:`~.sharded.ShardSpace`); call it inside
+    :func:`.inner.sharded`, on every rank.  The same numbers as one process on the whole vectors:
+
+    - codes per shard (elementwise); the per-tensor tallies ``[tensors, keys]`` summed over ranks;
+    - norms from float64 partial sums; the magnitude split's ``tau`` (the ``|C1|``-th largest ``|g|``,
+      overall and per tensor) and the IRE threshold (the ``k``-th largest ``g²``) by an exact distributed
+      radix selection (:func:`.inner.kth_largest`), then counts summed over ranks; IRE ties at the
+      threshold go to the lowest *global* indices (tensor by tensor, rank by rank, as one process
+      orders them);
+    - the codes and the IRE mask gathered to rank 0 in one process's flat order
+      (:func:`.sharded.gather_flat`) and packed there, so the stored bytes are those of one process.
+
+    Memory per rank: ``g``, ``g~`` (shards) and one byte per local entry (codes, then the local mask);
+    rank 0 also holds, for packing, one byte per parameter of the whole model (``P`` bytes, the codes,
+    then the mask) and the packed planes (``P/8`` bytes each).  Cost: the radix selections read ``|g|``
+    (and ``g²``) 8 times in float64, 4 in float32, with one small all-reduce per pass.  Ranks other
+    than 0 return the statistics with ``packed = None`` and ``ire_flat = None``."""
+    from . import inner
+    from .sharded import gather_flat
+
+    e = check_edges(edges)
+    chunk = chunk_size(chunk)
+    g, g_tilde = g.reshape(-1), g_tilde.reshape(-1)
+    if g.shape != g_tilde.shape or g.numel() != space.size:
+        raise ValueError(f"shards of {g.numel()} and {g_tilde.numel()} entries for a shard space of {space.size}")
+    n_loc = g.numel()
+    names = list(space.names)
+    bounds = np.asarray(space.offsets, dtype=np.int64)
+    sizes = [math.prod(sh) for sh in space.shapes]  # each tensor's global numel
+    N = int(sum(sizes))
+    n_keys = N_CAT + len(e) + 1
+    codes = _buffer(n_loc, np.uint8)
+    bc = np.zeros((len(names), n_keys), dtype=np.int64)
+    for s in range(0, n_loc, chunk):  # ratio, codes, bins and tallies of this rank's entries
+        r = ratio(g[s:s + chunk], g_tilde[s:s + chunk], eps, faithful)
+        c = as_numpy(codes_from_ratio(r))
+        codes[s:s + c.size] = c
+        key = category_bin_key(c, r, e)
+        for j, a, b in _spans(bounds, s, s + c.size):
+            bc[j] += np.bincount(key[a:b], minlength=n_keys)
+    bc = _allsum_np(bc, g.device)
+    grad_norm, perturbed_grad_norm = inner.norm(g), inner.norm(g_tilde)
+    tallies = [_tally_counts(row, e) for row in bc]
+    cnt = {c: sum(t[0][c] for t in tallies) for c in CATEGORIES}
+    c1_bins = [sum(t[1][i] for t in tallies) for i in range(len(e) + 1)]
+    # magnitude split: tau per tensor and overall, one selection for all of them
+    segments = [(int(bounds[j]), int(bounds[j + 1])) for j in range(len(names))] + [(0, n_loc)]
+    ks = [t[0]["C1"] for t in tallies] + [cnt["C1"]]
+    taus = inner.kth_largest(lambda a, b: g[a:b].abs(), segments, ks, chunk)
+    c1 = codes == CODE["C1"]
+    above = np.zeros(len(names) + 1, dtype=np.int64)
+    for j, (lo, hi) in enumerate(segments):
+        if taus[j] is None:
+            continue
+        for s in range(lo, hi, chunk):
+            t = min(s + chunk, hi)
+            above[j] += int(np.count_nonzero((np.abs(as_numpy(g[s:t])) > taus[j]) & c1[s:t]))
+    above = _allsum_np(above, g.device)
+    del c1
+    layers = []
+    for j, name in enumerate(names):
+        lc, lbins = tallies[j]
+        layers.append({"name": name, "n": sizes[j], "counts": lc, "fractions": fractions(lc, sizes[j]),
+                       "buckets": _bins(lbins, e),
+                       "magnitude_split": _split_of(taus[j], int(above[j]), lc["C1"], sizes[j])})
+    main = inner.rank() == 0
+    full = gather_flat(torch.from_numpy(codes).to(g.device), space)
+    del codes
+    packed = None
+    if main:
+        assert full is not None
+        packer = CodePacker(N)
+        for s in range(0, N, chunk):
+            packer.add(s, full[s:s + chunk].numpy())
+        packed = packer.packed()
+    del full
+    ire = flat_mask_of_shards(g, space, ire_rank, chunk) if ire_rank is not None else None
+    return RatioResult(
+        rho=float(rho), variant=variant, n_params=N, grad_norm=grad_norm, perturbed_grad_norm=perturbed_grad_norm,
+        counts=cnt, fractions=fractions(cnt, N), buckets=_bins(c1_bins, e),
+        magnitude_split=_split_of(taus[-1], int(above[-1]), cnt["C1"], N), per_layer=layers,
+        packed=packed, m=m,  # type: ignore[arg-type]  # (None off rank 0) eta=float(eta), eps=float(eps), faithful=bool(faithful), edges=e,
+        ire_flat=ire if main else None,
+    )
+
+
+def _allsum_np(a: np.ndarray, device: Any) -> np.ndarray:
+    """An integer array summed over the shard group (through ``device``: the backend's own)."""
+    from . import inner
+
+    return inner.allsum(torch.from_numpy(a).to(device)).cpu().numpy()
+
+
+def flat_mask_of_shards(g: Tensor, space: Any, rank: float, chunk: int | None = None) -> np.ndarray | None:
+    """:func:`~.overlap.flat_mask` of ``g²`` for a gradient held as shards (``space``: a
+    :class:`~.sharded.ShardSpace`; inside :func:`.inner.sharded`, on every rank): bit-identical to one
+    process on the whole ``g``.  The packed mask on rank 0, ``None`` elsewhere.  The threshold by
+    :func:`.inner.kth_largest`; ties at it go to the lowest global indices (tensor by tensor, rank by
+    rank); one byte per local entry, and on rank 0 one per parameter for packing
+    (:func:`ratio_from_shards`)."""
+    from . import inner
+    from .overlap import sharp_count
+    from .sharded import gather_flat
+
+    chunk = chunk_size(chunk)
+    g = g.reshape(-1)
+    N = inner.size(g.numel())
+
+    k, trivial = sharp_count(N, rank)
+    if trivial is not None:
+        return trivial if inner.rank() == 0 else None
+    n_loc = g.numel()
+
+    def score(a: int, b: int) -> Tensor:
+        return g[a:b].square()
+
+    thr = float(inner.kth_largest(score, [(0, n_loc)], [k], chunk)[0] or 0.0)
+    bounds = list(space.offsets)
+    T = len(space.names)
+    import torch.distributed as dist
+
+    R = dist.get_world_size(inner._GROUP.get())
+    me = inner.rank()
+    counts = torch.zeros(2, R, T, dtype=torch.int64)  # [sharp, ties] per rank and tensor
+    for j in range(T):
+        for s in range(bounds[j], bounds[j + 1], chunk):
+            sc = score(s, min(s + chunk, bounds[j + 1]))
+            counts[0, me, j] += int(torch.count_nonzero(sc > thr))
+            counts[1, me, j] += int(torch.count_nonzero(sc.eq(thr)))
+    counts = inner.allsum(counts.to(g.device)).cpu()
+    need = k - int(counts[0].sum())
+    take = [0] * T  # ties this rank marks sharp, tensor by tensor (global order: tensor, then rank)
+    for j in range(T):
+        for r in range(R):
+            t = min(max(need, 0), int(counts[1, r, j]))
+            if r == me:
+                take[j] = t
+            need -= t
+    flat = torch.empty(n_loc, dtype=torch.bool, device=g.device)
+    for j in range(T):
+        left = take[j]
+        for s in range(bounds[j], bounds[j + 1], chunk):
+            sc = score(s, min(s + chunk, bounds[j + 1]))
+            sharp = sc > thr
+            if left > 0:
+                ties = torch.nonzero(sc.eq(thr)).reshape(-1)[:left]
+                sharp[ties] = True
+                left -= ties.numel()
+            flat[s:s + sc.numel()] = ~sharp
+    full = gather_flat(flat, space)
+    del flat
+    if full is None:
+        return None
+    return np.packbits(full.numpy())
+
+
 def _tally_counts(bc: np.ndarray, edges: tuple[float, ...]) -> tuple[dict[str, int], list[int]]:
     """:func:`tally` from the bincount of the keys (rather than the keys)."""
     c1_bins = [int(x) for x in bc[N_CAT:N_CAT + len(edges) + 1]]
@@ -481,5 +642,5 @@ def ratio_analysis(obj: Objective, rho: float = 0.05, variant: str = "l2", m: in
 
 
 __all__ = ["DEFAULT_EDGES", "CodePacker", "RatioResult", "as_numpy", "bin_index", "bucket_counts", "category_bin_key", "check_edges",
-           "flat_mask_streamed", "fractions", "kth_largest", "magnitude_split", "per_layer_breakdown", "per_layer_counts",
-           "ratio_analysis", "ratio_from_gradients", "tally"]
+           "flat_mask_of_shards", "flat_mask_streamed", "fractions", "kth_largest", "magnitude_split", "per_layer_breakdown", "per_layer_counts",
+           "ratio_analysis", "ratio_from_gradients", "ratio_from_shards", "tally"]

@@ -32,6 +32,11 @@ per product.  The weights are set to ``w ± h v`` *in place* on the sharded copy
 restored from a saved shard after each gradient (exactly: copied back, never
 subtracted); the caller's model is never touched (``copy=True``, the default).
 
+Whole vectors.  :func:`gather_flat` assembles a shard vector on rank 0 in one process's flat
+order (what ``ratios`` stores: codes and masks byte for byte as one process writes them);
+:func:`local_state` cuts whole tensors (a checkpoint's state) to this rank's shards, as FSDP2 does
+(``interpolate``: :class:`ShardedPath`).
+
 Memory per rank: the model shard ``P/R``, its gradient shard, the saved shard and the
 solver's ``k + c`` vector shards, i.e. ``(3 + k + c) · P / R`` entries, plus one
 transformer block gathered at a time and the activations of one chunk.
@@ -122,6 +127,92 @@ class ShardSpace:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.local_shapes[i])
                 for i, n in enumerate(self.names)}
+
+
+def _group_of(group: Any) -> Any:
+    import torch.distributed as dist
+
+    if group is not None:
+        return group
+    return inner._GROUP.get() or dist.group.WORLD
+
+
+def shard_of(full: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s part of a whole tensor as FSDP2 holds it: the ``rank``-th of ``world`` chunks of
+    dimension 0 (:func:`torch.chunk`; empty for ranks past the last chunk).  A view, no copy."""
+    if full.dim() == 0:
+        return full if rank == 0 else full.reshape(-1)[:0]
+    chunks = torch.chunk(full, world, 0)
+    return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def local_state(space: "ShardSpace", state: Mapping[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+    """``{name: this rank's shard of state[name]}`` for the parameters of ``space`` (views of ``state``'s
+    tensors); the shapes are checked against the model's own shards."""
+    out = {}
+    for name, shape in zip(space.names, space.local_shapes):
+        t = shard_of(state[name], rank, world)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: shard {tuple(t.shape)} of a {tuple(state[name].shape)} tensor, but the "
+                             f"model's shard is {tuple(shape)}")
+        out[name] = t
+    return out
+
+
+def gather_flat(local: Tensor, space: "ShardSpace", group: Any = None) -> Tensor | None:
+    """The whole flat vector, in one process's order, from every rank's shard ``local`` (laid out as
+    ``space``): on rank 0 a CPU tensor of ``P`` entries, ``None`` on the other ranks.  Collective over
+    ``group`` (default: the :func:`~sam_probe.core.inner.sharded` group, else the whole default group).
+
+    One process orders a parameter vector tensor after tensor, each tensor row-major; FSDP2 gives rank
+    ``r`` the ``r``-th chunk of dimension 0 of every tensor, so tensor ``t``'s entries are rank 0's piece of
+    ``t``, then rank 1's, ...  Rank 0 fills the result tensor by tensor from its own shard and from each
+    other rank's shard, received one rank at a time: ``P`` entries plus one shard (``P/R``) at its peak;
+    every other rank sends its shard and holds nothing more.  Bit-exact (a copy, no arithmetic); ``bool``
+    shards travel as bytes."""
+    import torch.distributed as dist
+
+    group = _group_of(group)
+    R, me = dist.get_world_size(group), dist.get_rank(group)
+    flat = local.reshape(-1)
+    if flat.numel() != space.size:
+        raise ValueError(f"a shard of {flat.numel()} entries for a shard space of {space.size}")
+    is_bool = flat.dtype == torch.bool
+    if is_bool:
+        flat = flat.view(torch.uint8)
+    flat = flat.contiguous()
+    counts = torch.zeros(R, len(space.names), dtype=torch.int64, device=flat.device)
+    counts[me] = torch.tensor(space.numels, dtype=torch.int64, device=flat.device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)  # every rank's numel of every tensor
+    counts = counts.cpu()
+    root = dist.get_global_rank(group, 0)
+    if me != 0:
+        if flat.numel():
+            dist.send(flat, dst=root, group=group)
+        return None
+    per_tensor = counts.sum(0).tolist()  # global numel of each tensor
+    starts = [0]
+    for k in per_tensor:
+        starts.append(starts[-1] + int(k))
+    out = torch.empty(starts[-1], dtype=flat.dtype)
+
+    def place(r: int, shard: Tensor) -> None:
+        src = 0
+        for j in range(len(space.names)):
+            k = int(counts[r, j])
+            dst = starts[j] + int(counts[:r, j].sum())
+            out[dst:dst + k].copy_(shard[src:src + k])
+            src += k
+
+    place(0, flat)
+    for r in range(1, R):
+        n_r = int(counts[r].sum())
+        if n_r:
+            buf = torch.empty(n_r, dtype=flat.dtype, device=flat.device)
+            dist.recv(buf, src=dist.get_global_rank(group, r), group=group)
+            place(r, buf)
+            del buf
+    return out.view(torch.bool) if is_bool else out
 
 
 class ShardedObjective:
@@ -323,9 +414,55 @@ class ShardedObjective:
         reshard(self.module)
         return self.space.flatten(self.named).detach().clone()
 
+    def evaluate_at(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+                    ) -> tuple[float, float | None]:
+        """``(L, accuracy)`` with the parameters' shards set to ``params`` (``{name: this rank's shard}``,
+        as :func:`local_state` gives) and the named ``buffers`` (whole: FSDP2 leaves buffers unsharded) set
+        too; weights and buffers restored exactly after."""
+        saved = {n: b.detach().clone() for n, b in self.module.named_buffers()} if buffers else {}
+        try:
+            with torch.no_grad():
+                for n, t in (buffers or {}).items():
+                    self.module.get_buffer(n).copy_(t)
+            return self.evaluate(self.space.flatten(params).to(self.dtype))
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    self.module.get_buffer(n).copy_(t)
+
     def hessian(self) -> "ShardedHessian":
         """The Hessian as a curvature operator on shards (finite-difference products)."""
         return ShardedHessian(self)
+
+
+class ShardedPath:
+    """A :class:`ShardedObjective` as :func:`sam_probe.core.paths.interpolate` reads an objective: states
+    hold every parameter as this rank's shard (:meth:`local`) and the buffers whole, and each point is one
+    sharded evaluation (:meth:`ShardedObjective.evaluate_at`).  The interpolation is elementwise, so each
+    shard of ``w(a)`` is bit for bit the one-process value; only the loss sums are reduced over ranks."""
+
+    def __init__(self, obj: ShardedObjective):
+        self.obj = obj
+        self.space = obj.space
+        self.device, self.dtype = obj.device, obj.dtype
+        self.buffers = {n: b.detach() for n, b in obj.module.named_buffers()}
+
+    def local(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (whole tensors) with every parameter cut to this rank's shard (buffers kept whole)."""
+        out = {n: t for n, t in state.items() if n in self.buffers}
+        out.update(local_state(self.space, state, self.obj.rank, self.obj.world))
+        return out
+
+    def with_params(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None) -> "_At":
+        return _At(self.obj, params, buffers)
+
+
+class _At:
+    def __init__(self, obj: ShardedObjective, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None):
+        self.obj, self.params, self.buffers = obj, params, buffers
+
+    def evaluate(self) -> tuple[float, float | None]:
+        return self.obj.evaluate_at(self.params, self.buffers)
 
 
 def inner_size(n: int, group: Any) -> int:

@@ -269,8 +269,8 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
     obj = ShardedObjective(model, data.inputs, data.targets, loss, loss_name=loss_name, chunk_size=s.batch_size,
                            bn_mode=s.bn_mode, copy=False, dtype=session.dtype)
     session.note(f"{opt('shard_model')}: {built} (rank 0 holds {obj.space.size:,} of the {obj.N:,} parameter "
-                 "entries); Hessian products are finite differences of gradients through FSDP's backward "
-                 "(Richardson-extrapolated; their error is part of every residual)")
+                 "entries); gradients through FSDP's backward; Hessian products, where the analysis takes them, "
+                 "are their finite differences (Richardson-extrapolated; their error is part of every residual)")
     return obj
 
 

@@ -47,6 +47,10 @@ def failure(path: Any, step: int | None, exc: BaseException) -> UnitOutcome:
     traceback kept for ``--debug``); see :mod:`sam_probe.pipeline.blame`."""
     if isinstance(exc, SamProbeError):
         return UnitOutcome(str(path), step, FAILED, error=str(exc), details=getattr(exc, "rows", None))
+    from .. import distributed
+
+    if distributed.lost_peer(exc):  # the ranks no longer meet in the same collectives: end the run
+        raise distributed.rank_lost(exc) from exc
     return UnitOutcome(str(path), step, FAILED, error=blame.explain(exc, str(path)), trace=blame.trace_of(exc))
 
 
