@@ -339,8 +339,9 @@ def _materialise_lazy(session: Session, ck: Checkpoint, model: nn.Module, m: Any
     stored = sum(t.numel() * t.element_size() for t in ck.state.values())
     kept = ", ".join(f"{k:,}" for _, _, _, k in seen)
     read = ", ".join(f"{r:,}" for _, _, r, _ in seen)
-    return (f"built on the meta device, and each rank read only its rows of the DCP checkpoint's tensors "
-            f"(bytes of weights kept per rank: {kept} of {stored:,}; bytes of stored items read per rank: {read})")
+    return (f"built on the meta device, and each rank kept only its rows of the DCP checkpoint's tensors, reading "
+            f"only the stored items that hold them (bytes of weights kept per rank: {kept} of {stored:,}; bytes of "
+            f"stored items read per rank: {read})")
 
 
 def _integer_hint(exc: BaseException, data: DataSelection) -> str:

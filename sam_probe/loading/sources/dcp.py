@@ -42,7 +42,10 @@ The step is the saved ``step`` / ``global_step`` / ``train_state.step`` item, el
 the folder name (``step-100``, ``global_step100``); ``hparams['lr']`` is the first
 parameter group's ``lr`` of the saved optimizer state, when there is one.
 :func:`read_rows` reads only the rows one FSDP rank needs (:func:`rank_rows`),
-opening only the items that hold them.
+opening only the items that hold them.  :func:`load_lazy` (``--shard-model``)
+validates the folder as :func:`load` does but reads no tensor: its state holds
+meta tensors and ``ck.lazy`` reads each rank's rows when it fills its shards
+(what is verified then, and how the digest is computed: its docstring).
 """
 from __future__ import annotations
 
