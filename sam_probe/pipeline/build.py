@@ -308,6 +308,7 @@ def _materialise_lazy(session: Session, ck: Checkpoint, model: nn.Module, m: Any
     world, rank = dist.get_world_size(), dist.get_rank()
     bad: dict[str, int] = {}
     error: str | None = None
+    read0, kept0 = lazy.bytes_read, lazy.bytes_kept  # the counts of this materialisation
 
     def rows(name: str, t: Any, r0: int, r1: int) -> Any:
         x = lazy.rows(t, r0, r1) if lazy.owns(t) else t.reshape(-1, *t.shape[1:])[r0:r1]
@@ -326,7 +327,7 @@ def _materialise_lazy(session: Session, ck: Checkpoint, model: nn.Module, m: Any
     except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, or the others wait forever
         error = f"{ck.path}: reading this rank's rows failed ({blame.first_line(exc, 160)})"
     seen: list[Any] = [None] * world
-    dist.all_gather_object(seen, (error, bad, lazy.bytes_read, lazy.bytes_kept))
+    dist.all_gather_object(seen, (error, bad, lazy.bytes_read - read0, lazy.bytes_kept - kept0))
     errors = [e for e, _, _, _ in seen if e]
     if errors:
         raise CheckpointError(errors[0])
@@ -339,9 +340,9 @@ def _materialise_lazy(session: Session, ck: Checkpoint, model: nn.Module, m: Any
     stored = sum(t.numel() * t.element_size() for t in ck.state.values())
     kept = ", ".join(f"{k:,}" for _, _, _, k in seen)
     read = ", ".join(f"{r:,}" for _, _, r, _ in seen)
-    return (f"built on the meta device, and each rank kept only its rows of the DCP checkpoint's tensors, reading "
-            f"only the stored items that hold them (bytes of weights kept per rank: {kept} of {stored:,}; bytes of "
-            f"stored items read per rank: {read})")
+    return (f"built on the meta device, and each rank kept only its rows of the DCP checkpoint's parameters "
+            f"(buffers whole), reading only the stored items that hold them (bytes of weights kept per rank: {kept} "
+            f"of {stored:,}; bytes of stored items read per rank: {read})")
 
 
 def _integer_hint(exc: BaseException, data: DataSelection) -> str:
