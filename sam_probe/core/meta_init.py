@@ -12,12 +12,14 @@ model; initialisers then run on meta tensors (no work).
 :func:`materialise_shards`: after ``fully_shard`` of such a module over ``R`` ranks, allocate this
 rank's shards (``to_empty``; the buffers are kept) and copy in rows ``torch.chunk(t, R, 0)[r]`` of
 each checkpoint tensor ``t``.  So a rank holds ``P / R`` parameter entries and never the whole model;
-from a memory-mapped file (safetensors, a Hugging Face folder) only those rows' pages are read.
+from a memory-mapped file (safetensors, a Hugging Face folder) only those rows' pages are read.  A
+checkpoint read lazily (a DCP folder) passes ``rows``, which reads just those rows from the files
+(:class:`sam_probe.loading.state.LazyRows`), so the checkpoint is never whole in any rank's memory.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -53,11 +55,22 @@ def rows_of(t: Tensor, world: int, rank: int) -> Tensor:
     return chunks[rank] if rank < len(chunks) else t[:0]
 
 
+def row_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows ``[r0, r1)`` of a dimension of ``n`` that :func:`rows_of` gives rank ``rank``."""
+    step = -(-n // world) if n else 0
+    r0 = min(n, rank * step)
+    return r0, min(n, r0 + step)
+
+
 def materialise_shards(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                       device: torch.device | str, world: int, rank: int) -> None:
+                       device: torch.device | str, world: int, rank: int,
+                       rows: Callable[[str, Tensor, int, int], Tensor] | None = None) -> None:
     """Allocate the shards of an FSDP2-sharded meta-parameter ``module`` on ``device`` and fill them with
     this rank's rows of ``params`` (by parameter name); buffers keep their values, overwritten by
-    ``buffers`` where the checkpoint has them.  Every parameter must be in ``params``."""
+    ``buffers`` where the checkpoint has them.  Every parameter must be in ``params``.
+    ``rows(name, t, r0, r1)``: rows ``[r0, r1)`` of ``params[name]`` (:func:`row_range`; for a lazy
+    checkpoint whose ``params`` are meta tensors), called one parameter at a time; a 0-d tensor is
+    asked for as one row."""
     missing = [n for n, _ in module.named_parameters() if n not in params]
     if missing:
         raise KeyError(f"no checkpoint tensor for parameter {missing[0]!r}")
@@ -70,5 +83,9 @@ def materialise_shards(module: nn.Module, params: Mapping[str, Tensor], buffers:
                 b.copy_(src)
         for n, p in module.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
-            rows = rows_of(params[n], world, rank)
-            local.copy_(rows.reshape(local.shape))
+            t = params[n]
+            if rows is None:
+                mine = rows_of(t, world, rank)
+            else:
+                mine = rows(n, t, *row_range(t.shape[0] if t.dim() else 1, world, rank))
+            local.copy_(mine.reshape(local.shape))

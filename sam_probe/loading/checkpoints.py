@@ -19,9 +19,11 @@ from .state import (  # noqa: F401 - re-exported
     find_step, overlap_problem, step_from_name, strip_prefixes)
 
 
-def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
-    """Read ``path`` safely through its source and return its tensors with format, layout and step."""
-    return sources.load(path, key=key, trust=trust)
+def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False, lazy: bool = False
+                    ) -> Checkpoint:
+    """Read ``path`` safely through its source and return its tensors with format, layout and step.
+    ``lazy``: where the source can (a DCP folder), meta tensors whose rows ``ck.lazy`` reads on demand."""
+    return sources.load(path, key=key, trust=trust, lazy=lazy)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ class Checkpoint:
     ``source``: the registered checkpoint source that read it (:mod:`.sources`);
     ``digest``: the sha256 identifying its bytes (set by the source, from the same
     pass that verified and scanned them); ``scanned``: non-finite counts per tensor
-    from that pass (``None``: not scanned yet).
+    from that pass (``None``: not scanned yet); ``lazy``: set for a checkpoint read lazily
+    (``--shard-model`` on a DCP folder): ``state`` then holds meta tensors (names, shapes,
+    dtypes) and ``lazy`` reads their rows (:class:`LazyRows`); the non-finite scan is of
+    the rows read.
     """
 
     path: str
@@ -65,6 +69,7 @@ class Checkpoint:
     source: str = ""
     digest: str | None = None
     scanned: dict[str, int] | None = field(default=None, repr=False)
+    lazy: LazyRows | None = field(default=None, repr=False)
 
     @property
     def n_params(self) -> int:
@@ -92,6 +97,38 @@ class Checkpoint:
         if self.digest is None:
             raise CheckpointError(f"{display(self.path)}: no digest was computed for this checkpoint")
         return self.digest
+
+
+class LazyRows:
+    """How a lazy checkpoint's meta tensors get values: ``read(stored name, r0, r1)`` returns rows
+    ``[r0, r1)`` of dimension 0 of a stored tensor (``None``: all of it), verifying the bytes it reads.
+
+    The meta tensors of :attr:`Checkpoint.state` are known by identity (matching renames them but
+    passes the same objects on), so :meth:`rows` takes the tensor a model name was matched to.
+    ``bytes_read``: bytes of stored items this reader copied and verified; ``bytes_kept``: bytes of
+    the rows it returned.
+    """
+
+    def __init__(self, read: Callable[[str, int | None, int | None], Tensor], names: dict[str, Tensor]):
+        self._read = read
+        self._by_id = {id(t): (n, t) for n, t in names.items()}  # the tensors are kept alive here
+        self.bytes_read = 0
+        self.bytes_kept = 0
+
+    def owns(self, t: Tensor) -> bool:
+        return id(t) in self._by_id and self._by_id[id(t)][1] is t
+
+    def rows(self, t: Tensor, r0: int | None = None, r1: int | None = None) -> Tensor:
+        """Rows ``[r0, r1)`` of the stored tensor behind meta tensor ``t`` (all of it without rows; a 0-d
+        tensor is read whole)."""
+        name = self._by_id[id(t)][0]
+        if t.dim() == 0:  # read whole, as one row
+            out = self._read(name, None, None).reshape(1)
+            out = out.reshape(()) if r0 is None else out[r0:r1]
+        else:
+            out = self._read(name, r0, r1)
+        self.bytes_kept += out.numel() * out.element_size()
+        return out
 
 
 def _span(t: Tensor) -> int:

@@ -249,13 +249,18 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
     from ..core.sharded import fully_shard_model
 
     built = "every rank built the whole model, then sharded it"
+    if ck.lazy is not None and not has_meta_params(model):  # built whole: every rank reads the whole tensors
+        m.params, m.buffers = _read_whole(session, ck, m.params), _read_whole(session, ck, m.buffers)
     if has_meta_params(model):  # each rank allocates and reads only its shards (core/meta_init.py)
         import torch.distributed as dist
 
         model.to(dtype=session.dtype)  # meta parameters and the real buffers
         fully_shard_model(model, device=session.device)
-        materialise_shards(model, m.params, m.buffers, session.device, dist.get_world_size(), dist.get_rank())
-        built = "built on the meta device, each rank allocated and read only its shard of the weights"
+        if ck.lazy is not None:
+            built = _materialise_lazy(session, ck, model, m)
+        else:
+            materialise_shards(model, m.params, m.buffers, session.device, dist.get_world_size(), dist.get_rank())
+            built = "built on the meta device, each rank allocated and read only its shard of the weights"
     else:
         with torch.no_grad():
             for n, t in m.params.items():
@@ -272,6 +277,72 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
                  "entries); gradients through FSDP's backward; Hessian products, where the analysis takes them, "
                  "are their finite differences (Richardson-extrapolated; their error is part of every residual)")
     return obj
+
+
+def _read_whole(session: Session, ck: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The whole tensors behind a lazy checkpoint's meta tensors (every rank reads the same, so the non-finite
+    refusal is the same on every rank); tensors not from the checkpoint are kept."""
+    from ..loading.state import count_nonfinite
+
+    lazy = ck.lazy
+    assert lazy is not None
+    out = {n: lazy.rows(t) if lazy.owns(t) else t for n, t in tensors.items()}
+    session.refuse_nonfinite(ck.path, {n: c for n, t in out.items() if lazy.owns(tensors[n])
+                                       and (t.is_floating_point() or t.is_complex()) and (c := count_nonfinite(t))})
+    return out
+
+
+def _materialise_lazy(session: Session, ck: Checkpoint, model: nn.Module, m: Any) -> str:
+    """Fill a sharded meta model from a lazy checkpoint (a DCP folder): each rank reads only the items holding its
+    rows of each parameter (and the buffers whole), scanning the rows it reads.  Ranks then agree: a read error
+    or non-finite entries on any rank are the same one-line error on every rank (the lowest failing rank's
+    error; the counts summed over ranks); returns what the note says."""
+    import torch.distributed as dist
+
+    from ..core.meta_init import materialise_shards
+    from ..errors import CheckpointError
+    from ..loading.state import count_nonfinite
+
+    lazy = ck.lazy
+    assert lazy is not None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    bad: dict[str, int] = {}
+    error: str | None = None
+    read0, kept0 = lazy.bytes_read, lazy.bytes_kept  # the counts of this materialisation
+
+    def rows(name: str, t: Any, r0: int, r1: int) -> Any:
+        x = lazy.rows(t, r0, r1) if lazy.owns(t) else t.reshape(-1, *t.shape[1:])[r0:r1]
+        if lazy.owns(t) and (x.is_floating_point() or x.is_complex()) and (c := count_nonfinite(x)):
+            bad[name] = c
+        return x
+
+    try:
+        buffers = {n: lazy.rows(b) if lazy.owns(b) else b for n, b in m.buffers.items()}
+        if rank == 0:  # every rank reads the buffers whole: counted once
+            bad.update({n: c for n, b in buffers.items() if lazy.owns(m.buffers[n])
+                        and (b.is_floating_point() or b.is_complex()) and (c := count_nonfinite(b))})
+        materialise_shards(model, m.params, buffers, session.device, world, rank, rows=rows)
+    except SamProbeError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, or the others wait forever
+        error = f"{ck.path}: reading this rank's rows failed ({blame.first_line(exc, 160)})"
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, (error, bad, lazy.bytes_read - read0, lazy.bytes_kept - kept0))
+    errors = [e for e, _, _, _ in seen if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    total: dict[str, int] = {}
+    for _, counts, _, _ in seen:
+        for n, c in counts.items():
+            total[n] = total.get(n, 0) + c
+    session.refuse_nonfinite(ck.path, {n: total[n] for n in m.params if n in total} |
+                             {n: c for n, c in total.items() if n not in m.params})
+    stored = sum(t.numel() * t.element_size() for t in ck.state.values())
+    kept = ", ".join(f"{k:,}" for _, _, _, k in seen)
+    read = ", ".join(f"{r:,}" for _, _, r, _ in seen)
+    return (f"built on the meta device, and each rank kept only its rows of the DCP checkpoint's parameters "
+            f"(buffers whole), reading only the stored items that hold them (bytes of weights kept per rank: {kept} "
+            f"of {stored:,}; bytes of stored items read per rank: {read})")
 
 
 def _integer_hint(exc: BaseException, data: DataSelection) -> str:

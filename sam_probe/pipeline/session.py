@@ -65,18 +65,23 @@ class Session:
 
     # ------------------------------------------------------------ inputs
     def load(self, path: str | Path) -> Checkpoint:
-        """The checkpoint at ``path`` (safe loading; non-finite weights refused unless allowed)."""
+        """The checkpoint at ``path`` (safe loading; non-finite weights refused unless allowed).
+        With ``--shard-model`` a source that can (a DCP folder) reads it lazily: meta tensors whose rows each
+        rank reads when it fills its shards, scanned then (:func:`.build.sharded_objective`)."""
         from ..loading.checkpoints import load_checkpoint
 
         s = self.settings
-        ck = load_checkpoint(path, key=s.key, trust=s.trust_checkpoint)
-        bad = ck.nonfinite()
-        if bad and not s.allow_nonfinite:
+        ck = load_checkpoint(path, key=s.key, trust=s.trust_checkpoint, lazy=s.shard_model)
+        self.refuse_nonfinite(path, ck.nonfinite())
+        return ck
+
+    def refuse_nonfinite(self, path: str | Path, bad: dict[str, int]) -> None:
+        """The one-line refusal of non-finite weights (``{name: count}``), unless ``--allow-nonfinite``."""
+        if bad and not self.settings.allow_nonfinite:
             names = ", ".join(f"{n} ({c})" for n, c in list(bad.items())[:4])
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
             raise CheckpointError(f"{path}: non-finite weights in {names}{more}; pass {opt('allow_nonfinite')} to "
                                   "continue anyway")
-        return ck
 
     def model_spec(self, ck: Checkpoint) -> tuple[str, dict[str, Any]]:
         """The model name and keyword arguments (:func:`~sam_probe.pipeline.boundary.resolve_model`)."""

@@ -97,10 +97,12 @@ def is_checkpoint(path: str | Path) -> bool:
     return p.is_file() or (p.is_dir() and _folder(p) is not None)
 
 
-def load(path: str | Path, *, key: str | None = None, trust: bool = False):
-    """Read the checkpoint at ``path`` through its source (a :class:`~sam_probe.loading.state.Checkpoint`)."""
+def load(path: str | Path, *, key: str | None = None, trust: bool = False, lazy: bool = False):
+    """Read the checkpoint at ``path`` through its source (a :class:`~sam_probe.loading.state.Checkpoint`);
+    ``lazy``: through its lazy loader where it has one (meta tensors read by rows on demand)."""
     src = of(path)
-    return src.load(Path(path), key=key, trust=trust)  # type: ignore[misc]
+    fn = src.load_lazy if lazy and src.load_lazy is not None else src.load
+    return fn(Path(path), key=key, trust=trust)  # type: ignore[misc]
 
 
 def digest(path: str | Path) -> str:

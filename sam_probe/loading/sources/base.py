@@ -16,7 +16,9 @@ generated from its ``name`` and ``summary``.  Three kinds:
 whose ``digest`` (the sha256 keying stored results) and non-finite scan come
 from the same pass that verified the bytes; ``digest(path)`` gives the same
 sha256 without loading (remembered per file, so a checkpoint is read once).
-``files(path)`` lists the regular files a checkpoint consists of.  Every byte
+``files(path)`` lists the regular files a checkpoint consists of.  ``load_lazy``
+(optional, same arguments) returns one whose state holds meta tensors and whose
+``lazy`` reads rows of them on demand (``--shard-model``: each rank reads its rows).  Every byte
 of every file is hostile input: a source reads pickles only through the
 bounded, inert loader (:mod:`..safe_pickle`), opens only regular files inside
 its folder, and raises a one-line :class:`~sam_probe.errors.CheckpointError`.
@@ -44,6 +46,7 @@ class Source:
     members: Callable[..., list[Path] | None] | None = None  # run sources: (dir, is_folder_checkpoint) -> in step order
     order: int = 50  # asked in this order (lower first)
     step: str = ""  # where its step comes from (README table)
+    load_lazy: Callable[..., Any] | None = None  # like load, meta tensors + a row reader (Checkpoint.lazy)
 
     def __post_init__(self) -> None:
         need = {FILE: ("load", "digest", "sniff"), FOLDER: ("load", "digest", "claims"), RUN: ("members",)}

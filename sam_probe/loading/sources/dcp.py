@@ -42,7 +42,10 @@ The step is the saved ``step`` / ``global_step`` / ``train_state.step`` item, el
 the folder name (``step-100``, ``global_step100``); ``hparams['lr']`` is the first
 parameter group's ``lr`` of the saved optimizer state, when there is one.
 :func:`read_rows` reads only the rows one FSDP rank needs (:func:`rank_rows`),
-opening only the items that hold them.
+opening only the items that hold them.  :func:`load_lazy` (``--shard-model``)
+validates the folder as :func:`load` does but reads no tensor: its state holds
+meta tensors and ``ck.lazy`` reads each rank's rows when it fills its shards
+(what is verified then, and how the digest is computed: its docstring).
 """
 from __future__ import annotations
 
@@ -722,18 +725,42 @@ def rank_rows(n: int, world: int, rank: int) -> tuple[int, int]:
     return r0, min(n, r0 + step)
 
 
-def read_rows(folder: str | Path, names: list[str], r0: int, r1: int) -> dict[str, Any]:
-    """Rows ``[r0, r1)`` of dimension 0 of the named tensors (stored fqns), reading only the items whose chunks
-    hold some of those rows (each item's bytes copied and its CRCs checked; the rest of the folder is not
-    read).  ``rank_rows`` gives one FSDP rank's rows."""
+def _rows_of(folder: Path, lay: Layout, name: str, rows: tuple[int, int] | None,
+             maps: dict[str, MappedFile]) -> tuple[Any, int]:
+    """Rows ``[r0, r1)`` of dimension 0 of stored tensor ``name`` (all of it when ``rows`` is ``None``) and the
+    bytes of the items read for them: only the items whose chunks hold some of those rows, each copied and its
+    CRCs checked (:func:`_chunk_tensor`); ``maps`` caches the mapped files."""
     import torch
 
     from ..formats import refused
 
+    t = lay.tensors[name]
+    r0, r1 = rows if rows is not None else (0, t.size[0] if t.size else 1)
+    out = torch.empty((r1 - r0, *t.size[1:]) if rows is not None else t.size, dtype=getattr(torch, t.dtype))
+    read = 0
+    for c in sorted(t.chunks, key=lambda c: (c.file, c.start)):
+        if 0 in c.sizes or (rows is not None and not (c.offsets[0] < r1 and c.offsets[0] + c.sizes[0] > r0)):
+            continue
+        path = folder / c.file
+        try:
+            mf = maps.get(c.file) or maps.setdefault(c.file, map_file(path))
+            with memoryview(mf.data) as view:
+                buf = _anon(view[c.start:c.start + c.length])
+            read += c.length
+            dst, src = _region(c, rows)
+            out[dst] = _chunk_tensor(buf, t.dtype, c, name)[src]
+            del buf
+        except RefusedFile as exc:
+            raise refused(path, exc) from None
+    return out, read
+
+
+def read_rows(folder: str | Path, names: list[str], r0: int, r1: int) -> dict[str, Any]:
+    """Rows ``[r0, r1)`` of dimension 0 of the named tensors (stored fqns), reading only the items whose chunks
+    hold some of those rows (each item's bytes copied and its CRCs checked; the rest of the folder is not
+    read).  ``rank_rows`` gives one FSDP rank's rows."""
     folder = Path(folder)
     lay = read_layout(folder)
-    out: dict[str, Any] = {}
-    jobs: list[tuple[str, int, str, Chunk]] = []
     for name in names:
         t = lay.tensors.get(name)
         if t is None:
@@ -741,27 +768,66 @@ def read_rows(folder: str | Path, names: list[str], r0: int, r1: int) -> dict[st
         if not t.size or not 0 <= r0 <= r1 <= t.size[0]:
             raise CheckpointError(f"{display(folder)}: rows [{r0}, {r1}) are not rows of {name[:120]} (shape "
                                   f"{list(t.size)})")
-        out[name] = torch.empty((r1 - r0, *t.size[1:]), dtype=getattr(torch, t.dtype))
-        jobs += [(c.file, c.start, name, c) for c in t.chunks
-                 if c.offsets[0] < r1 and c.offsets[0] + c.sizes[0] > r0 and 0 not in c.sizes]
     maps: dict[str, MappedFile] = {}
-    for file, start, name, c in sorted(jobs, key=lambda j: j[:2]):
-        path = folder / file
-        try:
-            mf = maps.get(file) or maps.setdefault(file, map_file(path))
-            with memoryview(mf.data) as view:
-                buf = _anon(view[start:start + c.length])
-            dst, src = _region(c, (r0, r1))
-            out[name][dst] = _chunk_tensor(buf, lay.tensors[name].dtype, c, name)[src]
-        except RefusedFile as exc:
-            raise refused(path, exc) from None
-    return out
+    return {name: _rows_of(folder, lay, name, (r0, r1), maps)[0] for name in names}
+
+
+def load_lazy(folder: Path, *, key: str | None = None, trust: bool = False):
+    """A DCP folder as a lazy :class:`~sam_probe.loading.state.Checkpoint` (``--shard-model``): its state holds
+    meta tensors of the stored names, shapes and dtypes, and ``ck.lazy`` reads rows of them on demand.
+
+    Verified here, before anything is read into memory: everything :func:`read_layout` checks (the inert
+    ``.metadata``, the chunks tiling each tensor, every item inside a regular file of the folder, no overlaps,
+    each chunk's bytes within its item) and the model part chosen as :func:`load` does; the step and lr items
+    are read as :func:`load` reads them.  The digest keying results is the same sha256 :func:`load` gives, of
+    all bytes of the folder, computed by every rank streaming over the mapped files (nothing kept; remembered,
+    so keying the unit does not read them again).  Verified lazily, when a rank reads rows: the items holding
+    them (each copied, its archive CRCs checked on the copy, read by the restricted loader, a dense tensor of
+    its chunk's dtype and shape), and their non-finite entries (the caller scans the rows it gets).  A rank
+    reads only the items whose chunks hold its rows (a folder FSDP saved over the same rows keeps one rank's
+    rows in its own items); an item is copied whole and only the rows kept, so the transient peak is one
+    item."""
+    import torch
+
+    from ..state import Checkpoint, LazyRows, strip_prefixes
+
+    lay = read_layout(folder)
+    try:
+        chosen, layout = select(lay, key)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{display(folder)}: {exc}") from None
+    if not chosen:
+        raise CheckpointError(f"{display(folder)}: no tensors found besides optimizer and trainer state; point at "
+                              "the weights with --key NAME")
+    stored = {f: torch.empty(lay.tensors[f].size, dtype=getattr(torch, lay.tensors[f].dtype), device="meta")
+              for f in chosen}
+    maps: dict[str, MappedFile] = {}
+
+    def read(name: str, r0: int | None, r1: int | None) -> Any:
+        t = lay.tensors[name]
+        if r0 is not None and (not t.size or not 0 <= r0 <= (r1 or 0) <= t.size[0]):
+            raise CheckpointError(f"{display(folder)}: rows [{r0}, {r1}) are not rows of {name[:120]} (shape "
+                                  f"{list(t.size)})")
+        out, n = _rows_of(folder, lay, name, None if r0 is None else (r0, r1 or 0), maps)
+        reader.bytes_read += n
+        return out
+
+    reader = LazyRows(read, stored)
+    step, step_source = _read_step(folder, lay)
+    state, stripped = strip_prefixes({chosen[f]: t for f, t in stored.items()})
+    extra = sorted({_top(lay, f)[0] for f in [*lay.tensors, *lay.objects] if f not in chosen})
+    if len(extra) > MAX_LISTED:
+        extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
+    return Checkpoint(
+        path=str(folder), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
+        extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
+        trusted=trust, source=SOURCE.name, digest=digest(folder), scanned={}, lazy=reader)
 
 
 SOURCE = Source(
     name="dcp", kind=FOLDER, order=30,
     summary="torch.distributed.checkpoint folder (.metadata + __R_N.distcp, FSDP / torchtitan / Accelerate): "
             "tensors assembled from every rank's chunks, the model part of a nested state dict",
-    load=load, digest=digest, files=files, claims=claims,
+    load=load, digest=digest, files=files, claims=claims, load_lazy=load_lazy,
     step="saved step / train_state.step item, else the step-N / global_stepN folder name",
 )
