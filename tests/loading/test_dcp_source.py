@@ -395,3 +395,31 @@ def test_damaged_metadata_is_an_error_line_or_a_consistent_load(tmp_path):
             if k in sd:
                 assert torch.equal(t, sd[k])
     assert 0 < loaded < len(variants)
+
+
+def test_an_accelerate_trainer_fsdp_run_is_discovered_with_trainer_steps(tmp_path):
+    """Accelerate / Trainer with FSDP ``SHARDED_STATE_DICT``: ``checkpoint-N/pytorch_model_fsdp_0/`` (the model as
+    ``{"model": ...}``) beside ``optimizer_0/`` and ``trainer_state.json``; the checkpoint is ``checkpoint-N``."""
+    import json
+
+    run = tmp_path / "out"
+    sds = {}
+    for i, step in enumerate((20, 40)):
+        m, opt = model_and_optimizer(seed=i)
+        sds[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        ckdir = run / f"checkpoint-{step // 2}"  # names that differ from the global step: the content wins
+        save({"model": sds[step]}, ckdir / "pytorch_model_fsdp_0")
+        save({"optimizer": opt.state_dict()}, ckdir / "optimizer_0")
+        (ckdir / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    assert sources.discover(run) == [run / "checkpoint-10", run / "checkpoint-20"]
+    ck = load_checkpoint(run / "checkpoint-20")
+    assert (ck.path, ck.step, ck.step_source, ck.layout) == (str(run / "checkpoint-20"), 40,
+                                                             "content:trainer_state.global_step", "dcp:model")
+    assert set(ck.state) == set(sds[40]) and all(torch.equal(ck.state[k], v) for k, v in sds[40].items())
+    assert sources.digest(run / "checkpoint-20") == sources.digest(run / "checkpoint-20" / "pytorch_model_fsdp_0")
+    (run / "checkpoint-20" / "trainer_state.json").unlink()
+    assert load_checkpoint(run / "checkpoint-20").step == 20  # the checkpoint-N name, not pytorch_model_fsdp_0's 0
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "pytorch_model_fsdp_0").symlink_to(run / "checkpoint-10" / "pytorch_model_fsdp_0")
+    assert not sources.get("dcp").claims(link)  # a link to a DCP folder elsewhere is not read through

@@ -64,6 +64,7 @@ from ..files import MappedFile, RefusedFile, display, map_file, printable
 from .base import FOLDER, Source
 
 METADATA = ".metadata"
+ACCELERATE_MODEL = "pytorch_model_fsdp_0"  # Accelerate / Trainer FSDP SHARDED_STATE_DICT: checkpoint-N/pytorch_model_fsdp_0/
 SUFFIX = ".distcp"
 MAX_METADATA = 64 * 2**20  # bytes of .metadata
 MAX_OPS = 32_000_000  # opcodes of .metadata (a 256-rank save of a large model holds ~10M)
@@ -477,16 +478,31 @@ def _listing(folder: Path) -> list[Path]:
     return found
 
 
-def claims(path: Path) -> bool:
-    """A folder holding ``.metadata`` and at least one ``.distcp`` file."""
-    if not path.is_dir() or not os.path.lexists(path / METADATA):
+def _is_dcp(path: Path) -> bool:
+    if os.path.islink(path) or not path.is_dir() or not os.path.lexists(path / METADATA):
         return False
     with os.scandir(path) as it:
         return any(e.name.endswith(SUFFIX) for e in it)
 
 
+def model_dir(path: Path) -> Path:
+    """The DCP folder of a checkpoint folder: itself, or, for an Accelerate / Trainer FSDP checkpoint saved with
+    ``SHARDED_STATE_DICT`` (``checkpoint-N/pytorch_model_fsdp_0/`` beside ``optimizer_0/`` and
+    ``trainer_state.json``), its ``pytorch_model_fsdp_0`` folder (not a link)."""
+    path = Path(path)
+    if not _is_dcp(path) and _is_dcp(path / ACCELERATE_MODEL):
+        return path / ACCELERATE_MODEL
+    return path
+
+
+def claims(path: Path) -> bool:
+    """A folder holding ``.metadata`` and at least one ``.distcp`` file, or one holding such a folder named
+    ``pytorch_model_fsdp_0`` (:func:`model_dir`)."""
+    return _is_dcp(model_dir(path))
+
+
 def files(folder: Path) -> list[Path]:
-    return _listing(folder)
+    return _listing(model_dir(folder))
 
 
 def digest(folder: Path) -> str:
@@ -640,14 +656,23 @@ def _saved_value(folder: Path, lay: Layout, fqn: str) -> Any:
         raise refused(folder / file, exc) from None
 
 
-def _read_step(folder: Path, lay: Layout) -> tuple[int | None, str]:
-    """The saved step (a bytes item or a one-entry tensor), else the folder name."""
+def _read_step(folder: Path, lay: Layout, outer: Path | None = None) -> tuple[int | None, str]:
+    """The saved step (a bytes item or a one-entry tensor), else (an Accelerate / Trainer ``checkpoint-N``
+    folder ``outer`` around the DCP folder) its ``trainer_state.json`` global step or its name, else the
+    folder name."""
     from ..steps import as_step, step_from_name
 
     for fqn in STEP_ITEMS:
         step = as_step(_saved_value(folder, lay, fqn))
         if step is not None:
             return step, f"content:{fqn}"
+    if outer is not None and outer != folder:
+        from .hf_folder import trainer_step
+
+        step, source = trainer_step(outer)
+        if step is not None:
+            return step, source
+        folder = outer
     step = step_from_name(folder.name)
     return (step, "filename") if step is not None else (None, "position")
 
@@ -671,6 +696,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
     from ..state import Checkpoint, check_tensors, count_nonfinite, strip_prefixes
     from ..verify import remember_sha256
 
+    outer, folder = Path(folder), model_dir(folder)
     lay = read_layout(folder)
     try:
         chosen, layout = select(lay, key)
@@ -703,7 +729,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
             remember_sha256(mf, sha.hexdigest())
         except RefusedFile as exc:
             raise refused(path, exc) from None
-    step, step_source = _read_step(folder, lay)
+    step, step_source = _read_step(folder, lay, outer)
     state = {chosen[f]: t for f, t in out.items()}
     check_tensors(folder, state)
     state, stripped = strip_prefixes(state)
@@ -711,7 +737,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
     if len(extra) > MAX_LISTED:
         extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
     return Checkpoint(
-        path=str(folder), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
+        path=str(outer), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
         extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
         trusted=trust, source=SOURCE.name, digest=digest(folder),
         scanned={n: count_nonfinite(t) for n, t in state.items() if t.is_floating_point() or t.is_complex()})
@@ -791,6 +817,7 @@ def load_lazy(folder: Path, *, key: str | None = None, trust: bool = False):
 
     from ..state import Checkpoint, LazyRows, strip_prefixes
 
+    outer, folder = Path(folder), model_dir(folder)
     lay = read_layout(folder)
     try:
         chosen, layout = select(lay, key)
@@ -813,13 +840,13 @@ def load_lazy(folder: Path, *, key: str | None = None, trust: bool = False):
         return out
 
     reader = LazyRows(read, stored)
-    step, step_source = _read_step(folder, lay)
+    step, step_source = _read_step(folder, lay, outer)
     state, stripped = strip_prefixes({chosen[f]: t for f, t in stored.items()})
     extra = sorted({_top(lay, f)[0] for f in [*lay.tensors, *lay.objects] if f not in chosen})
     if len(extra) > MAX_LISTED:
         extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
     return Checkpoint(
-        path=str(folder), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
+        path=str(outer), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
         extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
         trusted=trust, source=SOURCE.name, digest=digest(folder), scanned={}, lazy=reader)
 
@@ -829,5 +856,6 @@ SOURCE = Source(
     summary="torch.distributed.checkpoint folder (.metadata + __R_N.distcp, FSDP / torchtitan / Accelerate): "
             "tensors assembled from every rank's chunks, the model part of a nested state dict",
     load=load, digest=digest, files=files, claims=claims, load_lazy=load_lazy,
-    step="saved step / train_state.step item, else the step-N / global_stepN folder name",
+    step="saved step / train_state.step item, else trainer_state.json (Accelerate / Trainer checkpoint-N/"
+         "pytorch_model_fsdp_0/), else the step-N / global_stepN / checkpoint-N folder name",
 )
