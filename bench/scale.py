@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "gpt350m": {"vocab": 50257, "d": 1024, "layers": 24, "heads": 16, "k": 1, "positions": 1024},
     "resnet18": {"k": 5},
 }
-TOOLS = ("sam-probe", "pyhessian", "curvlinops", "eigenthings", "reference", "ratios")
+TOOLS = ("sam-probe", "pyhessian", "curvlinops", "eigenthings", "reference", "ratios", "pyhessian-memory")
 SEQS, SEQ_LEN, IMAGES = 8, 32, 32
 
 
@@ -145,6 +145,12 @@ def child(size: str, tool: str, k: int, seed: int, threads: int) -> dict[str, An
         elif tool == "pyhessian":
             run = compare._ph_solve(prob, {"tol": 1e-4, "maxIter": 100}, seed)
             out.update(values=run.values, n_hvp=run.n_hvp, seconds=run.seconds)
+        elif tool == "pyhessian-memory":  # its memory at top-k, not its answer: 3 power steps per eigenvalue
+            run = compare._ph_solve(prob, {"tol": 0.0, "maxIter": 3}, seed)
+            out.update(values=[], n_hvp=run.n_hvp, seconds=run.seconds,
+                       note="memory only: PyHessian eigenvalues(top_n=k, maxIter=3) holds what a converged run "
+                            "holds (the k - 1 earlier eigenvectors, v, Hv and the gradient graph); its values "
+                            "are not converged and not reported")
         elif tool == "curvlinops":
             run = compare._cl_solve(prob, {"which": "LA", "tol": 1e-3, "v0": True, "check_deterministic": False},
                                     seed)
@@ -323,6 +329,8 @@ def table(data: dict[str, Any]) -> str:
             err_s = "" if err is None else f"{err:.1e}" + (" (vs sam-probe)" if v.get("error_vs", "").startswith("sam") else "")
             if tool == "sam-probe":
                 err_s = f"residual <= {v['runs'][0].get('max_residual', float('nan')):.1e}" + (f"; {err_s}" if err_s else "")
+            if tool.endswith("-memory"):
+                err_s = "(memory only, 3 steps per eigenvalue)"
             if tool == "ratios":
                 err_s = (f"(ratios: tracked peak {v.get('tracked_peak_vectors') or 0:.2f} v; one gradient pass "
                          f"{v.get('gradient_pass_vectors') or 0:.2f} v)")
@@ -337,6 +345,8 @@ def largest(data: dict[str, Any]) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for size, e in data.get("sizes", {}).items():
         for tool, v in e.get("tools", {}).items():
+            if tool.endswith("-memory"):
+                continue  # not an answer
             if "n_params" in v and v.get("n_params", 0) > best.get(tool, {}).get("n_params", 0):
                 best[tool] = {"size": size, "n_params": v["n_params"]}
     return best
