@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import inner
 from .objective import Objective
-from .perturb import perturbed_gradient
+from .perturb import perturbation, perturbed_gradient
 from .registry import CURVATURE_REGISTRY
 
 VECTORS = ("full", "minibatch", "sam", "update")
@@ -232,6 +232,9 @@ def _alignment(obj: Any, eigenvectors: Tensor, eigenvalues: Sequence[float], *, 
             else:  # a model-sharded objective: each rank back-propagates the minibatch samples it holds
                 vecs[name] = sharded_subset_grad(obj, idx)
             obj.n_grad += 1
+        elif name == "sam" and getattr(obj, "shard_group", None) is not None and not m:
+            # a model-sharded objective: e from the shard-aware perturbation (its norm over all ranks)
+            vecs[name] = obj.grad_flat(w + perturbation(obj, g, variant, rho, asam_eta, w))
         elif name == "sam":
             vecs[name] = perturbed_gradient(obj, rho, variant, m, asam_eta, with_loss=False).perturbed_grad
         elif name == "update" and prev_params is not None:
