@@ -84,13 +84,10 @@ def sharded_numbers(inputs: dict) -> dict:
     from sam_probe.analyses.subspace import compute_subspace
     from sam_probe.core import inner
     from sam_probe.core.alignment import alignment
-    from sam_probe.core.lanczos import top_eigen
-    from sam_probe.core.memory import peak_bytes
     from sam_probe.core.paths import distance_streamed, pair_distance
     from sam_probe.core.sharded import ShardedObjective
     from sam_probe.core.sharded_states import gather_full, shard_vector
     from sam_probe.core.subspace import overlap_matrix
-    from sam_probe.core.vectors import VectorCount
 
     out: dict = {}
     out["wide"] = memory_numbers(*cases(("wide",))["wide"])
