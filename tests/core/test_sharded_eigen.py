@@ -400,6 +400,22 @@ def test_cli_shard_model_alignment_subspace_distance(ranks):
     assert all(m["shard_model"] and m["world_size"] == 2 for _, _, m in units)
 
 
+@pytest.mark.parametrize("args,words", [
+    (["alignment", "{ck}", "--curvature", "ggn"], "--curvature ggn"),
+    (["subspace", "{run}", "--curvature", "fisher"], "--curvature fisher"),
+    (["interpolate", "{ck}", "{ck}"], "available for sharpness, alignment, subspace, distance"),
+])
+def test_cli_shard_model_refusals(tmp_path, args, words):
+    """What cannot be done sharded is one line (exit 2) before any checkpoint is read."""
+    from clitools import run_cli
+
+    (tmp_path / "step_000000.pt").write_bytes(b"0")
+    res = run_cli(*[a.format(ck=tmp_path / "step_000000.pt", run=tmp_path) for a in args], "--shard-model",
+                  "--no-store")
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
+    assert res.code == 2 and len(lines) == 1 and words in lines[0], res.stderr
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     worker(sys.argv[1])
