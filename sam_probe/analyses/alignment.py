@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=3, order=40, target=CHECKPOINTS, unkeyed=("warm_start", "basis_device", "basis_dir"),
+    name="alignment", version=3, order=40, target=CHECKPOINTS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(
@@ -87,6 +87,9 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError(f"--vectors {opts['vectors']}: choose from {', '.join(VECTORS)}")
     if opts["k"] is not None and opts["k"] < 1:
         raise SpecError("--k must be >= 1")
+    if getattr(settings, "shard_model", False) and opts["curvature"] != "hessian":
+        raise SpecError(f"--shard-model with --curvature {opts['curvature']}: a sharded model gives Hessian "
+                        "products only; drop --curvature")
     return {"k": opts["k"], "vectors": chosen, "eta": opts["step_size"], "eta_grid": parse_floats(opts["eta_grid"], "--eta-grid"),
             "minibatch_size": opts["minibatch_size"], "rho": opts["rho"], "variant": opts["variant"],
             "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
@@ -108,16 +111,35 @@ def compute(ck, session: AnalysisSession, cfg: dict[str, Any], carry: dict[str, 
     eta, eta_source = (eta, eta_source) if eta is not None else (0.1, "default 0.1")
     prev = None
     if "update" in cfg["vectors"] and carry.get("prev_path"):
-        prev = session.objective(session.load(carry["prev_path"])).flat_params()
+        prev = previous_weights(session, session.load(carry["prev_path"]), obj)
     out = warm_started(ck, cfg, carry, lambda warm: compute_alignment(obj, cfg, k, eta, prev, warm, carry))
     out["eta_source"] = str(eta_source).replace("--lr", "--step-size")
     return out
+
+
+def previous_weights(session: AnalysisSession, ck, obj) -> Any:
+    """The flat weights of checkpoint ``ck`` laid out as ``obj``'s (under ``--shard-model``: this rank's shard,
+    :mod:`sam_probe.core.sharded_states`, without building a second sharded model)."""
+    if not hasattr(obj, "shard_group"):
+        return session.objective(ck).flat_params()
+    from ..core.sharded_states import shard_vector
+
+    params = session.matched(ck, session.build_model(ck)).params
+    return shard_vector(params, obj.space.names, dtype=obj.dtype, device=obj.device, world=obj.world, rank=obj.rank)
 
 
 def compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None, warm=None,
                       carry: dict[str, Any] | None = None) -> dict[str, Any]:
     """Certified top-k eigenvectors of the chosen curvature, then
     :func:`~sam_probe.core.alignment.alignment` (pure; the second-order predictions use the Hessian)."""
+    from ..core import inner
+
+    with inner.over(obj):  # --shard-model: eigenvectors and gradients are shards (core/inner.py)
+        return _compute_alignment(obj, cfg, k, eta, prev_params, warm, carry)
+
+
+def _compute_alignment(obj, cfg: dict[str, Any], k: int, eta: float, prev_params=None, warm=None,
+                       carry: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..core.alignment import alignment
     from ..core.lanczos import top_eigen
     from ..core.operators import curvature_operator

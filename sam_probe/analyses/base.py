@@ -82,6 +82,7 @@ class Analysis:
     gradients: bool = True  # needs torch.func transforms (imported once, before a unit's clock starts)
     unkeyed: tuple[str, ...] = ()  # config entries that change cost, not results (e.g. warm starts): not in unit keys
     shardable: bool = False  # runs with --shard-model (every vector a shard of an FSDP2 model: core/sharded.py)
+    streamed: bool = False  # target RUNS: compute gets the checkpoints without their tensors (read them one at a time)
 
     @property
     def view_module(self) -> str:

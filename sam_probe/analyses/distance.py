@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 ANALYSIS = Analysis(
-    name="distance", version=2, order=50, target=RUNS, gradients=False,
+    name="distance", version=2, order=50, target=RUNS, gradients=False, shardable=True, streamed=True,
     summary="Distance ||w_t - w_ref|| (global, per tensor, relative), escape rate with exponential vs power-law "
             "fits, same-step distance to another run, share of the displacement in the reference's top-k "
             "eigenspace.",
@@ -108,81 +108,184 @@ def parameters_of(session: AnalysisSession, ck) -> dict[str, Any]:
                 if torch.is_floating_point(t) and not n.endswith(BUFFER_SUFFIXES)}
 
 
+def full(session: AnalysisSession, light) -> Any:
+    """Checkpoint ``light`` (given without its tensors: the analysis is ``streamed``) read with them."""
+    ck = session.load(light.path)
+    ck.step = light.step
+    return ck
+
+
 def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
-    from ..core.paths import distance as core_distance
+    """Streamed: the reference is read first and kept (as float64 tensors; a shard of them under
+    ``--shard-model``), then every checkpoint is read, measured (and projected for ``--eigen-k``) and
+    dropped in turn; ``--same-step`` pairs are read two at a time after the reference is gone.  At most
+    the reference and one other checkpoint are held at once."""
+    import contextlib
+
+    from ..core import inner
+    from ..core.paths import distance_streamed
     from ..errors import SpecError
 
     kind, value = parse_ref(cfg["ref"])
-    states = [parameters_of(session, c) for c in cks]
     steps = [c.step for c in cks]
     ref_step = None
     if kind == "step":
         if value not in steps:
             raise SpecError(f"--ref {value}: not a step of this run (steps: {steps})")
-        target: Any = steps.index(value)
+        ref_ck = full(session, cks[steps.index(value)])
+        ref_x: Any = float(value)
     elif kind == "path":
-        ck = session.load(value)
-        target, ref_step = parameters_of(session, ck), ck.step
+        ref_ck = session.load(value)
+        ref_step = ref_ck.step
+        ref_x = None if ref_step is None else float(ref_step)
     else:
-        target = 0
-    try:
-        res = core_distance(states, target, steps=steps, ref_step=ref_step, k=cfg["k"])
-    except KeyError as exc:
-        raise SpecError(f"--ref: the checkpoints do not hold the reference's tensors ({exc})") from None
-    out = res.to_dict()
-    if out.get("ref_step") is not None and float(out["ref_step"]).is_integer():
-        out["ref_step"] = int(out["ref_step"])
-    out["n_params"] = sum(int(t.numel()) for t in states[0].values())
-    out["same_step"] = same_step_of(session, cfg, states, steps) if cfg.get("same_step") else None
-    out["top_k_share"] = None
+        ref_ck = full(session, cks[0])
+        ref_x = float(steps[0])
+    sharded = bool(getattr(session.settings, "shard_model", False))
+    ref_state = parameters_of(session, ref_ck)
+    n_params = sum(int(t.numel()) for t in ref_state.values())
+    share = None
     if cfg.get("eigen_k"):
-        ref_ck = session.load(value) if kind == "path" else cks[target if isinstance(target, int) else 0]
-        ref_state = target if isinstance(target, dict) else states[target]
-        out["top_k_share"] = top_k_share(session, ref_ck, ref_state, states, cfg)
+        share = TopKShare(session, ref_ck, ref_state, cfg, sharded)
+    del ref_ck
+
+    def states():  # one checkpoint read at a time, dropped when the next is asked for
+        for c in cks:
+            yield parameters_of(session, full(session, c))
+
+    with inner.sharded() if sharded else contextlib.nullcontext():
+        try:
+            res = distance_streamed(states(), ref_state, [float(s) for s in steps], ref_x, k=cfg["k"],
+                                    each=share.add if share is not None else None)
+        except KeyError as exc:
+            raise SpecError(f"--ref: the checkpoints do not hold the reference's tensors ({exc})") from None
+        del ref_state
+        out = res.to_dict()
+        if out.get("ref_step") is not None and float(out["ref_step"]).is_integer():
+            out["ref_step"] = int(out["ref_step"])
+        out["n_params"] = n_params
+        out["top_k_share"] = share.result() if share is not None else None
+        del share
+        out["same_step"] = same_step_of(session, cfg, cks, steps) if cfg.get("same_step") else None
     return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out}
 
 
-def same_step_of(session, cfg: dict[str, Any], states, steps) -> dict[str, Any]:
-    """``||w_t - w'_t||`` to the checkpoints of ``--same-step RUN`` at the same steps."""
-    from ..core.paths import same_step_distance
+def same_step_of(session, cfg: dict[str, Any], cks, steps) -> dict[str, Any]:
+    """``||w_t - w'_t||`` to the checkpoints of ``--same-step RUN`` at the same steps (two checkpoints held at
+    a time: this run's and the other's)."""
+    from ..core.paths import pair_distance
     from ..errors import SpecError
 
     other = Path(cfg["same_step"])
     files, _failed = session.ordered(other)
-    cks = [session.load(f) for f, _ in files]
-    if not cks:
+    kept = getattr(session, "loaded", {})
+    for f, _ in files:  # read again below, one at a time (ordering may have kept small runs loaded)
+        kept.pop(str(f), None)
+    if not files:
         raise SpecError(f"--same-step {other}: no readable checkpoints")
-    try:
-        d = same_step_distance(states, steps, [parameters_of(session, c) for c in cks], [c.step for c in cks])
-    except KeyError as exc:
-        raise SpecError(f"--same-step {other}: {exc.args[0]}") from None
-    return {"run": str(other), "steps": [int(s) if float(s).is_integer() else s for s in d["steps"]],
-            "distance": d["distance"]}
+    pos = {float(s): f for f, s in files}
+    out_steps, dist = [], []
+    for c, s in zip(cks, steps):
+        f = pos.get(float(s))
+        if f is None:
+            continue
+        a = parameters_of(session, full(session, c))
+        b = parameters_of(session, session.load(f))
+        try:
+            dist.append(pair_distance(a, b))
+        except KeyError as exc:
+            raise SpecError(f"--same-step {other}: {exc.args[0]}") from None
+        del a, b
+        out_steps.append(float(s))
+    return {"run": str(other), "steps": [int(s) if float(s).is_integer() else s for s in out_steps],
+            "distance": dist}
 
 
-def top_k_share(session, ref_ck, ref_state, states, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Certified top-K Hessian eigenvectors at the reference, and each displacement's share in them."""
+class TopKShare:
+    """Certified top-K Hessian eigenvectors at the reference, and each displacement's share in them,
+    one displacement at a time (:meth:`add`).  Under ``--shard-model`` the eigenvectors, the reference
+    and each displacement are shards and the shares come from all-reduced products."""
+
+    def __init__(self, session, ref_ck, ref_state, cfg: dict[str, Any], sharded: bool = False):
+        from ..core.lanczos import top_eigen
+        from ..errors import SpecError
+
+        obj = session.objective(ref_ck)
+        k = cfg["eigen_k"]
+        if k >= obj.n_params:
+            raise SpecError(f"--eigen-k {k} must be below the parameter count {obj.n_params}")
+        names = obj.space.names
+        missing = [n for n in names if n not in ref_state]
+        if missing:
+            raise SpecError(f"--eigen-k: the checkpoints lack the model's parameters {missing[:3]}")
+        if sharded:
+            from ..core.operators import curvature_operator
+
+            eig = top_eigen(curvature_operator(obj, "hessian"), k, tol=cfg["eigen_tol"], seed=cfg["seed"])
+        else:
+            eig = top_eigen(obj, k, tol=cfg["eigen_tol"], seed=cfg["seed"])
+        self.obj, self.k, self.names, self.sharded = obj, k, names, sharded
+        self.eig, self.cfg, self.ref_step = eig, cfg, ref_ck.step
+        self.V, self.w0 = share_basis(eig.eigenvectors, ref_state, names, obj, sharded)
+        self.share: list[float | None] = []
+
+    def add(self, state) -> None:
+        self.share.append(displacement_share(self.V, self.w0, state, self.names, self.obj, self.sharded))
+
+    def result(self) -> dict[str, Any]:
+        eig = self.eig
+        out = {"k": self.k, "share": self.share, "chance": self.k / self.obj.n_params,
+               "eigenvalues": list(eig.eigenvalues), "residuals": list(eig.residuals), "ref_step": self.ref_step}
+        if not eig.all_converged:
+            out["warning"] = (f"eigenpairs not converged to --eigen-tol {self.cfg['eigen_tol']:g}: the subspace is "
+                              "approximate")
+        return out
+
+
+def flat_of(state, names, obj, sharded: bool) -> Any:
+    """``state``'s tensors ``names`` as one float64 vector in the objective's layout (a shard when sharded)."""
     import torch
 
-    from ..core.lanczos import top_eigen
-    from ..core.paths import subspace_share
-    from ..errors import SpecError
+    if sharded:
+        from ..core.sharded_states import shard_vector
 
-    obj = session.objective(ref_ck)
-    k = cfg["eigen_k"]
-    if k >= obj.n_params:
-        raise SpecError(f"--eigen-k {k} must be below the parameter count {obj.n_params}")
-    eig = top_eigen(obj, k, tol=cfg["eigen_tol"], seed=cfg["seed"])
-    names = obj.space.names
-    missing = [n for n in names if n not in ref_state]
+        return shard_vector(state, names, dtype=torch.float64, device=obj.device, world=obj.world, rank=obj.rank)
+    return obj.space.flatten({n: state[n].to(obj.device, torch.float64) for n in names})
+
+
+def share_basis(V, ref_state, names, obj, sharded: bool) -> tuple[Any, Any]:
+    """``(basis, w_ref)``: one process, ``V`` orthonormalised by QR; sharded, ``(V, L⁻¹)`` with
+    ``VᵀV = L Lᵀ`` (all-reduced), so that ``‖Q ᵀδ‖ = ‖L⁻¹ Vᵀδ‖`` needs no parameter-sized product
+    beyond ``Vᵀδ``."""
+    import torch
+
+    from ..core import inner
+
+    V = V.to(torch.float64)
+    if sharded:
+        with inner.over(obj):
+            L = torch.linalg.cholesky(inner.gram(V, V))
+        basis: Any = (V, torch.linalg.inv(L))
+    else:
+        basis, _ = torch.linalg.qr(V)
+    return basis, flat_of(ref_state, names, obj, sharded)
+
+
+def displacement_share(basis, w0, state, names, obj, sharded: bool) -> float | None:
+    """``‖V_kᵀ δ‖² / ‖δ‖²`` of ``δ = w - w_ref`` (None for ``δ = 0``), for one state."""
+    from ..core import inner
+    from ..core.paths import subspace_share
+
+    missing = [n for n in names if n not in state]
     if missing:
+        from ..errors import SpecError
+
         raise SpecError(f"--eigen-k: the checkpoints lack the model's parameters {missing[:3]}")
-    w0 = obj.space.flatten({n: ref_state[n].to(obj.device, torch.float64) for n in names})
-    V = eig.eigenvectors.to(torch.float64)
-    V, _ = torch.linalg.qr(V)
-    disp = [obj.space.flatten({n: s[n].to(obj.device, torch.float64) for n in names}) - w0 for s in states]
-    out = {"k": k, "share": subspace_share(V, disp), "chance": k / obj.n_params,
-           "eigenvalues": list(eig.eigenvalues), "residuals": list(eig.residuals), "ref_step": ref_ck.step}
-    if not eig.all_converged:
-        out["warning"] = f"eigenpairs not converged to --eigen-tol {cfg['eigen_tol']:g}: the subspace is approximate"
-    return out
+    d = flat_of(state, names, obj, sharded) - w0
+    if not sharded:
+        return subspace_share(basis, [d])[0]
+    V, Linv = basis
+    with inner.over(obj):
+        n2 = inner.dot(d, d)
+        c = Linv @ inner.gram(V, d)
+    return None if n2 == 0 else float(c.pow(2).sum()) / n2

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="subspace", version=2, order=45, target=RUNS, unkeyed=("warm_start", "basis_device", "basis_dir"),
+    name="subspace", version=2, order=45, target=RUNS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="Persistence of the dominant subspace: the certified top-k eigenspace V_t of every checkpoint and "
             "the overlap ||V_s' V_t||_F^2 / k between all pairs, against chance k/P.",
     definitions=(
@@ -73,6 +73,9 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
         raise SpecError("--mc-samples must be >= 1")
     if opts["block_size"] < 1:
         raise SpecError("--block-size must be >= 1")
+    if getattr(settings, "shard_model", False) and opts["curvature"] != "hessian":
+        raise SpecError(f"--shard-model with --curvature {opts['curvature']}: a sharded model gives Hessian "
+                        "products only; drop --curvature")
     return {"k": opts["k"], "tol": opts["tol"], "max_hvp": opts["max_hvp"], "curvature": opts["curvature"],
             "mc_samples": opts["mc_samples"], "warm_start": opts["warm_start"], "save_vectors": opts["save_vectors"],
             "block_size": opts["block_size"], "extend_cluster": opts["extend_cluster"],
@@ -82,40 +85,74 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
 def compute(cks, session: AnalysisSession, cfg: dict[str, Any]) -> dict[str, Any]:
     """Top-k eigenspaces of every checkpoint (each warm-started from the previous one unless
     ``--no-warm-start``), then the overlap matrix; eigenvectors go to the store as float16."""
-    import numpy as np
-    import torch
-
     from ..core.operators import curvature_operator
-    from ..core.subspace import subspace_persistence
     from ..errors import SpecError
 
     k = cfg["k"]
+    space: list[Any] = []
 
     def operators():  # built one checkpoint at a time, as the solves consume them
         for ck in cks:
             obj = session.objective(ck)
             if k >= obj.n_params:
                 raise SpecError(f"{ck.path}: --k {k} must be below the parameter count {obj.n_params}")
+            space[:] = [getattr(obj, "space", None)]
             yield curvature_operator(obj, cfg["curvature"], mc_samples=cfg["mc_samples"], seed=cfg["seed"],
                                      tol=cfg["tol"])
 
+    out = compute_subspace(operators(), [c.step for c in cks], cfg, sharded=bool(session.settings.shard_model),
+                           space=space)
+    return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out}
+
+
+def compute_subspace(operators, steps: list, cfg: dict[str, Any], *, sharded: bool = False,
+                     space: list | None = None, gather_limit: int | None = None) -> dict[str, Any]:
+    """The result of :func:`compute` from the operators of each checkpoint (pure: no files, no terminal).
+
+    ``sharded`` (``--shard-model``): the operators act on shards (every rank calls this alike);
+    eigenvectors stay shards, overlaps come from all-reduced Gram matrices, and the stored
+    eigenvectors are gathered to rank 0 only when the ``[T, P, k]`` float16 array fits there
+    (:func:`~sam_probe.core.sharded_states.fits_on_main`, ``gather_limit`` bytes if given; ``space``
+    holds the last objective's :class:`~sam_probe.core.sharded.ShardSpace`, for the layout)."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from ..core import inner
+    from ..core.subspace import subspace_persistence
+
+    k = cfg["k"]
     # checkpoints of different parameter counts: subspace_result refuses to compare them (one-line failure)
-    res, bases = subspace_persistence(operators(), [c.step for c in cks], k, tol=cfg["tol"],
-                                      max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"],
-                                      block_size=cfg.get("block_size", 1),
-                                      extend_cluster=8 if cfg.get("extend_cluster", True) else 0,
-                                      where=basis_where(cfg))
-    vectors = None
-    if cfg.get("save_vectors", True):
+    with inner.sharded() if sharded else contextlib.nullcontext():
+        res, bases = subspace_persistence(operators, steps, k, tol=cfg["tol"],
+                                          max_hvp=cfg["max_hvp"], seed=cfg["seed"], warm_start=cfg["warm_start"],
+                                          block_size=cfg.get("block_size", 1),
+                                          extend_cluster=8 if cfg.get("extend_cluster", True) else 0,
+                                          where=basis_where(cfg))
+        vectors = None
         kv = max([k] + [V.shape[1] for V in bases])
-        vectors = np.full((len(bases), res.n_params, kv), np.nan, dtype=np.float16)
-        for t, V in enumerate(bases):
-            vectors[t, :, :V.shape[1]] = V.to(torch.float16).numpy()
+        if cfg.get("save_vectors", True):
+            from ..core.sharded_states import fits_on_main, gather_full
+
+            nbytes = len(bases) * res.n_params * kv * 2
+            if sharded and not fits_on_main(nbytes, gather_limit):
+                res.warnings.append(f"eigenvectors not stored: the [T, P, k] float16 array ({nbytes / 2**30:.2f} "
+                                    "GiB) does not fit rank 0 (a quarter of its available memory); overlaps are "
+                                    "computed on the shards")
+            else:
+                shapes = space[0].shapes if sharded and space else []
+                for t, V in enumerate(bases):
+                    full = gather_full(V, shapes) if sharded else V
+                    if full is None:  # a rank other than 0: it sent its shard
+                        continue
+                    if vectors is None:
+                        vectors = np.full((len(bases), res.n_params, kv), np.nan, dtype=np.float16)
+                    vectors[t, :, :full.shape[1]] = full.to(torch.float16).numpy()
     out = res.to_dict()
     if res.k < k:
         out.setdefault("warnings", []).append(f"only {res.k} of {k} eigenvectors exist at every step; "
                                               f"overlaps use k = {res.k}")
     if not out.get("warnings"):
         out.pop("warnings", None)
-    return {"run": str(Path(cks[0].path).parent), "paths": [str(c.path) for c in cks], **out,
-            "warm_start": cfg["warm_start"], **({"eigenvectors": vectors} if vectors is not None else {})}
+    return {**out, "warm_start": cfg["warm_start"], **({"eigenvectors": vectors} if vectors is not None else {})}

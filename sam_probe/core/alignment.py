@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import inner
 from .objective import Objective
-from .perturb import perturbed_gradient
+from .perturb import perturbation, perturbed_gradient
 from .registry import CURVATURE_REGISTRY
 
 VECTORS = ("full", "minibatch", "sam", "update")
@@ -49,23 +50,23 @@ def check_orthonormal(V: Tensor, tol: float = 1e-3) -> None:
     """Raise ``ValueError`` unless ``||VᵀV - I||_max <= tol``."""
     if V.dim() != 2:
         raise ValueError(f"V_k must be [P, k], got {tuple(V.shape)}")
-    G = V.T @ V
+    G = inner.gram(V, V)
     err = float((G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)).abs().max()) if G.numel() else 0.0
     if err > tol:
         raise ValueError(f"V_k is not orthonormal (max |VᵀV - I| = {err:.2e} > {tol:g})")
 
 
 def project(V: Tensor, v: Tensor) -> Tensor:
-    """``P_k v = V (Vᵀ v)``."""
-    return V @ (V.T @ v)
+    """``P_k v = V (Vᵀ v)`` (``Vᵀ v`` summed over the ranks when ``V`` and ``v`` are shards)."""
+    return V @ inner.gram(V, v)
 
 
 def chi(V: Tensor, v: Tensor) -> float:
     """``chi_k(v) = ||Vᵀ v|| / ||v||`` for orthonormal ``V`` (NaN when ``v = 0``)."""
-    n = float(v.norm())
+    n = inner.norm(v)
     if n == 0.0 or not math.isfinite(n):
         return float("nan")
-    return float((V.T @ v).norm()) / n
+    return float(inner.gram(V, v).norm()) / n
 
 
 def minibatch_indices(n: int, batch_size: int, seed: int = 0) -> Tensor:
@@ -88,12 +89,13 @@ def loss_changes(obj: Objective, g: Tensor, V: Tensor, eta: float,
     L0 = obj.loss() if loss0 is None else loss0
     dom = project(V, g)
     D = torch.stack([dom, g - dom, g], dim=1)
-    HD = obj.hvp_block(D)
+    sharded: Any = obj
+    HD = obj.hvp_block(D) if hasattr(obj, "hvp_block") else sharded.hessian().matmat(D)  # sharded: fd products
     dL, pred = {}, {}
     for j, name in enumerate(DIRECTIONS):
         d = D[:, j]
         dL[name] = obj.loss(w - eta * d) - L0
-        pred[name] = float(-eta * (g @ d) + 0.5 * eta ** 2 * (d @ HD[:, j]))
+        pred[name] = float(-eta * inner.dot(g, d) + 0.5 * eta ** 2 * inner.dot(d, HD[:, j]))
     return dL, pred
 
 
@@ -195,9 +197,20 @@ def alignment(
     unknown = set(vectors) - set(VECTORS)
     if unknown:
         raise ValueError(f"unknown vectors {sorted(unknown)}; choose from {', '.join(VECTORS)}")
+    with inner.over(obj):  # a model-sharded objective: every vector a shard, products summed over ranks
+        return _alignment(obj, eigenvectors, eigenvalues, eta=eta, vectors=vectors, batch_size=batch_size, seed=seed,
+                          rho=rho, variant=variant, m=m, asam_eta=asam_eta, prev_params=prev_params,
+                          eta_grid=eta_grid, ortho_tol=ortho_tol, curvature=curvature)
+
+
+def _alignment(obj: Any, eigenvectors: Tensor, eigenvalues: Sequence[float], *, eta: float, vectors: Sequence[str],
+               batch_size: int, seed: int, rho: float, variant: str, m: int | None, asam_eta: float,
+               prev_params: Tensor | None, eta_grid: Sequence[float] | None, ortho_tol: float | None,
+               curvature: Any) -> AlignmentResult:
     V = eigenvectors.detach().to(device=obj.device, dtype=obj.dtype)
-    if V.dim() != 2 or V.shape[0] != obj.n_params:
-        raise ValueError(f"eigenvectors must be [P={obj.n_params}, k], got {tuple(V.shape)}")
+    rows = getattr(getattr(obj, "space", None), "size", obj.n_params) if inner.active() else obj.n_params
+    if V.dim() != 2 or V.shape[0] != rows:
+        raise ValueError(f"eigenvectors must be [P={rows}, k] (this rank's shard when sharded), got {tuple(V.shape)}")
     evals = [float(x) for x in eigenvalues]
     if len(evals) != V.shape[1]:
         raise ValueError(f"{len(evals)} eigenvalues for {V.shape[1]} eigenvectors")
@@ -214,8 +227,14 @@ def alignment(
             vecs[name] = g
         elif name == "minibatch":
             idx = minibatch_indices(obj.n_samples, batch_size, seed)
-            vecs[name] = obj.subset(idx).grad_flat()
+            if hasattr(obj, "subset"):
+                vecs[name] = obj.subset(idx).grad_flat()
+            else:  # a model-sharded objective: each rank back-propagates the minibatch samples it holds
+                vecs[name] = sharded_subset_grad(obj, idx)
             obj.n_grad += 1
+        elif name == "sam" and getattr(obj, "shard_group", None) is not None and not m:
+            # a model-sharded objective: e from the shard-aware perturbation (its norm over all ranks)
+            vecs[name] = obj.grad_flat(w + perturbation(obj, g, variant, rho, asam_eta, w))
         elif name == "sam":
             vecs[name] = perturbed_gradient(obj, rho, variant, m, asam_eta, with_loss=False).perturbed_grad
         elif name == "update" and prev_params is not None:
@@ -236,3 +255,49 @@ def alignment(
         curvature=op_name, lambda_of=CURVATURE_REGISTRY.label(op_name.split("[", 1)[0]),
         edge_of_stability=op_name == "hessian",
     )
+
+
+def sharded_subset_grad(obj: Any, index: Tensor) -> Tensor:
+    """This rank's shard of ``∇L_B(w)`` for the samples ``index`` of a
+    :class:`~sam_probe.core.sharded.ShardedObjective`'s selection (``L_B`` their mean loss, as
+    ``Objective.subset(index)``): each rank back-propagates ``R · Σ_{i ∈ B ∩ its part} ℓ_i / T_B``
+    in one pass (a rank holding none of ``B`` runs one of its samples weighted 0, so every rank
+    takes part in FSDP's collectives), and FSDP's reduce-scatter averages over ranks."""
+    from . import losses as _losses
+    from .batches import batch_len
+    from .model_calls import analysis_mode, split_labels
+
+    n, R, r = obj.n_samples, obj.world, obj.rank
+    split = n >= R
+    lo, hi = ((r * n) // R, ((r + 1) * n) // R) if split else (0, n)
+    index = torch.as_tensor(index).reshape(-1).cpu()
+    mine = (index[(index >= lo) & (index < hi)] - lo) if split else index
+    xs, ys = [c[0] for c in obj._chunks], [c[1] for c in obj._chunks]
+    if isinstance(xs[0], dict):
+        x_all: Any = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+    else:
+        x_all = torch.cat(xs)
+    y_all = torch.cat(ys) if ys[0] is not None else None
+    weight = 1.0
+    if len(mine) == 0:
+        mine, weight = torch.zeros(1, dtype=torch.long), 0.0
+    x = {k: v[mine] for k, v in x_all.items()} if isinstance(x_all, dict) else x_all[mine]
+    y = y_all[mine] if y_all is not None else None
+    own = isinstance(obj.loss_obj, _losses.ModelOwnLoss)
+    xx, yy = split_labels(x, y, own)
+    terms = torch.tensor([weight * float(obj.loss_obj.term_count(yy, batch_len(xx)))], dtype=torch.float64)
+    if split:
+        terms = inner.allsum(terms)
+    T = float(terms[0])
+    scale = float(R) if split else 1.0
+    for p in obj.named.values():
+        p.grad = None
+    with analysis_mode(obj.module, obj.bn_mode):
+        (obj._chunk_sum(x, y) * (weight * scale / T)).backward()
+    from .sharded import _local
+
+    out = torch.cat([(_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
+                     for p in obj.named.values()])
+    for p in obj.named.values():
+        p.grad = None
+    return out

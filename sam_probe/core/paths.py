@@ -27,7 +27,7 @@ at ``a = 0, 1``, also when the grid misses them), so the barrier is ``>= 0``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,27 +157,93 @@ def distance(states: Sequence[State], ref: int | State = 0, *, steps: Sequence[f
         ref_state, ref_x = states[ref], x[ref]
     else:
         ref_state, ref_x = ref, (None if ref_step is None else float(ref_step))
+    return distance_streamed(iter(states), ref_state, x, ref_x, k=k, by="step" if steps is not None else "index")
+
+
+def _shard(t: Tensor) -> Tensor:
+    """This rank's FSDP2 chunk of ``t`` within a shard group (:mod:`.sharded_states`), else ``t``."""
+    from . import inner
+
+    if not inner.active():
+        return t
+    from .sharded_states import shard_of, world_rank
+
+    return shard_of(t, *world_rank())
+
+
+def distance_streamed(states: Iterable[State], ref_state: State, x: Sequence[float], ref_x: float | None, *,
+                      k: int = 5, by: str = "step", each: Callable[[State], None] | None = None) -> DistanceResult:
+    """:func:`distance` holding one state at a time: ``states`` is consumed lazily (a generator that
+    loads each checkpoint when asked and drops it after), ``x`` their steps (or indices), ``ref_x``
+    the reference's (None: every state is after it).  Only the reference's tensors (float64) and the
+    per-tensor distances are kept.  ``each(state)`` is called on every state while it is held (e.g.
+    its share in an eigenspace).
+
+    Within :func:`~sam_probe.core.inner.sharded` (``--shard-model``) every tensor is first reduced to
+    this rank's FSDP2 chunk (dimension 0), so the reference kept is a shard, and the per-tensor
+    squared distances are summed over the ranks (one all-reduce per state): the same numbers on
+    every rank, equal to one process up to the order of additions."""
+    from . import inner
+
+    sharded = inner.active()
     names = _float_names(ref_state)
-    w_ref = {n: ref_state[n].detach().double().cpu() for n in names}
-    ref_norm = float(torch.sqrt(sum((w.pow(2).sum() for w in w_ref.values()), torch.zeros((), dtype=torch.float64))))
-    per = {n: [] for n in names}
-    for i, s in enumerate(states):
+    w_ref = {n: _shard(ref_state[n].detach()).double().cpu() for n in names}
+    if sharded:
+        sq = inner.allsum(torch.stack([w.pow(2).sum() for w in w_ref.values()]).sum().reshape(1)
+                          if w_ref else torch.zeros(1, dtype=torch.float64))
+        ref_norm = float(torch.sqrt(sq[0]))
+    else:
+        ref_norm = float(torch.sqrt(sum((w.pow(2).sum() for w in w_ref.values()),
+                                        torch.zeros((), dtype=torch.float64))))
+    per: dict[str, list[float]] = {n: [] for n in names}
+    count = 0
+    for s in states:  # (no enumerate: it would keep the previous state alive while the next is read)
         missing = [n for n in names if n not in s]
         if missing:
-            raise KeyError(f"checkpoint {i} lacks tensors {missing[:5]}")
-        for n in names:
-            per[n].append(float((s[n].detach().double().cpu() - w_ref[n]).norm()))
-    dist = [float(np.sqrt(sum(per[n][i] ** 2 for n in names))) for i in range(len(states))]
+            raise KeyError(f"checkpoint {count} lacks tensors {missing[:5]}")
+        if sharded:
+            local = torch.stack([(_shard(s[n].detach()).double().cpu() - w_ref[n]).pow(2).sum() for n in names])
+            d = inner.allsum(local).sqrt().tolist()
+            for n, v in zip(names, d):
+                per[n].append(float(v))
+        else:
+            for n in names:
+                per[n].append(float((s[n].detach().double().cpu() - w_ref[n]).norm()))
+        if each is not None:
+            each(s)
+        count += 1
+        del s
+    if count != len(x):
+        raise ValueError(f"{len(x)} steps for {count} checkpoints")
+    x = [float(v) for v in x]
+    dist = [float(np.sqrt(sum(per[n][i] ** 2 for n in names))) for i in range(count)]
     rel = [d / ref_norm if ref_norm > 0 else float("nan") for d in dist]
-    after = [i for i in range(len(states)) if (ref_x is None or x[i] > ref_x) and dist[i] > 0][:k]
+    after = [i for i in range(count) if (ref_x is None or x[i] > ref_x) and dist[i] > 0][:k]
     rate = escape_rate([x[i] for i in after], [dist[i] for i in after])
     origin = ref_x if ref_x is not None else (x[after[0]] - 1.0 if after else 0.0)
     fits = escape_fits([x[i] for i in after], [dist[i] for i in after], origin)
     return DistanceResult(
         steps=x, distance=dist, relative=rel, per_tensor=per, escape_rate=rate,
         escape_steps=[x[i] for i in after], ref_step=ref_x, ref_norm=ref_norm,
-        escape_by="step" if steps is not None else "index", escape_fit=fits,
+        escape_by=by, escape_fit=fits,
     )
+
+
+def pair_distance(a: State, b: State) -> float:
+    """``‖a - b‖`` over ``a``'s floating tensors (float64; :func:`same_step_distance` for one pair; within
+    a shard group each rank sums its chunks and the sums are all-reduced)."""
+    from . import inner
+
+    names = _float_names(a)
+    missing = [n for n in names if n not in b]
+    if missing:
+        raise KeyError(f"the other run lacks tensors {missing[:5]}")
+    if inner.active():
+        local = sum((float((_shard(a[n].detach()).double().cpu() - _shard(b[n].detach()).double().cpu())
+                           .pow(2).sum()) for n in names), 0.0)
+        return float(np.sqrt(float(inner.allsum(torch.tensor([local], dtype=torch.float64))[0])))
+    sq = sum(float((a[n].detach().double().cpu() - b[n].detach().double().cpu()).pow(2).sum()) for n in names)
+    return float(np.sqrt(sq))
 
 
 # ------------------------------------------------------------- interpolation

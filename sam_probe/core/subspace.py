@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import inner
+
 
 def orthonormal(V: Tensor) -> Tensor:
     """An orthonormal float64 basis of the columns of ``V [P, k]`` (QR)."""
@@ -52,7 +54,12 @@ def subspace_overlap(A: Tensor, B: Tensor) -> float:
 
 
 def overlap_matrix(bases: Sequence[Tensor]) -> Tensor:
-    """``[T, T]`` matrix of :func:`subspace_overlap` between every pair of ``bases`` (float64)."""
+    """``[T, T]`` matrix of :func:`subspace_overlap` between every pair of ``bases`` (float64).
+
+    Within :func:`~sam_probe.core.inner.sharded` the bases are shards ``[P_r, k]`` (``--shard-model``):
+    see :func:`sharded_overlap_matrix`."""
+    if inner.active():
+        return sharded_overlap_matrix(bases)
     Q = [orthonormal(V) for V in bases]
     T = len(Q)
     out = torch.empty(T, T, dtype=torch.float64)
@@ -60,6 +67,29 @@ def overlap_matrix(bases: Sequence[Tensor]) -> Tensor:
         for j in range(i, T):
             k = min(Q[i].shape[1], Q[j].shape[1])
             out[i, j] = out[j, i] = float((Q[i].T @ Q[j]).pow(2).sum()) / k
+    return out
+
+
+def sharded_overlap_matrix(bases: Sequence[Tensor]) -> Tensor:
+    """:func:`overlap_matrix` of bases held as shards ``V_r [P_r, k]`` over the shard group: from the
+    all-reduced Gram matrices ``G_st = V_sᵀ V_t`` alone, ``Q_s = V_s L_s⁻ᵀ`` (``G_ss = L_s L_sᵀ``, Cholesky:
+    the same span as QR's ``Q``), so ``Q_sᵀ Q_t = L_s⁻¹ G_st L_t⁻ᵀ`` and nothing parameter-sized is gathered;
+    every rank gets the same matrix."""
+    V = [b.detach().to(torch.float64) for b in bases]
+    bad = inner.allsum(torch.tensor([float(sum(int(not bool(torch.isfinite(b).all())) for b in V))],
+                                    dtype=torch.float64))
+    if float(bad[0]) > 0:
+        raise ValueError("basis has non-finite entries (unconverged eigenvectors?)")
+    T = len(V)
+    L = [torch.linalg.cholesky(inner.gram(b, b)) for b in V]
+    out = torch.empty(T, T, dtype=torch.float64)
+    for i in range(T):
+        for j in range(i, T):
+            k = min(V[i].shape[1], V[j].shape[1])
+            G = inner.gram(V[i], V[j])
+            M = torch.linalg.solve_triangular(L[i], G, upper=False)  # L_i⁻¹ G
+            M = torch.linalg.solve_triangular(L[j], M.T, upper=False).T  # (L_i⁻¹ G) L_j⁻ᵀ
+            out[i, j] = out[j, i] = float(M.pow(2).sum()) / k if k else float("nan")
     return out
 
 
@@ -113,7 +143,11 @@ def subspace_result(steps: Sequence[int], bases: Sequence[Tensor], eigenvalues: 
     if len(steps) != len(bases) or len(eigenvalues) != len(bases):
         raise ValueError(f"{len(steps)} steps, {len(bases)} bases and {len(eigenvalues)} eigenvalue lists")
     P, k = bases[0].shape
-    if any(V.shape[0] != P for V in bases):
+    differ = any(V.shape[0] != P for V in bases)
+    if inner.active():  # shards: every rank must agree (one raising alone would leave the others waiting)
+        differ = float(inner.allsum(torch.tensor([float(differ)], dtype=torch.float64))[0]) > 0
+        P = inner.size(P)
+    if differ:
         raise ValueError("eigenvectors of different parameter counts cannot be compared")
     k = min(V.shape[1] for V in bases)
     return SubspaceResult([int(s) for s in steps], int(k), overlap_matrix(bases).tolist(), chance_overlap(k, P),
@@ -145,7 +179,8 @@ def subspace_persistence(operators: Iterable, steps: Sequence[int], k: int = 10,
                         block_size=block_size, extend_cluster=extend_cluster, where=where)
         name = eig.curvature
         warns += [f"step {step}: {w}" for w in eig.warnings]
-        good = torch.isfinite(eig.eigenvectors).all(0)
+        bad = (~torch.isfinite(eig.eigenvectors)).any(0).to(torch.float64)
+        good = inner.allsum(bad) == 0 if inner.active() else bad == 0  # shards: a column bad on any rank
         V = eig.eigenvectors[:, good]
         bases.append(V.detach().cpu().clone())
         evals.append(eig.eigenvalues)

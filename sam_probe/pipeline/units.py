@@ -59,6 +59,15 @@ def _checkpoint(session: Session, path: Path, step: int | None) -> Checkpoint:
     return ck
 
 
+def _light(session: Session, path: Path, step: int | None) -> Checkpoint:
+    """The checkpoint at ``path`` without its tensors (what it says about itself: format, layout, step,
+    hyper-parameters): a ``streamed`` analysis reads them itself (``session.load``), one checkpoint at a time."""
+    import dataclasses
+
+    ck = _checkpoint(session, path, step)
+    return dataclasses.replace(ck, state={}, scanned=None)
+
+
 def per_checkpoint(session: Session, analysis: Analysis, target: str | Path, config: dict[str, Any],
                    compute: CheckpointCompute) -> list[UnitOutcome]:
     """``compute(ck, session, config, carry)`` on every checkpoint of ``target`` in step order.
@@ -127,7 +136,10 @@ def over_files(session: Session, analysis: Analysis, label: str, name: str, file
         return done(session, UnitOutcome(origin, None, REUSED, result=stored or None, stored_at=str(unit)))
     session.progress(f"{analysis.name} {label}", 0, 1)
     try:
-        cks = [_checkpoint(session, p, step) for p, step in files]
+        if analysis.streamed:  # the analysis reads each checkpoint's tensors itself, one at a time
+            cks = [_light(session, p, step) for p, step in files]
+        else:
+            cks = [_checkpoint(session, p, step) for p, step in files]
         if analysis.gradients:
             warm_up()
         t0 = time.perf_counter()

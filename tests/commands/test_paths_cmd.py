@@ -98,3 +98,46 @@ def test_distance_escape_diagnostics(tiny_runs, tmp_path):
     tk = d["top_k_share"]
     assert tk["k"] == 3 and tk["chance"] == pytest.approx(3 / P) and tk["share"][0] is None
     assert tk["share"][2] == pytest.approx(share, rel=1e-6)
+
+
+def test_distance_streams_checkpoints(tiny_runs, monkeypatch):
+    """Issue 20 item 6: ``distance`` holds at most the reference and one other checkpoint at a time
+    (with --eigen-k and --same-step too), and its numbers are those of all states at once.  Every
+    checkpoint ``Session.load`` returns is followed by weak references to it and its tensors; at each
+    load the earlier ones still alive are counted.  (Ordering a run may keep up to 256 MB of it loaded
+    to read it once; that cache is switched off here so the count is the analysis's own.)"""
+    import gc
+    import weakref
+
+    from sam_probe.core.paths import distance, same_step_distance
+    from sam_probe.pipeline import session as session_mod
+    from sam_probe.pipeline import units
+
+    monkeypatch.setattr(units, "KEEP_LOADED_BYTES", 0)
+    alive: list[list] = []
+    peak = [0]
+    load = session_mod.Session.load
+
+    def counted(self, path):
+        gc.collect()
+        live = sum(1 for refs in alive if any(r() is not None for r in refs))
+        ck = load(self, path)
+        alive.append([weakref.ref(ck)] + [weakref.ref(t) for t in ck.state.values()])
+        peak[0] = max(peak[0], live + 1)
+        return ck
+
+    monkeypatch.setattr(session_mod.Session, "load", counted)
+    sam, sgd = tiny_runs["sam"], tiny_runs["sgd"]
+    res = run_cli("distance", sam, "--ref", "10", "--same-step", sgd, "--eigen-k", "2", "--max-samples", "40",
+                  "--dtype", "float64", "--no-store", "--json")
+    assert res.code == 0, res.stderr
+    assert len(alive) >= 9 and peak[0] <= 2, (len(alive), peak[0])
+    d = res.json()
+    states = [_params(sam / f"step_{s:06d}.pt") for s in (0, 10, 20)]
+    whole = distance(states, 1, steps=[0, 10, 20], k=5).to_dict()
+    for key in ("distance", "relative", "per_tensor", "escape_rate", "escape_fit", "ref_norm"):
+        assert d[key] == whole[key], key
+    other = same_step_distance(states, [0, 10, 20], [_params(sgd / f"step_{s:06d}.pt") for s in (0, 10, 20)],
+                               [0, 10, 20])
+    assert d["same_step"]["distance"] == other["distance"]
+    assert d["top_k_share"]["share"][1] is None and len(d["top_k_share"]["share"]) == 3
