@@ -64,7 +64,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "seed": (int, _opt(0, "--seed", help="Seed for data selection and random probes.")),
     "max_memory": (Optional[str], _opt(None, "--max-memory", help="Memory budget per process, e.g. 2GB or 512MiB: picks the chunk (unless --batch-size) and vector-block sizes from one probe forward/backward (memory only; results unchanged).", panel="Scale")),
     "distributed": (bool, _opt(False, "--distributed", help="Data parallel over torch.distributed (gloo on CPU, nccl on CUDA); automatic under torchrun. Each rank sums over its shard; rank 0 writes and prints.", panel="Scale")),
-    "shard_model": (bool, _opt(False, "--shard-model", help="Shard model and vectors over the ranks with FSDP2 (sharpness, alignment, subspace, distance; fd HVPs).", panel="Scale")),
+    "shard_model": (bool, _opt(False, "--shard-model", help="Shard the model and every vector over the ranks with FSDP2 (fd HVPs).", panel="Scale")),
     "key": (Optional[str], _opt(None, "--key", help="Dotted key of the state dict inside the checkpoint (e.g. ema.model).", panel="Checkpoints")),
     "glob": (Optional[str], _opt(None, "--glob", help="In a run directory, only files matching this pattern.", panel="Checkpoints")),
     "trust_checkpoint": (bool, _opt(False, "--trust-checkpoint", help="DANGEROUS: fully unpickle checkpoints (runs any code they contain). Only for files you made.", panel="Checkpoints")),

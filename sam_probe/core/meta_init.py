@@ -49,17 +49,18 @@ def has_meta_params(module: nn.Module) -> bool:
 
 def rows_of(t: Tensor, world: int, rank: int) -> Tensor:
     """Rank ``rank``'s rows of ``t`` as FSDP2 shards it: ``torch.chunk(t, world, 0)[rank]`` (empty past
-    the last chunk; a 0-d tensor is one row)."""
-    t = t.reshape(1) if t.dim() == 0 else t
-    chunks = torch.chunk(t, world, 0)
-    return chunks[rank] if rank < len(chunks) else t[:0]
+    the last chunk; a 0-d tensor is one row): :func:`sam_probe.core.sharded_states.shard_of`."""
+    from .sharded_states import shard_of
+
+    return shard_of(t, world, rank)
 
 
 def row_range(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rows ``[r0, r1)`` of a dimension of ``n`` that :func:`rows_of` gives rank ``rank``."""
-    step = -(-n // world) if n else 0
-    r0 = min(n, rank * step)
-    return r0, min(n, r0 + step)
+    from .sharded_states import chunk_rows
+
+    r0 = min(n, rank * (-(-n // world) if n else 0))
+    return r0, r0 + chunk_rows(n, world, rank)
 
 
 def materialise_shards(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],

@@ -138,12 +138,11 @@ def _group_of(group: Any) -> Any:
 
 
 def shard_of(full: Tensor, rank: int, world: int) -> Tensor:
-    """Rank ``rank``'s part of a whole tensor as FSDP2 holds it: the ``rank``-th of ``world`` chunks of
-    dimension 0 (:func:`torch.chunk`; empty for ranks past the last chunk).  A view, no copy."""
-    if full.dim() == 0:
-        return full if rank == 0 else full.reshape(-1)[:0]
-    chunks = torch.chunk(full, world, 0)
-    return chunks[rank] if rank < len(chunks) else full[:0]
+    """Rank ``rank``'s part of a whole tensor as FSDP2 holds it (:func:`.sharded_states.shard_of`: the
+    ``rank``-th of ``world`` chunks of dimension 0, empty past the last chunk).  A view, no copy."""
+    from .sharded_states import shard_of as chunk
+
+    return chunk(full, world, rank)
 
 
 def local_state(space: "ShardSpace", state: Mapping[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
@@ -152,6 +151,8 @@ def local_state(space: "ShardSpace", state: Mapping[str, Tensor], rank: int, wor
     out = {}
     for name, shape in zip(space.names, space.local_shapes):
         t = shard_of(state[name], rank, world)
+        if t.numel() == math.prod(shape):
+            t = t.reshape(shape)  # a 0-d tensor's one row
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name}: shard {tuple(t.shape)} of a {tuple(state[name].shape)} tensor, but the "
                              f"model's shard is {tuple(shape)}")

@@ -422,7 +422,7 @@ def test_cli_shard_model_alignment_subspace_distance(ranks):
 @pytest.mark.parametrize("args,words", [
     (["alignment", "{ck}", "--curvature", "ggn"], "--curvature ggn"),
     (["subspace", "{run}", "--curvature", "fisher"], "--curvature fisher"),
-    (["interpolate", "{ck}", "{ck}"], "available for sharpness, alignment, subspace, distance"),
+    (["landscape", "{ck}"], "--shard-model is available for"),
 ])
 def test_cli_shard_model_refusals(tmp_path, args, words):
     """What cannot be done sharded is one line (exit 2) before any checkpoint is read."""

@@ -686,6 +686,20 @@ def _read_lr(folder: Path, lay: Layout) -> dict[str, Any]:
     return {}
 
 
+def _model_part(folder: Path, key: str | None) -> tuple[Layout, dict[str, str], str]:
+    """The validated layout of a DCP folder, the stored names it analyses (``--key``, else the model part)
+    with their names in the checkpoint, and the layout label; one-line errors."""
+    lay = read_layout(folder)
+    try:
+        chosen, layout = select(lay, key)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{display(folder)}: {exc}") from None
+    if not chosen:
+        raise CheckpointError(f"{display(folder)}: no tensors found besides optimizer and trainer state; point at "
+                              "the weights with --key NAME")
+    return lay, chosen, layout
+
+
 def load(folder: Path, *, key: str | None = None, trust: bool = False):
     """A DCP folder as one :class:`~sam_probe.loading.state.Checkpoint` (module docstring).
 
@@ -697,14 +711,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
     from ..verify import remember_sha256
 
     outer, folder = Path(folder), model_dir(folder)
-    lay = read_layout(folder)
-    try:
-        chosen, layout = select(lay, key)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{display(folder)}: {exc}") from None
-    if not chosen:
-        raise CheckpointError(f"{display(folder)}: no tensors found besides optimizer and trainer state; point at "
-                              "the weights with --key NAME")
+    lay, chosen, layout = _model_part(folder, key)
     out = {f: torch.empty(lay.tensors[f].size, dtype=getattr(torch, lay.tensors[f].dtype)) for f in chosen}
     wanted: dict[str, list[tuple[int, str, Chunk]]] = {}
     for f in chosen:
@@ -818,14 +825,7 @@ def load_lazy(folder: Path, *, key: str | None = None, trust: bool = False):
     from ..state import Checkpoint, LazyRows, strip_prefixes
 
     outer, folder = Path(folder), model_dir(folder)
-    lay = read_layout(folder)
-    try:
-        chosen, layout = select(lay, key)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{display(folder)}: {exc}") from None
-    if not chosen:
-        raise CheckpointError(f"{display(folder)}: no tensors found besides optimizer and trainer state; point at "
-                              "the weights with --key NAME")
+    lay, chosen, layout = _model_part(folder, key)
     stored = {f: torch.empty(lay.tensors[f].size, dtype=getattr(torch, lay.tensors[f].dtype), device="meta")
               for f in chosen}
     maps: dict[str, MappedFile] = {}
