@@ -47,7 +47,7 @@ def analyse() -> dict:
             "eigenvalues": eig.eigenvalues, "n_hvp": eig.n_hvp,
             "trace": curvature_trace(op, "hutch++", tol=1e-3, max_hvp=60, seed=1).estimate,
             "density_mean": curvature_density(op, steps=10, n_probes=2, seed=3).mean,
-            "per_layer": [r.to_dict() for r in per_layer_spectra(op, exact_max=8, tol=1e-8, trace_max_hvp=40)],
+            "per_layer": [r.to_dict() for r in per_layer_spectra(op, exact_max=24, tol=1e-8, trace_max_hvp=40)],
         }
     out["worst"] = worst_case_sharpness(obj, 0.1, steps=5, m=10).to_dict()
     out["worst_adaptive_linf"] = worst_case_sharpness(obj, 0.1, steps=5, variant="linf", adaptive=True).to_dict()
