@@ -55,16 +55,22 @@ def active() -> bool:
     return _GROUP.get() is not None
 
 
-def allsum(t: Tensor) -> Tensor:
-    """``Σ_r t_r`` over the shard group (``t`` itself outside :func:`sharded`)."""
+def _all_reduce(t: Tensor, op: str) -> Tensor:
+    """``t`` reduced entrywise by ``op`` (``SUM``, ``MAX``) over the shard group, in a copy (``t`` itself
+    outside :func:`sharded`)."""
     group = _GROUP.get()
     if group is None:
         return t
     import torch.distributed as dist
 
     out = t.detach().clone().contiguous()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(out, op=getattr(dist.ReduceOp, op), group=group)
     return out
+
+
+def allsum(t: Tensor) -> Tensor:
+    """``Σ_r t_r`` over the shard group (``t`` itself outside :func:`sharded`)."""
+    return _all_reduce(t, "SUM")
 
 
 def dot(a: Tensor, b: Tensor) -> float:
@@ -143,14 +149,7 @@ def generator(seed: int) -> torch.Generator:
 
 def allmax(t: Tensor) -> Tensor:
     """``max_r t_r`` entrywise over the shard group (``t`` itself outside :func:`sharded`)."""
-    group = _GROUP.get()
-    if group is None:
-        return t
-    import torch.distributed as dist
-
-    out = t.detach().clone().contiguous()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-    return out
+    return _all_reduce(t, "MAX")
 
 
 _RADIX = 8  # bits decided per pass of :func:`kth_largest`

@@ -700,6 +700,14 @@ def _model_part(folder: Path, key: str | None) -> tuple[Layout, dict[str, str], 
     return lay, chosen, layout
 
 
+def _extra_keys(lay: Layout, chosen: dict[str, str]) -> list[str]:
+    """The top-level names of what the folder holds besides the analysed tensors (at most ``MAX_LISTED``)."""
+    extra = sorted({_top(lay, f)[0] for f in [*lay.tensors, *lay.objects] if f not in chosen})
+    if len(extra) > MAX_LISTED:
+        extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
+    return extra
+
+
 def load(folder: Path, *, key: str | None = None, trust: bool = False):
     """A DCP folder as one :class:`~sam_probe.loading.state.Checkpoint` (module docstring).
 
@@ -740,9 +748,7 @@ def load(folder: Path, *, key: str | None = None, trust: bool = False):
     state = {chosen[f]: t for f, t in out.items()}
     check_tensors(folder, state)
     state, stripped = strip_prefixes(state)
-    extra = sorted({_top(lay, f)[0] for f in [*lay.tensors, *lay.objects] if f not in chosen})
-    if len(extra) > MAX_LISTED:
-        extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
+    extra = _extra_keys(lay, chosen)
     return Checkpoint(
         path=str(outer), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
         extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
@@ -842,9 +848,7 @@ def load_lazy(folder: Path, *, key: str | None = None, trust: bool = False):
     reader = LazyRows(read, stored)
     step, step_source = _read_step(folder, lay, outer)
     state, stripped = strip_prefixes({chosen[f]: t for f, t in stored.items()})
-    extra = sorted({_top(lay, f)[0] for f in [*lay.tensors, *lay.objects] if f not in chosen})
-    if len(extra) > MAX_LISTED:
-        extra = [*extra[:MAX_LISTED], f"... ({len(extra) - MAX_LISTED} more)"]
+    extra = _extra_keys(lay, chosen)
     return Checkpoint(
         path=str(outer), format="dcp", layout=layout, state=state, step=step, step_source=step_source,
         extra_keys=extra, hparams=_read_lr(folder, lay), model_spec=None, placeholders=[], stripped_prefixes=stripped,
