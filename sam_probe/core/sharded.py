@@ -406,6 +406,33 @@ class ShardedObjective:
             if w is not None:
                 self._set(self._w0)
 
+    def value_and_grad(self, w: Tensor | None = None) -> tuple[float, Tensor]:
+        """``(L(w), local shard of ∇L(w))`` from one forward and backward per chunk (as :meth:`evaluate`
+        and :meth:`grad` give them; weights restored exactly after)."""
+        if w is not None:
+            self._set(w)
+        try:
+            for p in self.named.values():
+                p.grad = None
+            total = torch.zeros(1, dtype=torch.float64)
+            with analysis_mode(self.module, self.bn_mode):
+                for x, y in self._chunks:
+                    s = self._chunk_sum(x, y)
+                    total += float(s.detach())
+                    (s * (self.scale / self._T)).backward()
+            out = torch.cat([(_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
+                             for p in self.named.values()])
+            for p in self.named.values():
+                p.grad = None
+            if self.scale != 1.0:
+                with inner.sharded(self.group):
+                    total = inner.allsum(total)
+            self.n_grad += 1
+            return float(total[0]) / self._T, out
+        finally:
+            if w is not None:
+                self._set(self._w0)
+
     def flat_params(self) -> Tensor:
         """This rank's shard of ``w`` (a copy)."""
         return self._w0.clone()

@@ -19,15 +19,24 @@ otherwise, ``e = T δ`` (docs/metrics.md, "Sharpness measures"):
   ``last_improvement`` the latest over them.
 - average case  ``S_avg(ρ) = E_{δ ~ N(0, ρ²/P · I)} L(w + T δ) - L(w)`` (so ``E||δ||² = ρ²``),
   the mean over ``samples`` seeded draws with its standard error.
+
+Model-sharded objectives (``--shard-model``, :mod:`.sharded`): every vector here is this
+rank's shard; norms, maxima and the test for a zero start go through :mod:`.inner` (summed
+or maximised over the ranks), so every rank takes the same steps and the ascent equals one
+process's.  Gaussian directions are drawn shard by shard from :func:`.inner.generator`
+(each rank its own stream), so the average case depends on the ranks only through its draws.
+m-sharpness is not available there (sub-batches of a sharded selection).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from . import inner
 
 NORMS = ("l2", "linf")
 FunGrad = Callable[[Tensor], tuple[float, Tensor]]
@@ -36,9 +45,12 @@ FunGrad = Callable[[Tensor], tuple[float, Tensor]]
 # ------------------------------------------------------------ objective access
 def value_and_grad(obj, w: Tensor) -> tuple[float, Tensor]:
     """``(L(w), ∇L(w))`` of an objective at flat ``w`` in one pass per chunk (hooks only:
-    ``chunks``, ``outputs``, ``loss_sum_from_outputs``, ``mode``, ``_reduce``, ``denominator``)."""
+    ``chunks``, ``outputs``, ``loss_sum_from_outputs``, ``mode``, ``_reduce``, ``denominator``); a
+    model-sharded objective's own (``w`` and the gradient: this rank's shards)."""
     from torch.func import grad_and_value
 
+    if _sharded(obj):
+        return obj.value_and_grad(w)
     p = obj.space.unflatten(w.to(device=obj.device, dtype=obj.dtype))
 
     def chunk_loss(q, x, y):
@@ -55,6 +67,29 @@ def value_and_grad(obj, w: Tensor) -> tuple[float, Tensor]:
         obj.n_grad += 1
     acc = obj._reduce(acc) / obj.denominator
     return float(acc[-1]), acc[:-1]
+
+
+def _sharded(obj) -> bool:
+    return getattr(obj, "shard_group", None) is not None
+
+
+def _flat_weights(obj) -> Tensor:
+    """``w`` flat (a model-sharded objective: this rank's shard)."""
+    return obj.flat_params() if _sharded(obj) else obj.space.flatten(obj.params)
+
+
+def _any_nonzero(v: Tensor) -> bool:
+    """Whether any entry of the whole vector (all ranks' shards) is non-zero."""
+    local = bool((v != 0).any())
+    if not inner.active():
+        return local
+    return bool(inner.allmax(torch.tensor([float(local)], dtype=torch.float64))[0] > 0)
+
+
+def _max_abs(v: Tensor) -> float:
+    """``max |v_i|`` over the whole vector (all ranks' shards; 0 for an empty one)."""
+    local = v.abs().max().reshape(1).to(torch.float64) if v.numel() else torch.zeros(1, dtype=torch.float64)
+    return float(inner.allmax(local)[0]) if inner.active() else float(local[0])
 
 
 def adaptive_scale(w: Tensor, eta: float) -> Tensor:
@@ -76,10 +111,10 @@ def project(d: Tensor, rho: float, norm: str) -> Tensor:
     """Projection onto ``{||d||_p ≤ ρ}`` (the result never lies outside, rounding included)."""
     if norm == "linf":
         return d.clamp(-rho, rho)
-    n = float(d.norm())
+    n = inner.norm(d)
     if n > rho:
         d = d * (rho / n)
-        while float(d.norm()) > rho:
+        while inner.norm(d) > rho:
             d = d * (1 - 4 * torch.finfo(d.dtype).eps)
     return d
 
@@ -87,7 +122,7 @@ def project(d: Tensor, rho: float, norm: str) -> Tensor:
 def _direction(g: Tensor, norm: str) -> Tensor:
     if norm == "linf":
         return torch.sign(g)
-    n = float(g.norm())
+    n = inner.norm(g)
     return g / n if n > 0 else torch.zeros_like(g)
 
 
@@ -112,8 +147,8 @@ def apgd(fun: FunGrad, g0: Tensor, rho: float, norm: str = "l2", steps: int = 20
     if rho <= 0:
         raise ValueError("rho must be positive")
     d0 = _direction(g0, norm)
-    if not bool((d0 != 0).any()):
-        gen = torch.Generator().manual_seed(seed)
+    if not _any_nonzero(d0):
+        gen = inner.generator(seed)
         d0 = _direction(torch.randn(g0.shape, generator=gen, dtype=torch.float64).to(g0), norm)
     x = project(rho * d0, rho, norm)
     f, g = fun(x)
@@ -202,11 +237,19 @@ def worst_case_sharpness(obj, rho: float = 0.05, *, variant: str = "l2", adaptiv
     ``variant``: ``l2`` or ``linf`` ball; ``adaptive``: ``T = |w| + eta``; ``m``: m-sharpness
     over consecutive sub-batches of ``m`` samples; ``steps``: ascent steps per (sub-)batch.
     """
+    with inner.over(obj):
+        return _worst_case(obj, rho, variant, adaptive, eta, m, steps, seed)
+
+
+def _worst_case(obj, rho: float, variant: str, adaptive: bool, eta: float, m: int | None, steps: int,
+                seed: int) -> WorstCaseResult:
     if variant not in NORMS:
         raise ValueError(f"worst-case variant must be one of {', '.join(NORMS)}, got {variant!r}")
     if steps < 0:
         raise ValueError("steps must be >= 0")
-    w = obj.space.flatten(obj.params)
+    if _sharded(obj) and m and m < obj.n_samples:
+        raise ValueError("m-sharpness is not available with a model-sharded objective")
+    w = _flat_weights(obj)
     T = adaptive_scale(w, eta) if adaptive else torch.ones_like(w)
     total = start_total = 0.0
     used, last, n_grad, dnorm = 0, 0, 0, 0.0
@@ -225,7 +268,7 @@ def worst_case_sharpness(obj, rho: float = 0.05, *, variant: str = "l2", adaptiv
         used = max(used, r.steps)
         last = max(last, r.last_improvement)
         n_grad += counter[0]
-        dn = float(r.delta.abs().max() if variant == "linf" else r.delta.norm())
+        dn = _max_abs(r.delta) if variant == "linf" else inner.norm(r.delta)
         dnorm = max(dnorm, dn)
         if sub is not obj and hasattr(obj, "n_grad"):
             obj.n_grad += counter[0]
@@ -234,18 +277,30 @@ def worst_case_sharpness(obj, rho: float = 0.05, *, variant: str = "l2", adaptiv
 
 
 def average_case_sharpness(obj, rho: float = 0.05, *, samples: int = 20, adaptive: bool = False,
-                           eta: float = 0.01, seed: int = 0) -> AverageCaseResult:
-    """Mean of ``L(w + T δ) - L(w)`` over ``samples`` seeded ``δ ~ N(0, ρ²/P · I)`` and its SE."""
+                           eta: float = 0.01, seed: int = 0, directions: Iterable[Tensor] | None = None
+                           ) -> AverageCaseResult:
+    """Mean of ``L(w + T δ) - L(w)`` over ``samples`` seeded ``δ ~ N(0, ρ²/P · I)`` and its SE.
+
+    ``directions``: ``samples`` standard normal vectors (shards, for a model-sharded objective) used
+    in place of the seeded draws (``δ = ρ/√P · direction``)."""
+    with inner.over(obj):
+        return _average_case(obj, rho, samples, adaptive, eta, seed, directions)
+
+
+def _average_case(obj, rho: float, samples: int, adaptive: bool, eta: float, seed: int,
+                  directions: Iterable[Tensor] | None) -> AverageCaseResult:
     if samples < 2:
         raise ValueError("average-case sharpness needs at least 2 samples for a standard error")
-    w = obj.space.flatten(obj.params)
+    w = _flat_weights(obj)
     T = adaptive_scale(w, eta) if adaptive else torch.ones_like(w)
-    P = w.numel()
+    P = inner.size(w.numel())  # the whole model's parameters
     L0 = obj.loss()
-    gen = torch.Generator().manual_seed(seed)
+    gen = inner.generator(seed)  # this rank's stream when sharded
+    draws = iter(directions) if directions is not None else None
     vals = []
     for _ in range(samples):
-        d = torch.randn(P, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype) * (rho / P ** 0.5)
+        z = next(draws) if draws is not None else torch.randn(w.numel(), generator=gen, dtype=torch.float64)
+        d = z.to(device=w.device, dtype=w.dtype) * (rho / P ** 0.5)
         vals.append(obj.loss(w + T * d) - L0)
     mean = sum(vals) / samples
     se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (samples - 1) / samples)

@@ -4,11 +4,12 @@
 that the retried step and the error estimate cover them.)  The workers are this file run as a script with torchrun's environment (tests/test_distributed.py's
 ``run_ranks``).  Each rank computes, for an MLP, a BatchNorm
 CNN in eval mode and a tiny GPT-2 LM: the loss, its gradient shard, one Hessian product, the top-3
-eigenvalues, the exact trace and SAM sharpness, all through the shards; the test recomputes them on
+eigenvalues, the exact trace, SAM, worst-case and average-case sharpness, all through the shards; the test recomputes them on
 one process with exact double-backward products and dense float64 Hessians.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -71,6 +72,31 @@ def local_part(obj, full: torch.Tensor, names: list[str], shapes: list) -> torch
 
 WORLDS = {2: ("mlp", "cnn", "gpt2"), 4: ("mlp",)}  # (4 ranks on 2 shared CPU cores: the cheapest case only)
 
+AVG_SAMPLES = 3  # average-case directions injected (the same global vectors on R ranks and one process)
+
+
+def avg_directions(P: int) -> torch.Tensor:
+    return torch.randn(AVG_SAMPLES, P, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def _measure_numbers(obj, name: str, space=None) -> dict:
+    """Worst-case (l2; adaptive linf) and average-case sharpness: of the sharded objective ``obj`` (its
+    shards), or with ``space = (names, shapes)`` of a one-process objective (the reference)."""
+    from sam_probe.core.sharpness_measures import average_case_sharpness, worst_case_sharpness
+
+    names, shapes = space if space is not None else (obj.space.names, obj.space.shapes)
+    full = avg_directions(obj.n_params)
+    dirs = [row if space is not None else local_part(obj, row, names, shapes) for row in full]
+    before = obj.flat_params()
+    out = {"worst_l2": worst_case_sharpness(obj, 0.05, steps=3).to_dict(),
+           "worst_linf_adaptive": worst_case_sharpness(obj, 0.02, variant="linf", adaptive=True,
+                                                       steps=3).to_dict(),
+           "average_injected": average_case_sharpness(obj, 0.05, samples=AVG_SAMPLES, directions=dirs).to_dict(),
+           "average_drawn": average_case_sharpness(obj, 0.05, samples=4, seed=3).to_dict()}
+    current = obj.current_shard() if space is None else obj.flat_params()
+    out["measure_weights_unchanged"] = bool(torch.equal(current, before))
+    return out
+
 
 def sharded_numbers(names) -> dict:
     from sam_probe.core import inner
@@ -102,6 +128,7 @@ def sharded_numbers(names) -> dict:
             "sam": sam, "P": P, "P_local": obj.space.size, "peak_vectors": count.peak,
             "weights_unchanged": bool(torch.equal(obj.current_shard(), w0)),
         }
+        out[name].update(_measure_numbers(obj, name))
     return out
 
 
@@ -114,6 +141,7 @@ def worker(outdir: str) -> None:
         distributed.shutdown()
 
 
+@functools.lru_cache(maxsize=1)
 def reference() -> dict:
     """The same numbers on one process: exact products, dense float64 Hessians."""
     from sam_probe.core.dense import dense_hessian
@@ -128,6 +156,7 @@ def reference() -> dict:
         ref[name] = {"loss": obj.loss(), "grad": obj.grad_flat(), "hv": H @ v,
                      "eigenvalues": torch.linalg.eigvalsh(H).flip(0)[:K].tolist(), "trace": float(H.trace()),
                      "sam": sam_sharpness(obj, rho=0.05), "names": obj.space.names, "shapes": obj.space.shapes}
+        ref[name].update(_measure_numbers(obj, name, (obj.space.names, obj.space.shapes)))
     return ref
 
 
@@ -214,7 +243,7 @@ def test_cli_shard_model_equals_one_process(tmp_path):
     ck = sorted(run.glob("*.pt"))[-1]
     args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "41", "--dtype", "float64", "--top-k", "2",
             "--tol", "1e-7", "--trace", "--trace-method", "hutch++", "--trace-max-hvp", "30", "--rho", "0.05",
-            "--json", "--no-plot"]
+            "--worst-case", "--average-case", "--ascent-steps", "3", "--samples", "4", "--json", "--no-plot"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.code == 0, one.stderr
     procs = run_ranks([sys.executable, "-m", "sam_probe", *args, "--shard-model", "--out", str(tmp_path / "two")],
@@ -229,12 +258,19 @@ def test_cli_shard_model_equals_one_process(tmp_path):
         close(a[key], b[key], rel=1e-8, path=key)
     assert abs(a["trace"] - b["trace"]) <= 5 * (a["trace_se"] + b["trace_se"]) + 1e-8 * abs(a["trace"])
     assert max(b["residuals"]) <= 1e-7 and "product_residuals" in b  # the fd error is in the certificate
-    _, meta = store.read_unit(units[0])
+    stored, meta = store.read_unit(units[0])
     assert meta["world_size"] == 2 and meta["shard_model"] is True
+    # worst case (from the gradient direction): one process's to rounding; average case: within its SEs
+    one_unit, _ = store.read_unit(next((tmp_path / "one").rglob("*.h5")))
+    for key in ("worst_case_sharpness", "worst_case_start", "worst_case_delta_norm"):
+        close(float(one_unit[key]), float(stored[key]), rel=1e-8, path=key)
+    assert stored["worst_case_steps"] == one_unit["worst_case_steps"] == 3 and stored["average_case_samples"] == 4
+    assert abs(stored["average_case_sharpness"] - one_unit["average_case_sharpness"]) <= 5 * (
+        stored["average_case_se"] + one_unit["average_case_se"])
 
 
 def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
-    """Curvatures other than the Hessian, and the per-layer/density/worst-case parts, are one-line errors."""
+    """Curvatures other than the Hessian, and the per-layer/density/m-sharpness parts, are one-line errors."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clitools import run_cli
 
@@ -247,7 +283,7 @@ def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
     base = ["sharpness", str(ck), "--data", "digits", "--max-samples", "20", "--shard-model", "--no-store",
             "--no-plot"]
     for extra, words in ((["--curvature", "ggn"], "Hessian products only"), (["--per-layer"], "--per-layer"),
-                         (["--density"], "--density"), (["--worst-case"], "--worst-case")):
+                         (["--density"], "--density"), (["--m-sharpness", "5"], "--m-sharpness")):
         res = run_cli(*base, *extra)
         assert res.code == 2, (extra, res.stderr)
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
@@ -263,6 +299,37 @@ def test_unsharded_solvers_unchanged_outside_a_group():
     assert torch.equal(inner.colnorms(a), a.norm(dim=0))
     assert inner.norm(a[:, 0]) == float(a[:, 0].norm()) and inner.size(7) == 7 and inner.sizes(7) == [7]
     assert inner.dot(a[:, 0], a[:, 1]) == float(a[:, 0] @ a[:, 1])
+
+
+def test_sharded_worst_and_average_case_equal_one_process(ranks):
+    """Worst-case sharpness (Auto-PGD from the gradient direction: deterministic) equals one process to rounding,
+    l2 and adaptive linf; the average case with the same injected global directions too; with each rank's own
+    draws, every rank reports the same estimate, within its standard errors of one process's."""
+    ref = reference()
+    for world, names in WORLDS.items():
+        for name in names:
+            r = ref[name]
+            rows = [got[name] for got in ranks[world]]
+            for row in rows:
+                assert row["measure_weights_unchanged"], (world, name)
+                for key in ("worst_l2", "worst_linf_adaptive", "average_injected", "average_drawn"):
+                    assert row[key] == rows[0][key], (world, name, key)  # reduced scalars only: the same on every rank
+            got = rows[0]
+            for key in ("worst_l2", "worst_linf_adaptive"):
+                a, b = got[key], r[key]
+                assert a["worst_case_steps"] == b["worst_case_steps"] == 3, (name, key)
+                assert a["worst_case_last_improvement"] == b["worst_case_last_improvement"], (world, name, key)
+                assert a["worst_case_n_grad"] == b["worst_case_n_grad"]
+                for k in ("worst_case_sharpness", "worst_case_start", "worst_case_delta_norm"):
+                    assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-12), (world, name, key, k, a[k], b[k])
+            assert r["worst_l2"]["worst_case_sharpness"] >= r["worst_l2"]["worst_case_start"]
+            a, b = got["average_injected"], r["average_injected"]
+            for k in ("average_case_sharpness", "average_case_se"):
+                assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-12), (world, name, k, a[k], b[k])
+            a, b = got["average_drawn"], r["average_drawn"]
+            assert a["average_case_sharpness"] != b["average_case_sharpness"]  # R ranks: their own draws
+            assert abs(a["average_case_sharpness"] - b["average_case_sharpness"]) <= 5 * (
+                a["average_case_se"] + b["average_case_se"]), (world, name, a, b)
 
 
 if __name__ == "__main__":
