@@ -432,11 +432,11 @@ def _json_depth_ok(v: Any) -> bool:
 
 
 def read_meta(f: h5py.File | h5py.Group, budget: ReadBudget | None = None) -> dict[str, Any]:
-    """A unit's attributes, its JSON ones (config, specs, command) parsed; nesting beyond ``MAX_JSON_DEPTH``
+    """A unit's attributes, its JSON ones (config, specs, command, shard plan) parsed; nesting beyond ``MAX_JSON_DEPTH``
     is refused (:class:`UnsafeResults`)."""
     meta = {}
     for k, v in _attributes(f, budget or ReadBudget(f.file)).items():
-        if k in ("config", "model_spec", "data_spec", "command") and isinstance(v, str):
+        if k in ("config", "model_spec", "data_spec", "command", "shard_plan") and isinstance(v, str):
             try:
                 parsed = json.loads(v)
             except ValueError:

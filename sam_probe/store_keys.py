@@ -35,10 +35,12 @@ def unit_key(analysis: Any, config: dict[str, Any], settings: Settings, shas: li
 
 def unit_meta(analysis: Any, config: dict[str, Any], settings: Settings, *, command: list[str],
               paths: list[str], shas: list[str], step: int | None, model_spec: Any, used_data: dict[str, Any] | None,
-              device: str, torch_version: str, world_size: int, seconds: float) -> dict[str, Any]:
-    """The attributes stored with a unit (one checkpoint: scalars; several: lists)."""
+              device: str, torch_version: str, world_size: int, seconds: float,
+              shard_plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The attributes stored with a unit (one checkpoint: scalars; several: lists); ``shard_plan``: what one
+    rank held under ``--shard-model`` (:meth:`~sam_probe.core.sharded.ShardedObjective.shard_plan`)."""
     s = settings
-    return {
+    return {**({"shard_plan": dict(shard_plan)} if shard_plan else {}),
         "sam_probe_version": __version__, "torch_version": torch_version,
         "analysis": analysis.name, "analysis_version": analysis.version, "command": list(command),
         "config": config,

@@ -28,6 +28,7 @@ class Output:
     quiet: bool = False
     debug: bool = False
     plot: bool = True
+    verbose: bool = False  # --verbose: also each unit's solver memory plan
     tensorboard: Path | None = None  # --tensorboard DIR: scalars of every result to TensorBoard
     wandb: str | None = None  # --wandb PROJECT: to Weights & Biases
     wandb_offline: bool = False
@@ -80,7 +81,7 @@ ANALYSIS_OPTIONS: dict[str, tuple[Any, Any]] = {
     "quiet": (bool, _out_opt(False, "--quiet", "-q", help="No progress or tables.")),
     "no_plot": (bool, _out_opt(False, "--no-plot", help="Do not write plots.")),
     "debug": (bool, _out_opt(False, "--debug", help="Show tracebacks.")),
-    "verbose": (bool, _out_opt(False, "--verbose", help="Say where the defaults came from (the project config).")),
+    "verbose": (bool, _out_opt(False, "--verbose", help="Say where defaults came from, and each unit's memory plan.")),
     "tensorboard": (Optional[Path], _out_opt(None, "--tensorboard", help="Log every result's scalars to TensorBoard files in DIR.", metavar="DIR")),
     "wandb": (Optional[str], _out_opt(None, "--wandb", help="Log scalars as a W&B run of PROJECT (offline without an API key).", metavar="PROJECT")),
     "wandb_offline": (bool, _out_opt(False, "--wandb-offline", help="Write the W&B run offline (`wandb sync` uploads it later).")),
@@ -166,7 +167,7 @@ def build_common(values: dict[str, Any]) -> Common:
     )
     output = Output(json=values["json"], quiet=values["quiet"], debug=values["debug"], plot=not values["no_plot"],
                     tensorboard=values.get("tensorboard"), wandb=values.get("wandb"),
-                    wandb_offline=bool(values.get("wandb_offline")))
+                    wandb_offline=bool(values.get("wandb_offline")), verbose=bool(values.get("verbose")))
     if values.get("wandb_offline") and not values.get("wandb"):
         raise SpecError("--wandb-offline: name the project too (--wandb PROJECT)")
     if not distributed.is_main():  # rank 0 alone prints, plots and logs to trackers

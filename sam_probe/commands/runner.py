@@ -164,6 +164,8 @@ def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: 
     with run_names.given(names):
         outcomes, tracker = execute(analysis, common, targets, cfg)
         warn_results(common, outcomes)
+        if common.output.verbose and not common.output.quiet:
+            show_plans(outcomes)
         if shows_progress(common):
             console.summary_line(analysis.name, outcomes, time.perf_counter() - t0, tracker.counts)
         payload, results = payload_of(analysis, outcomes, len(targets))
@@ -256,6 +258,16 @@ def _params(fn: Any) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
+
+
+def show_plans(outcomes: list[Any]) -> None:
+    """``--verbose``: each unit's solver plan (basis size, vectors held, where they live), one line each."""
+    for o in outcomes:
+        plan = (o.result or {}).get("solver")
+        if isinstance(plan, dict) and plan:
+            said = ", ".join(f"{k}={plan[k]}" for k in ("basis_vectors", "peak_vectors", "vector_bytes",
+                                                           "basis_device", "budget_from", "block") if k in plan)
+            console.note_line(f"{Path(o.path).name}: solver plan: {said}")
 
 
 def warn_results(common: Common, outcomes: list[Any]) -> None:

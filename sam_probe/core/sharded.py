@@ -302,6 +302,23 @@ class ShardedObjective:
         """``P``: the parameters of the whole model (all ranks)."""
         return self.N
 
+    def shard_plan(self) -> dict[str, Any]:
+        """What one rank holds (the same numbers on every rank): with ``P_r`` the largest rank's entries
+        and ``b`` bytes per entry, the weights' shard, its saved copy and a gradient shard are
+        ``3 · P_r · b`` (``model_bytes``); each solver vector is one more shard (``vector_bytes``); and
+        while FSDP runs one unit (a transformer block, or a top-level child) it gathers that unit's whole
+        parameters (``gathered_entries``, the largest unit).  Activations of one data chunk come on top."""
+        with inner.sharded(self.group):
+            p_r = int(inner.allmax(torch.tensor([self.space.size], dtype=torch.int64))[0])
+        units = shard_units(self.module)
+        inside = {id(p) for u in units for p in u.parameters()}
+        sizes = [sum(int(p.numel()) for p in u.parameters()) for u in units]  # DTensor: the whole tensor's
+        sizes.append(sum(int(p.numel()) for p in self.module.parameters() if id(p) not in inside))
+        b = torch.finfo(self.dtype).bits // 8
+        return {"world": self.world, "n_params": self.N, "entries_per_rank": p_r, "bytes_per_entry": b,
+                "model_bytes": 3 * p_r * b, "vector_bytes": p_r * b, "gathered_entries": max(sizes),
+                "chunks": len(self._chunks)}
+
     def _term_count(self) -> float:
         total = torch.zeros(1, dtype=torch.float64)
         for x, y in self._chunks:

@@ -276,7 +276,17 @@ def sharded_objective(session: Session, ck: Checkpoint, model: nn.Module, data: 
     session.note(f"{opt('shard_model')}: {built} (rank 0 holds {obj.space.size:,} of the {obj.N:,} parameter "
                  "entries); gradients through FSDP's backward; Hessian products, where the analysis takes them, "
                  "are their finite differences (Richardson-extrapolated; their error is part of every residual)")
+    plan = obj.shard_plan()  # (collective: every rank)
+    session.shard_plan = plan
+    session.note(f"memory per rank (of {plan['world']}): weights, their saved copy and a gradient "
+                 f"{_mib(plan['model_bytes'])}, {_mib(plan['vector_bytes'])} per solver vector (k + c of them; "
+                 f"the unit's solver plan), one FSDP unit of {plan['gathered_entries']:,} parameters gathered at a "
+                 f"time, and the activations of one of {plan['chunks']} data chunks")
     return obj
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def _read_whole(session: Session, ck: Checkpoint, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class Session:
         self.loaded: dict[str, Checkpoint] = {}  # checkpoints read while ordering a run, used once
         self.used_data: dict[str, Any] | None = None  # the data spec and size the last objective used
         self.memory_plans: dict[Any, Any] = {}
+        self.shard_plan: dict[str, Any] | None = None  # --shard-model: what one rank holds (stored with units)
         self.store_failed: str | None = None  # the first write error: later units are not attempted
         self.device = settings.torch_device()
         self.dtype = settings.torch_dtype()

@@ -217,7 +217,8 @@ def meta(session: Session, analysis: Analysis, config: dict[str, Any], paths: li
     return unit_meta(analysis, config, session.settings, command=session.command, paths=paths, shas=shas,
                      step=step, model_spec=session.model_spec_or_none(ck), used_data=session.used_data,
                      device=str(session.device), torch_version=torch.__version__,
-                     world_size=distributed.world_size() if distributed.active() else 1, seconds=seconds)
+                     world_size=distributed.world_size() if distributed.active() else 1, seconds=seconds,
+                     shard_plan=session.shard_plan if session.settings.shard_model else None)
 
 
 def _size(session: Session) -> dict[str, Any]:

@@ -142,3 +142,13 @@ def test_a_missing_path_fails_before_torch_is_imported(tmp_path):
                          text=True, timeout=300)
     assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
     assert res.stderr.startswith("error:") and "nonexistent.pt: no such file or directory" in res.stderr
+
+
+def test_verbose_shows_each_units_solver_plan(tiny_runs, tmp_path):
+    """``--verbose``: one line per unit with its eigen solve's memory plan (the ``solver`` entry it stores)."""
+    ck = sorted(tiny_runs["sgd"].glob("*.pt"))[-1]
+    res = run_cli("sharpness", ck, *CHEAP, "--no-plot", "--no-store", "--verbose")
+    assert res.code == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "solver plan:" in ln]
+    assert len(lines) == 1 and f"{ck.name}: solver plan: basis_vectors=" in lines[0] and "peak_vectors=" in lines[0]
+    assert "solver plan" not in run_cli("sharpness", ck, *CHEAP, "--no-plot", "--no-store").stderr

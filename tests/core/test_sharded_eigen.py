@@ -417,6 +417,15 @@ def test_cli_shard_model_alignment_subspace_distance(ranks):
     stored = [r for _, r, _ in units if "eigenvectors" in r]
     assert len(stored) == 1 and stored[0]["eigenvectors"].shape == (2, s2["n_params"], 2)
     assert all(m["shard_model"] and m["world_size"] == 2 for _, _, m in units)
+    # what one rank held, stored with every unit (and said in the note): 1/R of the entries, each vector a shard
+    P = s2["n_params"]
+    for _, _, m in units:
+        plan = m["shard_plan"]
+        assert plan["world"] == 2 and plan["n_params"] == P and P / 2 <= plan["entries_per_rank"] < P
+        assert plan["vector_bytes"] == 8 * plan["entries_per_rank"] and plan["model_bytes"] == 3 * plan["vector_bytes"]
+        assert 0 < plan["gathered_entries"] <= P
+    r0 = json.loads((tmp_path / "subspace.0.json").read_text())
+    assert "memory per rank (of 2)" in r0["stderr"] and "per solver vector" in r0["stderr"]
 
 
 @pytest.mark.parametrize("args,words", [
