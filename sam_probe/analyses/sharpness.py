@@ -141,8 +141,7 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     opts["which"] = str(opts["which"]).upper()
     check_options(ANALYSIS, opts)
     if getattr(settings, "shard_model", False):
-        parts = [flag for flag, on in (("--per-layer", opts["per_layer"]), ("--density", opts["density"]),
-                                       ("--worst-case", opts["worst_case"]), ("--average-case", opts["average_case"]),
+        parts = [flag for flag, on in (("--worst-case", opts["worst_case"]), ("--average-case", opts["average_case"]),
                                        ("--m-sharpness", opts["m"]), ("--backend pyhessian",
                                                                       opts["backend"] == "pyhessian")) if on]
         if opts["curvature"] != "hessian":
