@@ -26,6 +26,11 @@ recurrence loses orthogonality once Ritz values converge and repeats them ("ghos
 but the Gauss quadrature it defines stays accurate for the moments SLQ uses (the
 weights of a ghost and its original add up; Meurant & Strakoš 2006), and
 ``Σ τ_i θ_i = vᵀ A v`` holds exactly either way.
+
+Model-sharded operators (``--shard-model``): every norm and inner product goes through
+:mod:`sam_probe.core.inner` (outside a sharded group the plain local ones, bit for bit), so on the
+same global probes every rank gets one process's tridiagonals; each rank draws its rows of the
+probes from its own stream, so the probes (not the method) depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import inner
 from .trace import coldots, probes
 from .vectors import WORK_VECTORS, VectorCount
 
@@ -75,9 +81,13 @@ def lanczos_tridiagonal(matmat: Matmat, V0: Tensor, steps: int, *, reorth: bool 
     columns sharing each block HVP; returns per column ``(α [m], β [m-1])`` of ``T_m``.
 
     ``reorth``: full reorthogonalisation of each column against its own basis (kept,
-    ``b · m`` vectors); otherwise the plain three-term recurrence (``3b`` vectors)."""
+    ``b · m`` vectors); otherwise the plain three-term recurrence (``3b`` vectors).
+
+    Model-sharded (inside :func:`~sam_probe.core.inner.sharded`): ``V0`` holds this rank's rows of the
+    probes and every norm and inner product is summed over the ranks (:mod:`.inner`), so every rank
+    gets the ``(α, β)`` of the whole probes (one process's, up to the products' rounding)."""
     P, b = V0.shape
-    steps = min(steps, P)
+    steps = min(steps, inner.size(P))
     count = count if count is not None else VectorCount()
     held = [0]
 
@@ -90,7 +100,7 @@ def lanczos_tridiagonal(matmat: Matmat, V0: Tensor, steps: int, *, reorth: bool 
         count.sub(x)
 
     try:
-        q = V0 / V0.norm(dim=0, keepdim=True)
+        q = V0 / inner.colnorms(V0)[None, :]
         hold(b)
         basis: list[Tensor] = []  # reorth: [b, P] per step, allocated as the steps happen
         q_prev: Tensor | None = None
@@ -118,14 +128,18 @@ def lanczos_tridiagonal(matmat: Matmat, V0: Tensor, steps: int, *, reorth: bool 
             if reorth:
                 for _ in range(2):  # full reorthogonalisation, each column against its own basis
                     for Bi in basis:
+                        d = inner.coldots(Bi.T, W)  # the columns are independent: one reduction per Bi
                         for c in range(b):
-                            W[:, c].add_(Bi[c], alpha=-float(Bi[c] @ W[:, c]))
+                            W[:, c].add_(Bi[c], alpha=-float(d[c]))
             else:  # local: once more against the last two vectors (no extra memory)
+                d = inner.coldots(q, W)
                 for c in range(b):
-                    W[:, c].add_(q[:, c], alpha=-float(q[:, c] @ W[:, c]))
-                    if q_prev is not None:
-                        W[:, c].add_(q_prev[:, c], alpha=-float(q_prev[:, c] @ W[:, c]))
-            beta = W.norm(dim=0)
+                    W[:, c].add_(q[:, c], alpha=-float(d[c]))
+                if q_prev is not None:
+                    d = inner.coldots(q_prev, W)
+                    for c in range(b):
+                        W[:, c].add_(q_prev[:, c], alpha=-float(d[c]))
+            beta = inner.colnorms(W)
             if j == steps - 1:
                 break
             still = []
@@ -182,12 +196,16 @@ def slq_density(matmat: Matmat, n: int, *, steps: int = 80, n_probes: int = 5, s
     when ``max_vectors``, default ``c``, holds every probe's basis) and ``block`` (probes run
     together) set the memory (module docstring); the probes (:func:`~sam_probe.core.trace.probes`)
     are the same either way.
+
+    Model-sharded (inside :func:`~sam_probe.core.inner.sharded`): ``n`` is this rank's length, each
+    rank draws its rows of the probes from its own stream (:func:`~sam_probe.core.inner.generator`),
+    and every rank gets the same quadrature (of those global probes).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = inner.generator(seed)
     count = count if count is not None else VectorCount()
     vectors = WORK_VECTORS if max_vectors is None else int(max_vectors)
     if reorth is None:
-        reorth = n_probes * (min(steps, n) + 2) <= vectors
+        reorth = n_probes * (min(steps, inner.size(n)) + 2) <= vectors
     if block is None:
         block = n_probes if reorth else max(1, min(n_probes, vectors // 3))
     counter = [0]
@@ -222,7 +240,8 @@ def slq_density(matmat: Matmat, n: int, *, steps: int = 80, n_probes: int = 5, s
 def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, reuse_graph: bool = True,
                       **kwargs) -> DensityResult:
     """:func:`slq_density` of a :class:`~sam_probe.core.operators.CurvatureOperator` (an
-    objective: its Hessian), in its dtype/device and context."""
+    objective: its Hessian), in its dtype/device and context (a model-sharded operator's inner
+    products summed over its ranks, :mod:`.inner`)."""
     from .operators import as_operator
     from .precision import solver_dtype
 
@@ -233,7 +252,7 @@ def curvature_density(op, *, steps: int = 80, n_probes: int = 5, seed: int = 0, 
     if plan is not None and "max_vectors" not in kwargs:
         kwargs["max_vectors"] = max(WORK_VECTORS, int(getattr(plan, "solver_vectors", 0) or 0))
     ctx = op.context() if reuse_graph else contextlib.nullcontext()
-    with ctx:
+    with inner.over(op), ctx:
         res = slq_density(op.matmat, op.P, steps=steps, n_probes=n_probes, seed=seed,
                           dtype=solver_dtype(op.dtype), device=op.device, **kwargs)
     res.curvature = op.name

@@ -7,7 +7,7 @@ shards), and the global vector is the concatenation over ranks::
 
     v = (v_0, v_1, …, v_{R-1}),      uᵀv = Σ_r u_rᵀ v_r,      ‖v‖ = (Σ_r ‖v_r‖²)^½.
 
-The solvers (:mod:`.lanczos`, :mod:`.trace`, :mod:`.vectors`) compute every inner
+The solvers (:mod:`.lanczos`, :mod:`.trace`, :mod:`.density`, :mod:`.vectors`) compute every inner
 product and norm through this module: outside :func:`sharded` (the default) these
 are the plain local operations, bit for bit what they were; inside, the local
 partial sums are all-reduced, so every rank sees the same scalars and the same

@@ -110,12 +110,18 @@ def _index_of(op: CurvatureOperator, sel) -> tuple[Tensor, str]:
 
 
 class BlockOperator(CurvatureOperator):
-    """``A[S, S]`` of a parent operator: ``U ↦ (A E U)[S]`` with ``E`` the embedding of ``S``."""
+    """``A[S, S]`` of a parent operator: ``U ↦ (A E U)[S]`` with ``E`` the embedding of ``S``.
+
+    Of a model-sharded parent (``shard_group``, :mod:`sam_probe.core.sharded`), ``index`` selects this
+    rank's entries of ``S`` in its shard (none, for a small tensor whose rows are all on other ranks),
+    and the block acts on shards too: its products are collective, like the parent's."""
 
     def __init__(self, parent: CurvatureOperator, index: Tensor, label: str):
-        if len(index) == 0:
+        group = getattr(parent, "shard_group", None)
+        if len(index) == 0 and group is None:
             raise ValueError("empty block")
         super().__init__(f"{parent.name}[{label}]", len(index), parent.dtype, parent.device)
+        self.shard_group = group  # the solvers sum inner products over it (core/inner.py); None: one process
         self.curvature = parent.curvature
         self.parent = parent
         self.index = index.to(parent.device)

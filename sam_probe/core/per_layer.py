@@ -13,6 +13,12 @@ A block of at most ``exact_max`` entries is formed densely from ``|S|`` products
 instead: its top eigenpair comes from ``eigh`` (residual recomputed from the dense
 block) and its trace is exact (``trace_se = 0``).  Every product of a block costs one
 product of the full operator.
+
+A model-sharded operator (``--shard-model``, :mod:`sam_probe.core.sharded`) gives blocks of shards
+(each rank holds its rows of the tensors, possibly none): the solvers sum their inner products over
+the ranks, the size ``|S|`` that chooses dense or Lanczos is the whole block's, and a dense block is
+assembled whole on every rank (:func:`~sam_probe.core.dense.dense_matrix`, a symmetric permutation of
+one process's block), so every rank takes the same steps and reports the same rows.
 """
 from __future__ import annotations
 
@@ -79,7 +85,7 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
     are done densely and exactly (module docstring); ``where``: where the solvers' bases live
     (:mod:`sam_probe.core.vectors`).
     """
-    from . import precision
+    from . import inner, precision
     from .lanczos import top_eigen
     from .operators import as_operator
     from .trace import curvature_trace
@@ -88,10 +94,10 @@ def per_layer_spectra(op, *, by: str = "tensor", tol: float = 1e-3, max_hvp: int
     if op.space is None:
         raise ValueError("per-layer spectra need an operator on a parameter space")
     rows: list[LayerSpectrum] = []
-    with op.context():
+    with inner.over(op), op.context():
         for gname, names in parameter_groups(op.space.names, by).items():
             block = op.restrict(names, label=gname)
-            n = block.P
+            n = inner.size(block.P)  # the whole block's size (block.P: this rank's rows when sharded)
             before = op.n_matvec
             if n <= exact_max:
                 B = _dense_block(block, vector_block).double()

@@ -522,12 +522,15 @@ def _take(x: Any, a: int, b: int) -> Any:
 
 
 class ShardedHessian(CurvatureOperator):
-    """``H = ∇²L(w)`` of a :class:`ShardedObjective`, applied to local shards ``[P_r, b]`` (module docstring)."""
+    """``H = ∇²L(w)`` of a :class:`ShardedObjective`, applied to local shards ``[P_r, b]`` (module docstring).
+
+    Its ``space`` is the :class:`ShardSpace`, so :meth:`restrict` gives the diagonal block of named tensors
+    on shards (this rank's rows of them, possibly none; per-layer spectra, :mod:`sam_probe.core.per_layer`)."""
 
     exact = False
 
     def __init__(self, obj: ShardedObjective):
-        super().__init__("hessian", obj.space.size, obj.dtype, obj.device)
+        super().__init__("hessian", obj.space.size, obj.dtype, obj.device, space=obj.space)
         self.obj = obj
         self.shard_group = obj.group  # the solvers sum inner products over it (core/inner.py)
 

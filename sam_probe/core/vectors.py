@@ -162,7 +162,7 @@ class VectorStore:
     # -------------------------------------------------------------- rows
     def append(self, V: Tensor) -> None:
         """Append the columns of ``V [P, b]`` (or a row ``[P]``) as rows."""
-        V = V.reshape(self.P, -1)
+        V = V if V.dim() == 2 else V.reshape(self.P, 1)  # (not reshape(P, -1): a rank's shard may be empty)
         for j in range(V.shape[1]):
             row = self._fresh()
             self._put(row, V[:, j])

@@ -4,13 +4,16 @@
 that the retried step and the error estimate cover them.)  The workers are this file run as a script with torchrun's environment (tests/test_distributed.py's
 ``run_ranks``).  Each rank computes, for an MLP, a BatchNorm
 CNN in eval mode and a tiny GPT-2 LM: the loss, its gradient shard, one Hessian product, the top-3
-eigenvalues, the exact trace, SAM, worst-case and average-case sharpness, all through the shards; the test recomputes them on
+eigenvalues, the exact trace, SAM, worst-case and average-case sharpness, all through the shards, and
+(``_spectra_numbers``) SLQ tridiagonals of fixed global probes, the SLQ density and per-layer spectra; the test
+recomputes them on
 one process with exact double-backward products and dense float64 Hessians.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -71,6 +74,44 @@ def local_part(obj, full: torch.Tensor, names: list[str], shapes: list) -> torch
 
 
 WORLDS = {2: ("mlp", "cnn", "gpt2"), 4: ("mlp",)}  # (4 ranks on 2 shared CPU cores: the cheapest case only)
+# per-layer spectra on shards: (world, model) -> (grouping, exact_max): blocks of at most exact_max entries
+# dense, the others by Lanczos + Hutch++ (4 ranks: the 3-row tensors of the MLP's last layer leave rank 3
+# with no rows of block "2"); few products: --tol 1e-4, Hutch++ within 8 products
+PER_LAYER = {(2, "mlp"): ("module", 30), (4, "mlp"): ("module", 0)}
+SLQ_STEPS, SLQ_PROBES = 5, 2  # Lanczos on fixed global probes, compared with one process on the whole probes
+
+
+def density_probes(n: int) -> torch.Tensor:
+    """Fixed global Rademacher probes ``[n, SLQ_PROBES]`` (each rank runs on its rows of them)."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randint(0, 2, (n, SLQ_PROBES), generator=g).double().mul_(2).sub_(1)
+
+
+def _spectra_numbers(obj, op, name) -> dict:
+    """Per-layer spectra (PER_LAYER) and SLQ through the shards: the tridiagonals of the same global probes
+    (with and without reorthogonalisation), and the density of the analysis (its own probes per rank)."""
+    from sam_probe.core import inner
+    from sam_probe.core.dense import dense_matrix
+    from sam_probe.core.density import curvature_density, gauss_quadrature, lanczos_tridiagonal
+    from sam_probe.core.per_layer import per_layer_spectra
+
+    out: dict = {}
+    Z = density_probes(obj.n_params)
+    local = torch.stack([local_part(obj, Z[:, j], obj.space.names, obj.space.shapes) for j in range(SLQ_PROBES)], 1)
+    for reorth in ((True, False) if name == "mlp" and obj.world == 2 else (True,)):
+        with inner.over(op):
+            tri = lanczos_tridiagonal(op.matmat, local, SLQ_STEPS, reorth=reorth)
+        out[f"slq_{reorth}"] = [[a.tolist(), b.tolist(), *[t.tolist() for t in gauss_quadrature(a, b)]] for a, b in tri]
+    if name != "gpt2" and obj.world == 2:
+        dens = curvature_density(op, steps=4, n_probes=3, seed=2)
+        out["density_mean"], out["density"] = dens.mean, dens.density.tolist()
+    if (obj.world, name) in PER_LAYER:
+        by, exact_max = PER_LAYER[obj.world, name]
+        out["per_layer"] = [r.to_dict() for r in per_layer_spectra(op, by=by, tol=1e-4, exact_max=exact_max,
+                                                                   trace_max_hvp=8, seed=1)]
+    if obj.world == 4 and name == "mlp":  # a dense block with a rank that holds none of it: the whole block
+        out["dense_2.bias"] = dense_matrix(op.restrict(["2.bias"])).tolist()
+    return out
 
 AVG_SAMPLES = 3  # average-case directions injected (the same global vectors on R ranks and one process)
 
@@ -129,6 +170,7 @@ def sharded_numbers(names) -> dict:
             "weights_unchanged": bool(torch.equal(obj.current_shard(), w0)),
         }
         out[name].update(_measure_numbers(obj, name))
+        out[name].update(_spectra_numbers(obj, op, name))
     return out
 
 
@@ -141,11 +183,14 @@ def worker(outdir: str) -> None:
         distributed.shutdown()
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def reference() -> dict:
-    """The same numbers on one process: exact products, dense float64 Hessians."""
+    """The same numbers on one process: exact products, dense float64 Hessians (computed once: the tests
+    only read it)."""
     from sam_probe.core.dense import dense_hessian
+    from sam_probe.core.density import gauss_quadrature, lanczos_tridiagonal
     from sam_probe.core.objective import Objective
+    from sam_probe.core.per_layer import parameter_groups
     from sam_probe.core.perturb import sam_sharpness
 
     ref = {}
@@ -157,6 +202,23 @@ def reference() -> dict:
                      "eigenvalues": torch.linalg.eigvalsh(H).flip(0)[:K].tolist(), "trace": float(H.trace()),
                      "sam": sam_sharpness(obj, rho=0.05), "names": obj.space.names, "shapes": obj.space.shapes}
         ref[name].update(_measure_numbers(obj, name, (obj.space.names, obj.space.shapes)))
+        # SLQ on the same global probes; the spread of z'Hz/P over Rademacher z (the density mean's)
+        Z = density_probes(obj.n_params)
+        for reorth in (True, False):
+            tri = lanczos_tridiagonal(lambda V, H=H: H @ V, Z, SLQ_STEPS, reorth=reorth)
+            ref[name][f"slq_{reorth}"] = [[a.tolist(), b.tolist(), *[t.tolist() for t in gauss_quadrature(a, b)]]
+                                          for a, b in tri]
+        ref[name]["quadform_sd"] = float((2 * (H.square().sum() - H.diag().square().sum())).sqrt()) / obj.n_params
+        # per-layer: every diagonal block densely (top eigenvalue and trace), for both groupings
+        slices = obj.space.slices()
+        for by in ("tensor", "module"):
+            blocks = {}
+            for g, names in parameter_groups(obj.space.names, by).items():
+                idx = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+                B = H[idx][:, idx]
+                blocks[g] = (float(torch.linalg.eigvalsh(B)[-1]), float(B.trace()), len(idx))
+            ref[name][f"per_layer_{by}"] = blocks
+        ref[name]["dense_2.bias"] = H[slices["2.bias"], slices["2.bias"]] if "2.bias" in slices else None
     return ref
 
 
@@ -229,7 +291,9 @@ def test_per_rank_vectors_are_shards(ranks):
 
 def test_cli_shard_model_equals_one_process(tmp_path):
     """``sharpness --shard-model`` as 2 ranks (torchrun's environment): rank 0 alone prints and writes one
-    unit; its loss, eigenvalues, trace and SAM sharpness equal a one-process run with exact products."""
+    unit; its loss, eigenvalues, trace, SAM and worst-case sharpness and per-layer rows (every block dense: at
+    most 64 entries) equal a one-process run with exact products; its average case is within the standard
+    errors, and it has an SLQ density."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clitools import run_cli
     from test_distributed import close
@@ -238,12 +302,13 @@ def test_cli_shard_model_equals_one_process(tmp_path):
     from sam_probe.commands.train_cmd import write_run
 
     run = tmp_path / "run"
-    write_run(run, optimizer="sam", model="mlp", model_args={"in_dim": 64, "hidden": [5], "out_dim": 10},
+    write_run(run, optimizer="sam", model="mlp", model_args={"in_dim": 64, "hidden": [1], "out_dim": 10},
               data="digits", max_samples=41, steps=1, lr=0.1, batch_size=20, checkpoint_every=1, seed=0)
     ck = sorted(run.glob("*.pt"))[-1]
     args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "41", "--dtype", "float64", "--top-k", "2",
             "--tol", "1e-7", "--trace", "--trace-method", "hutch++", "--trace-max-hvp", "30", "--rho", "0.05",
-            "--worst-case", "--average-case", "--ascent-steps", "3", "--samples", "4", "--json", "--no-plot"]
+            "--worst-case", "--average-case", "--ascent-steps", "3", "--samples", "4",
+            "--per-layer", "--density", "--density-steps", "3", "--density-probes", "2", "--json", "--no-plot"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.code == 0, one.stderr
     procs = run_ranks([sys.executable, "-m", "sam_probe", *args, "--shard-model", "--out", str(tmp_path / "two")],
@@ -267,10 +332,20 @@ def test_cli_shard_model_equals_one_process(tmp_path):
     assert stored["worst_case_steps"] == one_unit["worst_case_steps"] == 3 and stored["average_case_samples"] == 4
     assert abs(stored["average_case_sharpness"] - one_unit["average_case_sharpness"]) <= 5 * (
         stored["average_case_se"] + one_unit["average_case_se"])
+    rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()} for r in stored["per_layer"]]
+    assert [r["name"] for r in rows] == [r["name"] for r in a["per_layer"]] and all(r["exact"] for r in rows)
+    scale = max(abs(r["top_eigenvalue"]) for r in a["per_layer"])  # the products' error is relative to ||H||
+    for want, got in zip(a["per_layer"], rows):
+        assert got["n_params"] == want["n_params"] and got["trace_se"] == 0.0, got
+        for key in ("top_eigenvalue", "trace"):
+            assert abs(got[key] - want[key]) <= 1e-8 * max(abs(want[key]), scale), (key, got, want)
+    assert b["per_layer"] == rows  # what rank 0 printed is what it stored
+    assert b["density"]["n_probes"] == 2 and b["density"]["n_hvp"] == 6 and math.isfinite(b["density"]["mean"])
 
 
 def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
-    """Curvatures other than the Hessian, and the per-layer/density/m-sharpness parts, are one-line errors."""
+    """Curvatures other than the Hessian, and the parts not yet sharded (PyHessian's backend, m-sharpness),
+    are one-line errors."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clitools import run_cli
 
@@ -282,8 +357,8 @@ def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
     ck = sorted(run.glob("*.pt"))[-1]
     base = ["sharpness", str(ck), "--data", "digits", "--max-samples", "20", "--shard-model", "--no-store",
             "--no-plot"]
-    for extra, words in ((["--curvature", "ggn"], "Hessian products only"), (["--per-layer"], "--per-layer"),
-                         (["--density"], "--density"), (["--m-sharpness", "5"], "--m-sharpness")):
+    for extra, words in ((["--curvature", "ggn"], "Hessian products only"),
+                         (["--backend", "pyhessian"], "--backend pyhessian"), (["--m-sharpness", "5"], "--m-sharpness")):
         res = run_cli(*base, *extra)
         assert res.code == 2, (extra, res.stderr)
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
@@ -330,6 +405,59 @@ def test_sharded_worst_and_average_case_equal_one_process(ranks):
             assert a["average_case_sharpness"] != b["average_case_sharpness"]  # R ranks: their own draws
             assert abs(a["average_case_sharpness"] - b["average_case_sharpness"]) <= 5 * (
                 a["average_case_se"] + b["average_case_se"]), (world, name, a, b)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_density_equals_one_process(ranks, world):
+    """SLQ through the shards: on each rank's rows of fixed global probes, the Lanczos tridiagonals (α, β)
+    and their Gauss nodes and weights are one process's on the whole probes (with and without
+    reorthogonalisation); the analysis's density (each rank's own probe rows) is the same on every rank and
+    its mean Σ τθ estimates tr(H)/P within its sampling spread."""
+    ref = reference()
+    for name in WORLDS[world]:
+        rows = [got[name] for got in ranks[world]]
+        for key in ("slq_True", "slq_False"):
+            if key not in rows[0]:
+                continue
+            assert all(row[key] == rows[0][key] for row in rows), (name, key)  # reduced values only
+            for got, want in zip(rows[0][key], ref[name][key]):
+                for part, (a, b) in enumerate(zip(got, want)):  # alpha, beta, nodes, weights
+                    assert len(a) == len(b) and rel(a, b) <= 1e-8, (name, key, part, a, b)
+        if "density_mean" in rows[0]:
+            assert all(row["density"] == rows[0]["density"] for row in rows)
+            P = rows[0]["P"]
+            sd = ref[name]["quadform_sd"] / 3 ** 0.5  # 3 probes
+            assert abs(rows[0]["density_mean"] - ref[name]["trace"] / P) <= 5 * sd + 1e-8 * abs(ref[name]["trace"]) / P
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_per_layer_equals_one_process(ranks, world):
+    """Per-layer spectra through the shards: every rank the same rows; a dense block's top eigenvalue and
+    trace are one process's dense block's; a Lanczos block's top eigenvalue to its residual, its trace
+    within its standard error."""
+    ref = reference()
+    for name in WORLDS[world]:
+        if (world, name) not in PER_LAYER:
+            continue
+        by, exact_max = PER_LAYER[world, name]
+        rows = [got[name]["per_layer"] for got in ranks[world]]
+        assert all(r == rows[0] for r in rows), name
+        want = ref[name][f"per_layer_{by}"]
+        assert [r["name"] for r in rows[0]] == list(want), name
+        for r in rows[0]:
+            lam, tr, n = want[r["name"]]
+            assert r["n_params"] == n and r["exact"] == (n <= exact_max), r
+            if r["exact"]:
+                assert abs(r["top_eigenvalue"] - lam) <= 1e-8 * max(abs(lam), 1e-3), (r, lam)
+                assert abs(r["trace"] - tr) <= 1e-8 * max(abs(tr), 1e-3) and r["trace_se"] == 0.0, (r, tr)
+            else:  # |θ - λ| <= ||A y - θ y|| <= tol |θ|
+                assert r["converged"] and abs(r["top_eigenvalue"] - lam) <= 1e-4 * abs(lam), (r, lam)
+                assert abs(r["trace"] - tr) <= 5 * r["trace_se"] + 1e-8 * max(abs(tr), 1e-3), (r, tr)
+        if world == 4:  # block "2" leaves rank 3 without rows: through Lanczos, and densely (3 ranks' rows in order)
+            assert not any(r["exact"] for r in rows[0])
+            blocks = [torch.tensor(got[name]["dense_2.bias"], dtype=torch.float64) for got in ranks[world]]
+            assert all(torch.equal(b, blocks[0]) for b in blocks)
+            assert rel(blocks[0], ref[name]["dense_2.bias"]) <= 1e-8
 
 
 if __name__ == "__main__":
