@@ -98,10 +98,6 @@ def ratio_config(opts: dict[str, Any], settings: Any = None) -> dict[str, Any]:
         raise SpecError("--rho must be > 0, --eps >= 0 and --m-sharpness >= 1")
     if not 0 < ire_rank < 1:
         raise SpecError(f"--ire-rank {ire_rank}: a fraction in (0, 1), e.g. 0.9")
-    if getattr(settings, "shard_model", False) and (m is not None or opts.get("minibatch") is not None):
-        raise SpecError("--shard-model computes ratios on the whole selection: drop "
-                        + ", ".join(f for f, v in (("--m-sharpness", m), ("--minibatch", opts.get("minibatch")))
-                                    if v is not None))
     cfg = {"rho": rho, "variant": opts["variant"], "m": m, "eps": eps, "faithful": opts["faithful"],
            "edges": parse_edges(opts["edges"]), "eta": opts["eta"], "ire_rank": ire_rank}
     if opts.get("minibatch") is not None:  # absent otherwise: units stored before --minibatch keep their keys

@@ -141,13 +141,12 @@ def configure(opts: dict[str, Any], settings: Any) -> dict[str, Any]:
     opts["which"] = str(opts["which"]).upper()
     check_options(ANALYSIS, opts)
     if getattr(settings, "shard_model", False):
-        parts = [flag for flag, on in (("--m-sharpness", opts["m"]),
-                                       ("--backend pyhessian", opts["backend"] == "pyhessian")) if on]
+        parts = ["--backend pyhessian"] if opts["backend"] == "pyhessian" else []
         if opts["curvature"] != "hessian":
             parts.insert(0, f"--curvature {opts['curvature']} (a sharded model gives Hessian products only)")
         if parts:
-            raise SpecError(f"--shard-model computes every Hessian quantity of sharpness but these so far: drop "
-                            f"{', '.join(parts)}")
+            raise SpecError(f"--shard-model computes every Hessian quantity of sharpness with sam-probe's own "
+                            f"solvers: drop {', '.join(parts)}")
     if opts["backend"] == "pyhessian" and opts["density"]:
         raise SpecError("--density with --backend pyhessian: PyHessian's density needs torch.eig, removed from "
                         "modern torch; use the default backend")

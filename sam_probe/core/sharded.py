@@ -227,7 +227,8 @@ class ShardedObjective:
 
     def __init__(self, model: nn.Module, inputs: Any, targets: Tensor | None = None, loss: Any = None, *,
                  group: Any = None, chunk_size: int | None = None, bn_mode: str = "eval", copy: bool = True,
-                 dtype: torch.dtype | None = None, rel_step: float | None = None, loss_name: str | None = None):
+                 dtype: torch.dtype | None = None, rel_step: float | None = None, loss_name: str | None = None,
+                 _saved: Tensor | None = None):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -288,8 +289,9 @@ class ShardedObjective:
             y = targets[a:b] if targets is not None else self.loss_obj.targets_from_inputs(x)  # token-only data: ids
             self._chunks.append((x, y))
         self.rel_step = float(torch.finfo(self.dtype).eps) ** 0.25 if rel_step is None else float(rel_step)
-        saved = self.space.flatten(self.named).detach().clone()
-        self._w0 = saved  # the weights' shard, restored after every shifted gradient
+        self._inputs, self._targets, self._chunk_size = inputs, targets, chunk_size  # (references: for subset)
+        # the weights' shard, restored after every shifted gradient (a subset shares its parent's)
+        self._w0 = _saved if _saved is not None else self.space.flatten(self.named).detach().clone()
         self.N = inner_size(self.space.size, self.group)
         self.n_grad = 0
         self.n_hvp = 0  # Hessian-vector products (each four gradients)
@@ -363,6 +365,16 @@ class ShardedObjective:
             return self.grad()
         finally:
             self._set(self._w0)
+
+    def subset(self, index: Tensor) -> "ShardedObjective":
+        """The same sharded model on the samples ``index`` of the selection (m-sharpness: one per
+        sub-batch), sharing the model and the saved weights' shard (no parameter-sized copy).  A subset
+        with fewer samples than ranks is computed whole on every rank (each rank the same data)."""
+        idx = torch.as_tensor(index).cpu()
+        x = {k: v[idx] for k, v in self._inputs.items()} if isinstance(self._inputs, Mapping) else self._inputs[idx]
+        y = self._targets[idx] if self._targets is not None else None
+        return ShardedObjective(self.module, x, y, self.loss_obj, group=self.group, chunk_size=self._chunk_size,
+                                bn_mode=self.bn_mode, copy=False, rel_step=self.rel_step, _saved=self._w0)
 
     @property
     def denominator(self) -> float:

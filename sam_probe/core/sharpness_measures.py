@@ -25,7 +25,7 @@ rank's shard; norms, maxima and the test for a zero start go through :mod:`.inne
 or maximised over the ranks), so every rank takes the same steps and the ascent equals one
 process's.  Gaussian directions are drawn shard by shard from :func:`.inner.generator`
 (each rank its own stream), so the average case depends on the ranks only through its draws.
-m-sharpness is not available there (sub-batches of a sharded selection).
+m-sharpness: each sub-batch is a subset of the sharded objective (the same shards, its own samples).
 """
 from __future__ import annotations
 
@@ -247,8 +247,6 @@ def _worst_case(obj, rho: float, variant: str, adaptive: bool, eta: float, m: in
         raise ValueError(f"worst-case variant must be one of {', '.join(NORMS)}, got {variant!r}")
     if steps < 0:
         raise ValueError("steps must be >= 0")
-    if _sharded(obj) and m and m < obj.n_samples:
-        raise ValueError("m-sharpness is not available with a model-sharded objective")
     w = _flat_weights(obj)
     T = adaptive_scale(w, eta) if adaptive else torch.ones_like(w)
     total = start_total = 0.0

@@ -120,9 +120,36 @@ def avg_directions(P: int) -> torch.Tensor:
     return torch.randn(AVG_SAMPLES, P, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
 
+M_SHARP = {"mlp": 5, "cnn": 5, "gpt2": 4}  # m of m-sharpness (13 samples; GPT-2: 6 sequences)
+
+
+RATIO_IDX = [0, 2, 3, 5, 7, 11, 12]  # a "step's minibatch" (ratios --minibatch: the objective's subset)
+
+
+def _ratio_numbers(obj) -> dict:
+    """``ratios`` with m-sharpness (sub-batches of 5) and on a minibatch subset: statistics, and the packed
+    codes and IRE mask (rank 0 alone holds them under --shard-model), as JSON."""
+    import numpy as np
+
+    from sam_probe.analyses.ratios import compute_ratios, ratio_config
+
+    cfg = ratio_config({"rho": 0.05, "variant": "l2", "m": 5, "eps": 1e-12, "faithful": False,
+                        "edges": "1.2,1.5,2,4,8,16", "ire_rank": 0.9, "eta": 0.01, "minibatch": None})
+    out = {}
+    for key, (o, c) in {"m": (obj, cfg), "minibatch": (obj.subset(torch.tensor(RATIO_IDX)), {**cfg, "m": None})}.items():
+        r = compute_ratios(o, c)
+        out[f"ratios_{key}"] = {
+            "counts": r["counts"], "grad_norm": r["grad_norm"], "perturbed_grad_norm": r["perturbed_grad_norm"],
+            "codes": None if r["codes"] is None else {k: np.asarray(v).tolist() for k, v in r["codes"].items()},
+            "mask": None if r["ire_flat"]["mask"] is None else np.asarray(r["ire_flat"]["mask"]).tolist()}
+    return out
+
+
 def _measure_numbers(obj, name: str, space=None) -> dict:
     """Worst-case (l2; adaptive linf) and average-case sharpness: of the sharded objective ``obj`` (its
     shards), or with ``space = (names, shapes)`` of a one-process objective (the reference)."""
+    from sam_probe.core import inner
+    from sam_probe.core.perturb import sam_sharpness
     from sam_probe.core.sharpness_measures import average_case_sharpness, worst_case_sharpness
 
     names, shapes = space if space is not None else (obj.space.names, obj.space.shapes)
@@ -133,7 +160,11 @@ def _measure_numbers(obj, name: str, space=None) -> dict:
            "worst_linf_adaptive": worst_case_sharpness(obj, 0.02, variant="linf", adaptive=True,
                                                        steps=3).to_dict(),
            "average_injected": average_case_sharpness(obj, 0.05, samples=AVG_SAMPLES, directions=dirs).to_dict(),
-           "average_drawn": average_case_sharpness(obj, 0.05, samples=4, seed=3).to_dict()}
+           "average_drawn": average_case_sharpness(obj, 0.05, samples=4, seed=3).to_dict(),
+           # m-sharpness: sub-batches of M samples (with 4 ranks the last, of 3, is run whole on every rank)
+           "worst_m": worst_case_sharpness(obj, 0.05, m=M_SHARP[name], steps=2).to_dict()}
+    with inner.over(obj):
+        out["sam_m"] = sam_sharpness(obj, rho=0.05, m=M_SHARP[name])
     current = obj.current_shard() if space is None else obj.flat_params()
     out["measure_weights_unchanged"] = bool(torch.equal(current, before))
     return out
@@ -171,6 +202,8 @@ def sharded_numbers(names) -> dict:
         }
         out[name].update(_measure_numbers(obj, name))
         out[name].update(_spectra_numbers(obj, op, name))
+        if name == "mlp":
+            out[name].update(_ratio_numbers(obj))
     return out
 
 
@@ -202,6 +235,8 @@ def reference() -> dict:
                      "eigenvalues": torch.linalg.eigvalsh(H).flip(0)[:K].tolist(), "trace": float(H.trace()),
                      "sam": sam_sharpness(obj, rho=0.05), "names": obj.space.names, "shapes": obj.space.shapes}
         ref[name].update(_measure_numbers(obj, name, (obj.space.names, obj.space.shapes)))
+        if name == "mlp":
+            ref[name].update(_ratio_numbers(obj))
         # SLQ on the same global probes; the spread of z'Hz/P over Rademacher z (the density mean's)
         Z = density_probes(obj.n_params)
         for reorth in (True, False):
@@ -307,7 +342,7 @@ def test_cli_shard_model_equals_one_process(tmp_path):
     ck = sorted(run.glob("*.pt"))[-1]
     args = ["sharpness", str(ck), "--data", "digits", "--max-samples", "41", "--dtype", "float64", "--top-k", "2",
             "--tol", "1e-7", "--trace", "--trace-method", "hutch++", "--trace-max-hvp", "30", "--rho", "0.05",
-            "--worst-case", "--average-case", "--ascent-steps", "3", "--samples", "4",
+            "--worst-case", "--average-case", "--ascent-steps", "3", "--samples", "4", "--m-sharpness", "10",
             "--per-layer", "--density", "--density-steps", "3", "--density-probes", "2", "--json", "--no-plot"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     assert one.code == 0, one.stderr
@@ -344,7 +379,7 @@ def test_cli_shard_model_equals_one_process(tmp_path):
 
 
 def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
-    """Curvatures other than the Hessian, and the parts not yet sharded (PyHessian's backend, m-sharpness),
+    """Curvatures other than the Hessian, and PyHessian's backend (it runs its own solver on one process),
     are one-line errors."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clitools import run_cli
@@ -358,7 +393,7 @@ def test_cli_shard_model_refuses_what_it_cannot_do(tmp_path):
     base = ["sharpness", str(ck), "--data", "digits", "--max-samples", "20", "--shard-model", "--no-store",
             "--no-plot"]
     for extra, words in ((["--curvature", "ggn"], "Hessian products only"),
-                         (["--backend", "pyhessian"], "--backend pyhessian"), (["--m-sharpness", "5"], "--m-sharpness")):
+                         (["--backend", "pyhessian"], "--backend pyhessian")):
         res = run_cli(*base, *extra)
         assert res.code == 2, (extra, res.stderr)
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
@@ -387,7 +422,8 @@ def test_sharded_worst_and_average_case_equal_one_process(ranks):
             rows = [got[name] for got in ranks[world]]
             for row in rows:
                 assert row["measure_weights_unchanged"], (world, name)
-                for key in ("worst_l2", "worst_linf_adaptive", "average_injected", "average_drawn"):
+                for key in ("worst_l2", "worst_linf_adaptive", "average_injected", "average_drawn", "worst_m",
+                            "sam_m"):
                     assert row[key] == rows[0][key], (world, name, key)  # reduced scalars only: the same on every rank
             got = rows[0]
             for key in ("worst_l2", "worst_linf_adaptive"):
@@ -401,6 +437,12 @@ def test_sharded_worst_and_average_case_equal_one_process(ranks):
             a, b = got["average_injected"], r["average_injected"]
             for k in ("average_case_sharpness", "average_case_se"):
                 assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-12), (world, name, k, a[k], b[k])
+            a, b = got["worst_m"], r["worst_m"]
+            assert a["worst_case_m"] == b["worst_case_m"] == M_SHARP[name]
+            for k in ("worst_case_sharpness", "worst_case_start", "worst_case_delta_norm"):
+                assert abs(a[k] - b[k]) <= 1e-10 * max(abs(b[k]), 1e-12), (world, name, "m", k, a[k], b[k])
+            assert abs(got["sam_m"] - r["sam_m"]) <= 1e-10 * max(abs(r["sam_m"]), 1e-12), (world, name)
+            assert r["sam_m"] != r["sam"]  # sub-batches: another number than the whole selection's
             a, b = got["average_drawn"], r["average_drawn"]
             assert a["average_case_sharpness"] != b["average_case_sharpness"]  # R ranks: their own draws
             assert abs(a["average_case_sharpness"] - b["average_case_sharpness"]) <= 5 * (
@@ -463,3 +505,21 @@ def test_sharded_per_layer_equals_one_process(ranks, world):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     worker(sys.argv[1])
+
+
+def test_sharded_ratios_with_m_sharpness_and_a_minibatch_equal_one_process(ranks):
+    """``ratios --m-sharpness`` (sub-batches of the sharded objective; with 4 ranks the last sub-batch, of 3
+    samples, is run whole on every rank) and ``--minibatch`` (the objective's subset): counts exactly, norms
+    to rounding, and rank 0's packed codes and IRE mask the bytes of one process."""
+    ref = reference()["mlp"]
+    for world in WORLDS:
+        rows = [got["mlp"] for got in ranks[world]]
+        for key in ("ratios_m", "ratios_minibatch"):
+            a, b = ref[key], rows[0][key]
+            assert a["counts"] == b["counts"], (world, key)
+            assert min(a["counts"][c] for c in ("C1", "C2")) > 0  # non-trivial categories compared
+            for k in ("grad_norm", "perturbed_grad_norm"):
+                assert abs(a[k] - b[k]) <= 1e-10 * a[k], (world, key, k)
+            assert b["codes"] == a["codes"] and b["mask"] == a["mask"], (world, key)
+            assert all(r[key]["codes"] is None and r[key]["mask"] is None for r in rows[1:])
+        assert ref["ratios_m"]["counts"] != ref["ratios_minibatch"]["counts"]

@@ -217,18 +217,6 @@ def test_cli_overlap_shard_model_equals_one_process(tmp_path):
             assert np.array_equal(ra["ire_flat"]["mask"], rb["ire_flat"]["mask"])
 
 
-def test_shard_model_refuses_what_ratios_cannot_do():
-    from sam_probe.analyses.ratios import ratio_config
-    from sam_probe.errors import SpecError
-    from sam_probe.settings import Settings
-
-    s = Settings(shard_model=True)
-    for extra, word in (({"m": 4}, "--m-sharpness"), ({"minibatch": 8}, "--minibatch")):
-        with pytest.raises(SpecError, match=word) as err:
-            ratio_config({**RATIO_OPTS, **extra}, s)
-        assert "\n" not in str(err.value)
-
-
 def test_a_lost_rank_ends_the_run_in_one_line(monkeypatch):
     """In a multi-rank group, a unit failing because a peer is gone (or this rank ran out of memory) is not a
     per-unit failure: the ranks no longer meet in the same collectives, so RankLost ends the command (the CLI
