@@ -1,13 +1,23 @@
 """Shared fixtures: tiny models with buffers, and tiny real runs written by the trainer for command tests."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+# One thread per process, here and in every process a test starts (they inherit the environment): the
+# models are tiny and CI has 2 shared cores, where OpenMP's spin-waiting threads made the suite ~8x slower
+# under load (tests/core/test_trace.py + test_lanczos.py + test_density.py: 90 s with 2 threads, 11 s with 1,
+# the other core busy).  Results do not depend on it (no test compares across thread counts).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
-from sam_probe.commands.train_cmd import write_run
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sam_probe.commands.train_cmd import write_run  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 class TinyNet(nn.Module):
