@@ -76,9 +76,8 @@ def sharded_numbers() -> dict:
             with inner.over(obj):
                 t = local_part(obj, tie_gradient(obj.n_params), obj.space.names, obj.space.shapes)
                 row["tie_mask"] = flat_mask_of_shards(t, obj.space, TIE_RANK, chunk=8)
-        if name != "gpt2":
-            path = ShardedPath(obj)
-            row["interpolate"] = interpolate(path, path.local(state_a), path.local(state_b), points=5).to_dict()
+        path = ShardedPath(obj)
+        row["interpolate"] = interpolate(path, path.local(state_a), path.local(state_b), points=5).to_dict()
         row["weights_unchanged"] = bool(torch.equal(obj.current_shard(), w0))
         out[name] = row
     return out
@@ -115,8 +114,7 @@ def reference(name: str, model, x, y, loss) -> dict:
     if name == "mlp":
         row["ratios_asam"] = compute_ratios(obj, ratio_cfg("asam"))
         row["tie_mask"] = flat_mask(tie_gradient(obj.n_params).square(), TIE_RANK)
-    if name != "gpt2":
-        row["interpolate"] = interpolate(obj, state_a, state_b, points=5).to_dict()
+    row["interpolate"] = interpolate(obj, state_a, state_b, points=5).to_dict()
     # tensors whose magnitude split sits on a tie to rounding (e.g. the two output biases of a 2-class
     # softmax: g_0 = -g_1 up to the last bit): which side of tau an entry lands on is rounding, on one
     # process as on R (the gradients agree to the order of additions only)

@@ -2,12 +2,12 @@
 2 gloo ranks = one process (float64), and a rank's memory below what one process needs.
 
 One spawn of 2 ranks (this file run as a script with torchrun's environment, tests/test_distributed.py's
-``run_ranks``) computes, for an MLP and a BatchNorm CNN in eval mode: the alignment quantities from
-the exact top-k eigenvectors given as shards (chi of the full, minibatch, SAM and update vectors,
-the one-step loss changes and their second-order predictions through finite-difference products,
-eta*'s grid), the subspace overlaps of two checkpoints (from given shards, and from the sharded
-eigen solves with the eigenvectors gathered on rank 0), distances between checkpoints and the
-top-k shares of their displacements; and, for a wider MLP, the bytes a rank holds during a Lanczos
+``run_ranks``) computes, for an MLP, a BatchNorm CNN in eval mode and a tiny GPT-2 LM (its ``lm_head`` tied to
+the token embedding): the alignment quantities from the exact top-k eigenvectors given as shards (chi of the
+full, minibatch, SAM and update vectors, the one-step loss changes and their second-order predictions through
+finite-difference products, eta*'s grid), the subspace overlaps of two checkpoints (from given shards, and
+from the sharded eigen solves with the eigenvectors gathered on rank 0), distances between checkpoints and
+the top-k shares of their displacements; and, for a wider MLP, the bytes a rank holds during a Lanczos
 solve.  The test recomputes everything on one process with exact products and dense Hessians.
 """
 from __future__ import annotations
@@ -32,25 +32,41 @@ K = 2
 ETA, GRID = 0.3, [0.05, 0.5, 5.0, 40.0]
 
 
-def cases(names=("mlp", "cnn")) -> dict:
-    """``name -> (model, inputs, targets)`` (cross-entropy), float64, seeded."""
+NAMES = ("mlp", "cnn", "gpt2")  # the cases compared (``wide``: the memory numbers only)
+
+
+def cases(names=NAMES) -> dict:
+    """``name -> (model, inputs, targets, loss)``, float64, seeded (only ``names``: GPT-2 imports transformers).
+    The GPT-2 is tests/core/test_sharded.py's: 260 parameters, ``lm_head`` tied to the token embedding
+    (``named_parameters()`` lists the tied tensor once), a causal LM on 6 sequences of 6 tokens."""
     g = torch.Generator().manual_seed(1)
     out = {}
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3)).double()
-    out["mlp"] = (mlp, torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g))
+    out["mlp"] = (mlp, torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g),
+                  "ce")
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
     with torch.no_grad():  # running statistics off their init, so eval mode differs from identity
         cnn[1].running_mean.uniform_(-0.5, 0.5, generator=g)
         cnn[1].running_var.uniform_(0.5, 2.0, generator=g)
-    out["cnn"] = (cnn, torch.randn(N, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 2, (N,), generator=g))
+    out["cnn"] = (cnn, torch.randn(N, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 2, (N,), generator=g),
+                  "ce")
     torch.manual_seed(0)  # deeper than wide: FSDP gathers one layer (a small part of P) at a time
     layers: list[nn.Module] = [nn.Linear(16, 48), nn.Tanh()]
     for _ in range(6):
         layers += [nn.Linear(48, 48), nn.Tanh()]
     wide = nn.Sequential(*layers, nn.Linear(48, 3)).double()
-    out["wide"] = (wide, torch.randn(N, 16, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g))
+    out["wide"] = (wide, torch.randn(N, 16, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g),
+                   "ce")
+    if "gpt2" in names:
+        import hftiny
+
+        gpt = hftiny.perturb(hftiny.gpt2(attn_implementation="eager")).double()
+        # (seeded: the fd predictions and the solved overlaps agree to under 1% of the tolerances below; seed 5's
+        # shorter solves came with a dL_pred.full cancelled to -0.0018, off by 7e-8 relative through fd products)
+        ids = torch.randint(0, hftiny.VOCAB, (6, hftiny.SEQ), generator=torch.Generator().manual_seed(2))
+        out["gpt2"] = (gpt, ids, None, "lm")
     return {k: v for k, v in out.items() if k in names}
 
 
@@ -91,12 +107,12 @@ def sharded_numbers(inputs: dict) -> dict:
 
     out: dict = {}
     out["wide"] = memory_numbers(*cases(("wide",))["wide"])
-    for name, (model, x, y) in cases(("mlp", "cnn")).items():
+    for name, (model, x, y, loss) in cases(NAMES).items():
         sts = states(model)
-        objs = [ShardedObjective(at(model, s), x, y, "ce") for s in sts[:1 if name == "wide" else 2]]
+        objs = [ShardedObjective(at(model, s), x, y, loss) for s in sts[:2]]
         obj = objs[0]
         names, shapes = obj.space.names, obj.space.shapes
-        row: dict = {"P": obj.n_params, "P_local": obj.space.size}
+        row: dict = {"P": obj.n_params, "P_local": obj.space.size, "names": names}
         Vs = [torch.stack([shard_vector(dict(zip(names, _split(inputs[name]["V"][i][:, j], shapes))), names,
                                         world=obj.world, rank=obj.rank) for j in range(K)], 1) for i in range(2)]
         # alignment from the exact eigenvectors (shards), with every vector
@@ -148,7 +164,7 @@ def live_bytes() -> int:
     return sum(seen.values())
 
 
-def memory_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+def memory_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> dict:
     """What this rank holds for a Lanczos solve: every tensor alive before it (the model's shard, the saved
     shard, the data), the solver's vectors (shards) and the transient of one product."""
     from sam_probe.core.lanczos import top_eigen
@@ -156,7 +172,7 @@ def memory_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     from sam_probe.core.sharded import ShardedObjective
     from sam_probe.core.vectors import VectorCount
 
-    obj = ShardedObjective(model, x, y, "ce", copy=False)  # sharded in place: no whole copy left on the rank
+    obj = ShardedObjective(model, x, y, loss, copy=False)  # sharded in place: no whole copy left on the rank
     del model
     op = obj.hessian()
     base = live_bytes()
@@ -199,9 +215,9 @@ def reference() -> dict:
     from sam_probe.core.subspace import overlap_matrix
 
     ref = {}
-    for name, (model, x, y) in cases(("mlp", "cnn")).items():
+    for name, (model, x, y, loss) in cases(NAMES).items():
         sts = states(model)
-        objs = [Objective(at(model, s), x, y, "ce") for s in sts[:2]]
+        objs = [Objective(at(model, s), x, y, loss) for s in sts[:2]]
         eig = [torch.linalg.eigh(dense_hessian(o)) for o in objs]
         V = [e.eigenvectors.flip(1)[:, :K].contiguous() for e in eig]  # [P, K], largest first
         evals = [e.eigenvalues.flip(0)[:K].tolist() for e in eig]
@@ -261,7 +277,7 @@ def start_ranks(argv: list[str], world: int) -> list:
 
 def test_alignment_sharded_equals_one_process(ranks):
     ref, rows, _ = ranks
-    for name in ("mlp", "cnn"):
+    for name in NAMES:
         r = ref[name]["alignment"]
         assert rows[0][name]["alignment"] == rows[1][name]["alignment"]  # reduced scalars: the same on each rank
         got = rows[0][name]["alignment"]
@@ -276,11 +292,13 @@ def test_alignment_sharded_equals_one_process(ranks):
 
 def test_subspace_sharded_equals_one_process(ranks):
     ref, rows, _ = ranks
-    for name in ("mlp", "cnn"):
+    for name in NAMES:
         r, got = ref[name], rows[0][name]
         close(got["overlap_given"], r["overlap"], rel=1e-12, path="overlap_given")
         sub = got["subspace"]
         assert rows[1][name]["subspace"] == sub and sub["n_params"] == r["P"] and sub["k"] == K
+        # one process's tensors in its order (GPT-2: the tied lm_head.weight once, as the embedding)
+        assert got["names"] == rows[1][name]["names"] == r["names"]
         assert sub["chance"] == K / r["P"]
         close(sub["eigenvalues"], r["evals"], rel=1e-8, path="eigenvalues")
         # converged to 1e-7: the overlaps of the solved spaces equal the exact ones (error ~ residual²)
@@ -302,7 +320,7 @@ def test_subspace_sharded_equals_one_process(ranks):
 
 def test_distance_sharded_equals_one_process(ranks):
     ref, rows, _ = ranks
-    for name in ("mlp", "cnn"):
+    for name in NAMES:
         r, got = ref[name], rows[0][name]
         assert rows[1][name]["distance"] == got["distance"]
         close(got["distance"], r["distance"], rel=1e-12, path="distance")  # no products: rounding only
@@ -329,8 +347,8 @@ def test_rank_memory_below_one_process(ranks):
     from sam_probe.core.vectors import VectorCount
 
     _, rows, _ = ranks
-    model, x, y = cases(("wide",))["wide"]
-    obj = Objective(model, x, y, "ce")
+    model, x, y, loss = cases(("wide",))["wide"]
+    obj = Objective(model, x, y, loss)
     P = obj.n_params
     count = VectorCount()
     eig = top_eigen(obj, K, tol=1e-4, max_hvp=400, count=count)
