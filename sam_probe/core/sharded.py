@@ -160,9 +160,9 @@ def local_state(space: "ShardSpace", state: Mapping[str, Tensor], rank: int, wor
     return out
 
 
-def gather_flat(local: Tensor, space: "ShardSpace", group: Any = None) -> Tensor | None:
+def gather_flat(local: Tensor, space: Any, group: Any = None) -> Tensor | None:
     """The whole flat vector, in one process's order, from every rank's shard ``local`` (laid out as
-    ``space``): on rank 0 a CPU tensor of ``P`` entries, ``None`` on the other ranks.  Collective over
+    ``space``: a :class:`ShardSpace`, or anything with its ``size``, ``names`` and ``numels``): on rank 0 a CPU tensor of ``P`` entries, ``None`` on the other ranks.  Collective over
     ``group`` (default: the :func:`~sam_probe.core.inner.sharded` group, else the whole default group).
 
     One process orders a parameter vector tensor after tensor, each tensor row-major; FSDP2 gives rank

@@ -76,43 +76,27 @@ def shard_vector(state: Mapping[str, Tensor], names: Sequence[str], *, dtype: to
 def gather_full(local: Tensor, shapes: Sequence[Sequence[int]]) -> Tensor | None:
     """Rank 0: the whole ``[P]`` (or ``[P, k]``) array in the one-process layout from every rank's shard
     ``local [P_r(, k)]`` of tensors of global ``shapes``; other ranks: ``None``.  Outside a shard group,
-    ``local`` itself."""
+    ``local`` itself.  Column by column through :func:`~.sharded.gather_flat` (rank 0 holds the result
+    and one shard's column at a time)."""
     if not inner.active():
         return local
     import torch.distributed as dist
+    from types import SimpleNamespace
 
     from .inner import _GROUP
+    from .sharded import gather_flat
 
     group = _GROUP.get()
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    tail = tuple(local.shape[1:])
-    width = math.prod(tail) if tail else 1
-    counts = [sum(math.prod(local_shape(s, world, r)) for s in shapes) for r in range(world)]
-    if counts[rank] != local.shape[0]:
-        raise ValueError(f"a shard of {local.shape[0]} rows for tensors whose rank-{rank} chunks hold {counts[rank]}")
-    most = max(counts) * width
-    buf = torch.zeros(most, dtype=local.dtype, device=local.device)
-    buf[:local.numel()] = local.reshape(-1)
-    root = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
-    pieces = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
-    dist.gather(buf, pieces, dst=root, group=group)
-    if rank != 0 or pieces is None:
+    numels = [math.prod(local_shape(s, world, rank)) for s in shapes]
+    if sum(numels) != local.shape[0]:
+        raise ValueError(f"a shard of {local.shape[0]} rows for tensors whose rank-{rank} chunks hold {sum(numels)}")
+    space = SimpleNamespace(size=sum(numels), names=[str(i) for i in range(len(shapes))], numels=numels)
+    cols = local.reshape(local.shape[0], -1)
+    got = [gather_flat(cols[:, j], space, group) for j in range(cols.shape[1])]
+    if got[0] is None:
         return None
-    per_rank = []
-    for r, piece in enumerate(pieces):  # each rank's flat shard split back into its tensors' chunks
-        flat = piece[:counts[r] * width].reshape(counts[r], *tail)
-        chunks, a = [], 0
-        for s in shapes:
-            ls = local_shape(s, world, r)
-            k = math.prod(ls)
-            chunks.append(flat[a:a + k].reshape(*ls, *tail))
-            a += k
-        per_rank.append(chunks)
-    out = []
-    for i in range(len(shapes)):
-        whole = torch.cat([per_rank[r][i] for r in range(world)], dim=0)
-        out.append(whole.reshape(-1, *tail))
-    return torch.cat(out, dim=0)
+    return torch.stack([g for g in got if g is not None], 1).reshape(-1, *local.shape[1:])
 
 
 def available_bytes() -> int:
