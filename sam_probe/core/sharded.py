@@ -163,7 +163,8 @@ def local_state(space: "ShardSpace", state: Mapping[str, Tensor], rank: int, wor
 def gather_flat(local: Tensor, space: Any, group: Any = None) -> Tensor | None:
     """The whole flat vector, in one process's order, from every rank's shard ``local`` (laid out as
     ``space``: a :class:`ShardSpace`, or anything with its ``size``, ``names`` and ``numels``): on rank 0
-    a CPU tensor of ``P`` entries, ``None`` on the other ranks.  Collective over ``group`` (default: the :func:`~sam_probe.core.inner.sharded` group, else the whole default group).
+    a CPU tensor of ``P`` entries, ``None`` on the other ranks.  Collective over ``group`` (default: the
+    :func:`~sam_probe.core.inner.sharded` group, else the whole default group).
 
     One process orders a parameter vector tensor after tensor, each tensor row-major; FSDP2 gives rank
     ``r`` the ``r``-th chunk of dimension 0 of every tensor, so tensor ``t``'s entries are rank 0's piece of
