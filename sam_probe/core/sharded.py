@@ -418,27 +418,18 @@ class ShardedObjective:
 
     def grad(self, w: Tensor | None = None) -> Tensor:
         """The local shard of ``∇L(w)`` (``w`` default: the model's weights; restored exactly after)."""
-        if w is not None:
-            self._set(w)
-        try:
-            for p in self.named.values():
-                p.grad = None
-            with analysis_mode(self.module, self.bn_mode):
-                for x, y in self._chunks:
-                    (self._chunk_sum(x, y) * (self.scale / self._T)).backward()
-            out = torch.cat([(_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
-                             for p in self.named.values()])
-            for p in self.named.values():
-                p.grad = None
-            self.n_grad += 1
-            return out
-        finally:
-            if w is not None:
-                self._set(self._w0)
+        return self._backward(w, with_loss=False)[1]
 
     def value_and_grad(self, w: Tensor | None = None) -> tuple[float, Tensor]:
         """``(L(w), local shard of ∇L(w))`` from one forward and backward per chunk (as :meth:`evaluate`
         and :meth:`grad` give them; weights restored exactly after)."""
+        loss, g = self._backward(w, with_loss=True)
+        assert loss is not None
+        return loss, g
+
+    def _backward(self, w: Tensor | None, with_loss: bool) -> tuple[float | None, Tensor]:
+        """One forward and backward per chunk at ``w``: the local gradient shard, and with ``with_loss`` the
+        mean loss (its sum all-reduced when the data are split over the ranks)."""
         if w is not None:
             self._set(w)
         try:
@@ -448,16 +439,19 @@ class ShardedObjective:
             with analysis_mode(self.module, self.bn_mode):
                 for x, y in self._chunks:
                     s = self._chunk_sum(x, y)
-                    total += float(s.detach())
+                    if with_loss:
+                        total += float(s.detach())
                     (s * (self.scale / self._T)).backward()
             out = torch.cat([(_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))).reshape(-1)
                              for p in self.named.values()])
             for p in self.named.values():
                 p.grad = None
+            self.n_grad += 1
+            if not with_loss:
+                return None, out
             if self.scale != 1.0:
                 with inner.sharded(self.group):
                     total = inner.allsum(total)
-            self.n_grad += 1
             return float(total[0]) / self._T, out
         finally:
             if w is not None:
