@@ -196,10 +196,10 @@ FD_SHRINK = 16  # a retried step is h / 16
 FD_TRIES = 4  # at most this many step sizes per product
 
 
-def extrapolated_difference(diff, h: float, eps: float, norm) -> tuple[Tensor, float, int]:
+def extrapolated_difference(diff, h: float, eps: float, norms) -> tuple[Tensor, float, int]:
     """``(R, error estimate, tries)``: the Richardson product ``R = (4 D(h/2) − D(h)) / 3`` from
-    ``diff(h) -> (D(h), ‖g₊‖ + ‖g₋‖)``, its error ``‖D(h/2) − D(h)‖/3 + 4 ε size / h`` (``norm``:
-    the vectors' 2-norm, summed over shards when sharded).
+    ``diff(h) -> (D(h), ‖g₊‖ + ‖g₋‖)``, its error ``‖D(h/2) − D(h)‖/3 + 4 ε size / h`` (``norms(a, b)``:
+    the vectors' 2-norms, summed over shards in one reduction when sharded, :func:`.inner.norms`).
 
     On a smooth loss the truncation part is ``O(h²)`` (about ``ε^½`` of ``‖R‖`` at the default
     step).  When it exceeds ``ε^⅓ ‖R‖`` instead (the steps crossed a kink, e.g. a ReLU whose input
@@ -212,18 +212,23 @@ def extrapolated_difference(diff, h: float, eps: float, norm) -> tuple[Tensor, f
         d1, _ = diff(h)
         d2, size = diff(h / 2)
         e = d1.sub_(d2).neg_()  # D(h/2) − D(h), in d1's memory
-        trunc = norm(e) / 3
         R = d2.add_(e, alpha=1 / 3)  # (4 D(h/2) − D(h)) / 3 = D(h/2) + (D(h/2) − D(h)) / 3, in d2's memory
+        n_e, n_R = norms(e, R)
+        trunc = n_e / 3
         del d1, d2, e
         err = trunc + 4 * eps * size / h
         improved = best is None or err < best[1]
         if improved:
             best = (R, err)
-        if not improved or trunc <= eps ** (1 / 3) * norm(R):
+        if not improved or trunc <= eps ** (1 / 3) * n_R:
             break
         h /= FD_SHRINK
     assert best is not None
     return best[0], best[1], tries
+
+
+def _local_norms(*vs: Tensor) -> list[float]:
+    return [float(torch.linalg.vector_norm(v, dtype=torch.float64)) for v in vs]
 
 
 def fd_step(dtype: torch.dtype) -> float:
@@ -268,7 +273,7 @@ class FiniteDifferenceProducts(HessianProducts):
                 continue
             eps = float(torch.finfo(V.dtype).eps)
             out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(w, v, hh), h, eps,
-                                                           lambda t: float(torch.linalg.vector_norm(t, dtype=torch.float64)))
+                                                           _local_norms)
         self.last_error = err
         return out
 

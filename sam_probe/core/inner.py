@@ -88,6 +88,12 @@ def norm(v: Tensor) -> float:
     return math.sqrt(float(sq[0]))
 
 
+def norms(*vs: Tensor) -> list[float]:
+    """``[‖v‖₂ for v in vs]`` with one reduction over the shard group (not one per vector)."""
+    local = torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64).square().cpu() for v in vs])
+    return [math.sqrt(float(x)) for x in (allsum(local) if _GROUP.get() is not None else local)]
+
+
 def colnorms(W: Tensor) -> Tensor:
     """``[‖W[:, j]‖₂]`` of a block ``W [P, b]`` (in ``W``'s dtype and device)."""
     if _GROUP.get() is None:

@@ -540,13 +540,16 @@ class ShardedHessian(CurvatureOperator):
         super().__init__("hessian", obj.space.size, obj.dtype, obj.device, space=obj.space)
         self.obj = obj
         self.shard_group = obj.group  # the solvers sum inner products over it (core/inner.py)
+        self._w0_norm: float | None = None
 
     def step(self, v: Tensor) -> float:
         """``h`` for direction ``v`` (module docstring; norms over all ranks)."""
+        N = self.obj.N
         with inner.sharded(self.shard_group):
-            N = self.obj.N
-            rms = inner.norm(self.obj._w0) / math.sqrt(max(N, 1))
+            if self._w0_norm is None:  # the saved weights never change: one reduction for the operator's life
+                self._w0_norm = inner.norm(self.obj._w0)
             nv = inner.norm(v)
+        rms = self._w0_norm / math.sqrt(max(N, 1))
         return self.obj.rel_step * max(rms, 0.01) * math.sqrt(N) / nv if nv > 0 else 0.0
 
     def _difference(self, v: Tensor, h: float) -> tuple[Tensor, float]:
@@ -555,7 +558,7 @@ class ShardedHessian(CurvatureOperator):
         plus = self.obj.grad_shifted(v, h)
         minus = self.obj.grad_shifted(v, -h)
         with inner.sharded(self.shard_group):
-            size = inner.norm(plus) + inner.norm(minus)
+            size = sum(inner.norms(plus, minus))
         return plus.sub_(minus).div_(2 * h), size
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -569,7 +572,7 @@ class ShardedHessian(CurvatureOperator):
                 continue
             with inner.sharded(self.shard_group):
                 out[:, j], err[j], _ = extrapolated_difference(lambda hh, v=v: self._difference(v, hh), h, eps,
-                                                               inner.norm)
+                                                               inner.norms)
             self.obj.n_hvp += 1
         self.last_product_error = err
         return out

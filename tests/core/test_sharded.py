@@ -170,6 +170,15 @@ def _measure_numbers(obj, name: str, space=None) -> dict:
     return out
 
 
+def exact_trace_over(op):
+    """``tr(H)`` from the ``P`` unit vectors, each rank's in turn (:func:`sam_probe.core.trace.exact_trace`)."""
+    from sam_probe.core import inner
+    from sam_probe.core.trace import exact_trace
+
+    with inner.over(op):
+        return exact_trace(op.matmat, op.P, dtype=op.dtype)
+
+
 def sharded_numbers(names) -> dict:
     from sam_probe.core import inner
     from sam_probe.core.lanczos import top_eigen
@@ -194,8 +203,10 @@ def sharded_numbers(names) -> dict:
             "loss": obj.loss(), "grad": obj.grad().tolist(), "hv": hv.tolist(),
             "product_error": float(op.last_product_error[0]), "eigenvalues": eig.eigenvalues,
             "residuals": eig.residuals,
-            # the MLP's exact trace (P unit vectors, each rank's in turn); Hutch++ within its SE elsewhere
-            "trace": (tr := curvature_trace(op, tol=1e-3, max_hvp=2 * P if name == "mlp" and obj.world == 2 else 16, seed=1)).estimate,
+            # the MLP's exact trace (P unit vectors, each rank's in turn: curvature_trace's fallback, called
+            # directly to spare the P estimator products before it); Hutch++ within its SE elsewhere
+            "trace": (tr := exact_trace_over(op) if name == "mlp" and obj.world == 2
+                      else curvature_trace(op, tol=1e-3, max_hvp=16, seed=1)).estimate,
             "trace_se": tr.se, "trace_method": tr.method,
             "sam": sam, "P": P, "P_local": obj.space.size, "peak_vectors": count.peak,
             "weights_unchanged": bool(torch.equal(obj.current_shard(), w0)),
