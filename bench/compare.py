@@ -83,6 +83,12 @@ K = 5
 TARGET = 1e-3
 CAL_SEED = 1000
 HVP_CAP = 1000  # a run at a peer's defaults is stopped (and reported) beyond this many HVPs
+ON_HVP: Callable[[int], None] | None = None  # told each counted product's columns (bench/scale.py's progress file)
+
+
+def _seen(n: int) -> None:
+    if ON_HVP is not None:
+        ON_HVP(n)
 
 
 # ------------------------------------------------------------------ problems
@@ -249,6 +255,7 @@ def _pyhessian_session(prob: Problem, seed: int):
 
     def counted(*a, **kw):
         count[0] += 1
+        _seen(1)
         return orig(*a, **kw)
 
     _clear_grads(prob.model)
@@ -289,6 +296,7 @@ def _curvlinops_operator():
 
             def _matmat_batch(self, X, y, M):
                 self.n_hvp += M[0].shape[-1]
+                _seen(M[0].shape[-1])
                 if self.cap and self.n_hvp > self.cap:
                     raise HVPCap(f"stopped after {self.cap} HVPs")
                 return super()._matmat_batch(X, y, M)
@@ -334,6 +342,7 @@ def _eigenthings_operator():
 
             def matvec(self, v):
                 self.n_hvp += 1
+                _seen(1)
                 if self.cap and self.n_hvp > self.cap:
                     raise HVPCap(f"stopped after {self.cap} HVPs")
                 return super().matvec(v)
@@ -573,7 +582,7 @@ def primitive_costs(prob: Problem, tl: list[Tool], repeats: int) -> dict:
             f()
         times: dict[str, list[float]] = {k: [] for k in fns}
         loads = []
-        for rep in range(repeats):
+        for _rep in range(repeats):
             loads.append(wait_quiet())
             for k, f in fns.items():
                 t0 = time.perf_counter()

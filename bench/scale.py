@@ -108,15 +108,21 @@ def child(size: str, tool: str, k: int, seed: int, threads: int) -> dict[str, An
     compare.K = k
     compare.HVP_CAP = 3000
     prob = build(size)
+    seen = progress_writer(os.environ.get("SCALE_PROGRESS"))
+    compare.ON_HVP = seen
     n_params = sum(p.numel() for p in prob.params())
     out: dict[str, Any] = {"n_params": n_params}
     with PeakRSS() as mem:
         if tool in ("sam-probe", "reference"):
             from sam_probe.core.lanczos import top_eigen
 
+            from sam_probe.core.operators import as_operator
+
             t0 = time.perf_counter()
             obj = prob.objective(torch.float64 if tool == "reference" else None)
-            r = top_eigen(obj, k, tol=1e-8 if tool == "reference" else 1e-3, seed=seed, max_hvp=3000)
+            op = as_operator(obj)
+            op.matmat = counted_matmat(op.matmat, seen)
+            r = top_eigen(op, k, tol=1e-8 if tool == "reference" else 1e-3, seed=seed, max_hvp=3000)
             sec = time.perf_counter() - t0
             out.update(values=list(r.eigenvalues), n_hvp=r.n_hvp, seconds=sec, certified=bool(r.certified),
                        max_residual=max(r.residuals), plan=r.plan)
@@ -165,6 +171,35 @@ def child(size: str, tool: str, k: int, seed: int, threads: int) -> dict[str, An
     return out
 
 
+def progress_writer(path: str | None):
+    """``seen(n)``: adds ``n`` products and rewrites ``path`` with the count, the seconds since the first
+    call's start and the RSS (so a run killed at ``--timeout`` still says how far it got); ``None``: a no-op."""
+    state = {"n": 0, "t0": None}
+
+    def seen(n: int) -> None:
+        if path is None:
+            return
+        if state["t0"] is None:
+            state["t0"] = time.perf_counter()
+        state["n"] += int(n)
+        rss = next((int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines()
+                    if ln.startswith("VmRSS:")), None) if Path("/proc/self/status").exists() else None
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps({"n_hvp": state["n"], "seconds": time.perf_counter() - state["t0"], "rss_mib": rss}))
+        os.replace(tmp, path)
+
+    return seen
+
+
+def counted_matmat(matmat, seen):
+    def counted(V):
+        out = matmat(V)
+        seen(V.shape[1] if V.dim() > 1 else 1)
+        return out
+
+    return counted
+
+
 # ----------------------------------------------------------------- parent
 def versions() -> dict[str, Any]:
     import importlib
@@ -188,11 +223,20 @@ def run_child(size: str, tool: str, k: int, seed: int, threads: int, timeout: fl
     load = {"loadavg": [round(x, 2) for x in os.getloadavg()], "other_cpus": other_cpu(1.0)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "child", size, tool, "--k", str(k), "--seed", str(seed),
            "--threads", str(threads)]
+    import tempfile
+
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"seed": seed, "failed": f"timeout after {timeout:.0f} s", "load_before": load}
+    with tempfile.TemporaryDirectory() as tmp:
+        prog = Path(tmp, "progress.json")
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                               env={**os.environ, "SCALE_PROGRESS": str(prog)})
+        except subprocess.TimeoutExpired:
+            seen = json.loads(prog.read_text()) if prog.exists() else None
+            what = "" if not seen else (f" ({seen['n_hvp']} products done, {seen['seconds'] / max(seen['n_hvp'], 1):.1f} s "
+                                        f"each; RSS {seen['rss_mib'] / 1024:.1f} GiB)")
+            return {"seed": seed, "failed": f"timeout after {timeout:.0f} s{what}", "progress": seen,
+                    "load_before": load, "load_after": [round(x, 2) for x in os.getloadavg()]}
     wall = time.perf_counter() - t0
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
