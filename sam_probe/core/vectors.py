@@ -211,14 +211,14 @@ class VectorStore:
     def dots(self, W: Tensor, rows: int | None = None) -> Tensor:
         """``Q[:, :rows]ᵀ W`` for ``W [P, b]`` on the device: ``[rows, b]`` in the store's dtype."""
         n = len(self.rows) if rows is None else rows
-        out = torch.zeros(n, W.shape[1], dtype=W.dtype, device=W.device)
+        out = torch.zeros(n, W.shape[1], dtype=torch.float64, device=W.device)
         if n == 0:
-            return out
+            return out.to(W.dtype)
         for a, b, pieces in self._pieces():
             Wp = W[a:b]
             for i in range(n):
-                out[i] += pieces[i] @ Wp
-        return inner.allsum(out)  # summed over the shards of a model-sharded group (core/inner.py)
+                out[i] += inner.local_gram(pieces[i], Wp)  # float32 sums in float64 chunks (core/inner.py)
+        return inner.allsum(out).to(W.dtype)  # summed over the shards of a model-sharded group (core/inner.py)
 
     def subtract(self, W: Tensor, H: Tensor) -> None:
         """``W ← W − Q[:, :n] H`` in place (``H [n, b]``)."""
