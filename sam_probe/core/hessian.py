@@ -228,7 +228,9 @@ def extrapolated_difference(diff, h: float, eps: float, norms) -> tuple[Tensor, 
 
 
 def _local_norms(*vs: Tensor) -> list[float]:
-    return [float(torch.linalg.vector_norm(v, dtype=torch.float64)) for v in vs]
+    from . import inner
+
+    return [math.sqrt(float(inner.local_sq(v))) for v in vs]
 
 
 def fd_step(dtype: torch.dtype) -> float:

@@ -21,8 +21,8 @@ normalised that way are off unit length by ``1e-3`` at ``10⁷`` parameters and 
 stalls with residual estimates that disagree with the explicit residuals.  So local
 sums of float32 and half vectors are taken in chunks of :data:`CHUNK` entries, each
 chunk's products summed by torch's cascade sum and the partial sums added in float64
-(about ``1e-8`` relative at ``5·10⁷``, at the cost of one BLAS dot); norms accumulate
-in float64.  Float64 vectors use BLAS directly.
+(about ``1e-8`` relative at ``5·10⁷``, at the cost of one BLAS dot, with no float64 copy
+of a vector); norms are such sums of squares.  Float64 vectors use BLAS directly.
 
 Random vectors: each rank draws its shard from its own stream (seed and rank), so
 the global vector is a Gaussian vector of the full space; the solver's result
@@ -122,22 +122,35 @@ def dot(a: Tensor, b: Tensor) -> float:
     return float(allsum(local_dot(a, b).reshape(1))[0])
 
 
+def local_sq(v: Tensor) -> Tensor:
+    """This process's ``‖v‖²`` as a float64 0-d tensor, by :func:`local_dot` (no float64 copy of ``v``:
+    ``torch.linalg.vector_norm(v, dtype=torch.float64)`` makes one, 2 parameter-sized vectors)."""
+    v = v if v.dim() == 1 else v.reshape(-1)
+    return local_dot(v, v)
+
+
 def norm(v: Tensor) -> float:
-    """``‖v‖₂`` (accumulated in float64)."""
-    sq = allsum(torch.linalg.vector_norm(v, dtype=torch.float64).square().reshape(1))
-    return math.sqrt(float(sq[0]))
+    """``‖v‖₂`` (accumulated in float64; a float64 vector on one process: ``v.norm()``, to the last bit)."""
+    if _GROUP.get() is None and v.dtype == torch.float64:
+        return float(torch.linalg.vector_norm(v))
+    return math.sqrt(float(allsum(local_sq(v).reshape(1))[0]))
 
 
 def norms(*vs: Tensor) -> list[float]:
     """``[‖v‖₂ for v in vs]`` with one reduction over the shard group (not one per vector)."""
-    local = torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64).square().cpu() for v in vs])
-    return [math.sqrt(float(x)) for x in (allsum(local) if _GROUP.get() is not None else local)]
+    if _GROUP.get() is None:
+        return [norm(v) for v in vs]
+    local = torch.stack([local_sq(v).cpu() for v in vs])
+    return [math.sqrt(float(x)) for x in allsum(local)]
 
 
 def colnorms(W: Tensor) -> Tensor:
     """``[‖W[:, j]‖₂]`` of a block ``W [P, b]`` (in ``W``'s dtype and device)."""
-    sq = allsum(torch.linalg.vector_norm(W, dim=0, dtype=torch.float64).square())
-    return sq.sqrt().to(dtype=W.dtype)
+    if _GROUP.get() is None and W.dtype == torch.float64:
+        return W.norm(dim=0)
+    sq = allsum(torch.stack([local_sq(W[:, j]).cpu() for j in range(W.shape[1])])
+                if W.shape[1] else torch.zeros(0, dtype=torch.float64))
+    return sq.sqrt().to(device=W.device, dtype=W.dtype)
 
 
 def coldots(A: Tensor, B: Tensor) -> Tensor:
