@@ -367,7 +367,9 @@ def table(data: dict[str, Any]) -> str:
             if v is None:
                 continue
             if "failed" in v:
-                rows.append(f"| {size} | | {e['k']} | {tool} | {v['failed'].split(';')[0][:70]} | | | | | |")
+                why = v['failed'].split(';')[0][:70]
+                why += ")" if why.count("(") > why.count(")") else ""
+                rows.append(f"| {size} | | {e['k']} | {tool} | {why} | | | | | |")
                 continue
             err = v.get("max_rel_err")
             err_s = "" if err is None else f"{err:.1e}" + (" (vs sam-probe)" if v.get("error_vs", "").startswith("sam") else "")
