@@ -38,6 +38,7 @@ coordinator; shards may write into one results directory at once.
 """
 from __future__ import annotations
 
+import contextlib
 import glob as globmod
 import json
 import os
@@ -491,5 +492,10 @@ def run_spec(spec: Spec, out: Path, jobs: int = 1, items: list[Job] | None = Non
             w.interrupt()
         for w in workers:
             w.reap()
+        for job in items:  # the status files of interrupted jobs (read and removed by _finish_job otherwise)
+            path = _STATUS_FILES.pop(id(job), None)
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         raise
     return [u for i in sorted(done) for u in done[i]]

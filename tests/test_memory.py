@@ -248,7 +248,8 @@ def test_basis_files_are_gone_after_ctrl_c_or_kill(tmp_path, sig):
     script.write_text(SOLVE_SLOWLY)
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen([sys.executable, str(script), str(basis)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+                         text=True, env=env,  # SIGINT as a terminal delivers it, also where pytest runs with it ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(4):  # a few products in: the basis has rows
             assert p.stdout.readline().strip() == "product"

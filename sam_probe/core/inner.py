@@ -103,13 +103,15 @@ def local_dot(a: Tensor, b: Tensor) -> Tensor:
 def local_gram(A: Tensor, B: Tensor) -> Tensor:
     """This process's ``Aᵀ B`` for ``A [n, a]``, ``B [n, b]`` (or 1-D), float64, each entry a
     :func:`local_dot`."""
-    if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A.T @ B
     A2 = A[:, None] if A.dim() == 1 else A
     B2 = B[:, None] if B.dim() == 1 else B
-    out = torch.stack([torch.stack([local_dot(A2[:, i], B2[:, j]) for j in range(B2.shape[1])])
-                       for i in range(A2.shape[1])]) if A2.shape[1] and B2.shape[1] else \
-        torch.zeros(A2.shape[1], B2.shape[1], dtype=torch.float64, device=A.device)
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        out = A2.T @ B2
+    elif A2.shape[1] and B2.shape[1]:
+        out = torch.stack([torch.stack([local_dot(A2[:, i], B2[:, j]) for j in range(B2.shape[1])])
+                           for i in range(A2.shape[1])])
+    else:
+        out = torch.zeros(A2.shape[1], B2.shape[1], dtype=torch.float64, device=A.device)
     if B.dim() == 1:
         out = out[:, 0]
     if A.dim() == 1:

@@ -200,8 +200,13 @@ command = "sharpness"
 runs = ["{tiny_runs['sgd']}/step_000000.pt"]
 data = "{factory}:data"
 ''')
+    tmp = tmp_path / "tmp"  # its TMPDIR: the workers' status files must not outlive the interrupted batch
+    tmp.mkdir()
     parent = subprocess.Popen([sys.executable, "-m", "sam_probe", "batch", str(spec), "--out", str(tmp_path / "o")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "TMPDIR": str(tmp)},
+                              # Ctrl-C as a terminal delivers it, also when pytest runs where SIGINT is ignored
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not started.exists():  # the worker reached the job
             assert parent.poll() is None, parent.communicate()
@@ -213,6 +218,7 @@ data = "{factory}:data"
         assert parent.returncode == 130, err
         assert "interrupted" in err
         assert not [w for w in workers if _alive(w)]
+        assert not [f.name for f in tmp.iterdir() if f.name.startswith("sam-probe-status-")]
     finally:
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
