@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -96,8 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
 
     def interrupt(signum, frame):  # typer turns KeyboardInterrupt into a silent exit: raise ours
+        errors.note_interrupt()  # and remember it, in case a library swallows the exception
+        if _importing(frame):  # not in the middle of an import: deliver it again once the import is over
+            import os
+            import threading
+
+            again = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+            return
         raise Interrupted()
 
+    errors.note_interrupt(False)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         try:
             signal.signal(signal.SIGINT, interrupt)
@@ -109,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if signal.getsignal(signal.SIGINT) is interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` (where a signal arrived) runs inside an import.  An exception raised there can
+    leave a half-imported module behind that a library's ``except`` hides until a later, unrelated error
+    (seen: scipy and numpy under sklearn), or unwind through a C++ callback that then aborts the process
+    (seen: torch)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _project_error(argv: list[str]) -> Exception | None:
@@ -128,8 +150,15 @@ def _run(argv: list[str], debug: bool) -> None:
         bad = _project_error(argv)
         if bad is not None:
             raise bad
-        command().main(args=argv, prog_name="sam-probe")
+        try:
+            command().main(args=argv, prog_name="sam-probe")
+        except SystemExit:
+            if errors.interrupt_seen():  # the interrupt was swallowed on the way (by a library); the run went on
+                raise Interrupted() from None
+            raise
     except SamProbeError as exc:
+        if errors.interrupt_seen():
+            _interrupted()
         from . import distributed
         from .report.console import error
 
@@ -147,12 +176,17 @@ def _run(argv: list[str], debug: bool) -> None:
             error(str(exc))
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, Interrupted):
-        from .commands.runner import KEPT
-        from .report.console import note
+        _interrupted()
 
-        kept = f"{len(KEPT)} units computed by this run are stored; " if KEPT else ""
-        note(f"interrupted: {kept}every stored unit is whole (none half-written); re-run the same command to resume")
-        sys.exit(130)
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: say what was kept, exit 130."""
+    from .commands.runner import KEPT
+    from .report.console import note
+
+    kept = f"{len(KEPT)} units computed by this run are stored; " if KEPT else ""
+    note(f"interrupted: {kept}every stored unit is whole (none half-written); re-run the same command to resume")
+    sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

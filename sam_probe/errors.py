@@ -177,6 +177,25 @@ class RankLost(BaseException):
 
 class Interrupted(BaseException):
     """Ctrl-C / SIGINT: like KeyboardInterrupt, nothing catches it on the way out but the CLI's
-    entry point, which says what was kept and exits 130."""
+    entry point, which says what was kept and exits 130.
+
+    The CLI's handler also records the signal (:func:`note_interrupt`): a library that swallows the
+    exception (an import that catches everything, leaving a half-imported module behind) cannot hide it,
+    because the error boundary of each unit (:func:`sam_probe.pipeline.outcome.failure`) and the
+    entry point ask :func:`interrupt_seen` before they treat what follows as an ordinary error."""
 
     exit_code = 130
+
+
+_INTERRUPT = {"seen": False}
+
+
+def note_interrupt(seen: bool = True) -> None:
+    """Record that SIGINT arrived (called by the CLI's handler before it raises :class:`Interrupted`;
+    ``seen=False`` when a command starts: a batch worker runs one command after another)."""
+    _INTERRUPT["seen"] = seen
+
+
+def interrupt_seen() -> bool:
+    """Whether SIGINT arrived in this process since the CLI started."""
+    return _INTERRUPT["seen"]

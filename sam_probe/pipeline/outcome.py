@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SamProbeError
+from ..errors import Interrupted, SamProbeError, interrupt_seen
 from . import blame
 
 
@@ -44,7 +44,10 @@ def no_progress(msg: str, done: int, total: int) -> None:
 def failure(path: Any, step: int | None, exc: BaseException) -> UnitOutcome:
     """A failed outcome for ``exc``: user errors as they are; an exception from the user's model, data
     or code as one line that says where to look; a sam-probe bug as one line that says so (the
-    traceback kept for ``--debug``); see :mod:`sam_probe.pipeline.blame`."""
+    traceback kept for ``--debug``); see :mod:`sam_probe.pipeline.blame`.  After Ctrl-C, whatever
+    ``exc`` is (a library may have swallowed the interrupt and failed later), the run ends as interrupted."""
+    if interrupt_seen():
+        raise Interrupted() from exc
     if isinstance(exc, SamProbeError):
         return UnitOutcome(str(path), step, FAILED, error=str(exc), details=getattr(exc, "rows", None))
     from .. import distributed
