@@ -59,6 +59,28 @@ def run_dir(tmp_path):
     return d
 
 
+# ---------------------------------------------------------------- parallel test processes (pytest-xdist)
+# Files that start gloo ranks as processes (2-4 each) run one after another in one test process, so they never
+# share the 2 cores with each other, while the other test processes take the single-process files.
+GLOO_FILES = frozenset({"test_sharded.py", "test_sharded_eigen.py", "test_sharded_four_ranks.py",
+                        "test_sharded_analyses.py", "test_operators_distributed.py", "test_distributed.py",
+                        "test_dcp_rows.py"})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files to a test process (a module fixture runs once), the :data:`GLOO_FILES` as one unit.
+    (``--dist loadgroup`` with ``xdist_group`` marks would say the same, but with pytest 9 the group never
+    reaches the node ids, so every test went alone and module fixtures ran once per process.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndGlooRanks(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "gloo-ranks" if Path(path).name in GLOO_FILES else path
+
+    return FilesAndGlooRanks(config, log)
+
+
 # ---------------------------------------------------------------- tiny real runs (end-to-end command tests)
 TINY = dict(model="mlp", model_args={"in_dim": 64, "hidden": [6], "out_dim": 10}, data="digits",
             max_samples=60, steps=20, lr=0.1, batch_size=20, checkpoint_every=10, seed=0)
