@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         for size, e in other.get("sizes", {}).items():
             mine = base["sizes"].setdefault(size, {"k": e["k"], "tools": {}})
             mine["tools"].update(e["tools"])
+            add_errors(mine)
         base.setdefault("merged_from", []).append({"environment": other.get("environment"),
                                                    "sizes": sorted(other.get("sizes", {}))})
         base["largest_handled"] = largest(base)
@@ -335,22 +336,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{size:9s} {tool:12s} " + (f"FAILED {s['failed']}" if "failed" in s else
                   f"{s['seconds']:.1f} s  {s['n_hvp']} HVPs  peak RSS {s['peak_rss_mib']:.0f} MiB  "
                   f"{[round(v, 5) for v in s['eigenvalues']]}"), flush=True)
-            # errors: against the float64 reference where it exists, else sam-probe's certified values
-            ref = entry["tools"].get("reference", {})
-            sp = entry["tools"].get("sam-probe", {})
-            for t, v in entry["tools"].items():
-                if "eigenvalues" not in v:
-                    continue
-                if "eigenvalues" in ref and t != "reference":
-                    v["max_rel_err"], v["error_vs"] = max_rel_err(v["eigenvalues"], ref["eigenvalues"]), "reference"
-                elif "eigenvalues" in sp and t not in ("sam-probe", "reference"):
-                    v["max_rel_err"], v["error_vs"] = (max_rel_err(v["eigenvalues"], sp["eigenvalues"]),
-                                                       "sam-probe certified (tol 1e-3)")
+            add_errors(entry)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(data, indent=1))
     data["largest_handled"] = largest(data)
     out_path.write_text(json.dumps(data, indent=1))
     print(f"total {time.perf_counter() - t_all:.0f} s; wrote {out_path}")
+
+
+def add_errors(entry: dict[str, Any]) -> None:
+    """Each tool's ``max_rel_err`` in one size's ``entry``: against the float64 reference where it exists, else
+    against sam-probe's certified values (``error_vs`` says which)."""
+    ref = entry["tools"].get("reference", {})
+    sp = entry["tools"].get("sam-probe", {})
+    for t, v in entry["tools"].items():
+        if "eigenvalues" not in v:
+            continue
+        if "eigenvalues" in ref and t != "reference":
+            v["max_rel_err"], v["error_vs"] = max_rel_err(v["eigenvalues"], ref["eigenvalues"]), "reference"
+        elif "eigenvalues" in sp and t not in ("sam-probe", "reference"):
+            v["max_rel_err"], v["error_vs"] = (max_rel_err(v["eigenvalues"], sp["eigenvalues"]),
+                                               "sam-probe certified (tol 1e-3)")
 
 
 def table(data: dict[str, Any]) -> str:
