@@ -182,8 +182,11 @@ def _run(analysis: Analysis, targets: list[Path], opts: dict[str, Any], common: 
             return view.plot(drawn, outdir, **plot_opts)
 
     log_to_trackers(analysis, results, cfg, common)
-    finish(common, outcomes, with_errors(payload, outcomes), show=lambda: views.show(view, results, **view_opts),
-           plot=plot)
+    from ..report import figures
+
+    with figures.palette_session():  # this command's runs, colours and labels only (not an earlier call's)
+        finish(common, outcomes, with_errors(payload, outcomes), show=lambda: views.show(view, results, **view_opts),
+               plot=plot)
 
 
 def check_trackers(common: Common) -> None:

@@ -78,6 +78,20 @@ def test_eta_is_the_mean_time_of_computed_units_and_elapsed_keeps_running():
     assert t.eta() == 0.0 and t.done == t.total
 
 
+def test_an_earlier_command_in_the_process_does_not_rename_the_runs_of_the_next(tiny_runs, tmp_path):
+    """Run labels and colours belong to one command: ``--run-name sam`` on one folder, then on another (in
+    the same process, as a notebook or a batch worker does), names the second figure ``sam``, not
+    ``sam (its folder)`` as if the two runs had to be told apart."""
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    shutil.copytree(tiny_runs["sam"], first)
+    shutil.copytree(tiny_runs["sgd"], second)
+    for i, run in enumerate((first, second)):
+        out = tmp_path / f"res{i}"
+        res = run_cli("sharpness", run, *CHEAP, "--out", out, "--run-name", "sam")
+        assert res.code == 0, res.stderr
+        assert {p.name.split("__")[1] for p in (out / "plots").glob("sharpness__*.png")} == {"sam"}
+
+
 def test_run_labels_in_table_json_csv_store_and_figures(tiny_runs, tmp_path):
     """Two Lightning versions are two runs, never one folder called ``checkpoints``."""
     out = tmp_path / "res"
