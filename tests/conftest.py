@@ -67,6 +67,7 @@ GLOO_FILES = frozenset({"test_sharded.py", "test_sharded_eigen.py", "test_sharde
                         "test_dcp_rows.py"})
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     """Whole files to a test process (a module fixture runs once), the :data:`GLOO_FILES` as one unit.
     (``--dist loadgroup`` with ``xdist_group`` marks would say the same, but with pytest 9 the group never
