@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def interrupt(signum, frame):  # typer turns KeyboardInterrupt into a silent exit: raise ours
         errors.note_interrupt()  # and remember it, in case a library swallows the exception
-        if _importing(frame):  # not in the middle of an import: deliver it again once the import is over
+        if _importing(frame):  # in the middle of an import: not now; deliver it again once the import is over
             import os
             import threading
 
