@@ -125,7 +125,9 @@ def child(size: str, tool: str, k: int, seed: int, threads: int) -> dict[str, An
             r = top_eigen(op, k, tol=1e-8 if tool == "reference" else 1e-3, seed=seed, max_hvp=3000)
             sec = time.perf_counter() - t0
             out.update(values=list(r.eigenvalues), n_hvp=r.n_hvp, seconds=sec, certified=bool(r.certified),
-                       max_residual=max(r.residuals), plan=r.plan)
+                       max_residual=max(r.residuals), plan=r.plan, n_check_products=r.n_check_products,
+                       n_certify=r.n_certify, guard=r.guard, guard_bound=r.guard_bound,
+                       order_confidence=r.order_confidence, gap=r.gap, subspace_bound=r.subspace_bound)
         elif tool == "ratios":  # not an eigen solve: sam-probe ratios (issue 20, item 6), its tracked peak
             from sam_probe.analyses.ratios import compute_ratios
             from sam_probe.core.memory import peak_bytes

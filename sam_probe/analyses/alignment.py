@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 VECTORS = ("full", "minibatch", "sam", "update")
 
 ANALYSIS = Analysis(
-    name="alignment", version=3, order=40, target=CHECKPOINTS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
+    name="alignment", version=4, order=40, target=CHECKPOINTS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="chi_k = ||P_k v|| / ||v|| of full, minibatch, SAM and update vectors; one-step loss changes along the "
             "dominant and bulk subspaces with their second-order predictions; eta*_emp and eta*lambda_max.",
     definitions=(

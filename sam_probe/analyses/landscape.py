@@ -73,7 +73,7 @@ class Config:
 
 
 ANALYSIS = Analysis(
-    name="landscape", version=1, order=65, target=CHECKPOINTS,
+    name="landscape", version=2, order=65, target=CHECKPOINTS,
     summary="2-D loss landscape L(w + a d1 + b d2) around each checkpoint along filter-normalized, random or "
             "top-2 Hessian eigenvector directions (contour and surface figures).",
     definitions=(

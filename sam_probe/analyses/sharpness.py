@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="sharpness", version=3, order=10, target=CHECKPOINTS, shardable=True,
+    name="sharpness", version=4, order=10, target=CHECKPOINTS, shardable=True,
     summary="Top-k eigenvalues of the Hessian (or GGN, Fisher, empirical Fisher) certified by residuals, trace, "
             "spectral density, per-layer spectra, and one-step, worst-case and average-case sharpness.",
     definitions=(
@@ -78,7 +78,10 @@ ANALYSIS = Analysis(
         "n_params": "parameters P", "curvature": CURVATURE_REGISTRY.choices_text(),
         "eigenvalues": "k eigenvalues from the wanted end (--which): LA descending, SA ascending, LM by |lambda| "
                        "descending",
-        "order_checked": "the order check from a fresh random block found no eigenvalue beyond the k-th",
+        "order_checked": "the order check from a fresh random vector bounds every eigenvalue beyond the k-th within "
+                         "tol of lambda_k, with probability order_confidence",
+        "order_confidence": "1 - delta of the order check's bound (0.999)",
+        "guard_bound": "U: the level the order check bounds lambda_(k+1) by (with probability order_confidence)",
         "gap": "relative gap |lambda_k - lambda_(k+1)| / |lambda_k| from the order check",
         "gap_warning": "lambda_k and lambda_(k+1) too close for the residuals to determine the top-k eigenspace",
         "solver": "the eigen solve's memory plan: basis rows, stored products, where the basis lives, peak vectors",
@@ -240,7 +243,8 @@ def _compute_sharpness(obj, cfg: dict[str, Any], warm=None, carry: dict[str, Any
                 out[key] = [inexact[key][i] for i in order]
         warnings += inexact.pop("warnings", [])
         out.update(eigenvalues=vals, residuals=resid, converged=conv, n_hvp=res.n_hvp, which=cfg["which"],
-                   warm_start=res.warm_start, order_checked=res.order_checked, gap=res.gap,
+                   warm_start=res.warm_start, order_checked=res.order_checked,
+                   order_confidence=res.order_confidence, guard_bound=res.guard_bound, gap=res.gap,
                    gap_warning=res.gap_warning, solver=dict(res.plan))
         if res.warm_start and cfg["cold_check"]:
             cold = top_eigen(op, cfg["top_k"], which=cfg["which"], tol=cfg["tol"], max_hvp=cfg["max_hvp"],

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="subspace", version=2, order=45, target=RUNS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
+    name="subspace", version=3, order=45, target=RUNS, shardable=True, unkeyed=("warm_start", "basis_device", "basis_dir"),
     summary="Persistence of the dominant subspace: the certified top-k eigenspace V_t of every checkpoint and "
             "the overlap ||V_s' V_t||_F^2 / k between all pairs, against chance k/P.",
     definitions=(

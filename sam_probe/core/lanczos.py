@@ -21,27 +21,29 @@ from the recurrence, ``||B s_last||`` (``B``: coefficients of the next block).
    counted in ``n_hvp``), never the recurrence alone.  ``e(y)`` is the operator's own
    error bound for a product (``product_error``; zero for exact products).  A residual
    ``r`` proves that some eigenvalue lies within ``r |θ|`` of ``θ``.
-2. *Order, by a fresh random check.*  A small residual does not say that ``θ_j`` is the
-   j-th eigenvalue: a warm start (or an unlucky cold one, or a multiple eigenvalue,
-   which a single Krylov vector sees once) can converge to ``λ_1, λ_2, λ_4`` and never
-   meet ``λ_3``.  So once the wanted pairs pass, the basis is restarted to those ``k``
-   Ritz vectors ``Y`` and continued from a *fresh* seeded Gaussian block orthogonal to
-   ``Y``: Lanczos on the deflated operator ``(I - YYᵀ) A (I - YYᵀ)``, whose spectrum is
-   ``A``'s without the found pairs.  Any eigenvalue beyond ``θ_k`` that was missed is the
-   deflated operator's own extreme eigenvalue; it enters the Rayleigh–Ritz set (the
-   union's k-th Ritz value moves beyond ``θ_k`` by more than ``tol |θ_k|``) and the solve
-   goes on with it (a new check follows).  The check passes when the extreme Ritz pair of
-   the fresh sequence, the *guard* ``(ξ, x)``, converges (``||B s_last|| <= check_tol |θ_k|``,
-   and at most half its distance to ``θ_k`` unless it is within ``tol |θ_k|``) without entering.  This is a Monte Carlo certificate, not a proof: an eigenvalue
-   beyond ``θ_k`` hides from it only if the fresh Gaussian block is nearly orthogonal to
-   its eigenvector (probability ``~ sqrt(P) · (component)``) or it sits inside the guard's
-   cluster (then within about ``check_tol |θ_k|`` of ``ξ``).
-3. *Gap at the k boundary.*  ``gap = |θ_k - ξ| / |θ_k|`` and the Davis–Kahan bound
-   ``subspace_bound = ||R||_F / (|θ_k - ξ| - ρ_ξ)`` on the sine of the angle between
-   ``span Y`` and the true top-k eigenspace (``R``: the absolute residuals, ``ρ_ξ`` the
-   guard's) are reported; when it exceeds ``gap_tol`` the k-dimensional eigenspace is not
-   determined by these residuals and ``gap_warning`` says so (eigenvalues are still
-   fine: each is within its residual of an eigenvalue, and in order).
+2. *Order, by a fresh random check* (:mod:`~sam_probe.core.order_check`).  A small
+   residual does not say that ``θ_j`` is the j-th eigenvalue: a warm start (or an unlucky
+   cold one, or a multiple eigenvalue, which a single Krylov vector sees once) can converge
+   to ``λ_1, λ_2, λ_4`` and never meet ``λ_3``.  So once the wanted pairs pass, the basis is
+   restarted to those ``k`` Ritz vectors ``Y`` and plain Lanczos runs on the deflated
+   operator ``(I - YYᵀ) A (I - YYᵀ)`` (``A``'s spectrum without the found pairs) from a
+   *fresh* seeded Gaussian vector, until its Lanczos polynomial bounds the deflated
+   operator's extreme eigenvalue within ``tol |θ_k|`` of ``θ_k``, with probability
+   ``1 - δ`` (``δ = 10⁻³``, ``order_confidence``; the bound is ``guard_bound``).  A residual
+   is not used for this: in ``10⁷`` dimensions the first Ritz pair of a random vector has a
+   residual below ``10⁻² |θ_k|`` while it sits in the bulk of the spectrum.  A Ritz value
+   of the deflated operator beyond ``θ_k + tol |θ_k|`` is a missed eigenvalue for certain:
+   its Ritz vector joins the basis, the solve goes on, and a new check follows
+   (``n_missed``, ``n_checks``; the checks' products are ``n_check_products``).
+3. *Gap at the k boundary.*  ``gap = |θ_k - ξ| / |θ_k|`` (``ξ``, the *guard*: the deflated
+   operator's extreme Ritz value, about ``λ_{k+1}``) and the Davis–Kahan bound
+   ``subspace_bound = ||R||_F / (θ_k - U)`` (``U = guard_bound``, mirrored for ``SA`` and
+   ``LM``) on the sine of the angle between ``span Y`` and the true top-k eigenspace
+   (``R``: the absolute residuals) are reported; the check goes on past the order (for at
+   most as many steps again) until ``U`` is far enough inside ``θ_k`` for this bound to
+   pass ``gap_tol``.  When it does not, the k-dimensional eigenspace is not determined by
+   these residuals and ``gap_warning`` says so (eigenvalues are still fine: each is within
+   its residual of an eigenvalue, and in order).
 
 **Memory** (``P``-sized vectors; ``c`` = :data:`~sam_probe.core.vectors.WORK_VECTORS` = 8):
 the basis rows (``max_basis``, pending block included) plus the product block ``b``
@@ -49,8 +51,9 @@ the basis rows (``max_basis``, pending block included) plus the product block ``
 products when ``keep_products`` (one per basis row).  The default basis is
 ``k + c - 1`` rows for ``b = 1`` and ``k + c - 2b`` for ``b > 1`` (at least ``k + 2b``),
 so the solver holds at most ``k + c`` vectors (``k + 4b`` when ``b > 2``); the ``k``
-returned eigenvectors are rows of the basis (a view, no copy).  Nothing is allocated
-before it is needed.  ``VectorCount`` in the result (``peak_vectors``) counts them.
+returned eigenvectors are rows of the basis (a view, no copy).  The order check holds the
+``k`` Ritz vectors and 3 more (4 while it rebuilds a missed eigenvalue's vector).  Nothing is
+allocated before it is needed.  ``VectorCount`` in the result (``peak_vectors``) counts them.
 
 ``which``: ``LA`` largest algebraic (descending), ``SA`` smallest algebraic
 (ascending), ``LM`` largest magnitude (by ``|λ|`` descending).
@@ -77,12 +80,12 @@ from torch import Tensor
 
 from . import inner
 from .names import WHICH
+from .order_check import DELTA, deflated_check
 from .vectors import WORK_VECTORS, VectorCount, VectorStore, where_label
 
 Matmat = Callable[[Tensor], Tensor]
 ProductError = Callable[[Tensor, Tensor], Tensor]  # (V [P, b], A V [P, b]) -> [b] bounds on ||error of A v||
 
-CHECK_TOL = 1e-2  # guard convergence of the order check, relative to |θ_k|
 GAP_TOL = 0.1  # Davis–Kahan bound above which the top-k eigenspace is flagged as not determined
 CHECK_SEED = 104_729  # offset of the order check's seeds (independent of the start block's)
 
@@ -107,6 +110,9 @@ class EigenResult:
     n_missed: int = 0  # eigenvalues the order check found beyond θ_k (then solved for)
     guard: float | None = None  # ξ: the extreme Ritz value of the deflated operator at the last check
     guard_residual: float | None = None  # its residual estimate ||B s_last|| / |θ_k|
+    guard_bound: float | None = None  # U: no eigenvalue beyond θ_k's side of it was missed, with probability order_confidence
+    order_confidence: float | None = None  # 1 − δ of the order check's bound (core/order_check.py)
+    n_check_products: int = 0  # products the order checks used (in n_hvp)
     gap: float | None = None  # |θ_k - ξ| / |θ_k|
     subspace_bound: float | None = None  # Davis–Kahan sin∠(span Y, top-k eigenspace) bound
     gap_warning: bool = False
@@ -132,7 +138,8 @@ class EigenResult:
             "which": self.which, "tol": self.tol, "warnings": list(self.warnings),
             "curvature": self.curvature, "warm_start": self.warm_start,
             "order_checked": self.order_checked, "n_checks": self.n_checks, "n_missed": self.n_missed,
-            "guard": self.guard, "guard_residual": self.guard_residual, "gap": self.gap,
+            "guard": self.guard, "guard_residual": self.guard_residual, "guard_bound": self.guard_bound,
+            "order_confidence": self.order_confidence, "n_check_products": self.n_check_products, "gap": self.gap,
             "subspace_bound": self.subspace_bound, "gap_warning": self.gap_warning,
             "cluster": list(self.cluster), "k_requested": self.k_requested, "n_certify": self.n_certify,
             "plan": dict(self.plan),
@@ -167,7 +174,8 @@ def default_basis(k: int, b: int = 1, vectors: int | None = None, keep_products:
 def vectors_needed(k: int, b: int, max_basis: int, keep_products: bool) -> int:
     """Peak parameter-sized vectors of :func:`lanczos` with these settings (the formula the
     memory test checks)."""
-    return max_basis * (2 if keep_products else 1) + (1 if b == 1 else 2 * b)
+    rows = 2 if keep_products else 1
+    return max(max_basis * rows + (1 if b == 1 else 2 * b), k * rows + 4)  # the order check: k rows and 4
 
 
 # ------------------------------------------------------------------ blocks
@@ -308,14 +316,15 @@ def _ritz(T: Tensor, which: str) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------ solver
-def _boundary(vals: list[float], res_abs: list[float], guard: float | None, guard_abs: float | None,
+def _boundary(vals: list[float], res_abs: list[float], guard: float | None, bound: float | None, which: str,
               gap_tol: float) -> tuple[float | None, float | None, bool]:
-    """``(gap, Davis–Kahan bound, warn)`` at the k boundary (module docstring, 3.)."""
-    if guard is None or not vals:
+    """``(gap, Davis–Kahan bound, warn)`` at the k boundary (module docstring, 3.): the separation
+    is the distance from ``θ_k`` to the order check's bound on the rest of the spectrum."""
+    if guard is None or bound is None or not vals:
         return None, None, False
     thk = vals[-1]
     gap = abs(thk - guard) / max(abs(thk), 1e-300)
-    sep = abs(thk - guard) - (guard_abs or 0.0)
+    sep = _key(thk, which) - _key(bound, which)
     R = math.sqrt(sum(r * r for r in res_abs))
     sub = min(1.0, R / sep) if sep > 0 else 1.0
     return gap, sub, sub > gap_tol
@@ -340,7 +349,6 @@ def lanczos(
     max_vectors: int | None = None,
     where=None,
     check: bool = True,
-    check_tol: float = CHECK_TOL,
     gap_tol: float = GAP_TOL,
     extend_cluster: int = 0,
     product_error: ProductError | None = None,
@@ -409,11 +417,12 @@ def lanczos(
     nq = 0  # rows of Q with products (the Rayleigh–Ritz basis); the rows after them are the pending block
     n_hvp = n_restarts = n_certify = 0
     hit_cap = False
-    phase = "solve"  # "solve" (until the wanted estimates pass) or "check" (the fresh-block order check)
     checked = not check or N <= k
-    n_checks = n_missed = 0
+    check_spent = False  # an order check ran out of products
+    n_checks = n_missed = n_check_products = 0
     theta_ref = 0.0
-    guard = guard_abs = None
+    guard = guard_abs = guard_bound = None
+    rvec: Tensor | None = None  # after an order check: the worst explicit residual, where the solve goes on
     slack = 1.0  # explicit residual / estimate at a failed certificate: ask for that much more before retrying
     final: tuple | None = None  # (θ, ||A y - θ y||, product error bounds) of the certified pairs
 
@@ -432,11 +441,19 @@ def lanczos(
         nq = S_keep.shape[1]
         T = torch.diag(evals_keep)
 
-    def explicit(evals: Tensor, S: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def explicit(evals: Tensor, S: Tensor, idx: Tensor, keep: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(θ, ||A y - θ y||, product error bound)`` of the wanted pairs from actual products:
         stored ones (``keep_products``) or one new product each (lean; the basis is rotated to
-        its Ritz vectors first, wanted ones leading)."""
-        nonlocal n_hvp, n_certify
+        its Ritz vectors first, wanted ones leading).  ``keep``: the largest residual vector
+        stays in ``rvec`` (one vector) for the solve to go on from."""
+        nonlocal n_hvp, n_certify, rvec
+
+        def kept(r: Tensor, j: int) -> None:
+            nonlocal rvec
+            if keep and (j == 0 or float(res[j]) >= float(res[:j].max())):
+                if rvec is None:
+                    count.add(1)
+                rvec = r
         kk = min(k, len(idx))
         theta = evals[idx[:kk]].clone()
         res = torch.zeros(kk, dtype=torch.float64)
@@ -448,6 +465,7 @@ def lanczos(
                 with count.hold(2):
                     y, ay = Q.combine(s), AQ.combine(s)
                     res[j] = inner.norm(ay.add_(y, alpha=-float(theta[j])))
+                    kept(ay, j)
                     del y, ay
                 if pe is not None:
                     err[j] = float((s.abs() * pe).sum())
@@ -462,10 +480,18 @@ def lanczos(
                 if product_error is not None:
                     err[j] = float(product_error(y[:, None], ay).reshape(-1)[0])
                 res[j] = inner.norm(ay[:, 0].add_(y, alpha=-float(theta[j])))
+                kept(ay[:, 0], j)
                 del ay, y
         return theta, res, err
 
+    def drop_rvec() -> None:
+        nonlocal rvec
+        if rvec is not None:
+            rvec = None
+            count.sub(1)
+
     evals = S = idx = None
+    Znext: Tensor | None
     while True:
         reserve = 0 if keep_products else k  # products the explicit certificate will need
         bz = len(Q) - nq
@@ -516,55 +542,69 @@ def lanczos(
         del AZ, H
         floor = floor_of(evals)
 
-        # ---- the order check: did an eigenvalue beyond θ_k enter, or has the guard converged?
-        if phase == "check":
-            if _key(float(evals[idx[k - 1]]), which) - _key(theta_ref, which) > tol * abs(theta_ref):
-                phase, checked = "solve", False  # a missed eigenvalue: solve for the new top k, check again
-                n_missed += 1
-            elif nq > k:
-                guard, guard_abs = float(evals[idx[k]]), float(est_all[idx[k]])
-                scale = max(abs(theta_ref), floor)
-                # converged, and either clear of θ_k (so the gap is known) or as tight as the solve itself
-                if guard_abs <= check_tol * scale and (guard_abs <= 0.5 * abs(float(evals[idx[k - 1]]) - guard)
-                                                       or guard_abs <= tol * scale):
-                    phase, checked = "solve", True
-            if phase == "check" and (nq >= N or Znext.shape[1] == 0):
-                phase, checked = "solve", True  # nothing left to find
-
         wanted = idx[:min(k, nq)]
-        done = (phase == "solve" and len(wanted) == k
+        done = (len(wanted) == k
                 and bool((est_all[wanted] <= (tol / slack) * evals[wanted].abs().clamp_min(floor)).all()))
-        if done and not checked:
-            # start the order check: restart to the k wanted Ritz vectors, continue from a fresh block
+        if done and not checked and not check_spent:
+            # the order check (module docstring, 2.): restart to the k wanted Ritz vectors, deflated
+            # Lanczos from a fresh Gaussian; a missed eigenvalue comes back as a vector to solve on
             del Znext
             count.sub(bz)
             restart(S[:, wanted], evals[wanted])
             theta_ref = float(evals[wanted[-1]])
             n_checks += 1
-            guard = guard_abs = None
-            phase = "check"
-            push(_gaussian(n, b, check_gen, dtype, device))
-            continue
-
+            r_est = float(est_all[wanted].norm())  # what the Davis–Kahan bound will divide by the separation
+            chk = deflated_check(matmat, Q, theta_ref, which, tol, n, check_gen,
+                                 max_hvp - n_hvp - reserve, dtype, device, count,
+                                 separation=r_est / gap_tol)
+            n_hvp += chk.products
+            n_check_products += chk.products
+            guard, guard_abs, guard_bound = chk.guard, chk.guard_residual, chk.bound
+            if chk.status == "miss" and chk.vector is not None:
+                n_missed += 1
+                push(chk.vector[:, None])
+                del chk
+                evals = S = idx = None
+                continue
+            checked = chk.status == "pass"
+            check_spent = not checked  # the budget ran out (a miss without room for its vector included)
+            hit_cap = hit_cap or check_spent
+            del chk
+            evals, S, idx = _ritz(T, which)
+            Znext = None
+            bz = 0
         if done:
-            theta, res, err = explicit(evals, S, idx)
+            theta, res, err = explicit(evals, S, idx, keep=Znext is None)
             if AQ is None:
                 evals, S, idx = _ritz(T, which)  # the basis is the Ritz basis now
             rel = (res + err) / theta.abs().clamp_min(floor)
             if bool((rel <= tol).all()):
                 final = (theta, res, err)
                 vals = theta.tolist()
-                gap, sub, warn = _boundary(vals, (res + err).tolist(), guard, guard_abs, gap_tol)
-                if not (warn and k < kmax and check):
+                gap, sub, warn = _boundary(vals, (res + err).tolist(), guard, guard_bound, which, gap_tol)
+                if not (warn and k < kmax and check and checked):
                     del Znext
                     count.sub(bz)
+                    drop_rvec()
                     break
                 k += 1  # extend k into the cluster at the boundary (one more basis row), certify and check again
                 m_max = min(N, m_max + 1)
-                checked, final, guard, guard_abs = False, None, None, None
+                checked, final, guard, guard_abs, guard_bound = False, None, None, None, None
             else:
                 slack = max(slack * 2, float((res / est_all[wanted].clamp_min(floor * eps)).max()))
+            if check_spent:  # no products left for more: report these residuals as they are
+                final = (theta, res, err)
+                del Znext
+                count.sub(bz)
+                drop_rvec()
+                break
 
+        if Znext is None:  # after an order check the basis is the Ritz basis: go on from the worst residual
+            if rvec is None:
+                break
+            push(rvec[:, None])
+            drop_rvec()
+            continue
         if Znext.shape[1] == 0:
             del Znext
             count.sub(bz)
@@ -610,15 +650,17 @@ def lanczos(
                         f"max_hvp={max_hvp} (each residual is certified, but an eigenvalue beyond #{k} may have been "
                         "missed; raise --max-hvp)")
     vals = theta.tolist() + [float("nan")] * (k - kk)
-    gap, sub, warn = _boundary(vals[:kk], res_abs, guard, guard_abs, gap_tol) if order_ok else (None, None, False)
+    gap, sub, warn = (_boundary(vals[:kk], res_abs, guard, guard_bound, which, gap_tol) if order_ok
+                      else (None, None, False))
     cluster: list[float] = []
     if warn:
         cluster = [vals[k - 1], float("nan") if guard is None else guard]
         warnings.append(
-            f"eigenvalues #{k} and #{k + 1} ({which}) are nearly equal ({vals[k - 1]:.6g} and about {guard:.6g}, "
-            f"relative gap {gap:.1e}): the {k}-dimensional eigenspace is not determined at tol={tol:g} "
-            f"(Davis-Kahan bound {sub:.2f} on the sine of its angle); the eigenvalues are certified, the vectors "
-            "are not; tighten --tol or take k past the cluster")
+            f"eigenvalue #{k} ({which}, {vals[k - 1]:.6g}) is not separated from the rest of the spectrum at "
+            f"tol={tol:g}: the order check puts #{k + 1} near {guard:.6g} (relative gap {gap:.1e}) and bounds it by "
+            f"{guard_bound:.6g}, so the {k}-dimensional eigenspace is not determined (Davis-Kahan bound {sub:.2f} on "
+            "the sine of its angle); the eigenvalues are certified, the vectors are not; tighten --tol or take k past "
+            "the cluster")
     if k > k_req:
         warnings.append(f"k extended from {k_req} to {k}: eigenvalue #{k_req} sits in a cluster of nearly equal "
                         f"eigenvalues whose eigenspace is only determined as a whole")
@@ -629,6 +671,8 @@ def lanczos(
         warm_start=v0 is None and warm is not None, order_checked=order_ok, n_checks=n_checks,
         n_missed=n_missed, guard=guard,
         guard_residual=None if guard_abs is None else guard_abs / max(abs(theta_ref), 1e-300),
+        guard_bound=guard_bound, order_confidence=(1 - DELTA) if order_ok and n_checks else None,
+        n_check_products=n_check_products,
         gap=gap, subspace_bound=sub, gap_warning=warn, cluster=cluster, k_requested=k_req, n_certify=n_certify,
         plan={"basis_vectors": m_max, "block": b, "keep_products": bool(keep_products),
               "basis_device": where_label(where), "vectors": vectors_needed(k, b, m_max, keep_products),
