@@ -28,8 +28,9 @@ from the recurrence, ``||B s_last||`` (``B``: coefficients of the next block).
    restarted to those ``k`` Ritz vectors ``Y`` and plain Lanczos runs on the deflated
    operator ``(I - YYᵀ) A (I - YYᵀ)`` (``A``'s spectrum without the found pairs) from a
    *fresh* seeded Gaussian vector, until its Lanczos polynomial bounds the deflated
-   operator's extreme eigenvalue within ``tol |θ_k|`` of ``θ_k``, with probability
-   ``1 - δ`` (``δ = 10⁻³``, ``order_confidence``; the bound is ``guard_bound``).  A residual
+   operator's extreme eigenvalue within ``order_tol |θ_k|`` of ``θ_k`` (``max(tol, 10⁻²)``
+   by default), with probability ``1 - δ`` (``δ = 10⁻³``, ``order_confidence``; the bound is
+   ``guard_bound``).  A residual
    is not used for this: in ``10⁷`` dimensions the first Ritz pair of a random vector has a
    residual below ``10⁻² |θ_k|`` while it sits in the bulk of the spectrum.  A Ritz value
    of the deflated operator beyond ``θ_k + tol |θ_k|`` is a missed eigenvalue for certain:
@@ -113,6 +114,7 @@ class EigenResult:
     guard_bound: float | None = None  # U: no eigenvalue beyond θ_k's side of it was missed, with probability order_confidence
     order_confidence: float | None = None  # 1 − δ of the order check's bound (core/order_check.py)
     n_check_products: int = 0  # products the order checks used (in n_hvp)
+    order_tol: float | None = None  # the order check's resolution: nothing beyond θ_k (1 + order_tol) was missed
     gap: float | None = None  # |θ_k - ξ| / |θ_k|
     subspace_bound: float | None = None  # Davis–Kahan sin∠(span Y, top-k eigenspace) bound
     gap_warning: bool = False
@@ -139,7 +141,8 @@ class EigenResult:
             "curvature": self.curvature, "warm_start": self.warm_start,
             "order_checked": self.order_checked, "n_checks": self.n_checks, "n_missed": self.n_missed,
             "guard": self.guard, "guard_residual": self.guard_residual, "guard_bound": self.guard_bound,
-            "order_confidence": self.order_confidence, "n_check_products": self.n_check_products, "gap": self.gap,
+            "order_confidence": self.order_confidence, "order_tol": self.order_tol,
+            "n_check_products": self.n_check_products, "gap": self.gap,
             "subspace_bound": self.subspace_bound, "gap_warning": self.gap_warning,
             "cluster": list(self.cluster), "k_requested": self.k_requested, "n_certify": self.n_certify,
             "plan": dict(self.plan),
@@ -353,6 +356,7 @@ def lanczos(
     extend_cluster: int = 0,
     product_error: ProductError | None = None,
     count: VectorCount | None = None,
+    order_tol: float | None = None,
 ) -> EigenResult:
     """``k`` eigenpairs of the symmetric ``n × n`` operator ``matmat`` at the ``which`` end.
 
@@ -373,7 +377,8 @@ def lanczos(
     for up to this many more pairs until the boundary is resolved (``k`` grows, and the basis
     by one row with it; the result keeps ``k_requested``; the ``k`` eigenvectors are then
     copied out at the end, ``k`` more vectors for a moment).  ``product_error(V, AV)``: the operator's bound on each product's
-    error, added to the residual before the test.
+    error, added to the residual before the test.  ``order_tol``: the order check's resolution
+    (default ``max(tol, 10⁻²)``; :mod:`~sam_probe.core.order_check`).
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -421,7 +426,7 @@ def lanczos(
     check_spent = False  # an order check ran out of products
     n_checks = n_missed = n_check_products = 0
     theta_ref = 0.0
-    guard = guard_abs = guard_bound = None
+    guard = guard_abs = guard_bound = order_res = None
     rvec: Tensor | None = None  # after an order check: the worst explicit residual, where the solve goes on
     slack = 1.0  # explicit residual / estimate at a failed certificate: ask for that much more before retrying
     final: tuple | None = None  # (θ, ||A y - θ y||, product error bounds) of the certified pairs
@@ -556,10 +561,11 @@ def lanczos(
             r_est = float(est_all[wanted].norm())  # what the Davis–Kahan bound will divide by the separation
             chk = deflated_check(matmat, Q, theta_ref, which, tol, n, check_gen,
                                  max_hvp - n_hvp - reserve, dtype, device, count,
-                                 separation=r_est / gap_tol)
+                                 separation=r_est / gap_tol, order_tol=order_tol)
             n_hvp += chk.products
             n_check_products += chk.products
             guard, guard_abs, guard_bound = chk.guard, chk.guard_residual, chk.bound
+            order_res = chk.order_tol
             if chk.status == "miss" and chk.vector is not None:
                 n_missed += 1
                 push(chk.vector[:, None])
@@ -672,7 +678,7 @@ def lanczos(
         n_missed=n_missed, guard=guard,
         guard_residual=None if guard_abs is None else guard_abs / max(abs(theta_ref), 1e-300),
         guard_bound=guard_bound, order_confidence=(1 - DELTA) if order_ok and n_checks else None,
-        n_check_products=n_check_products,
+        n_check_products=n_check_products, order_tol=order_res if order_ok and n_checks else None,
         gap=gap, subspace_bound=sub, gap_warning=warn, cluster=cluster, k_requested=k_req, n_certify=n_certify,
         plan={"basis_vectors": m_max, "block": b, "keep_products": bool(keep_products),
               "basis_device": where_label(where), "vectors": vectors_needed(k, b, m_max, keep_products),
@@ -718,7 +724,8 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
               block_size: int = 1, max_basis: int | None = None, seed: int = 0,
               reuse_graph: bool = True, warm: Tensor | None = None, where=None,
               keep_products: bool | None = None, max_vectors: int | None = None, check: bool = True,
-              extend_cluster: int = 0, count: VectorCount | None = None) -> EigenResult:
+              extend_cluster: int = 0, count: VectorCount | None = None,
+              order_tol: float | None = None) -> EigenResult:
     """:func:`lanczos` on a :class:`~sam_probe.core.operators.CurvatureOperator` (an
     :class:`~sam_probe.core.objective.Objective` means its Hessian) in its dtype and device,
     inside the operator's context (the Hessian keeps its gradient graph when it fits one
@@ -755,7 +762,7 @@ def top_eigen(op, k: int = 5, *, which: str = "LA", tol: float = 1e-3, max_hvp: 
         res = lanczos(matmat, op.P, k, which=which, tol=tol, max_hvp=max_hvp, block_size=block_size,
                       max_basis=plan["basis_vectors"], seed=seed, dtype=dtype, device=op.device, warm=warm,
                       keep_products=plan["keep_products"], where=where, check=check,
-                      extend_cluster=extend_cluster, product_error=rounding,
+                      extend_cluster=extend_cluster, product_error=rounding, order_tol=order_tol,
                       count=count)
     res.curvature = op.name
     res.plan = {**plan, **res.plan}

@@ -25,9 +25,11 @@ that fails is one fixed event (a small component of ``q₁`` on one fixed eigenv
 the bound after every step costs no extra probability.  ``SA`` mirrors it (``L`` below the
 smallest Ritz value); ``LM`` bounds both ends, each at ``δ / 2``.
 
-Outcomes: ``pass`` when the bound is within ``tol |θ_k|`` of ``θ_k`` (``U ≤ θ_k + tol |θ_k|`` for
-``LA``): with probability ``≥ 1 − δ`` no eigenvalue beyond ``θ_k`` was missed by more than the
-tolerance.  ``miss`` when a Ritz value of ``H₂`` lies beyond ``θ_k + tol |θ_k|`` (a certain finding:
+Outcomes: ``pass`` when the bound is within ``order_tol |θ_k|`` of ``θ_k`` (``U ≤ θ_k + order_tol
+|θ_k|`` for ``LA``; ``order_tol = max(tol, 10⁻²)`` by default): with probability ``≥ 1 − δ`` no
+eigenvalue beyond ``θ_k`` was missed by more than that (asking for ``tol`` itself costs little
+more on a well separated boundary and without bound on a cluster at ``θ_k``: the polynomial must
+grow by ``1/t`` between the cluster and the threshold).  ``miss`` when a Ritz value of ``H₂`` lies beyond ``θ_k + tol |θ_k|`` (a certain finding:
 a Ritz value never exceeds ``λ_max(H₂)``); a second pass regenerates the same sequence and returns
 its extreme Ritz vector, so the solve can take that eigenvalue in (``m`` more products).
 ``budget`` when the products allowed run out first.  When the Krylov space of ``q₁`` becomes
@@ -50,6 +52,7 @@ from . import inner
 from .vectors import VectorCount, VectorStore
 
 DELTA = 1e-3  # failure probability of the order check (the bound at each end uses δ, LM's at δ/2)
+ORDER_TOL = 1e-2  # the resolution of the order: no eigenvalue beyond θ_k (1 + max(tol, ORDER_TOL)) is missed
 
 
 @dataclass
@@ -63,6 +66,7 @@ class CheckOutcome:
     bound: float | None = None  # U: no eigenvalue of H₂ beyond it, with probability ≥ 1 − δ
     delta: float = DELTA
     vector: Tensor | None = None  # miss: the extreme Ritz vector of H₂ ([n], unit length)
+    order_tol: float | None = None  # the resolution of the pass
 
 
 def beyond(ritz: list[float], log_betas: float, log_t: float, upper: bool = True) -> float:
@@ -93,11 +97,13 @@ def beyond(ritz: list[float], log_betas: float, log_t: float, upper: bool = True
 def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: float, which: str, tol: float,
                    n: int, gen: torch.Generator, max_products: int, dtype: torch.dtype,
                    device: torch.device | str, count: VectorCount | None = None,
-                   delta: float = DELTA, separation: float = 0.0) -> CheckOutcome:
+                   delta: float = DELTA, separation: float = 0.0, order_tol: float | None = None) -> CheckOutcome:
     """Lanczos on ``(I − YYᵀ) A (I − YYᵀ)`` from a fresh Gaussian drawn from ``gen`` until the
     bound passes, a Ritz value lies beyond ``θ_k``, or ``max_products`` products are spent
     (module docstring).  ``n``: the local length of a vector; ``Y``: the ``k`` Ritz vectors.
 
+    ``order_tol`` (default ``max(tol, ORDER_TOL)``): the pass asks ``U`` within ``order_tol |θ_k|``
+    of ``θ_k``; a Ritz value beyond ``θ_k`` by more than ``tol |θ_k|`` is a miss whatever it is.
     ``separation``: once the order is shown, go on until the bound is that far inside ``θ_k``
     (what the Davis–Kahan bound of the caller needs), for at most as many more steps as the
     order took (at least 4): a cluster at the boundary never gets there."""
@@ -109,7 +115,8 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
         return CheckOutcome("pass", 0, delta=0.0)
     two_sided = which == "LM"
     log_t = math.log(delta / (2 if two_sided else 1)) + 0.5 * math.log(math.pi / (2 * N))
-    limit = abs(theta_k) * (1 + tol)
+    ot = max(tol, ORDER_TOL) if order_tol is None else float(order_tol)
+    limit = abs(theta_k) * (1 + ot)
 
     def enters(x: float) -> bool:
         """A value of H₂'s spectrum beyond θ_k by more than the tolerance."""
@@ -117,7 +124,7 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
             return x > theta_k + tol * abs(theta_k)
         if which == "SA":
             return x < theta_k - tol * abs(theta_k)
-        return abs(x) > limit
+        return abs(x) > abs(theta_k) * (1 + tol)
 
     state = gen.get_state()
 
@@ -161,11 +168,11 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
         if which == "LA":
             j = m - 1
             bound = beyond(ritz, log_betas, log_t, upper=True)
-            ok = bound <= theta_k + tol * abs(theta_k)
+            ok = bound <= theta_k + ot * abs(theta_k)
         elif which == "SA":
             j = 0
             bound = beyond(ritz, log_betas, log_t, upper=False)
-            ok = bound >= theta_k - tol * abs(theta_k)
+            ok = bound >= theta_k - ot * abs(theta_k)
         else:
             hi_b = beyond(ritz, log_betas, log_t, upper=True)
             lo_b = beyond(ritz, log_betas, log_t, upper=False)
@@ -198,7 +205,7 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
         gen.set_state(state)
         vector = _second_pass(step, start, s_ext, betas, count)
         products += len(alphas) - 1
-    return CheckOutcome(status, products, guard, guard_res, bound, delta, vector)
+    return CheckOutcome(status, products, guard, guard_res, bound, delta, vector, ot)
 
 
 def _ritz_values(alphas: list[float], betas: list[float]) -> tuple[list[float], Tensor]:

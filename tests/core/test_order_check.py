@@ -63,6 +63,17 @@ def test_a_separated_boundary_gets_a_bound_between_the_next_eigenvalue_and_theta
     assert res.guard == pytest.approx(nxt, rel=1e-2)  # the guard is λ4, not a Rayleigh quotient of the bulk
     assert nxt <= res.guard_bound < 8.0
     assert res.subspace_bound is not None and res.subspace_bound < 0.1 and not res.gap_warning
+    assert res.order_tol == 1e-2  # the default resolution: max(tol, 1e-2)
+    strict = lanczos(lambda V: d[:, None] * V, N, 3, tol=1e-3, order_tol=1e-3)
+    assert strict.certified and strict.order_tol == 1e-3 and strict.guard_bound <= 8.0 * (1 + 1e-3)
+
+
+def test_a_cluster_at_theta_k_passes_at_the_order_resolution_and_flags_the_eigenspace():
+    d = spectrum([10.0, 9.0, 8.0, 8.0])  # λ3 = λ4: k = 3 cuts a double eigenvalue
+    res = lanczos(lambda V: d[:, None] * V, N, 3, tol=1e-3)
+    assert res.certified and res.eigenvalues == pytest.approx([10.0, 9.0, 8.0], rel=1e-3)
+    assert res.guard == pytest.approx(8.0, rel=1e-3) and res.guard_bound <= 8.0 * (1 + 1e-2)
+    assert res.gap_warning  # the 3-dimensional eigenspace is not determined
 
 
 def test_beyond_solves_the_polynomial_equation():
