@@ -382,7 +382,11 @@ def table(data: dict[str, Any]) -> str:
             err = v.get("max_rel_err")
             err_s = "" if err is None else f"{err:.1e}" + (" (vs sam-probe)" if v.get("error_vs", "").startswith("sam") else "")
             if tool == "sam-probe":
-                err_s = f"residual <= {v['runs'][0].get('max_residual', float('nan')):.1e}" + (f"; {err_s}" if err_s else "")
+                run0 = v["runs"][0]
+                order = (f"order check {run0['n_check_products']} of them" if "n_check_products" in run0
+                         else "order: the residual test before 7 Dec")
+                err_s = (f"residual <= {run0.get('max_residual', float('nan')):.1e}; {order}"
+                         + (f"; {err_s}" if err_s else ""))
             if tool.endswith("-memory"):
                 err_s = "(memory only, 3 steps per eigenvalue)"
             if tool == "ratios":

@@ -29,9 +29,10 @@ Outcomes: ``pass`` when the bound is within ``order_tol |θ_k|`` of ``θ_k`` (``
 |θ_k|`` for ``LA``; ``order_tol = max(tol, 10⁻²)`` by default): with probability ``≥ 1 − δ`` no
 eigenvalue beyond ``θ_k`` was missed by more than that (asking for ``tol`` itself costs little
 more on a well separated boundary and without bound on a cluster at ``θ_k``: the polynomial must
-grow by ``1/t`` between the cluster and the threshold).  ``miss`` when a Ritz value of ``H₂`` lies beyond ``θ_k + tol |θ_k|`` (a certain finding:
-a Ritz value never exceeds ``λ_max(H₂)``); a second pass regenerates the same sequence and returns
-its extreme Ritz vector, so the solve can take that eigenvalue in (``m`` more products).
+grow by ``1/t`` between the cluster and the threshold).  ``miss`` when a Ritz value of ``H₂`` lies
+beyond ``θ_k + tol |θ_k|`` (a certain finding: a Ritz value never exceeds ``λ_max(H₂)``); a second
+pass regenerates the same sequence and returns its extreme Ritz vector, so the solve can take that
+eigenvalue in (``m - 1`` more products).
 ``budget`` when the products allowed run out first.  When the Krylov space of ``q₁`` becomes
 invariant (``β_m ≈ 0``), its Ritz values are eigenvalues of ``H₂`` and ``U = ξ_1``.
 
