@@ -414,15 +414,23 @@ def job_status_file(job: Job) -> str:
     return path
 
 
-def _finish_job(job: Job, rc: int | None, stderr: str) -> list[UnitStatus]:
+def _drop_status_file(job: Job) -> None:
+    """Remove ``job``'s status file (if any) and forget it."""
     path = _STATUS_FILES.pop(id(job), None)
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _finish_job(job: Job, rc: int | None, stderr: str) -> list[UnitStatus]:
+    path = _STATUS_FILES.get(id(job))
     units: list[UnitStatus] = []
     if path:
         try:
             with open(path) as fh:
                 units = parse_statuses(job, fh.read().splitlines())
         finally:
-            os.unlink(path)
+            _drop_status_file(job)
     if rc is None:  # the worker died: units it reported stay; the job itself failed
         units.append(UnitStatus(job.analysis, job.label, job.label, None, "failed", stderr))
     elif rc != 0 and not any(u.status == "failed" for u in units):
@@ -493,9 +501,6 @@ def run_spec(spec: Spec, out: Path, jobs: int = 1, items: list[Job] | None = Non
         for w in workers:
             w.reap()
         for job in items:  # the status files of interrupted jobs (read and removed by _finish_job otherwise)
-            path = _STATUS_FILES.pop(id(job), None)
-            if path:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            _drop_status_file(job)
         raise
     return [u for i in sorted(done) for u in done[i]]
