@@ -81,7 +81,7 @@ from torch import Tensor
 
 from . import inner
 from .names import WHICH
-from .order_check import DELTA, deflated_check
+from .order_check import deflated_check
 from .vectors import WORK_VECTORS, VectorCount, VectorStore, where_label
 
 Matmat = Callable[[Tensor], Tensor]
@@ -426,7 +426,7 @@ def lanczos(
     check_spent = False  # an order check ran out of products
     n_checks = n_missed = n_check_products = 0
     theta_ref = 0.0
-    guard = guard_abs = guard_bound = order_res = None
+    guard = guard_abs = guard_bound = order_res = confidence = None
     rvec: Tensor | None = None  # after an order check: the worst explicit residual, where the solve goes on
     slack = 1.0  # explicit residual / estimate at a failed certificate: ask for that much more before retrying
     final: tuple | None = None  # (θ, ||A y - θ y||, product error bounds) of the certified pairs
@@ -565,7 +565,7 @@ def lanczos(
             n_hvp += chk.products
             n_check_products += chk.products
             guard, guard_abs, guard_bound = chk.guard, chk.guard_residual, chk.bound
-            order_res = chk.order_tol
+            order_res, confidence = chk.order_tol, 1 - chk.delta
             if chk.status == "miss" and chk.vector is not None:
                 n_missed += 1
                 push(chk.vector[:, None])
@@ -677,7 +677,7 @@ def lanczos(
         warm_start=v0 is None and warm is not None, order_checked=order_ok, n_checks=n_checks,
         n_missed=n_missed, guard=guard,
         guard_residual=None if guard_abs is None else guard_abs / max(abs(theta_ref), 1e-300),
-        guard_bound=guard_bound, order_confidence=(1 - DELTA) if order_ok and n_checks else None,
+        guard_bound=guard_bound, order_confidence=confidence if order_ok and n_checks else None,
         n_check_products=n_check_products, order_tol=order_res if order_ok and n_checks else None,
         gap=gap, subspace_bound=sub, gap_warning=warn, cluster=cluster, k_requested=k_req, n_certify=n_certify,
         plan={"basis_vectors": m_max, "block": b, "keep_products": bool(keep_products),

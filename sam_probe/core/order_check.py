@@ -108,7 +108,7 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
     ``separation``: once the order is shown, go on until the bound is that far inside ``θ_k``
     (what the Davis–Kahan bound of the caller needs), for at most as many more steps as the
     order took (at least 4): a cluster at the boundary never gets there."""
-    from .lanczos import _gaussian
+    from .lanczos import _gaussian, _key
 
     count = count if count is not None else VectorCount()
     N = inner.size(n) - len(Y)  # dimension of span(Y)⊥
@@ -117,15 +117,7 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
     two_sided = which == "LM"
     log_t = math.log(delta / (2 if two_sided else 1)) + 0.5 * math.log(math.pi / (2 * N))
     ot = max(tol, ORDER_TOL) if order_tol is None else float(order_tol)
-    limit = abs(theta_k) * (1 + ot)
-
-    def enters(x: float) -> bool:
-        """A value of H₂'s spectrum beyond θ_k by more than the tolerance."""
-        if which == "LA":
-            return x > theta_k + tol * abs(theta_k)
-        if which == "SA":
-            return x < theta_k - tol * abs(theta_k)
-        return abs(x) > abs(theta_k) * (1 + tol)
+    edge = _key(theta_k, which)  # θ_k's distance toward the wanted end; beyond it by r |θ_k|: edge + r |θ_k|
 
     state = gen.get_state()
 
@@ -167,25 +159,18 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
         invariant = b <= 1e-10 * max(scale, 1e-300) or m == N
         log_betas = -math.inf if invariant else sum(math.log(x) for x in betas)
         if which == "LA":
-            j = m - 1
-            bound = beyond(ritz, log_betas, log_t, upper=True)
-            ok = bound <= theta_k + ot * abs(theta_k)
+            j, bound = m - 1, beyond(ritz, log_betas, log_t, upper=True)
         elif which == "SA":
-            j = 0
-            bound = beyond(ritz, log_betas, log_t, upper=False)
-            ok = bound >= theta_k - ot * abs(theta_k)
-        else:
-            hi_b = beyond(ritz, log_betas, log_t, upper=True)
-            lo_b = beyond(ritz, log_betas, log_t, upper=False)
+            j, bound = 0, beyond(ritz, log_betas, log_t, upper=False)
+        else:  # both ends; the one of larger magnitude
             j = m - 1 if abs(ritz[-1]) >= abs(ritz[0]) else 0
-            bound = hi_b if abs(hi_b) >= abs(lo_b) else lo_b
-            ok = max(abs(hi_b), abs(lo_b)) <= limit
+            bound = max(beyond(ritz, log_betas, log_t, upper=True), beyond(ritz, log_betas, log_t, upper=False),
+                        key=abs)
         guard, guard_res = ritz[j], b * abs(float(S[-1, j]))
-        inside = -bound if which == "SA" else abs(bound) if which == "LM" else bound
-        edge = -theta_k if which == "SA" else abs(theta_k) if which == "LM" else theta_k
-        if enters(ritz[j]):
+        inside = _key(bound, which)
+        if _key(guard, which) > edge + tol * abs(theta_k):  # a Ritz value beyond θ_k: a missed eigenvalue
             status, s_ext = "miss", S[:, j].clone()
-        elif ok:
+        elif inside <= edge + ot * abs(theta_k):
             passed_at = passed_at or m
             if edge - inside >= separation or m - passed_at >= max(4, passed_at):
                 status = "pass"
