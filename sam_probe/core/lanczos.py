@@ -9,7 +9,10 @@ value ``θ`` is the Rayleigh quotient of its Ritz vector ``y = Q s`` up to round
 next block is ``A Z`` orthogonalised against ``Q``; when the basis would exceed
 ``max_basis`` rows it is thick-restarted (Wu & Simon 2000): the wanted end of the Ritz
 vectors ``Q S`` replaces ``Q`` in place, ``T = diag(θ)``, and the pending block
-continues the Krylov sequence.  Each step estimates the residual of every wanted pair
+continues the Krylov sequence.  A restart keeps the ``k + 1`` wanted-end Ritz vectors and a
+fifth of the rows beyond them (:data:`RESTART_KEEP`), so each cycle adds most of the basis
+anew (keeping half, as before 7 Dec, cost 6–7 % more products on the GPT-2 models of
+``bench/scale.py`` and twice the restarts).  Each step estimates the residual of every wanted pair
 from the recurrence, ``||B s_last||`` (``B``: coefficients of the next block).
 
 **What is certified** (docs/metrics.md, "Eigenpairs and residual certificates"):
@@ -87,6 +90,7 @@ from .vectors import WORK_VECTORS, VectorCount, VectorStore, where_label
 Matmat = Callable[[Tensor], Tensor]
 ProductError = Callable[[Tensor, Tensor], Tensor]  # (V [P, b], A V [P, b]) -> [b] bounds on ||error of A v||
 
+RESTART_KEEP = 0.2  # a thick restart keeps k + 1 Ritz vectors and this share of the basis rows beyond them
 GAP_TOL = 0.1  # Davis–Kahan bound above which the top-k eigenspace is flagged as not determined
 CHECK_SEED = 104_729  # offset of the order check's seeds (independent of the start block's)
 
@@ -196,8 +200,8 @@ def _orthonormalise_block(W: Tensor, Q: VectorStore, gen: torch.Generator, scale
     P, b = W.shape
     room = inner.size(P) - len(Q)
     scales = (inner.colnorms(W) if scales is None else scales).double().cpu().clone()
-    for _ in range(passes):
-        Q.subtract(W, Q.dots(W))
+    if passes:
+        Q.orthogonalise(W, passes)
     B = torch.zeros(b, b, dtype=torch.float64)
     keep: list[int] = []
     for j in range(min(b, room)):
@@ -213,8 +217,7 @@ def _orthonormalise_block(W: Tensor, Q: VectorStore, gen: torch.Generator, scale
             if nrm > 1e-10 * float(scales[j]) and nrm > 0:
                 break
             w.copy_(_gaussian(P, 1, gen, w.dtype, w.device)[:, 0])  # breakdown: a fresh direction
-            for _ in range(2):
-                Q.subtract(w[:, None], Q.dots(w[:, None]))
+            Q.orthogonalise(w[:, None])
             scales[j] = inner.norm(w)
         B[j, j] = nrm if attempt == 0 else 0.0
         w.div_(inner.norm(w))
@@ -509,7 +512,7 @@ def lanczos(
         # block is alive while the basis is rotated) when the basis would overflow
         if evals is not None and idx is not None and S is not None and nq + 2 * bz > m_max:
             kk = min(k + 1, nq)
-            keep = max(kk, min((m_max + kk) // 2, m_max - 2 * bz, nq))
+            keep = max(kk, min(kk + int(RESTART_KEEP * (m_max - kk)), m_max - 2 * bz, nq))
             if keep < nq:
                 restart(S[:, idx[:keep]], evals[idx[:keep]])
                 n_restarts += 1
@@ -538,8 +541,8 @@ def lanczos(
         # ---- the next block (in AZ's memory) and the residual estimates it implies
         if nq < N:
             scales = inner.colnorms(AZ)
-            Q.subtract(AZ, H)  # first Gram–Schmidt pass reuses Qᵀ AZ
-            Znext, Bc = _orthonormalise_block(AZ, Q, gen, scales=scales, passes=1)
+            Q.orthogonalise(AZ, 2, first=H)  # two Gram–Schmidt sweeps, the first from Qᵀ AZ
+            Znext, Bc = _orthonormalise_block(AZ, Q, gen, scales=scales, passes=0)
             est_all = (Bc @ S[nq - bz:nq]).norm(dim=0)
         else:
             Znext = AZ[:, :0]

@@ -123,15 +123,13 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
 
     def start() -> Tensor:
         q = _gaussian(n, 1, gen, dtype, device)[:, 0]
-        for _ in range(2):
-            Y.subtract(q[:, None], Y.dots(q[:, None]))
+        Y.orthogonalise(q[:, None])
         return q.div_(inner.norm(q))
 
     def step(q: Tensor, q_prev: Tensor | None, beta_prev: float) -> tuple[Tensor, float, float]:
         """``(w, α, β)``: one deflated Lanczos step; ``w`` (unnormalised) is the next direction."""
         w = matmat(q[:, None]).to(device=device, dtype=dtype)[:, 0]
-        for _ in range(2):
-            Y.subtract(w[:, None], Y.dots(w[:, None]))
+        Y.orthogonalise(w[:, None])
         alpha = inner.dot(q, w)
         w.add_(q, alpha=-alpha)
         if q_prev is not None:

@@ -6,7 +6,9 @@ A :class:`VectorStore` holds the rows ``q_1 … q_n`` (each ``[P]``) of a Krylov
 ``chunk`` entries), so no ``[P, n]`` copy of the basis is ever made:
 
 - ``Qᵀ W`` (:meth:`dots`) and ``W ← W − Q H`` (:meth:`subtract`) for a block ``W [P, b]``
-  on the compute device (Gram–Schmidt);
+  on the compute device, and classical Gram–Schmidt with them (:meth:`orthogonalise`), whose
+  sweeps after the first are fused (:meth:`subtract_dots`: ``W ← W − Q H`` and ``Qᵀ W`` of the
+  result in one pass over ``Q``), so ``p`` sweeps read the basis ``p + 1`` times, not ``2p``;
 - ``Q ← Q S`` in place (:meth:`rotate`, thick restarts and Ritz vectors), column block
   by column block, with a temporary of at most ``P / 4`` entries;
 - ``Q s`` for a few small ``s`` (:meth:`combine`).
@@ -18,6 +20,10 @@ with a random name inside that directory, mapped, and unlinked at once: the mapp
 keeps it alive while the solver runs, and nothing remains on disk when the process
 ends, however it ends (normal exit, exception, Ctrl-C, even ``SIGKILL``).  Nothing is
 written outside the directory.
+
+On the CPU, rows on the device are walked in column blocks of :data:`CACHE_CHUNK` entries
+(1 MiB of a float32 row), each block of ``W`` read once for all rows while it sits in cache;
+the float32 partial sums of a block are added in float64, as in :mod:`.inner`.
 
 Every vector a solver holds is counted in a :class:`VectorCount` (``live`` now, ``peak``
 so far), in units of one parameter-sized vector; the first ``first_page`` rows share one
@@ -41,6 +47,8 @@ from . import inner
 #: (docs/metrics.md, "Memory of the solvers").
 WORK_VECTORS = 8
 STREAM_CHUNK = 1 << 22  # entries per streamed column block away from the compute device (16 MiB in float32)
+ROTATE_CHUNK = 1 << 21  # entries gathered and combined at a time by a rotation of rows on a CPU device (8 MiB in float32)
+CACHE_CHUNK = 1 << 18  # entries per column block of rows on a CPU device (the rows' blocks stay in cache)
 WHERE = ("device", "cpu")  # or a directory (memory-mapped files)
 
 
@@ -181,9 +189,15 @@ class VectorStore:
         return r if self.local else r.to(self.device)
 
     def _pieces(self):
-        """Column blocks ``(a, b, [row[a:b] on device for each row])``."""
+        """Column blocks ``(a, b, [row[a:b] on device for each row])``: whole rows on an accelerator,
+        :data:`CACHE_CHUNK` entries on a CPU device, :attr:`chunk` entries streamed from elsewhere."""
         if self.local:
-            yield 0, self.P, self.rows
+            if self.device.type != "cpu" or self.P <= CACHE_CHUNK:
+                yield 0, self.P, self.rows
+                return
+            for a in range(0, self.P, CACHE_CHUNK):
+                b = min(a + CACHE_CHUNK, self.P)
+                yield a, b, [r[a:b] for r in self.rows]
             return
         for a in range(0, self.P, self.chunk):
             yield a, min(a + self.chunk, self.P), [r[a:a + self.chunk].to(self.device, non_blocking=True)
@@ -215,9 +229,7 @@ class VectorStore:
         if n == 0:
             return out.to(W.dtype)
         for a, b, pieces in self._pieces():
-            Wp = W[a:b]
-            for i in range(n):
-                out[i] += inner.local_gram(pieces[i], Wp)  # float32 sums in float64 chunks (core/inner.py)
+            out += _block_dots(pieces[:n], W[a:b])
         return inner.allsum(out).to(W.dtype)  # summed over the shards of a model-sharded group (core/inner.py)
 
     def subtract(self, W: Tensor, H: Tensor) -> None:
@@ -225,14 +237,32 @@ class VectorStore:
         n = H.shape[0]
         if n == 0:
             return
-        H = H.to(device=W.device, dtype=W.dtype)
+        Hc = _coefficients(H, W)
+        for a, b, pieces in self._pieces():
+            _block_subtract(pieces[:n], W[a:b], Hc)
+
+    def subtract_dots(self, W: Tensor, H: Tensor) -> Tensor:
+        """``W ← W − Q[:, :n] H`` in place, then ``Q[:, :n]ᵀ W`` of the result (as :meth:`dots`), block by
+        block in one pass over ``Q`` (each block of rows is read once for both)."""
+        n = H.shape[0]
+        out = torch.zeros(n, W.shape[1], dtype=torch.float64, device=W.device)
+        if n == 0:
+            return out.to(W.dtype)
+        Hc = _coefficients(H, W)
         for a, b, pieces in self._pieces():
             Wp = W[a:b]
-            for i in range(n):
-                if Wp.shape[1] == 1:
-                    Wp[:, 0].add_(pieces[i], alpha=-float(H[i, 0]))
-                else:
-                    Wp.addr_(pieces[i], H[i], alpha=-1)
+            _block_subtract(pieces[:n], Wp, Hc)
+            out += _block_dots(pieces[:n], Wp)
+        return inner.allsum(out).to(W.dtype)
+
+    def orthogonalise(self, W: Tensor, passes: int = 2, first: Tensor | None = None) -> None:
+        """``W ← (I − Q Qᵀ)^passes W`` in place by classical Gram–Schmidt sweeps (``passes ≥ 1``);
+        ``first``: ``Qᵀ W`` when the caller has it already.  Reads ``Q`` ``passes + 1`` times (``passes``
+        without ``first``)."""
+        H = self.dots(W) if first is None else first
+        for _ in range(passes - 1):
+            H = self.subtract_dots(W, H)
+        self.subtract(W, H)
 
     def combine(self, s: Tensor) -> Tensor:
         """``Q[:, :n] s`` for ``s [n]`` (one new vector on the device)."""
@@ -251,14 +281,51 @@ class VectorStore:
             raise ValueError("rotate keeps at most as many rows as it combines")
         S = S.to(dtype=self.dtype)
         Sd = S.to(self.device)
-        # temporary: [n, c] gathered + [m, c] result, at most P / 4 entries together
+        # temporary: [n, c] gathered + [m, c] result, at most P / 4 entries together (and, on a CPU
+        # device, about CACHE_CHUNK entries, so the gathered block is still in cache when it is used)
         step = max(1, self.P // (4 * (n + m)))
+        if self.local and self.device.type == "cpu":
+            step = min(step, max(1, ROTATE_CHUNK // (n + m)))
+        gathered = result = None
         for a in range(0, self.P, step):
             b = min(a + step, self.P)
-            block = torch.stack([r[a:b] for r in self.rows[:n]]).to(self.device)  # [n, c]
-            new = Sd.T @ block  # [m, c]
+            if self.local:
+                if gathered is None or gathered.shape[1] != b - a:
+                    gathered = torch.empty(n, b - a, dtype=self.dtype, device=self.device)
+                    result = torch.empty(m, b - a, dtype=self.dtype, device=self.device)
+                block = torch.stack([r[a:b] for r in self.rows[:n]], out=gathered)  # [n, c]
+                new = torch.matmul(Sd.T, block, out=result)  # [m, c]
+            else:
+                block = torch.stack([r[a:b] for r in self.rows[:n]]).to(self.device)
+                new = Sd.T @ block
             for i in range(m):
                 self.rows[i][a:b].copy_(new[i])
         for r in self.rows[m:n]:
             self._release(r)
         del self.rows[m:n]
+
+
+def _block_dots(pieces: list[Tensor], Wp: Tensor) -> Tensor:
+    """``[len(pieces), b]`` float64 ``rowᵀ Wp`` of one column block: float32 and half rows in one float32
+    (cascade) sum per block entry, added in float64 by the caller (:mod:`.inner`); float64 by BLAS."""
+    if Wp.shape[1] == 1 and Wp.dtype == torch.float32 and all(p.dtype == torch.float32 for p in pieces):
+        w = Wp[:, 0]
+        buf = torch.empty_like(w)  # one block's products (1 MiB at most): no allocation per row
+        return torch.stack([torch.mul(p, w, out=buf).sum() for p in pieces]).double()[:, None]
+    return torch.stack([inner.local_gram(p, Wp) for p in pieces])
+
+
+def _coefficients(H: Tensor, W: Tensor) -> Tensor | list[float]:
+    """``H`` as :func:`_block_subtract` takes it: Python floats for one column (read once, not per block)."""
+    return H[:, 0].tolist() if W.shape[1] == 1 else H.to(device=W.device, dtype=W.dtype)
+
+
+def _block_subtract(pieces: list[Tensor], Wp: Tensor, H: Tensor | list[float]) -> None:
+    """``Wp ← Wp − Σ_i row_i H[i]`` for one column block (``H``: :func:`_coefficients`)."""
+    if isinstance(H, list):
+        w = Wp[:, 0]
+        for h, p in zip(H, pieces):
+            w.add_(p, alpha=-h)
+    else:
+        for i, p in enumerate(pieces):
+            Wp.addr_(p, H[i], alpha=-1)

@@ -52,7 +52,12 @@ def test_a_double_eigenvalue_in_high_dimension_is_returned_twice():
     d = spectrum([9.0, 9.0, 4.0])
     res = lanczos(lambda V: d[:, None] * V, N, 2, tol=1e-6)
     assert res.certified and res.eigenvalues == pytest.approx([9.0, 9.0], rel=1e-6)
-    assert res.n_missed >= 1
+    # at 1e-4 the solve stops before rounding grows the second copy in its single-vector Krylov space:
+    # the fresh check is what finds it
+    for seed in range(3):
+        res = lanczos(lambda V: d[:, None] * V, N, 2, tol=1e-4, seed=seed)
+        assert res.certified and res.eigenvalues == pytest.approx([9.0, 9.0], rel=1e-4)
+        assert res.n_missed >= 1
 
 
 def test_a_separated_boundary_gets_a_bound_between_the_next_eigenvalue_and_theta_k():

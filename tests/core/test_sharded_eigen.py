@@ -302,8 +302,9 @@ def test_subspace_sharded_equals_one_process(ranks):
         assert sub["chance"] == K / r["P"]
         close(sub["eigenvalues"], r["evals"], rel=1e-8, path="eigenvalues")
         # converged to 1e-7 through finite-difference products (each accurate to ~1e-8 relative): the overlaps
-        # of the solved spaces equal the exact ones to a few 1e-8 (1.2e-8 seen)
-        close(sub["overlap"], r["overlap"], rel=5e-8, path="overlap")
+        # of the solved spaces equal the exact ones to the residual tolerance over the gap, a few 1e-7 here
+        # (1.6e-7 seen; 1.2e-8 when restarts kept half the basis)
+        close(sub["overlap"], r["overlap"], rel=5e-7, path="overlap")
         # stored eigenvectors: gathered whole on rank 0 (float16), spanning the exact eigenspace; with a
         # gather limit below their size (the CNN's run), not stored, and said so
         if name == "cnn":
