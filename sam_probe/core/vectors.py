@@ -306,8 +306,9 @@ class VectorStore:
 
 
 def _block_dots(pieces: list[Tensor], Wp: Tensor) -> Tensor:
-    """``[len(pieces), b]`` float64 ``rowᵀ Wp`` of one column block: float32 and half rows in one float32
-    (cascade) sum per block entry, added in float64 by the caller (:mod:`.inner`); float64 by BLAS."""
+    """``[len(pieces), b]`` float64 ``rowᵀ Wp`` of one column block: for float32 rows and one column, one
+    float32 (cascade) sum per row, added in float64 by the caller (as :mod:`.inner` does); otherwise
+    :func:`~sam_probe.core.inner.local_gram` (float64 by BLAS, half rows in float32)."""
     if Wp.shape[1] == 1 and Wp.dtype == torch.float32 and all(p.dtype == torch.float32 for p in pieces):
         w = Wp[:, 0]
         buf = torch.empty_like(w)  # one block's products (1 MiB at most): no allocation per row
