@@ -70,3 +70,22 @@ def test_p_sweeps_read_the_basis_p_plus_one_times(monkeypatch):
         assert len(reads) == passes + 1  # the caller's dots included
     Q.close()
     assert vectors.CACHE_CHUNK < P
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotate_equals_dense_across_its_column_blocks(dtype):
+    """``Q ← Q S`` in place (rows beyond ``S`` kept after the new ones), over several gathered blocks and a
+    short last one."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(6, P, generator=g, dtype=torch.float64)
+    Q = _store(rows, dtype)
+    S = torch.linalg.qr(torch.randn(5, 3, generator=g, dtype=torch.float64))[0]  # rows 0..4 -> 3; row 5 pending
+    step = min(P // (4 * 8), vectors.ROTATE_CHUNK // 8)  # rotate's column block for 5 rows in, 3 out
+    assert P // step >= 2 and P % step != 0  # several blocks, the last one short
+    Q.rotate(S)
+    Qd = rows.to(dtype).double()
+    want = torch.cat([S.T.to(dtype).double() @ Qd[:5], Qd[5:]])
+    got = torch.stack([r.double() for r in Q.rows])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.shape == want.shape and (got - want).abs().max() <= tol * float(want.abs().max())
+    Q.close()
