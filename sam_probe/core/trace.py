@@ -207,7 +207,7 @@ def hutchpp(matmat: Matmat, n: int, *, tol: float = 1e-2, max_hvp: int = 1000, r
         return TraceResult(exact, 0.0, 0, used, method, True, tol, exact, len(Q), sketch)
 
     def project(Z: Tensor) -> Tensor:
-        Q.subtract(Z, Q.dots(Z))
+        Q.orthogonalise(Z, 1)  # one Gram–Schmidt sweep: Z ← (I − Q Qᵀ) Z
         return Z
 
     samples, ok, probed = _adaptive_hutchinson(matmat, n, project, exact, max_hvp - used, tol, min_probes,

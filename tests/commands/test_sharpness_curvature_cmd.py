@@ -170,6 +170,28 @@ def test_warm_start_same_eigenvalues_fewer_or_equal_hvps_and_deterministic(tiny_
     assert [r["warm_start"] for r in reuse.json()["results"]] == [False, True, True]  # the stored (warm) units
 
 
+def test_no_order_check_certifies_residuals_only_and_keeps_default_unit_keys(tiny_runs, tmp_path):
+    """``--no-order-check``: the same eigenvalues in fewer products, ``order_checked`` false with a
+    warning; the default (the check on) leaves the config, so units stored before the option are reused."""
+    from sam_probe import analyses
+    from sam_probe.settings import Settings as Plain
+
+    ck = tiny_runs["sgd"] / "step_000010.pt"
+    args = ("sharpness", ck, "--top-k", "3", "--tol", "1e-6", "--rho", "0", *COMMON, "--json")
+    full = run_cli(*args, "--out", tmp_path / "a")
+    lean = run_cli(*args, "--no-order-check", "--out", tmp_path / "a")
+    assert full.code == 0 and lean.code == 0, (full.stderr, lean.stderr)
+    f, g = full.json()["results"][0], lean.json()["results"][0]
+    assert f["order_checked"] is True and g["order_checked"] is False
+    np.testing.assert_allclose(g["eigenvalues"], f["eigenvalues"], rtol=1e-5)
+    assert max(g["residuals"]) <= 1e-6 and g["n_hvp"] < f["n_hvp"]
+    assert any("not checked" in w for w in g.get("warnings", [])), g.get("warnings")
+    impl = analyses.get("sharpness").impl
+    opts = {o.name: o.default for o in analyses.get("sharpness").compute_options()}
+    assert "order_check" not in impl.configure(dict(opts), Plain())
+    assert impl.configure({**opts, "order_check": False}, Plain())["order_check"] is False
+
+
 def test_bare_flag_value_does_not_swallow_a_path(tiny_runs, out):
     """``--per-layer`` before a path takes its default value, ``--per-layer module`` takes the choice."""
     ck = tiny_runs["sam"] / "step_000000.pt"

@@ -34,6 +34,9 @@ def test_a_warm_start_that_skips_lambda3_in_high_dimension_is_caught():
     # the null this test must beat: the solve alone stops at λ1, λ2, λ4 with small residuals
     alone = lanczos(matmat, N, 3, tol=1e-3, warm=E, check=False)
     assert alone.all_converged and alone.eigenvalues[2] == pytest.approx(7.0, rel=1e-3)
+    # ... and without the check it must not call that certified: residuals yes, order no, and a warning says so
+    assert not alone.order_checked and not alone.certified and alone.n_check_products == 0
+    assert any("order of the 3 eigenvalues not checked" in w for w in alone.warnings)
     # and a residual-based guard would pass at once: one step from a fresh Gaussian
     g = torch.randn(N, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     g[:4] = 0
