@@ -48,7 +48,8 @@ from the recurrence, ``||B s_last||`` (``B``: coefficients of the next block).
    ``LM``) on the sine of the angle between ``span Y`` and the true top-k eigenspace
    (``R``: the absolute residuals) are reported; the check goes on past the order (for at
    most as many steps again) until ``U`` is far enough inside ``θ_k`` for this bound to
-   pass ``gap_tol``.  When it does not, the k-dimensional eigenspace is not determined by
+   pass ``gap_tol``, unless the guard ``ξ`` already rules that out (``U`` lies beyond ``ξ``,
+   which only moves outward).  When it does not, the k-dimensional eigenspace is not determined by
    these residuals and ``gap_warning`` says so (eigenvalues are still fine: each is within
    its residual of an eigenvalue, and in order).
 

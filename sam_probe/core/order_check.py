@@ -107,7 +107,9 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
     of ``θ_k``; a Ritz value beyond ``θ_k`` by more than ``tol |θ_k|`` is a miss whatever it is.
     ``separation``: once the order is shown, go on until the bound is that far inside ``θ_k``
     (what the Davis–Kahan bound of the caller needs), for at most as many more steps as the
-    order took (at least 4): a cluster at the boundary never gets there."""
+    order took (at least 4), and not at all once the guard ``ξ`` is within ``separation`` of
+    ``θ_k`` (``U`` lies beyond ``ξ``, and ``ξ`` only moves outward): a cluster at the boundary
+    never gets there."""
     from .lanczos import _gaussian, _key
 
     count = count if count is not None else VectorCount()
@@ -170,7 +172,10 @@ def deflated_check(matmat: Callable[[Tensor], Tensor], Y: VectorStore, theta_k: 
             status, s_ext = "miss", S[:, j].clone()
         elif inside <= edge + ot * abs(theta_k):
             passed_at = passed_at or m
-            if edge - inside >= separation or m - passed_at >= max(4, passed_at):
+            # ξ only moves outward as m grows (the eigenvalues of T_m interlace those of T_{m+1}) and U lies
+            # beyond ξ: once θ_k − ξ is short of the separation asked for, no later step can reach it
+            out_of_reach = edge - _key(guard, which) < separation
+            if edge - inside >= separation or m - passed_at >= max(4, passed_at) or out_of_reach:
                 status = "pass"
         if status != "budget" or invariant:
             del w

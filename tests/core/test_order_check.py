@@ -84,6 +84,21 @@ def test_a_cluster_at_theta_k_passes_at_the_order_resolution_and_flags_the_eigen
     assert res.gap_warning  # the 3-dimensional eigenspace is not determined
 
 
+def test_a_separation_the_guard_rules_out_ends_the_check_at_the_order():
+    """θ_k = 8 with λ4 = 7.96 next: a Davis–Kahan separation of 0.5 is out of reach (U lies beyond the
+    guard ξ ≤ λ4, and ξ only grows), so the check stops where the order passed (the products of
+    separation 0), not after as many steps again; a reachable separation (0.02) still goes on."""
+    d = spectrum([10.0, 9.0, 8.0, 7.96])
+    Y = VectorStore(N, torch.float64, "cpu")
+    Y.append(torch.eye(N, 3, dtype=torch.float64))  # the exact top-3 eigenvectors
+    runs = {sep: deflated_check(lambda W: d[:, None] * W, Y, 8.0, "LA", 1e-3, N, inner.generator(3), 400,
+                                torch.float64, "cpu", separation=sep) for sep in (0.0, 0.5, 0.02)}
+    assert all(r.status == "pass" for r in runs.values())
+    assert runs[0.5].products == runs[0.0].products  # the null (continuing anyway) spends up to twice these
+    assert 8.0 - runs[0.5].guard < 0.5 and runs[0.5].bound > runs[0.5].guard
+    assert runs[0.02].products > runs[0.0].products
+
+
 def test_beyond_solves_the_polynomial_equation():
     # one Ritz value: U - ξ = exp(log β - log t)
     assert beyond([2.0], math.log(0.5), math.log(1e-3)) == pytest.approx(2.0 + 500.0)
