@@ -20,7 +20,18 @@ from sam_probe import store
 pytestmark = pytest.mark.slow  # batches as processes: kill -9, concurrency (pytest -m "not slow" skips it)
 
 ROOT = Path(__file__).resolve().parents[1]
-SLOW_RUN = ROOT / "sample_runs" / "digits-mlp-sgd"  # 11 checkpoints
+SAMPLE_RUN = ROOT / "sample_runs" / "digits-mlp-sgd"  # 11 checkpoints of the sample runs' MLP
+N_CKPT = 5  # the first five of them: a kill after 2 units still leaves 3 to resume
+
+
+@pytest.fixture
+def slow_run(tmp_path) -> Path:
+    """A run directory of :data:`N_CKPT` of the sample run's checkpoints (links to the shipped files)."""
+    run = tmp_path / "digits-mlp-sgd"
+    run.mkdir()
+    for f in sorted(SAMPLE_RUN.glob("step_*.pt"))[:N_CKPT]:
+        (run / f.name).symlink_to(f)
+    return run
 
 
 def _batch(spec: Path, *args: str, **kw) -> subprocess.Popen:
@@ -84,10 +95,10 @@ def _wait_for_units(p: subprocess.Popen, out: Path, n: int) -> list[Path]:
     return _units(out)
 
 
-def test_kill_9_mid_batch_keeps_every_written_unit_and_resume_completes(tmp_path):
+def test_kill_9_mid_batch_keeps_every_written_unit_and_resume_completes(tmp_path, slow_run):
     out = tmp_path / "res"
     model, hold = _gated(tmp_path, out, after=2)
-    spec = _spec(tmp_path, SLOW_RUN, f'top-k = 5\nmax-samples = 60\nmodel = "{model}"\n')
+    spec = _spec(tmp_path, slow_run, f'top-k = 5\nmax-samples = 60\nmodel = "{model}"\n')
     p = _batch(spec, "--out", str(out))
     try:
         _wait_for_units(p, out, 2)  # the worker now waits inside the third unit
@@ -104,8 +115,8 @@ def test_kill_9_mid_batch_keeps_every_written_unit_and_resume_completes(tmp_path
     code, d = _finish(_batch(spec, "--out", str(out)))
     assert code == 0, d
     assert d["counts"]["failed"] == 0
-    assert d["counts"]["skipped"] == d["counts"]["reused"] == 2 and d["counts"]["ok"] == 9
-    assert len(_units(out)) == 11
+    assert d["counts"]["skipped"] == d["counts"]["reused"] == 2 and d["counts"]["ok"] == N_CKPT - 2
+    assert len(_units(out)) == N_CKPT
 
 
 def test_bad_checkpoints_among_good_ones(tmp_path, tiny_runs):
@@ -134,26 +145,26 @@ def test_bad_checkpoints_among_good_ones(tmp_path, tiny_runs):
     assert len(_units(out)) == 3
 
 
-def test_two_batches_into_one_output_directory(tmp_path):
+def test_two_batches_into_one_output_directory(tmp_path, slow_run):
     out = tmp_path / "res"
-    spec = _spec(tmp_path, SLOW_RUN, "top-k = 1\nrho = 0\nmax-samples = 40\n")  # the writes race, not the maths
+    spec = _spec(tmp_path, slow_run, "top-k = 1\nrho = 0\nmax-samples = 40\n")  # the writes race, not the maths
     a, b = _batch(spec, "--out", str(out)), _batch(spec, "--out", str(out))
     (ca, da), (cb, db) = _finish(a), _finish(b)
     assert ca == cb == 0, (da, db)
     units = _units(out)
-    assert len(units) == 11 and not list(out.rglob("*.tmp"))
+    assert len(units) == N_CKPT and not list(out.rglob("*.tmp"))
     evs = {}
     for u in units:
         result, _ = store.read_unit(u)
         evs[int(result["step"])] = list(result["eigenvalues"])
     # both batches computed the same numbers; whichever rename came last, every file is whole
-    assert sorted(evs) == list(range(0, 401, 40))
+    assert sorted(evs) == list(range(0, 40 * N_CKPT, 40))
 
 
-def test_results_readable_from_another_process_while_a_batch_runs(tmp_path):
+def test_results_readable_from_another_process_while_a_batch_runs(tmp_path, slow_run):
     out = tmp_path / "res"
     model, hold = _gated(tmp_path, out, after=2)
-    p = _batch(_spec(tmp_path, SLOW_RUN, f'top-k = 2\nmax-samples = 60\nmodel = "{model}"\n'), "--out", str(out))
+    p = _batch(_spec(tmp_path, slow_run, f'top-k = 2\nmax-samples = 60\nmodel = "{model}"\n'), "--out", str(out))
     try:
         units = _wait_for_units(p, out, 2)
         assert p.poll() is None, _finish(p)  # held inside its third unit: still running
@@ -163,7 +174,7 @@ def test_results_readable_from_another_process_while_a_batch_runs(tmp_path):
     finally:
         hold.unlink()  # let it finish
     code, d = _finish(p)
-    assert code == 0 and d["counts"]["ok"] == 11, d
+    assert code == 0 and d["counts"]["ok"] == N_CKPT, d
     for u in _units(out):  # and every unit it wrote after the reads is whole
         assert store.read_unit(u)[1]["analysis"] == "sharpness"
 

@@ -209,14 +209,49 @@ def _check(sel: DataSelection) -> None:
 
 
 # ------------------------------------------------------------------ digits
+# The test rows of scikit-learn's ``train_test_split(arange(1797), test_size=0.2, stratify=y,
+# random_state=0)`` as a packed bitmask (base64 of ``np.packbits``): the default split, so a command on
+# digits does not import scikit-learn (about 2 s per process) just to split it.  Other seeds call
+# scikit-learn; tests/loading/test_data.py checks this mask against it.
+DIGITS_TEST_ROWS = {0: (
+    "AAAEiDUkEEAABkEAk0IFABoACAEAJAAoBiwSABAAlAoAkBkSBCD4oAKBEKAACAqIIEQVJElCQKAKAAAAQATYAACBgCAASAXEABBACKAQ"
+    "AAVASAAwEAACDsQJAAIkhACDqAE8IKaYCgAAAAsIQAgEoBhIAgJAQcEAgARARoQ3aoECFgBEgABAQqCkGApQAIQLhWHGCBCACABMgMAgB"
+    "AaOAAEIggCBADgIA8AIGQAAEA4BAIQQoCEAMygpBMBEwIBoDgECgwCCAIgipkAsJAQhCKhggJCBoAwCggJCEgE4pBUA")}
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``(X [1797, 64] float64, y [1797] int)``: scikit-learn's ``load_digits(return_X_y=True)``, read
+    from the CSV file scikit-learn ships (located without importing scikit-learn; its own loader when the
+    file is not where it used to be)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = (Path(next(iter(spec.submodule_search_locations)), "datasets", "data", "digits.csv.gz")
+           if spec is not None and spec.submodule_search_locations else None)
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        return load_digits(return_X_y=True)
+    with gzip.open(csv, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
+
+
 @functools.lru_cache(maxsize=4)
 def _digits_split(data_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(X, y, train indices, test indices)``: stratified 80/20, sorted indices (cached, read-only)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    import base64
 
-    X, y = load_digits(return_X_y=True)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=data_seed)
+    X, y = digits_arrays()
+    n = len(y)
+    if data_seed in DIGITS_TEST_ROWS and n == 1797:
+        test = np.unpackbits(np.frombuffer(base64.b64decode(DIGITS_TEST_ROWS[data_seed]), np.uint8))[:n].astype(bool)
+        idx_train, idx_test = np.flatnonzero(~test), np.flatnonzero(test)
+    else:
+        from sklearn.model_selection import train_test_split
+
+        idx_train, idx_test = train_test_split(np.arange(n), test_size=0.2, stratify=y, random_state=data_seed)
     for a in (X, y):
         a.setflags(write=False)
     return X, y, np.sort(idx_train), np.sort(idx_test)
