@@ -40,26 +40,43 @@ from sam_probe.errors import CheckpointError, SpecError
 from sam_probe.loading import hf
 from sam_probe.loading.bounded_build import Budget
 from sam_probe.loading.checkpoints import load_checkpoint
-ck = load_checkpoint(ARGS["folder"])
-try:
-    hf.build_model(ARGS["folder"], budget=Budget.of(ck.state))
-    print(json.dumps({"status": "built"}))
-except (CheckpointError, SpecError) as exc:
-    print(json.dumps({"status": "refused", "error": str(exc)}))
+out = []
+for folder in ARGS["folders"]:
+    ck = load_checkpoint(folder)
+    try:
+        hf.build_model(folder, budget=Budget.of(ck.state))
+        out.append({"status": "built"})
+    except (CheckpointError, SpecError) as exc:
+        out.append({"status": "refused", "error": str(exc)})
+print(json.dumps({"builds": out}))
 """
 
-
-@pytest.mark.parametrize("changes, expected", [
+HOSTILE_CONFIGS = [
     ({"n_layer": 10000}, r"describes more than [\d,]+ modules for weights of \d+ tensors"),
     ({"n_layer": 10**9}, r"n_layer = 1,000,000,000 cannot match weights"),
     ({"num_labels": 1_000_000}, r"num_labels = 1,000,000 is outside"),
     ({"id2label": {str(i): f"L{i}" for i in range(40_000)}}, r"id2label has 40,000 entries"),
     ({"n_embd": 4096, "n_inner": 16384}, r"describes more than [\d,]+ parameters"),
     ({"n_positions": 2**31}, r"config and weights do not belong together"),
-])
-def test_configs_cannot_choose_sizes_the_weights_do_not_hold(gpt2_folder, changes, expected):
-    _edit_config(gpt2_folder, **changes)
-    got = run_capped(BUILD, folder=str(gpt2_folder))
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_builds(tmp_path_factory) -> list[dict]:
+    """Every :data:`HOSTILE_CONFIGS` folder built in one capped child (one torch and transformers import)."""
+    root = tmp_path_factory.mktemp("hostile-configs")
+    folders = []
+    for i, (changes, _) in enumerate(HOSTILE_CONFIGS):
+        d = root / f"g{i}"
+        hftiny.gpt2().save_pretrained(d)
+        _edit_config(d, **changes)
+        folders.append(str(d))
+    return run_capped(BUILD, folders=folders)["builds"]
+
+
+@pytest.mark.parametrize("case", range(len(HOSTILE_CONFIGS)), ids=["-".join(c) for c, _ in HOSTILE_CONFIGS])
+def test_configs_cannot_choose_sizes_the_weights_do_not_hold(hostile_builds, case):
+    got, expected = hostile_builds[case], HOSTILE_CONFIGS[case][1]
     assert got["status"] == "refused" and "\n" not in got["error"]
     assert pytest.importorskip("re").search(expected, got["error"]), got["error"]
 
