@@ -62,8 +62,9 @@ class HessianProducts:
         return contextlib.nullcontext()
 
     def _finish(self, out: Tensor) -> Tensor:
-        """``[b, P]`` chunk sums -> ``[P, b]`` reduced and divided."""
-        return (self.obj.reduce(out) / self.obj.denominator).T.contiguous()
+        """``[b, P]`` chunk sums -> ``[P, b]`` reduced and divided (in ``out``'s memory: no second
+        parameter-sized vector per column)."""
+        return self.obj.reduce(out).div_(self.obj.denominator).T.contiguous()
 
 
 class RevRevProducts(HessianProducts):
@@ -101,9 +102,9 @@ class RevRevProducts(HessianProducts):
         """``[b, P]`` rows ``(H_chunk v)ᵀ`` by one double-backward pass per row of ``Vt``."""
         leaves, g, live, loss = graph
         space = self.obj.space
-        out = torch.zeros_like(Vt)
         if not g:
-            return out
+            return torch.zeros_like(Vt)
+        out = torch.empty_like(Vt)  # every slice is written below: no zero fill of P entries
         sl = list(space.slices().values())
         for j in range(Vt.shape[0]):
             vj = space.unflatten(Vt[j])
@@ -113,7 +114,9 @@ class RevRevProducts(HessianProducts):
             except RuntimeError as exc:
                 raise (second_order_error(exc, self.method, loss) or exc) from None
             for s, h in zip(sl, hv):
-                if h is not None:
+                if h is None:
+                    out[j, s] = 0
+                else:
                     out[j, s] = h.reshape(-1)
         return out
 
