@@ -27,6 +27,24 @@ def test_help_and_version_import_nothing_heavy():
         assert _modules_after(cmd, "--help") == [], cmd
 
 
+def test_default_analyses_on_digits_import_neither_dynamo_nor_scikit_learn(tiny_runs, tmp_path):
+    """Start-up: ``torch.func``'s ``grad``/``jvp`` import ``torch._dynamo`` (seconds) and scikit-learn takes
+    seconds more; the default ``sharpness`` (a warm-started pair), ``ratios`` and ``alignment`` on digits
+    need neither (README, Performance)."""
+    ck = sorted(str(p) for p in tiny_runs["sam"].glob("*.pt"))
+    runs = [["sharpness", ck[1], ck[2]], ["ratios", ck[2]], ["alignment", ck[2]]]
+    code = ("import sys, json\nfrom sam_probe.cli import main\ncodes = []\n"
+            "for argv in %r:\n    try:\n        main(argv + ['--out', %r, '--quiet', '--no-plot'])\n"
+            "    except SystemExit as e:\n        codes.append(e.code)\n"
+            "sys.stdout = sys.__stdout__\n"
+            "print(json.dumps([codes, sorted(m for m in ('torch._dynamo', 'sklearn') if m in sys.modules)]))"
+            % (runs, str(tmp_path / "out")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    codes, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert codes == [0, 0, 0], out.stderr[-2000:]
+    assert heavy == []
+
+
 def test_version_and_completion_options():
     res = run_cli("--version")
     assert res.code == 0 and res.stdout.strip() == f"sam-probe {__version__}"

@@ -79,7 +79,6 @@ class Analysis:
     view: str = ""  # module in sam_probe.report with show() / plot(); default: the analysis name
     module: str = ""  # module with configure/compute/execute; default: sam_probe.analyses.<name>
     view_defaults: dict[str, Any] = field(default_factory=dict)  # view options `report` passes
-    gradients: bool = True  # needs torch.func transforms (imported once, before a unit's clock starts)
     unkeyed: tuple[str, ...] = ()  # config entries that change cost, not results (e.g. warm starts): not in unit keys
     shardable: bool = False  # runs with --shard-model (every vector a shard of an FSDP2 model: core/sharded.py)
     streamed: bool = False  # target RUNS: compute gets the checkpoints without their tensors (read them one at a time)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 ANALYSIS = Analysis(
-    name="distance", version=3, order=50, target=RUNS, gradients=False, shardable=True, streamed=True,
+    name="distance", version=3, order=50, target=RUNS, shardable=True, streamed=True,
     summary="Distance ||w_t - w_ref|| (global, per tensor, relative), escape rate with exponential vs power-law "
             "fits, same-step distance to another run, share of the displacement in the reference's top-k "
             "eigenspace.",

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from ..pipeline.protocol import AnalysisSession
 
 ANALYSIS = Analysis(
-    name="interpolate", version=2, order=60, target=PAIR, gradients=False, shardable=True,
+    name="interpolate", version=2, order=60, target=PAIR, shardable=True,
     summary="Loss and accuracy along w(a) = (1-a) w_A + a w_B (buffers too) and the barrier above the chord.",
     definitions=(
         ("w(a)", "(1-a) w_A + a w_B for every alpha of the grid (always holding 0 and 1); BatchNorm buffers too"),

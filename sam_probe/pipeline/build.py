@@ -361,20 +361,3 @@ def _integer_hint(exc: BaseException, data: DataSelection) -> str:
     if isinstance(x, torch.Tensor) and not x.is_floating_point() and ("dtype" in msg.lower() or "Long" in msg):
         return "; integer inputs are passed as they are (token ids): store float inputs for other models"
     return ""
-
-
-_WARMED: list[bool] = []
-
-
-def warm_up() -> None:
-    """Import what the first ``torch.func`` transform would otherwise import (``torch._dynamo``,
-    ~1 s) once per process, before the first unit's clock starts; analyses that take no
-    gradients (``distance``) never pay it."""
-    if _WARMED:
-        return
-    _WARMED.append(True)
-    import torch.func
-
-    w = torch.zeros(2, requires_grad=False)
-    torch.func.grad(lambda p: (p * p).sum())(w)
-    torch.func.vmap(lambda p: p * 2)(torch.zeros(2, 2))

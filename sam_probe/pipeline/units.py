@@ -19,7 +19,6 @@ from ..loading.checkpoints import file_sha256
 from ..loading.runs import discover, run_label
 from ..results import from_store
 from ..store_keys import unit_key, unit_meta, unit_path
-from .build import warm_up
 from .outcome import FAILED, OK, REUSED, UnitOutcome, failure, guarded
 from .protocol import CheckpointCompute, FilesCompute
 
@@ -100,8 +99,6 @@ def one_checkpoint(session: Session, analysis: Analysis, label: str, path: Path,
             carry.pop("warm", None)  # nothing computed here to start the next solve from
             return UnitOutcome(str(path), step, REUSED, result=stored or None, stored_at=str(unit))
         ck = _checkpoint(session, path, step)
-        if analysis.gradients:
-            warm_up()
         t0 = time.perf_counter()
         result = compute(ck, session, config, carry)
         seconds = time.perf_counter() - t0
@@ -140,8 +137,6 @@ def over_files(session: Session, analysis: Analysis, label: str, name: str, file
             cks = [_light(session, p, step) for p, step in files]
         else:
             cks = [_checkpoint(session, p, step) for p, step in files]
-        if analysis.gradients:
-            warm_up()
         t0 = time.perf_counter()
         result = compute(cks, session, config)
     except Exception as exc:  # noqa: BLE001 - see one_checkpoint
