@@ -11,11 +11,20 @@ from sam_probe import __version__
 HEAVY = ("torch", "scipy", "seaborn", "matplotlib", "h5py")
 
 
+def _commands_in_one_process(argvs: list[list[str]], modules: tuple[str, ...]) -> tuple[list, list[str], str]:
+    """Run the commands ``argvs`` in turn in one fresh process: their exit codes, which of ``modules`` are
+    imported afterwards, and the process's stderr."""
+    code = ("import sys, json\nfrom sam_probe.cli import main\ncodes = []\nfor argv in %r:\n    try:\n"
+            "        main(argv)\n        codes.append(0)\n    except SystemExit as e:\n        codes.append(e.code)\n"
+            "sys.stdout = sys.__stdout__\nprint(json.dumps([codes, sorted(m for m in %r if m in sys.modules)]))"
+            % (argvs, modules))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    codes, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    return codes, loaded, out.stderr
+
+
 def _modules_after(*argv: str) -> list[str]:
-    code = ("import sys, json\nfrom sam_probe.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "sys.stdout = sys.__stdout__\nprint(json.dumps(sorted(m for m in %r if m in sys.modules)))" % (list(argv), HEAVY))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _commands_in_one_process([list(argv)], HEAVY)[1]
 
 
 def test_help_and_version_import_nothing_heavy():
@@ -32,16 +41,10 @@ def test_default_analyses_on_digits_import_neither_dynamo_nor_scikit_learn(tiny_
     seconds more; the default ``sharpness`` (a warm-started pair), ``ratios`` and ``alignment`` on digits
     need neither (README, Performance)."""
     ck = sorted(str(p) for p in tiny_runs["sam"].glob("*.pt"))
-    runs = [["sharpness", ck[1], ck[2]], ["ratios", ck[2]], ["alignment", ck[2]]]
-    code = ("import sys, json\nfrom sam_probe.cli import main\ncodes = []\n"
-            "for argv in %r:\n    try:\n        main(argv + ['--out', %r, '--quiet', '--no-plot'])\n"
-            "    except SystemExit as e:\n        codes.append(e.code)\n"
-            "sys.stdout = sys.__stdout__\n"
-            "print(json.dumps([codes, sorted(m for m in ('torch._dynamo', 'sklearn') if m in sys.modules)]))"
-            % (runs, str(tmp_path / "out")))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    codes, heavy = json.loads(out.stdout.strip().splitlines()[-1])
-    assert codes == [0, 0, 0], out.stderr[-2000:]
+    opts = ["--out", str(tmp_path / "out"), "--quiet", "--no-plot"]
+    runs = [["sharpness", ck[1], ck[2], *opts], ["ratios", ck[2], *opts], ["alignment", ck[2], *opts]]
+    codes, heavy, err = _commands_in_one_process(runs, ("torch._dynamo", "sklearn"))
+    assert codes == [0, 0, 0], err[-2000:]
     assert heavy == []
 
 
